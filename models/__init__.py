@@ -1,0 +1,1 @@
+"""Pure-torch building blocks of kdm: no I/O, no pipeline imports."""

@@ -1,0 +1,1 @@
+"""Plain-Python stages of kdm (no Prefect imports): stores, teachers, pairs, filters, training, evaluation."""

@@ -1,0 +1,151 @@
+"""Artifact directories at any fsspec URL: atomic commit (manifest written last), JSON I/O, hashing.
+
+A directory artifact is written under ``<url>.partial`` and committed by writing ``manifest.json``
+(or, for Zarr stores, the ``kdm`` group attribute) and renaming it to ``<url>``. Readers only trust
+an artifact whose manifest exists, so a killed writer never leaves a readable half-version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Type, TypeVar
+
+import fsspec
+from pydantic import BaseModel, ValidationError
+
+from storage_schemas import format_validation_error
+
+from .errors import ArtifactExists, ArtifactMissing, KDMError
+
+M = TypeVar("M", bound=BaseModel)
+MANIFEST = "manifest.json"
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url).rstrip("/")
+    return "/".join([url, *[p.strip("/") for p in parts]])
+
+
+def partial_url(url: str) -> str:
+    return str(url).rstrip("/") + ".partial"
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_json(url: str, obj: Any) -> None:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def read_model(url: str, model: Type[M]) -> M:
+    try:
+        raw = read_json(url)
+    except FileNotFoundError:
+        raise ArtifactMissing(f"{url} does not exist") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise KDMError(format_validation_error(e, url)) from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(url: str, block: int = 1 << 22) -> str:
+    fs, path = url_to_fs(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def committed(url: str) -> bool:
+    """A directory artifact is committed once its manifest exists at the final URL."""
+    return exists(join(url, MANIFEST))
+
+
+def begin(url: str, fresh: bool = False) -> str:
+    """Prepare the temporary location of a directory artifact; returns its URL.
+
+    An existing ``.partial`` directory is kept (resumable writers pick up from it) unless ``fresh``.
+    """
+    tmp = partial_url(url)
+    fs, path = url_to_fs(tmp)
+    if fresh and fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    return tmp
+
+
+def commit(url: str) -> None:
+    """Move ``<url>.partial`` to ``<url>`` (atomic rename on local file systems)."""
+    tmp = partial_url(url)
+    fs, src = url_to_fs(tmp)
+    _, dst = url_to_fs(url)
+    if fs.exists(dst):
+        raise ArtifactExists(f"{url} appeared while it was being written; refusing to overwrite it")
+    if is_local(url):
+        os.replace(src, dst)
+    else:
+        fs.mv(src, dst, recursive=True)
+
+
+def check_target(url: str, version: str, manifest_reader) -> bool:
+    """Returns True when ``url`` already holds this version (the stage is a no-op).
+
+    Raises when it holds another version: artifacts are immutable.
+    """
+    if not exists(url):
+        return False
+    try:
+        existing = manifest_reader(url)
+    except ArtifactMissing:
+        raise ArtifactExists(f"{url} exists but is not a committed kdm artifact; remove it or choose "
+                             f"another output location") from None
+    other = getattr(existing, "version", None) or getattr(existing, "id", None)
+    if other == version:
+        return True
+    raise ArtifactExists(f"{url} already holds version {other}, not {version}; artifacts are immutable: "
+                         f"choose another output location or delete the old one")
+
+
+def local_path(url: str) -> Path:
+    if not is_local(url):
+        raise KDMError(f"{url} must be a local path here")
+    return Path(str(url).removeprefix("file://"))

@@ -1,0 +1,13 @@
+"""Errors that the CLI prints as one actionable message (non-zero exit, no traceback)."""
+
+
+class KDMError(Exception):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+class ArtifactExists(KDMError):
+    pass
+
+
+class ArtifactMissing(KDMError):
+    pass

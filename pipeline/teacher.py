@@ -1,0 +1,79 @@
+"""Teacher artifacts: train a flow-matching velocity MLP on the checkerboard, save, load.
+
+A teacher directory holds ``weights.safetensors``, ``config.json`` (the model config) and
+``manifest.json`` (storage_schemas.TeacherManifest), written last.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+from models.checkerboard import sample_checkerboard
+from models.flow_matching import VelocityMLP, cond_ot_loss
+from storage_schemas import TeacherManifest, TeacherTrainConfig, code_version, recipe_version, stable_hash, utc_now
+
+from . import artifacts
+from .devices import resolve_device
+from .errors import KDMError
+
+
+def teacher_version(cfg: TeacherTrainConfig) -> str:
+    return "fm-" + stable_hash(recipe_version(), "teacher-train", cfg.model_dump(exclude={"device", "log_every", "preset"}))
+
+
+def read_teacher_manifest(url: str) -> TeacherManifest:
+    return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), TeacherManifest)
+
+
+def train_teacher(cfg: TeacherTrainConfig, out: str, progress: bool = True) -> TeacherManifest:
+    """Train (or find already trained) the flow-matching teacher at ``out``."""
+    version = teacher_version(cfg)
+    if artifacts.check_target(out, version, read_teacher_manifest):
+        return read_teacher_manifest(out)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = VelocityMLP(cfg.model.dim, cfg.model.hidden, cfg.model.layers).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    t0 = time.time()
+    ema_loss = None
+    bar = tqdm(range(cfg.steps), desc="teacher", disable=not progress, mininterval=1.0)
+    for step in bar:
+        x = sample_checkerboard(cfg.batch_size, g, cfg.data.low, cfg.data.high, cfg.data.scale).to(device)
+        loss = cond_ot_loss(model, x, generator=None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        v = loss.item()
+        if not torch.isfinite(torch.tensor(v)):
+            raise KDMError(f"teacher training diverged at step {step} (loss {v}); lower lr={cfg.lr}")
+        ema_loss = v if ema_loss is None else 0.98 * ema_loss + 0.02 * v
+        if step % cfg.log_every == 0:
+            bar.set_postfix(loss=f"{ema_loss:.4f}")
+    weights = st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    tmp = artifacts.begin(out, fresh=True)
+    artifacts.write_bytes(artifacts.join(tmp, "weights.safetensors"), weights)
+    artifacts.write_json(artifacts.join(tmp, "config.json"), cfg.model)
+    manifest = TeacherManifest(
+        id=version, kind="flow-matching-mlp", model=cfg.model, weights_sha256=artifacts.sha256_bytes(weights),
+        data=cfg.data, origin=f"trained by `kdm teacher train` ({cfg.steps} steps, {time.time() - t0:.0f} s)",
+        training=cfg, final_loss=float(ema_loss), code_version=code_version(), created=utc_now())
+    artifacts.write_json(artifacts.join(tmp, artifacts.MANIFEST), manifest)
+    artifacts.commit(out)
+    return manifest
+
+
+def load_teacher(url: str, device: str = "cpu") -> tuple[VelocityMLP, TeacherManifest]:
+    manifest = read_teacher_manifest(url)
+    data = artifacts.read_bytes(artifacts.join(url, manifest.weights_file))
+    digest = artifacts.sha256_bytes(data)
+    if digest != manifest.weights_sha256:
+        raise KDMError(f"{url}: weights sha256 {digest[:16]} does not match the manifest "
+                       f"({manifest.weights_sha256[:16]}); the teacher is corrupt or was modified")
+    model = VelocityMLP(manifest.model.dim, manifest.model.hidden, manifest.model.layers)
+    model.load_state_dict(st_load(data))
+    return model.to(resolve_device(device)).eval(), manifest

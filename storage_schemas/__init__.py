@@ -1,0 +1,11 @@
+"""Single source of truth for every on-disk format and stage config of kdm (pydantic v2)."""
+from .common import (PACKAGE_VERSION, SCHEMA_VERSION, ArraySpec, SeedRange, Strict, code_version,
+                     format_validation_error, recipe_version, stable_hash, utc_now)
+from .evaluation import Eval2DConfig, EvaluationReport, MetricSet
+from .pairs import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, FilterRecord, ImportInfo,
+                    PairStoreManifest, SamplerSettings, TeacherRef)
+from .stages import DistillCheckerboardConfig, FilterConfig, PairsGenerateConfig, PairsImportConfig
+from .student import KDM2DConfig, StudentManifest, StudentRunConfig, TrainConfig
+from .teacher import CheckerboardSpec, FlowMatchingMLPConfig, TeacherManifest, TeacherTrainConfig
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,123 @@
+"""Shared pieces of every on-disk format: strict base model, seed ranges, array specs, code version.
+
+This package is the leaf of the dependency graph: no torch, no zarr, nothing of ours.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+PACKAGE_VERSION = "0.1.0"
+
+
+class Strict(BaseModel):
+    """Base of every schema: unknown fields are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SeedRange(Strict):
+    """Half-open range of per-sample seeds [start, stop)."""
+
+    start: int
+    stop: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SeedRange":
+        if self.start < 0:
+            raise ValueError(f"seed range start must be >= 0, got {self.start}")
+        if self.stop <= self.start:
+            raise ValueError(f"seed range is empty: start={self.start} stop={self.stop}")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> "SeedRange":
+        """Parse 'A-B' (inclusive, as EDM's generate.py) into [A, B+1)."""
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+        if not m:
+            raise ValueError(f"seed range {text!r} is not of the form START-END (inclusive), e.g. 0-49999")
+        a, b = int(m.group(1)), int(m.group(2))
+        if b < a:
+            raise ValueError(f"seed range {text!r}: END must be >= START")
+        return cls(start=a, stop=b + 1)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def overlaps(self, other: "SeedRange") -> bool:
+        return self.start < other.stop and other.start < self.stop
+
+    def text(self) -> str:
+        return f"{self.start}-{self.stop - 1}"
+
+
+class ArraySpec(Strict):
+    """Shape, dtype and chunking of one Zarr array."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    codecs: tuple[str, ...] = ()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def code_version() -> str:
+    """Package version plus git commit when running from a checkout (KDM_CODE_VERSION overrides)."""
+    env = os.environ.get("KDM_CODE_VERSION")
+    if env:
+        return env
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{PACKAGE_VERSION}+g{sha}" if sha else PACKAGE_VERSION
+
+
+def recipe_version() -> str:
+    """Version of the *semantics* that enter artifact ids: bumped by hand when outputs change.
+
+    Artifact versions hash this, not the git commit, so a docs-only commit does not invalidate
+    every stored pair set; the full code version is still recorded in every manifest.
+    """
+    return f"kdm-recipe-{PACKAGE_VERSION}"
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """sha256 over the canonical JSON of the parts (pydantic models dumped in JSON mode)."""
+    def norm(p: Any) -> Any:
+        if isinstance(p, BaseModel):
+            return p.model_dump(mode="json")
+        return p
+    blob = json.dumps([norm(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def format_validation_error(err: ValidationError, source: str = "") -> str:
+    """One readable line per problem, each naming the field path."""
+    lines = []
+    where = f" in {source}" if source else ""
+    title = err.title
+    lines.append(f"invalid {title}{where}:")
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        lines.append(f"  - {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  - {loc}: field required")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Evaluation protocol and report (``report.json`` + plots beside it)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from .common import SCHEMA_VERSION, SeedRange, Strict
+
+
+class Eval2DConfig(Strict):
+    """Protocol of the 2-D evaluation. n = min(num_samples, held-out pairs, train pairs) points per row:
+    the reference R is the first n held-out x_0; the student row uses n one-step samples from seeds
+    sample_seed..sample_seed+n-1; the teacher row uses the first n x_0 of the train split (teacher
+    samples independent of R). Outlier rates depend on n (fixed DBSCAN eps): compare at equal n."""
+
+    num_samples: int = Field(10_000, ge=20)
+    sample_seed: int = Field(1_000_000, ge=0)
+    swd_projections: int = Field(512, ge=1)
+    swd_seed: int = 0
+    dbscan_eps: float = Field(0.15, gt=0)
+    dbscan_min_samples: int = Field(5, ge=1)
+    zscore_threshold: float = Field(3.0, gt=0)
+    plots: bool = True
+
+
+class MetricSet(Strict):
+    in_cell_fraction: float
+    swd: float = Field(description="sliced Wasserstein-1 to the teacher's held-out x_0")
+    outlier_rate: float
+    pair_mse: Optional[float] = Field(None, description="student(x_T) vs teacher x_0 on held-out pairs")
+    num_points: int
+
+
+class EvaluationReport(Strict):
+    format: Literal["kdm-evaluation"] = "kdm-evaluation"
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["checkerboard-2d"] = "checkerboard-2d"
+    student_version: str
+    pairs_version: str
+    heldout_version: str
+    teacher_id: Optional[str] = None
+    protocol: Eval2DConfig
+    student: MetricSet
+    teacher_reference: MetricSet = Field(
+        description="the same metrics of the teacher's own x_0 (train split) against the held-out reference")
+    sample_seeds: SeedRange
+    plots: dict[str, str] = Field(default_factory=dict, description="name -> file name beside the report")
+    code_version: str
+    created: str

@@ -1,0 +1,129 @@
+"""KDM for images: U-Net, model and training configs, and the official presets.
+
+The presets reproduce the official image configs (azencot-group/KDM): three EDM DDPM++ SongUNets
+(model_channels 64 at 32x32 and 32 at 64x64, channel_mult 1,2,2,2, 4 blocks, attention at 16x16,
+dropout 0.10), 1-channel latents, a 512-d linear projection at 64x64, latent noise std 0.4,
+x_T = 80 * eps and adversarial weight 0.01. Trainable parameters (discriminator and LPIPS excluded):
+
+| preset | trainable |
+|---|---|
+| cifar10-uncond | 47,476,165 |
+| cifar10-uncond-f | 50,622,917 |
+| cifar10-cond | 47,489,541 |
+| ffhq64, afhq64 | 18,203,365 |
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .common import Strict
+
+
+class SongUNetConfig(Strict):
+    """EDM ``SongUNet`` hyperparameters; resolution, channels and label_dim come from the model config."""
+
+    model_channels: int = Field(64, ge=1)
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    channel_mult_emb: int = Field(4, ge=1)
+    channel_mult_noise: int = Field(1, ge=1)
+    num_blocks: int = Field(4, ge=1, description="residual blocks per resolution (decoder: num_blocks + 1)")
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = Field(0.10, ge=0, lt=1)
+    label_dropout: float = Field(0.0, ge=0, lt=1)
+    embedding_type: Literal["positional", "fourier"] = "positional"
+    encoder_type: Literal["standard", "skip", "residual"] = "standard"
+    decoder_type: Literal["standard", "skip"] = "standard"
+    resample_filter: tuple[int, ...] = (1, 1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "SongUNetConfig":
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError("channel_mult must be a non-empty list of positive integers")
+        if not self.resample_filter:
+            raise ValueError("resample_filter must not be empty")
+        return self
+
+
+class KDMImageConfig(Strict):
+    """KDM image student: E_phi, E_varphi, D_psi (SongUNets), Koopman operator, control, loss knobs."""
+
+    kind: Literal["kdm-image"] = "kdm-image"
+    img_resolution: int = Field(32, ge=4)
+    channels: int = Field(3, ge=1)
+    latent_channels: int = Field(1, ge=1, description="output channels of the encoder UNets")
+    unet: SongUNetConfig = SongUNetConfig()
+    latent_proj_dim: Optional[int] = Field(
+        None, ge=1, description="linear projection of the flattened latent map to this size (official: 512 at 64x64)")
+    operator: Literal["linear", "factorized"] = "linear"
+    spectral_loss: Literal["none", "inverse", "unit-disk-uniform"] = Field(
+        "none", description="KDM-F only: penalty on P_inv P and/or the eigenvalues (weight 1)")
+    label_dim: int = Field(0, ge=0, description="number of classes; 0 = unconditional")
+    control: bool = Field(True, description="add C_mu(y) = Linear(label_dim, d) after the push (label_dim > 0)")
+    latent_noise: float = Field(0.4, ge=0, description="std of the Gaussian noise added to z_0 and z_T in training")
+    noise_scale: float = Field(80.0, gt=0, description="x_T = noise_scale * eps (EDM sigma_max)")
+    time_T: float = Field(1.0, description="constant time input of E_varphi (E_phi and D_psi get 0)")
+    distance: Literal["pseudo-huber", "lpips", "mse"] = Field(
+        "lpips", description="d(x_0, x_hat) of L_rec and L_pred; L_lat is always MSE")
+    pseudo_huber_c: float = Field(0.03, gt=0)
+    adv_weight: float = Field(0.01, ge=0, description="weight of the generator's adversarial term; 0 disables D")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "KDMImageConfig":
+        if self.spectral_loss != "none" and self.operator != "factorized":
+            raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
+        levels = len(self.unet.channel_mult)
+        if self.img_resolution % (1 << (levels - 1)):
+            raise ValueError(f"img_resolution {self.img_resolution} is not divisible by 2^{levels - 1} "
+                             f"(channel_mult has {levels} levels)")
+        return self
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latent_proj_dim or self.latent_channels * self.img_resolution ** 2
+
+
+class ImageTrainConfig(Strict):
+    """Official optimisation: Adam 3e-4 for both nets, batch 128, 800k steps, EMA 0.9999, fp32."""
+
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    disc_lr: float = Field(3e-4, gt=0, description="discriminator Adam learning rate (same betas)")
+    batch_size: int = Field(128, ge=1)
+    steps: int = Field(800_000, ge=1)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    sanitize_grads: bool = Field(True, description="nan_to_num on generator gradients (NaN->0, +-inf->+-1e5)")
+    grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm; None = no clipping (official)")
+    checkpoint_every: int = Field(20_000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(200, ge=1)
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cuda"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
+
+
+def _variant(base: KDMImageConfig, **changes) -> KDMImageConfig:
+    """A validated copy of ``base`` with some fields changed."""
+    return KDMImageConfig.model_validate({**base.model_dump(), **changes})
+
+
+_CIFAR = KDMImageConfig()
+_FACES = KDMImageConfig(img_resolution=64, unet=SongUNetConfig(model_channels=32), latent_proj_dim=512)
+
+IMAGE_PRESETS: dict[str, KDMImageConfig] = {
+    "cifar10-uncond": _CIFAR,
+    "cifar10-uncond-f": _variant(_CIFAR, operator="factorized", spectral_loss="unit-disk-uniform"),
+    "cifar10-cond": _variant(_CIFAR, label_dim=10),
+    "ffhq64": _FACES,
+    "afhq64": _FACES,
+}
+
+
+def image_preset(name: str) -> KDMImageConfig:
+    try:
+        return IMAGE_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown image preset {name!r}; valid: {', '.join(IMAGE_PRESETS)}") from None

@@ -1,0 +1,91 @@
+"""Pair-store format: a Zarr v3 group with arrays x_T, x_0, label, seed at its root.
+
+The manifest below is stored in the group attributes under the key ``kdm``; a held-out split lives in
+the child group ``heldout`` with the same layout and its own manifest.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .common import SCHEMA_VERSION, ArraySpec, SeedRange, Strict
+
+PAIR_ARRAYS = ("x_T", "x_0", "label", "seed")
+MANIFEST_KEY = "kdm"
+HELDOUT_GROUP = "heldout"
+
+
+class SamplerSettings(Strict):
+    """Fixed-step ODE solver used to integrate the teacher from x_T to x_0."""
+
+    kind: Literal["flow-matching-ode", "edm-heun"] = "flow-matching-ode"
+    method: Literal["euler", "midpoint", "heun"] = "midpoint"
+    steps: int = Field(20, ge=1, le=10_000)
+    noise_scale: float = Field(1.0, gt=0, description="x_T = noise_scale * eps, eps ~ N(0, I) per seed")
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (1 if self.method == "euler" else 2)
+
+
+class TeacherRef(Strict):
+    id: str
+    sha256: str
+    kind: str
+
+
+class ImportInfo(Strict):
+    format: Literal["kdm-trajectories"]
+    source_uri: str
+    source_sha256: str
+    holdout_fraction: float = Field(ge=0.0, lt=1.0)
+    split_seed: int
+
+
+class FilterRecord(Strict):
+    source_version: str
+    source_content_hash: str
+    config_hash: str
+    counts: dict[str, int] = Field(description="dropped pairs per reason; 'kept' is the survivors")
+    kept_index_array: str = "source_index"
+
+
+class PairStoreManifest(Strict):
+    format: Literal["kdm-pairs"] = "kdm-pairs"
+    schema_version: int = SCHEMA_VERSION
+    version: str = Field(min_length=8, description="content-addressed id of inputs + config + recipe")
+    split: Literal["train", "heldout"]
+    origin: Literal["teacher", "import", "filter"]
+    count: int = Field(ge=0)
+    sample_shape: tuple[int, ...]
+    arrays: dict[str, ArraySpec]
+    chunk_size: int = Field(ge=1)
+    seeds: Optional[SeedRange] = None
+    teacher: Optional[TeacherRef] = None
+    sampler: Optional[SamplerSettings] = None
+    x_T_scale: float = Field(1.0, gt=0, description="x_T = x_T_scale * eps with eps ~ N(0, I)")
+    num_classes: int = Field(0, ge=0, description="0 = unconditional (label == -1)")
+    import_info: Optional[ImportInfo] = None
+    filter: Optional[FilterRecord] = None
+    content_hash: str = Field(description="sha256 over the raw bytes of every array, in PAIR_ARRAYS order")
+    code_version: str
+    created: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PairStoreManifest":
+        missing = [a for a in PAIR_ARRAYS if a not in self.arrays]
+        if missing:
+            raise ValueError(f"arrays is missing {missing}")
+        for name in ("x_T", "x_0"):
+            shape = self.arrays[name].shape
+            if tuple(shape) != (self.count, *self.sample_shape):
+                raise ValueError(f"arrays.{name}.shape {shape} != (count, *sample_shape) = "
+                                 f"{(self.count, *self.sample_shape)}")
+        if self.origin == "teacher" and (self.teacher is None or self.sampler is None):
+            raise ValueError("a teacher-origin store must record teacher and sampler")
+        if self.origin == "import" and self.import_info is None:
+            raise ValueError("an import-origin store must record import_info")
+        if self.origin == "filter" and self.filter is None:
+            raise ValueError("a filter-origin store must record filter")
+        return self

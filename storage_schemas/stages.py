@@ -1,0 +1,62 @@
+"""Run configs of the data stages and of the end-to-end ``kdm`` flow."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .common import SeedRange, Strict
+from .evaluation import Eval2DConfig
+from .pairs import SamplerSettings
+from .student import StudentRunConfig
+from .teacher import TeacherTrainConfig
+
+
+class PairsGenerateConfig(Strict):
+    seeds: SeedRange = SeedRange(start=0, stop=50_000)
+    heldout_seeds: Optional[SeedRange] = SeedRange(start=50_000, stop=55_000)
+    sampler: SamplerSettings = SamplerSettings()
+    chunk_size: int = Field(5000, ge=1, description="pairs per Zarr chunk (and per shard of work)")
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "PairsGenerateConfig":
+        if self.heldout_seeds is not None and self.seeds.overlaps(self.heldout_seeds):
+            raise ValueError(f"heldout_seeds {self.heldout_seeds.text()} overlap seeds {self.seeds.text()}")
+        return self
+
+
+class PairsImportConfig(Strict):
+    format: Literal["kdm-trajectories"] = "kdm-trajectories"
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    chunk_size: int = Field(5000, ge=1)
+
+
+class FilterConfig(Strict):
+    drop_nonfinite: bool = True
+    dedup_seeds: bool = True
+    near_duplicate_radius: float = Field(0.0, ge=0, description="0 disables; L2 distance between x_0")
+    blocklist_radius: float = Field(0.05, ge=0)
+    blocklist_uri: Optional[str] = Field(None, description=".npy file of points (M, *sample_shape)")
+
+
+class DistillCheckerboardConfig(Strict):
+    """Parameters of the ``kdm`` flow (deployment ``distill-checkerboard``)."""
+
+    preset: str = "checkerboard"
+    root: str = Field("artifacts", description="artifact root URL (local path or fsspec URL)")
+    source: Literal["teacher", "import"] = "teacher"
+    import_uri: Optional[str] = None
+    import_config: PairsImportConfig = PairsImportConfig()
+    teacher: TeacherTrainConfig = TeacherTrainConfig()
+    pairs: PairsGenerateConfig = PairsGenerateConfig()
+    filter: FilterConfig = FilterConfig()
+    student: StudentRunConfig = StudentRunConfig(preset="checkerboard")
+    evaluation: Eval2DConfig = Eval2DConfig()
+
+    @model_validator(mode="after")
+    def _import_needs_uri(self) -> "DistillCheckerboardConfig":
+        if self.source == "import" and not self.import_uri:
+            raise ValueError("source='import' needs import_uri (e.g. the kdm-trajectories .npy file)")
+        return self

@@ -1,0 +1,77 @@
+"""KDM student: model config, training config, and the checkpoint manifest of a training run.
+
+A run directory holds ``config.json``, ``metrics.jsonl``, ``checkpoints/step-NNNNNNNN/`` (full resume
+state) and, once finished, ``student.safetensors`` (EMA weights) + ``manifest.json`` (written last).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from .common import SCHEMA_VERSION, Strict
+
+
+class KDM2DConfig(Strict):
+    """KDM for 2-D points (official checkerboard code, sizes configurable)."""
+
+    kind: Literal["kdm-2d"] = "kdm-2d"
+    dim: int = Field(2, ge=1)
+    hidden: int = Field(256, ge=4)
+    latent_dim: int = Field(256, ge=2)
+    encoder_layers: int = Field(5, ge=1, description="Linear+Swish layers of each encoder")
+    decoder_layers: int = Field(5, ge=2, description="Linear layers of the decoder (last has no activation)")
+    operator: Literal["linear", "factorized"] = "linear"
+    latent_noise: float = Field(0.4, ge=0, description="std of the Gaussian noise added to z_0 and z_T")
+    use_pred_loss: bool = Field(True, description="L_pred of the paper; the official checkerboard code drops it")
+    spectral_loss: Literal["none", "inverse", "unit-disk-uniform"] = Field(
+        "none", description="KDM-F only: penalty on P_inv P and/or the eigenvalues")
+    time_T: float = 1.0
+
+    @model_validator(mode="after")
+    def _spectral_needs_factorized(self) -> "KDM2DConfig":
+        if self.spectral_loss != "none" and self.operator != "factorized":
+            raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
+        return self
+
+
+class TrainConfig(Strict):
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(4096, ge=1)
+    steps: int = Field(4000, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
+
+
+class StudentRunConfig(Strict):
+    """Everything `kdm train` needs besides the pair store; what presets and --config files hold."""
+
+    preset: str = "custom"
+    model: KDM2DConfig = KDM2DConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class StudentManifest(Strict):
+    format: Literal["kdm-student"] = "kdm-student"
+    schema_version: int = SCHEMA_VERSION
+    version: str
+    model: KDM2DConfig
+    train: TrainConfig
+    preset: str
+    pairs_version: str
+    pairs_content_hash: str
+    teacher_id: Optional[str] = None
+    steps_done: int
+    weights_file: str = "student.safetensors"
+    weights_sha256: str
+    weights_are_ema: bool = True
+    trainable_parameters: int
+    final_losses: dict[str, float]
+    train_seconds: float
+    code_version: str
+    created: str
