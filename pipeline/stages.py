@@ -94,6 +94,17 @@ def stage_evaluate(root: str, student_uri: str, pairs_uri: str, cfg: Eval2DConfi
             "table": evaluate.metrics_table(report)}
 
 
+def resolve_paths(cfg: DistillCheckerboardConfig, base) -> DistillCheckerboardConfig:
+    """Relative local paths (root, import_uri) are taken relative to ``base`` (the repository)."""
+    from pathlib import Path
+    upd = {}
+    for key in ("root", "import_uri"):
+        v = getattr(cfg, key)
+        if v and artifacts.is_local(v) and not Path(v).is_absolute():
+            upd[key] = str((Path(base) / v).resolve())
+    return cfg.model_copy(update=upd)
+
+
 def run_distill(cfg: DistillCheckerboardConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """The whole checkerboard pipeline without Prefect (what `kdm distill` runs)."""
     root = cfg.root

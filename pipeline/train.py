@@ -81,11 +81,25 @@ def _save_checkpoint(run: Path, step: int, model, ema, opt, gens: dict[str, torc
         shutil.rmtree(p)
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """The complete records of a metrics file; a line torn by a kill mid-write is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    path.write_text("".join(json.dumps(r) + "\n" for r in _read_metrics(path) if r["step"] <= step))
 
 
 def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: bool = True,
@@ -182,6 +196,10 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 _save_checkpoint(run, step, model, ema, opt, gens, tc.keep_checkpoints)
     bar.close()
+    if not losses:   # resumed from the final checkpoint: the last logged losses are the final ones
+        last = _read_metrics(metrics_path)
+        if last:
+            losses = {k.removeprefix("loss_"): v for k, v in last[-1].items() if k.startswith("loss_")}
     weights = run / "student.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(weights))
     manifest = StudentManifest(

@@ -8,15 +8,24 @@ from pydantic import Field, model_validator
 from .common import SeedRange, Strict
 from .evaluation import Eval2DConfig
 from .pairs import SamplerSettings
-from .student import StudentRunConfig
-from .teacher import TeacherTrainConfig
+from .student import KDM2DConfig, StudentRunConfig, TrainConfig
+from .teacher import FlowMatchingMLPConfig, TeacherTrainConfig
+
+# The CPU-sized `checkerboard` presets (configs/teacher|student/checkerboard.yaml): the flow's defaults,
+# so a deployment run without parameters is the documented demo. tests/test_schemas.py keeps the YAML
+# presets and these defaults equal.
+CHECKERBOARD_TEACHER = TeacherTrainConfig(preset="checkerboard", model=FlowMatchingMLPConfig(hidden=256, layers=3),
+                                          lr=1e-3, batch_size=1024, steps=8000, log_every=100)
+CHECKERBOARD_STUDENT = StudentRunConfig(
+    preset="checkerboard", model=KDM2DConfig(hidden=128, latent_dim=64, use_pred_loss=True),
+    train=TrainConfig(lr=3e-3, batch_size=512, steps=12000, ema_decay=0.999, checkpoint_every=2000, log_every=100))
 
 
 class PairsGenerateConfig(Strict):
     seeds: SeedRange = SeedRange(start=0, stop=50_000)
-    heldout_seeds: Optional[SeedRange] = SeedRange(start=50_000, stop=55_000)
+    heldout_seeds: Optional[SeedRange] = SeedRange(start=50_000, stop=60_000)
     sampler: SamplerSettings = SamplerSettings()
-    chunk_size: int = Field(5000, ge=1, description="pairs per Zarr chunk (and per shard of work)")
+    chunk_size: int = Field(10_000, ge=1, description="pairs per Zarr chunk (and per shard of work)")
     device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
@@ -28,9 +37,9 @@ class PairsGenerateConfig(Strict):
 
 class PairsImportConfig(Strict):
     format: Literal["kdm-trajectories"] = "kdm-trajectories"
-    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
-    chunk_size: int = Field(5000, ge=1)
+    chunk_size: int = Field(10_000, ge=1)
 
 
 class FilterConfig(Strict):
@@ -49,10 +58,10 @@ class DistillCheckerboardConfig(Strict):
     source: Literal["teacher", "import"] = "teacher"
     import_uri: Optional[str] = None
     import_config: PairsImportConfig = PairsImportConfig()
-    teacher: TeacherTrainConfig = TeacherTrainConfig()
+    teacher: TeacherTrainConfig = CHECKERBOARD_TEACHER
     pairs: PairsGenerateConfig = PairsGenerateConfig()
-    filter: FilterConfig = FilterConfig()
-    student: StudentRunConfig = StudentRunConfig(preset="checkerboard")
+    filter: FilterConfig = FilterConfig(near_duplicate_radius=5e-4)
+    student: StudentRunConfig = CHECKERBOARD_STUDENT
     evaluation: Eval2DConfig = Eval2DConfig()
 
     @model_validator(mode="after")

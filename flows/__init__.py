@@ -1,0 +1,1 @@
+"""Prefect wrappers around pipeline stages (tasks pass URIs, versions and small configs, never arrays)."""

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Start a local Prefect server (SQLite under .kdm/), register the deployments, start a worker, run
+# kdm/distill-checkerboard, wait for it, print the metrics; the server stays up for the UI.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$REPO"
+
+healthy() { curl -fsS "http://127.0.0.1:$KDM_PORT/api/health" >/dev/null 2>&1; }
+alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+if alive "$STATE/server.pid" && healthy; then
+  echo "Prefect server already running on 127.0.0.1:$KDM_PORT"
+else
+  if healthy; then
+    echo "error: port $KDM_PORT is taken by another server; run with KDM_PORT=<free port> make demo" >&2
+    exit 1
+  fi
+  echo "starting Prefect server on 127.0.0.1:$KDM_PORT (log: .kdm/server.log)"
+  setsid nohup prefect server start --host 127.0.0.1 --port "$KDM_PORT" >"$STATE/server.log" 2>&1 &
+  echo $! >"$STATE/server.pid"
+  for _ in $(seq 1 120); do healthy && break; sleep 1; done
+  healthy || { echo "error: the Prefect server did not become healthy in 120 s; see .kdm/server.log" >&2; tail -20 "$STATE/server.log" >&2; exit 1; }
+fi
+
+prefect work-pool inspect kdm-cpu >/dev/null 2>&1 || prefect work-pool create kdm-cpu --type process >/dev/null
+prefect --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; exit 1; }
+echo "deployments registered: $(prefect deployment ls 2>/dev/null | grep -o 'kdm/[a-z0-9-]*' | sort -u | tr '\n' ' ')"
+
+if ! alive "$STATE/worker.pid"; then
+  setsid nohup prefect worker start --pool kdm-cpu --limit 1 >"$STATE/worker.log" 2>&1 &
+  echo $! >"$STATE/worker.pid"
+  echo "worker started on pool kdm-cpu (log: .kdm/worker.log)"
+fi
+
+start=$(date +%s)
+prefect deployment run kdm/distill-checkerboard --watch "$@" | tee "$STATE/last-run.log"
+state=$(grep -o "finished in state [A-Za-z]*" "$STATE/last-run.log" | tail -1 | awk '{print $NF}')
+echo "flow run finished in $(( $(date +%s) - start )) s (state: ${state:-unknown})"
+[[ "${state:-}" == "Completed" ]] || { echo "error: the run did not complete; see .kdm/worker.log and the UI" >&2; exit 1; }
+echo
+kdm report --root "$REPO/artifacts"
+echo
+echo "Prefect UI: http://127.0.0.1:$KDM_PORT  (flow runs -> the latest kdm run -> Artifacts)"
+echo "make stop   stops the worker and the server"
