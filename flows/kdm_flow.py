@@ -82,7 +82,7 @@ def evaluate_task(root: str, student_uri: str, pairs_uri: str, cfg: Eval2DConfig
 @task(name="publish-artifacts")
 def publish_task(config: DistillCheckerboardConfig, results: dict) -> str:
     """Markdown report (config, lineage, metrics, plots), metrics table, links and images."""
-    key = _slug(f"checkerboard-{config.preset}")
+    key = _slug(config.preset if "checkerboard" in config.preset else f"checkerboard-{config.preset}")
     ev = results["evaluation"]
     report = evaluate.read_report(ev["uri"])
     rows = evaluate.metrics_table(report)

@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from models.samplers import integrate_ode, seeded_noise
-from storage_schemas import (HELDOUT_GROUP, PairsGenerateConfig, SeedRange, TeacherRef, code_version,
-                             recipe_version, stable_hash, utc_now)
+from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PairsGenerateConfig, SeedRange, TeacherRef,
+                             code_version, recipe_version, stable_hash, utc_now)
 
 from . import artifacts, pairstore
 from .devices import resolve_device
@@ -33,11 +33,23 @@ def _shard_marker(group_url: str, index: int) -> str:
     return artifacts.join(group_url, PROGRESS_DIR, f"shard-{index:06d}.done")
 
 
+def _partial_version(url: str) -> Optional[str]:
+    """The version whose shards a killed run left at ``url`` ('' if unknown); None when nothing is there."""
+    if not artifacts.exists(artifacts.join(url, "zarr.json")):
+        return None
+    attrs = pairstore.open_group(url, "r").attrs
+    if MANIFEST_KEY in attrs:
+        return attrs[MANIFEST_KEY].get("version", "")
+    return attrs.get(pairstore.WRITING_KEY, "")
+
+
 def _fill(group_url: str, seeds: SeedRange, cfg: PairsGenerateConfig, velocity, device: torch.device,
-          sample_shape: tuple[int, ...], progress: bool, on_shard: Optional[Callable[[int, int], None]]) -> None:
+          sample_shape: tuple[int, ...], progress: bool, on_shard: Optional[Callable[[int, int], None]],
+          version: str) -> None:
     n, c = len(seeds), cfg.chunk_size
-    if not artifacts.exists(artifacts.join(group_url, "zarr.json")):
-        pairstore.create_arrays(group_url, n, sample_shape, c)
+    # (Re)create unless every array exists: a kill inside create_arrays leaves a group without all of them.
+    if not all(artifacts.exists(artifacts.join(group_url, a, "zarr.json")) for a in pairstore.PAIR_ARRAYS):
+        pairstore.create_arrays(group_url, n, sample_shape, c).attrs[pairstore.WRITING_KEY] = version
     group = pairstore.open_group(group_url, "r+")
     shards = range((n + c - 1) // c)
     todo = [i for i in shards if not artifacts.exists(_shard_marker(group_url, i))]
@@ -74,6 +86,8 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
     device = resolve_device(cfg.device)
     sample_shape = (manifest.model.dim,)
     tmp = artifacts.begin(out)          # keeps finished shards of a killed run
+    if _partial_version(tmp) not in (None, version):
+        tmp = artifacts.begin(out, fresh=True)   # left by a run of another config: its shards are not ours
     common = dict(origin="teacher", chunk_size=cfg.chunk_size, sampler=cfg.sampler,
                   teacher=TeacherRef(id=manifest.id, sha256=manifest.weights_sha256, kind=manifest.kind),
                   x_T_scale=cfg.sampler.noise_scale, num_classes=0, code_version=code_version())
@@ -81,7 +95,7 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
     if cfg.heldout_seeds is not None:
         splits.append(("heldout", artifacts.join(tmp, HELDOUT_GROUP), cfg.heldout_seeds))
     for _, url, seeds in splits:
-        _fill(url, seeds, cfg, model, device, sample_shape, progress, on_shard)
+        _fill(url, seeds, cfg, model, device, sample_shape, progress, on_shard, version)
     # Commit: children first, the root manifest last, then the rename.
     for split, url, seeds in reversed(splits):
         fs, path = artifacts.url_to_fs(artifacts.join(url, PROGRESS_DIR))

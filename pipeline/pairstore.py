@@ -23,6 +23,7 @@ from . import artifacts
 from .errors import ArtifactMissing, KDMError
 
 CODECS = ("zstd(level=3)", "crc32c")
+WRITING_KEY = "kdm_writing"   # group attribute: the version an unfinished writer is producing
 DTYPES = {"x_T": "float32", "x_0": "float32", "label": "int32", "seed": "int64", "source_index": "int64"}
 
 
@@ -90,6 +91,7 @@ def finalize(group: zarr.Group, **manifest_fields) -> PairStoreManifest:
     manifest = PairStoreManifest(**fields)
     attrs = dict(group.attrs)
     attrs.pop("kdm_status", None)
+    attrs.pop(WRITING_KEY, None)
     attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
     attrs["description"] = (f"kdm pair store ({manifest.split}, {manifest.count} pairs): arrays x_T, x_0 "
                             f"(float32, (N, *sample_shape)), label (int32, -1 = unconditional), seed "

@@ -33,10 +33,23 @@ if ! alive "$STATE/worker.pid"; then
 fi
 
 start=$(date +%s)
-prefect deployment run kdm/distill-checkerboard --watch "$@" | tee "$STATE/last-run.log"
-state=$(grep -o "finished in state [A-Za-z]*" "$STATE/last-run.log" | tail -1 | awk '{print $NF}')
-echo "flow run finished in $(( $(date +%s) - start )) s (state: ${state:-unknown})"
-[[ "${state:-}" == "Completed" ]] || { echo "error: the run did not complete; see .kdm/worker.log and the UI" >&2; exit 1; }
+echo "running kdm/distill-checkerboard (task progress below; full event stream: .kdm/last-run.log)"
+prefect deployment run kdm/distill-checkerboard --watch "$@" >"$STATE/last-run.log" 2>&1 &
+run_pid=$!
+sleep 2
+grep -m1 "URL:" "$STATE/last-run.log" | sed 's/^[^U]*/  /' || true
+tail -n0 -F "$STATE/worker.log" 2>/dev/null | grep --line-buffered -E "Task run|Flow run .* (Finished|Crashed|Failed)" &
+tail_pid=$!
+rc=0; wait "$run_pid" || rc=$?
+kill "$tail_pid" 2>/dev/null || true
+wait "$tail_pid" 2>/dev/null || true
+elapsed=$(( $(date +%s) - start ))
+if [[ $rc -ne 0 ]] || ! grep -q "finished successfully" "$STATE/last-run.log"; then
+  tail -5 "$STATE/last-run.log" >&2
+  echo "error: the flow run did not complete (after ${elapsed} s); see .kdm/worker.log and the UI" >&2
+  exit 1
+fi
+echo "flow run completed in ${elapsed} s"
 echo
 kdm report --root "$REPO/artifacts"
 echo

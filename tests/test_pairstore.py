@@ -253,6 +253,30 @@ def test_shard_written_without_marker_is_recomputed(teacher_dir, reference, tmp_
     assert_same_store(reference[0], out)
 
 
+def test_kill_while_creating_the_arrays_is_recovered(teacher_dir, reference, tmp_path):
+    out = str(tmp_path / "half-created")
+    g = zarr.open_group(artifacts.begin(out), mode="w", zarr_format=3)
+    g.create_array("x_T", shape=(600, 2), chunks=(CHUNK, 2), dtype="float32")   # the other arrays never came
+    generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False)
+    assert_same_store(reference[0], out)
+
+
+def test_partial_of_another_config_is_not_reused(teacher_dir, tmp_path):
+    """A killed run of config X must not lend its shards to a later run of config Y at the same out."""
+    out = str(tmp_path / "switched")
+    with pytest.raises(Crash):
+        generate.generate_pairs(teacher_dir, make_cfg(steps=1), out, progress=False, on_shard=crash_after(2))
+    redone = []
+    v = generate.generate_pairs(teacher_dir, make_cfg(steps=3), out, progress=False,
+                                on_shard=lambda i, n: redone.append(i))
+    assert redone == [0, 1, 2, 0]              # every shard computed again
+    clean = str(tmp_path / "clean")
+    assert generate.generate_pairs(teacher_dir, make_cfg(steps=3), clean, progress=False) == v
+    assert_same_store(clean, out)
+    assert PairStore.open(out).manifest.sampler.steps == 3
+    assert pairstore.WRITING_KEY not in zarr.open_group(out, mode="r").attrs
+
+
 def test_begin_keeps_or_wipes_a_partial(tmp_path):
     url = str(tmp_path / "art")
     tmp = artifacts.begin(url)

@@ -1,0 +1,59 @@
+"""The `kdm` flow end to end on the smoke preset under a real (test-harness) Prefect server."""
+import asyncio
+import json
+
+import pytest
+
+from pipeline import presets
+from storage_schemas import DistillCheckerboardConfig, EvaluationReport
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _artifacts():
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts()
+    return asyncio.run(read())
+
+
+def test_flow_runs_every_stage_publishes_artifacts_and_skips_on_rerun(harness, tmp_path):
+    from flows.kdm_flow import kdm
+    cfg = presets.load("distill", "smoke", sets=[f"root={tmp_path}"])
+    first = kdm(cfg)
+    for stage, kind in (("teacher", "teachers"), ("pairs", "pairs"), ("filtered", "pairs"),
+                        ("student", "students"), ("evaluation", "evaluations")):
+        assert first[stage]["uri"].startswith(str(tmp_path / kind)), stage
+        assert first[stage]["skipped"] is False
+        assert "table" not in first[stage]
+    report = EvaluationReport.model_validate(json.loads(open(first["evaluation"]["report"]).read()))
+    assert 0.0 <= report.student.in_cell_fraction <= 1.0
+    assert report.protocol.num_samples == 400
+
+    keys = {a.key for a in _artifacts() if a.key}
+    assert {"checkerboard-smoke-report", "checkerboard-smoke-metrics", "checkerboard-smoke-student-link",
+            "checkerboard-smoke-samples"} <= keys
+    table = next(a for a in _artifacts() if a.key == "checkerboard-smoke-metrics")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["model"] for r in rows] == ["student (1 NFE)", "teacher x_0"]
+    md = next(a for a in _artifacts() if a.key == "checkerboard-smoke-report").data
+    assert "## Lineage" in md and first["student"]["version"] in md and "data:image/png;base64," in md
+
+    second = kdm(cfg)
+    for stage in ("teacher", "pairs", "filtered", "student", "evaluation"):
+        assert second[stage]["skipped"] is True, stage
+        assert second[stage]["version"] == first[stage]["version"]
+
+
+def test_flow_default_parameters_are_the_checkerboard_preset():
+    import inspect
+    from flows.kdm_flow import kdm
+    default = inspect.signature(kdm.fn).parameters["config"].default
+    assert default == presets.load("distill", "checkerboard") == DistillCheckerboardConfig()
