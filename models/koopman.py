@@ -64,7 +64,8 @@ class FactorizedKoopman(nn.Module):
         self.register_buffer("target_im", r * torch.sin(phi))
 
     def eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mod = torch.exp(-torch.exp(self.nu_log))
+        # The 1e-6 keeps |lambda| < 1 in float32 too (exp(-exp(nu)) rounds to 1.0 once nu < -16.6).
+        mod = torch.exp(-torch.exp(self.nu_log) - 1e-6)
         theta = torch.exp(self.theta_log)
         return mod * torch.cos(theta), mod * torch.sin(theta)
 

@@ -52,9 +52,10 @@ def select(data: dict[str, np.ndarray], cfg: FilterConfig, blocklist: np.ndarray
         finite = np.isfinite(data["x_T"].reshape(n, -1)).all(1) & np.isfinite(x0).all(1)
         drop(~finite, "nonfinite")
     if cfg.dedup_seeds:
-        _, first = np.unique(data["seed"], return_index=True)
+        alive = np.flatnonzero(keep)        # the first *surviving* row of each seed is kept
+        _, first = np.unique(data["seed"][alive], return_index=True)
         dup = np.ones(n, bool)
-        dup[first] = False
+        dup[alive[first]] = False
         drop(dup, "duplicate_seed")
     if blocklist is not None and len(blocklist):
         dist, _ = cKDTree(blocklist).query(np.where(keep[:, None], x0, 0.0), k=1)

@@ -105,6 +105,9 @@ def load(family: str, preset: str | None = None, config_file: str | None = None,
         data, source = raw_preset(family, preset), f"{family} preset {preset!r}"
     else:
         data, source = {}, f"{family} defaults"
+    if family == "teacher" and data.get("kind") == "edm-teacher":
+        raise KDMError(f"{source} is an EDM image teacher: train it with `kdm teacher bootstrap --preset NAME "
+                       f"--dataset DATASET --out DIR` (pipeline.teacher_bootstrap), not `kdm teacher train`")
     sets = list(sets)
     if sets:
         source += " with --set " + " ".join(sets)

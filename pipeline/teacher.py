@@ -1,7 +1,10 @@
 """Teacher artifacts: train a flow-matching velocity MLP on the checkerboard, save, load.
 
 A teacher directory holds ``weights.safetensors``, ``config.json`` (the model config) and
-``manifest.json`` (storage_schemas.TeacherManifest), written last.
+``manifest.json`` (storage_schemas.TeacherManifest), written last. Two kinds share it: the 2-D
+flow-matching MLP (``load_teacher``) and EDM preconditioned SongUNets (``build_edm_network``; written by
+pipeline/teacher_bootstrap.py and pipeline/edm_pickle.py). ``load_denoiser`` gives either as a
+``models.edm.Denoiser``, which is what EDM's Heun sampler needs.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from models.checkerboard import sample_checkerboard
+from models.edm import PRECONDS, FlowMatchingDenoiser
 from models.flow_matching import VelocityMLP, cond_ot_loss
-from storage_schemas import TeacherManifest, TeacherTrainConfig, code_version, recipe_version, stable_hash, utc_now
+from storage_schemas import (EDMNetConfig, TeacherManifest, TeacherTrainConfig, code_version, recipe_version,
+                             stable_hash, utc_now)
 
 from . import artifacts
 from .devices import resolve_device
@@ -67,13 +72,55 @@ def train_teacher(cfg: TeacherTrainConfig, out: str, progress: bool = True) -> T
     return manifest
 
 
-def load_teacher(url: str, device: str = "cpu") -> tuple[VelocityMLP, TeacherManifest]:
-    manifest = read_teacher_manifest(url)
+def _verified_weights(url: str, manifest: TeacherManifest) -> dict[str, torch.Tensor]:
     data = artifacts.read_bytes(artifacts.join(url, manifest.weights_file))
     digest = artifacts.sha256_bytes(data)
     if digest != manifest.weights_sha256:
         raise KDMError(f"{url}: weights sha256 {digest[:16]} does not match the manifest "
                        f"({manifest.weights_sha256[:16]}); the teacher is corrupt or was modified")
+    return st_load(data)
+
+
+def load_teacher(url: str, device: str = "cpu") -> tuple[VelocityMLP, TeacherManifest]:
+    """The 2-D flow-matching velocity MLP of a ``flow-matching-mlp`` teacher."""
+    manifest = read_teacher_manifest(url)
+    if manifest.kind != "flow-matching-mlp":
+        raise KDMError(f"{url} is a {manifest.kind} teacher, not a flow-matching velocity MLP; use load_denoiser")
+    weights = _verified_weights(url, manifest)
     model = VelocityMLP(manifest.model.dim, manifest.model.hidden, manifest.model.layers)
-    model.load_state_dict(st_load(data))
+    model.load_state_dict(weights)
     return model.to(resolve_device(device)).eval(), manifest
+
+
+def edm_network_kwargs(cfg: EDMNetConfig) -> dict:
+    """Constructor kwargs of the EDM preconditioner (EDM's names) described by ``cfg``."""
+    unet = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.unet.model_dump().items()}
+    return dict(img_resolution=cfg.img_resolution, img_channels=cfg.img_channels, label_dim=cfg.label_dim,
+                use_fp16=cfg.use_fp16, model_type="SongUNet", augment_dim=cfg.augment_dim,
+                **cfg.precond_kwargs, **unet)
+
+
+def build_edm_network(cfg: EDMNetConfig) -> torch.nn.Module:
+    """A freshly initialised EDM preconditioner + SongUNet (models/edm.py) for ``cfg``."""
+    kw = edm_network_kwargs(cfg)
+    if "M" in kw:
+        kw["M"] = int(kw["M"])
+    return PRECONDS[cfg.precond_class](**kw)
+
+
+def load_denoiser(url: str, device: str = "cpu") -> tuple[torch.nn.Module, TeacherManifest]:
+    """Any teacher as a ``models.edm.Denoiser`` D(x, sigma, class_labels) in eval mode.
+
+    EDM teachers are their preconditioner; a flow-matching teacher is wrapped in FlowMatchingDenoiser.
+    """
+    manifest = read_teacher_manifest(url)
+    if manifest.kind == "flow-matching-mlp":
+        model, _ = load_teacher(url, device)
+        return FlowMatchingDenoiser(model).eval(), manifest
+    weights = _verified_weights(url, manifest)
+    net = build_edm_network(manifest.model)
+    try:
+        net.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise KDMError(f"{url}: weights do not fit the config in its manifest: {e}") from None
+    return net.to(resolve_device(device)).eval().requires_grad_(False), manifest

@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .common import Strict
+from .common import SCHEMA_VERSION, Strict
 
 
 class SongUNetConfig(Strict):
@@ -85,7 +85,12 @@ class KDMImageConfig(Strict):
 
 
 class ImageTrainConfig(Strict):
-    """Official optimisation: Adam 3e-4 for both nets, batch 128, 800k steps, EMA 0.9999, fp32."""
+    """Official optimisation (Adam 3e-4 for both nets, batch 128, 800k steps, EMA 0.9999) plus engine settings.
+
+    ``batch_size`` is the global batch: with N processes (torchrun) each takes batch_size / N. The engine
+    settings (precision, tf32, channels_last, compile, data reader) change speed, not the recipe;
+    precision='fp32' with tf32=False and channels_last=False is the official numerics.
+    """
 
     lr: float = Field(3e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -103,6 +108,46 @@ class ImageTrainConfig(Strict):
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cuda"
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="bf16 autocast with fp32 master weights, or plain fp32 (official)")
+    tf32: bool = Field(True, description="TF32 matmuls/convolutions for the fp32 parts (CUDA)")
+    channels_last: bool = Field(True, description="NHWC memory format for the U-Nets and the discriminator")
+    compile: bool = Field(False, description="torch.compile the three U-Nets (in place)")
+    buffer_chunks: int = Field(8, ge=1, description="pair-store chunks read and shuffled together")
+    read_threads: int = Field(8, ge=1, description="threads reading pair-store chunks")
+    vgg16_weights: Optional[str] = Field(
+        None, description="VGG16 ImageNet weights for distance 'lpips' (default: torch hub's cache file)")
+
+
+# Fields that change speed or bookkeeping, not the trained weights' recipe (left out of run versions).
+IMAGE_TRAIN_RUNTIME_FIELDS = frozenset({"device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
+                                        "compile", "read_threads", "vgg16_weights"})
+
+
+class ImageStudentManifest(Strict):
+    """manifest.json of a finished image training run (written last)."""
+
+    format: Literal["kdm-image-student"] = "kdm-image-student"
+    schema_version: int = SCHEMA_VERSION
+    version: str
+    model: KDMImageConfig
+    train: ImageTrainConfig
+    preset: str
+    pairs_version: str
+    pairs_content_hash: str
+    teacher_id: Optional[str] = None
+    steps_done: int
+    nonfinite_steps: int = 0
+    weights_file: str = "student.safetensors"
+    weights_sha256: str
+    weights_are_ema: bool = True
+    trainable_parameters: int
+    discriminator_parameters: int = 0
+    world_size: int = 1
+    final_losses: dict[str, float]
+    train_seconds: float
+    code_version: str
+    created: str
 
 
 def _variant(base: KDMImageConfig, **changes) -> KDMImageConfig:

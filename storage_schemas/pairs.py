@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, ArraySpec, SeedRange, Strict
 
@@ -17,15 +17,54 @@ HELDOUT_GROUP = "heldout"
 
 
 class SamplerSettings(Strict):
-    """Fixed-step ODE solver used to integrate the teacher from x_T to x_0."""
+    """Sampler used to integrate the teacher from x_T to x_0.
+
+    ``flow-matching-ode``: fixed-step ODE solver (method, steps) from t=0 (noise) to t=1 (data).
+    ``edm-heun``: EDM's deterministic Heun sampler (generate.py, S_churn=0) with ``steps`` noise levels
+    from ``noise_scale`` (= sigma_max, x_T = sigma_max * eps) down to ``sigma_min`` with exponent ``rho``,
+    then 0; NFE = 2 * steps - 1. Defaults: 18 steps, sigma_min 0.002, sigma_max 80, rho 7.
+    ``sigma_min`` and ``rho`` exist only for edm-heun (and are left out of the dump otherwise).
+    """
 
     kind: Literal["flow-matching-ode", "edm-heun"] = "flow-matching-ode"
     method: Literal["euler", "midpoint", "heun"] = "midpoint"
     steps: int = Field(20, ge=1, le=10_000)
     noise_scale: float = Field(1.0, gt=0, description="x_T = noise_scale * eps, eps ~ N(0, I) per seed")
+    sigma_min: Optional[float] = Field(None, gt=0, description="edm-heun: smallest noise level")
+    rho: Optional[float] = Field(None, gt=0, description="edm-heun: time-step exponent")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edm_defaults(cls, data):
+        if isinstance(data, dict) and data.get("kind") == "edm-heun":
+            data = {"method": "heun", "steps": 18, "noise_scale": 80.0, "sigma_min": 0.002, "rho": 7.0, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SamplerSettings":
+        if self.kind == "edm-heun":
+            if self.method != "heun":
+                raise ValueError(f"sampler kind 'edm-heun' is Heun's method; method={self.method!r} is not valid")
+            if self.steps < 2:
+                raise ValueError("edm-heun needs steps >= 2")
+            if self.sigma_min >= self.noise_scale:
+                raise ValueError(f"sigma_min {self.sigma_min} must be below noise_scale (sigma_max) {self.noise_scale}")
+        elif self.sigma_min is not None or self.rho is not None:
+            raise ValueError("sigma_min and rho are settings of kind 'edm-heun' only")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_edm_fields(self, handler):
+        out = handler(self)
+        for key in ("sigma_min", "rho"):
+            if out.get(key, 0) is None:
+                out.pop(key)
+        return out
 
     @property
     def nfe(self) -> int:
+        if self.kind == "edm-heun":
+            return 2 * self.steps - 1
         return self.steps * (1 if self.method == "euler" else 2)
 
 
@@ -36,11 +75,21 @@ class TeacherRef(Strict):
 
 
 class ImportInfo(Strict):
-    format: Literal["kdm-trajectories"]
+    format: Literal["kdm-trajectories", "kdm-npz", "get-pt"]
     source_uri: str
     source_sha256: str
     holdout_fraction: float = Field(ge=0.0, lt=1.0)
     split_seed: int
+    order: Optional[Literal["xT-first", "x0-first"]] = Field(None, description="kdm-npz: index order of arr_0/endpoints")
+    x_T_multiplier: Optional[float] = Field(None, description="factor applied to the source's x_T on import (get-pt: 80)")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for key in ("order", "x_T_multiplier"):
+            if out.get(key, 0) is None:
+                out.pop(key)
+        return out
 
 
 class FilterRecord(Strict):

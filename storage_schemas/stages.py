@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .common import SeedRange, Strict
 from .evaluation import Eval2DConfig
@@ -36,10 +36,46 @@ class PairsGenerateConfig(Strict):
 
 
 class PairsImportConfig(Strict):
-    format: Literal["kdm-trajectories"] = "kdm-trajectories"
+    """Import of external pairs (pipeline/importer.py describes the formats).
+
+    ``order`` (kdm-npz only, required there): which end of ``arr_0`` / ``endpoints`` is x_T: 'xT-first'
+    (the official CIFAR-10 unconditional training set) or 'x0-first' (every other official set).
+    ``noise_scale`` (image formats): the resulting store has x_T = noise_scale * eps; get-pt files hold
+    the unit eps and are multiplied by it, kdm-npz files already hold x_T at this scale. Default 80.
+    Unset options are left out of the dump, so kdm-trajectories versions are unchanged by them.
+    """
+
+    format: Literal["kdm-trajectories", "kdm-npz", "get-pt"] = "kdm-trajectories"
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
     chunk_size: int = Field(10_000, ge=1)
+    order: Optional[Literal["xT-first", "x0-first"]] = None
+    noise_scale: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _format_options(self) -> "PairsImportConfig":
+        if self.format == "kdm-npz" and self.order is None:
+            raise ValueError("format 'kdm-npz' needs order: 'xT-first' (official CIFAR-10 unconditional "
+                             "training set) or 'x0-first' (conditional CIFAR-10, FFHQ, AFHQv2, test sets)")
+        if self.format != "kdm-npz" and self.order is not None:
+            raise ValueError(f"order applies to format 'kdm-npz' only, not {self.format!r}")
+        if self.format == "kdm-trajectories" and self.noise_scale is not None:
+            raise ValueError("noise_scale applies to the image formats (kdm-npz, get-pt) only")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for key in ("order", "noise_scale"):
+            if out.get(key, 0) is None:
+                out.pop(key)
+        return out
+
+    @property
+    def x_T_scale(self) -> float:
+        if self.format == "kdm-trajectories":
+            return 1.0
+        return self.noise_scale if self.noise_scale is not None else 80.0
 
 
 class FilterConfig(Strict):

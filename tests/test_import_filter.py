@@ -268,3 +268,13 @@ def test_blocklist_shape_must_match(dirty_store, tmp_path):
     np.save(single, np.array([15.0, 0.0]))          # one point without the leading axis
     _, counts = filt.filter_pairs(src, FilterConfig(blocklist_uri=str(single)), str(tmp_path / "z"))
     assert counts["blocklist"] == 1
+
+
+def test_duplicate_seed_keeps_the_first_surviving_row():
+    from pipeline.filter import select
+    from storage_schemas import FilterConfig
+    data = {"x_T": np.zeros((3, 2), np.float32), "x_0": np.array([[np.nan, 0], [1, 1], [2, 2]], np.float32),
+            "seed": np.array([5, 5, 6]), "label": -np.ones(3, np.int32)}
+    kept, counts = select(data, FilterConfig(), None)
+    assert kept.tolist() == [1, 2]
+    assert counts["nonfinite"] == 1 and counts["duplicate_seed"] == 0 and counts["kept"] == 2

@@ -1,0 +1,262 @@
+"""Image KDM training-step and sampling benchmark: the official fp32 eager step vs the training engine.
+
+    python bench/bench_kdm_image.py --out bench-kdm-image.json                 # one GPU, cifar10-uncond, batch 128
+    python bench/bench_kdm_image.py --compile --steps 30 --warmup 10 --out r.json
+    python bench/bench_kdm_image.py --device cpu --tiny --steps 2 --warmup 1 --out smoke.json   # smoke test
+
+Measures, on random data of the right shapes (x_T = 80 * eps, x_0 uniform in [-1, 1]) and distance
+'pseudo-huber' (LPIPS needs VGG16 weights that are not assumed here):
+  (a) ``reference_step``: the official semantics, eager fp32, no TF32, no channels_last, plain
+      (for-loop) Adam, per-parameter EMA loop, decoder run twice, discriminator step first;
+  (b) the engine step (``pipeline.image_train.ImageTrainer``): bf16 autocast, TF32, channels_last, fused
+      Adam, multi-tensor EMA, one decoder pass; also in fp32 (+TF32) and, with --compile, compiled;
+  peak GPU memory of each, speedup (a)/(b), and one-step sampling images/s at batch --sample-batch
+  (bf16 and fp32). Prints the GPU name and the date; writes everything as JSON to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss  # noqa: E402
+from models.distances import make_distance  # noqa: E402
+from models.kdm_image import KDMImage  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
+from pipeline.image_train import ImageTrainer, set_tf32  # noqa: E402
+from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig, image_preset  # noqa: E402
+
+TINY_UNET = SongUNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,))
+
+
+# -- the official step, as a reference ------------------------------------------------------------
+
+class ReferenceState:
+    """Model, EMA, discriminator and plain Adam optimizers of the official trainer (fp32, eager)."""
+
+    def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = KDMImage.from_config(model_cfg).to(device).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.disc = Discriminator(model_cfg.channels).to(device).train()
+        kw = dict(betas=tuple(train_cfg.betas), eps=train_cfg.adam_eps, foreach=False, fused=False)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr, **kw)
+        self.d_opt = torch.optim.Adam(self.disc.parameters(), lr=train_cfg.disc_lr, **kw)
+        self.distance = make_distance(model_cfg.distance, model_cfg.pseudo_huber_c)
+        self.adv_weight, self.ema_decay = model_cfg.adv_weight, train_cfg.ema_decay
+
+
+def reference_step(st: ReferenceState, x0: torch.Tensor, xT: torch.Tensor, labels=None) -> dict[str, float | torch.Tensor]:
+    """One iteration in the official order (notes Sec. 4.4): G forward, D step, G loss with the updated D,
+    nan_to_num of the generator gradients, G step, EMA ema <- d * ema + (1 - d) * theta per parameter."""
+    st.opt.zero_grad()
+    out = st.model(x0, xT, labels)                          # decoder runs twice (z0_noisy, push)
+    rec = st.distance(out.x0_rec, x0).mean()
+    pred = st.distance(out.x0_push, x0).mean()
+    lat = F.mse_loss(out.z_push, out.z0)
+    st.d_opt.zero_grad()
+    d_loss = discriminator_loss(st.disc(x0), st.disc(out.x0_push.detach()))
+    d_loss.backward()
+    st.d_opt.step()
+    adv = generator_adversarial_loss(st.disc(out.x0_push))   # stray D gradients, zeroed next step
+    total = rec + lat + pred + st.adv_weight * adv
+    total.backward()
+    for p in st.model.parameters():
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    st.opt.step()
+    with torch.no_grad():
+        for e, p in zip(st.ema.parameters(), st.model.parameters()):
+            e.mul_(st.ema_decay).add_(p, alpha=1 - st.ema_decay)
+    return {"total": total.detach(), "disc": d_loss.detach()}
+
+
+# -- measurement helpers --------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def time_steps(fn, device: torch.device, warmup: int, steps: int) -> dict:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    t2 = time.perf_counter()
+    return {"warmup_s": t1 - t0, "step_s": (t2 - t1) / steps, "steps": steps, "warmup": warmup,
+            "peak_mem_gib": _peak_gib(device)}
+
+
+def bench_reference(model_cfg, train_cfg, device, data, args) -> dict:
+    _reset_memory(device)
+    if device.type == "cuda":
+        set_tf32(False)
+        torch.backends.cudnn.benchmark = False      # the official trainer's defaults
+    st = ReferenceState(model_cfg, train_cfg, device)
+    x0, xT = data
+    res = time_steps(lambda: reference_step(st, x0, xT), device, args.warmup, args.steps)
+    res["final_loss"] = float(reference_step(st, x0, xT)["total"])
+    del st
+    return res
+
+
+def bench_engine(model_cfg, train_cfg, device, data, args, **changes) -> dict:
+    _reset_memory(device)
+    tc = train_cfg.model_copy(update=changes)
+    trainer = ImageTrainer(model_cfg, tc, device)
+    x0, xT = data
+    res = time_steps(lambda: trainer.train_step(xT, x0), device, args.warmup, args.steps)
+    res["final_loss"] = trainer.pop_metrics().get("total")
+    res["nonfinite_steps"] = trainer.nonfinite_steps
+    res["settings"] = {k: getattr(tc, k) for k in ("precision", "tf32", "channels_last", "compile")}
+    del trainer
+    return res
+
+
+@torch.no_grad()
+def bench_sampling(model_cfg, device, batch: int, precision: str, args) -> dict:
+    _reset_memory(device)
+    if device.type == "cuda":
+        set_tf32(False)
+    torch.manual_seed(0)
+    model = KDMImage.from_config(model_cfg).to(device).eval()
+    if precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    xT = model.sample_noise(batch, device=device)
+    if precision == "bf16":
+        xT = xT.contiguous(memory_format=torch.channels_last)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
+
+    def run():
+        if ctx is None:
+            return model.generate(xT)
+        with ctx():
+            return model.generate(xT)
+
+    reps = max(1, args.steps // 2)
+    res = time_steps(run, device, max(1, args.warmup // 2), reps)
+    res["images_per_s"] = batch / res["step_s"]
+    res["batch"] = batch
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--preset", default="cifar10-uncond")
+    ap.add_argument("--tiny", action="store_true", help="a tiny U-Net (smoke test, e.g. on the CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="default 128 (4 with --tiny)")
+    ap.add_argument("--sample-batch", type=int, default=None, help="default 1000 (8 with --tiny)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--variants", default="fp32,bf16,nchw",
+                    help="engine variants besides the reference: any of fp32, bf16, nchw (--compile adds compile)")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args(argv)
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    model_cfg = image_preset(args.preset).model_copy(update={"distance": "pseudo-huber"})
+    if args.tiny:
+        model_cfg = KDMImageConfig.model_validate({**model_cfg.model_dump(), "unet": TINY_UNET.model_dump(),
+                                                   "latent_proj_dim": None, "img_resolution": 32})
+    batch = args.batch or (4 if args.tiny else 128)
+    sample_batch = args.sample_batch or (8 if args.tiny else 1000)
+    train_cfg = ImageTrainConfig(device="cuda" if device.type == "cuda" else "cpu", batch_size=batch)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": gpu,
+            "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "preset": args.preset, "tiny": args.tiny, "batch": batch, "distance": "pseudo-huber",
+            "trainable_parameters": sum(p.numel() for p in KDMImage.from_config(model_cfg).parameters())}
+    print(f"# {info['date']}  device {device} ({gpu or platform.processor() or 'cpu'})  torch {torch.__version__}  "
+          f"preset {args.preset}{' (tiny)' if args.tiny else ''}  batch {batch}", flush=True)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    R, C = model_cfg.img_resolution, model_cfg.channels
+    xT = (model_cfg.noise_scale * torch.randn(batch, C, R, R, generator=g)).to(device)
+    x0 = (torch.rand(batch, C, R, R, generator=g) * 2 - 1).to(device)
+    data = (x0, xT)
+
+    results: dict = {"info": info, "train_step": {}, "sampling": {}}
+
+    def record(name, fn):
+        try:
+            r = fn()
+        except Exception as e:   # keep the other measurements
+            r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
+        results["train_step"][name] = r
+        if "error" in r:
+            print(f"{name:28s} failed: {r['error']}", flush=True)
+        else:
+            mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
+            print(f"{name:28s} {1e3 * r['step_s']:9.1f} ms/step  peak {mem:>10s}  warmup {r['warmup_s']:.1f} s",
+                  flush=True)
+
+    if not args.skip_reference:
+        record("reference_fp32_eager", lambda: bench_reference(model_cfg, train_cfg, device, data, args))
+    variants = {v.strip() for v in args.variants.split(",") if v.strip()}
+    if "fp32" in variants:
+        record("engine_fp32_tf32", lambda: bench_engine(model_cfg, train_cfg, device, data, args, precision="fp32"))
+    if "bf16" in variants:
+        record("engine_bf16", lambda: bench_engine(model_cfg, train_cfg, device, data, args))
+    if "nchw" in variants:
+        record("engine_bf16_nchw", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+                                                        channels_last=False))
+    if args.compile:
+        record("engine_bf16_compile", lambda: bench_engine(model_cfg, train_cfg, device, data, args, compile=True))
+
+    ref = results["train_step"].get("reference_fp32_eager", {})
+    speedups = {}
+    for name, r in results["train_step"].items():
+        if name != "reference_fp32_eager" and "step_s" in r and "step_s" in ref:
+            speedups[name] = ref["step_s"] / r["step_s"]
+    results["speedup_vs_reference"] = speedups
+    for name, s in speedups.items():
+        print(f"speedup {name:20s} {s:6.2f}x", flush=True)
+
+    for prec in ("bf16", "fp32"):
+        try:
+            r = bench_sampling(model_cfg, device, sample_batch, prec, args)
+            print(f"sampling {prec:4s} batch {sample_batch}: {r['images_per_s']:,.0f} images/s", flush=True)
+        except Exception as e:
+            r = {"error": f"{type(e).__name__}: {e}"}
+            print(f"sampling {prec} failed: {r['error']}", flush=True)
+        results["sampling"][prec] = r
+
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

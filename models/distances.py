@@ -1,0 +1,159 @@
+"""Image distances d(x, y) for the reconstruction and prediction losses of KDM (paper Eq. 4 and 6).
+
+Every distance takes two image batches (B, C, H, W) in [-1, 1] and returns one value per sample, shape
+(B,); the loss is the batch mean. Values are computed in float32 whatever the input dtype.
+
+* ``mse``: mean over all non-batch elements of (x - y)^2.
+* ``pseudo-huber``: sqrt(mean((x - y)^2) + c^2) - c per sample, c = 0.03 by default. The mean runs over
+  the flattened sample, so c is in per-element RMS units and does not depend on the image size. This is
+  iCT's sqrt(||x - y||^2 + c'^2) - c' divided by sqrt(d), with c' = c * sqrt(d) (d = C*H*W). It is *not*
+  the official code's unused ``Huber`` option, which applies the formula per element and then averages
+  (transition at |x - y| ~ c per pixel instead of at an RMS error of c).
+* ``lpips``: LPIPS v0.1 with the VGG16 trunk from the ``lpips`` package (pip ``lpips==0.1.4``; the
+  optional ``kdm[metrics]`` extra), inputs in [-1, 1], no resizing (32x32 images go through VGG as they
+  are, as in the official code). The official code uses piq's LPIPS, which replaces VGG's max pooling by
+  average pooling; values differ from piq's.
+
+LPIPS never downloads anything and never runs with random trunk weights: the torchvision VGG16
+ImageNet weights are read from ``vgg16_weights`` (argument), else ``$KDM_VGG16_WEIGHTS``, else torch
+hub's cache file ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``; a missing file or package raises
+``DistanceUnavailable`` naming what to provide. The linear heads ship inside the ``lpips`` package.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+DISTANCES = ("mse", "pseudo-huber", "lpips")
+PSEUDO_HUBER_C = 0.03
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
+VGG16_ENV = "KDM_VGG16_WEIGHTS"
+LPIPS_REQUIREMENT = "lpips==0.1.4"
+
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DistanceUnavailable(RuntimeError):
+    """A distance cannot be built here (missing optional package or weights file); the message says how."""
+
+
+def _flat_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if x.shape != y.shape:
+        raise ValueError(f"distance inputs differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+    return (x.float() - y.float()).square().flatten(1)
+
+
+def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error, shape (B,)."""
+    return _flat_sq(x, y).mean(1)
+
+
+def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float = PSEUDO_HUBER_C) -> torch.Tensor:
+    """Per-sample sqrt(mean((x - y)^2) + c^2) - c, shape (B,)."""
+    return torch.sqrt(_flat_sq(x, y).mean(1) + c * c) - c
+
+
+def vgg16_weights_path(path: Optional[str | os.PathLike] = None) -> Path:
+    """Where the VGG16 ImageNet weights are looked for: ``path``, else $KDM_VGG16_WEIGHTS, else torch hub's cache."""
+    if path:
+        return Path(path).expanduser()
+    env = os.environ.get(VGG16_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def _import_lpips():
+    try:
+        import lpips  # noqa: F401  (optional dependency)
+    except ImportError as e:
+        raise DistanceUnavailable(
+            f"distance 'lpips' needs the optional package lpips ({e}); install it with "
+            f"`pip install 'kdm[metrics]'` (or `pip install {LPIPS_REQUIREMENT}` next to the pinned torch and "
+            f"torchvision, so pip does not replace them), or choose distance 'pseudo-huber' or 'mse'") from None
+    return lpips
+
+
+class LPIPSDistance(nn.Module):
+    """Frozen LPIPS (VGG16 trunk, v0.1 linear heads); forward(x, y) -> (B,) for images in [-1, 1]."""
+
+    def __init__(self, vgg16_weights: Optional[str | os.PathLike] = None):
+        super().__init__()
+        weights = vgg16_weights_path(vgg16_weights)
+        problems = []
+        if not weights.is_file():
+            problems.append(
+                f"the VGG16 ImageNet weights file {weights} does not exist; download {VGG16_URL} on a machine "
+                f"with internet access and place it at exactly that path (torch hub's cache: "
+                f"$TORCH_HOME/hub/checkpoints/{VGG16_FILE}), or point ${VGG16_ENV} (or the vgg16_weights "
+                f"setting) at a copy")
+        try:
+            lpips = _import_lpips()
+        except DistanceUnavailable as e:
+            problems.insert(0, str(e))
+        if problems:
+            raise DistanceUnavailable("cannot build distance 'lpips': " + "; and ".join(problems))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torchvision's deprecation note on lpips' `pretrained=` call
+            # pnet_rand=True: build the trunk without torchvision's download, then load the file below.
+            net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        _load_vgg_trunk(net.net, state, weights)
+        net.eval().requires_grad_(False)
+        self.net = net
+        self.weights_path = str(weights)
+
+    def train(self, mode: bool = True) -> "LPIPSDistance":
+        return super().train(False)   # always eval: dropout in the linear heads stays off
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape != y.shape:
+            raise ValueError(f"distance inputs differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
+        return self.net(x, y).float().reshape(x.shape[0])
+
+
+def _load_vgg_trunk(trunk: nn.Module, state: dict, source: Path) -> None:
+    """Copy torchvision ``features.{i}.*`` tensors into lpips' ``slice{k}.{i}`` modules; every conv must be filled."""
+    filled = 0
+    for k in range(1, trunk.N_slices + 1):
+        for name, module in getattr(trunk, f"slice{k}").named_children():
+            if not isinstance(module, nn.Conv2d):
+                continue
+            try:
+                w, b = state[f"features.{name}.weight"], state[f"features.{name}.bias"]
+            except KeyError as e:
+                raise DistanceUnavailable(f"{source} is not torchvision's VGG16 state dict (missing {e}); "
+                                          f"replace it with {VGG16_URL}") from None
+            if w.shape != module.weight.shape:
+                raise DistanceUnavailable(f"{source}: features.{name}.weight has shape {tuple(w.shape)}, "
+                                          f"expected {tuple(module.weight.shape)} (VGG16)")
+            with torch.no_grad():
+                module.weight.copy_(w)
+                module.bias.copy_(b)
+            filled += 1
+    if filled != 13:
+        raise DistanceUnavailable(f"loaded {filled} VGG16 convolutions from {source}, expected 13")
+
+
+def make_distance(name: str, pseudo_huber_c: float = PSEUDO_HUBER_C,
+                  vgg16_weights: Optional[str | os.PathLike] = None) -> Distance:
+    """The distance called ``name`` (one of DISTANCES) as a callable (x, y) -> (B,).
+
+    'lpips' returns an ``nn.Module`` (move it to the training device); the others are plain functions.
+    """
+    if name == "mse":
+        return mse
+    if name == "pseudo-huber":
+        if pseudo_huber_c <= 0:
+            raise ValueError(f"pseudo_huber_c must be > 0, got {pseudo_huber_c}")
+        c = float(pseudo_huber_c)
+        return lambda x, y: pseudo_huber(x, y, c)
+    if name == "lpips":
+        return LPIPSDistance(vgg16_weights)
+    raise ValueError(f"unknown distance {name!r}; valid: {', '.join(DISTANCES)}")

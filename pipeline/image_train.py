@@ -1,0 +1,652 @@
+"""Training engine for image KDM students (``models.kdm_image.KDMImage``) on a pair store.
+
+One training step keeps the official recipe and order (notes Sec. 4.2-4.4):
+
+1. forward: z0 = E_phi(x0), zT = E_varphi(xT), Gaussian noise of std ``latent_noise`` on both, push of
+   the noisy zT; the decoder runs once on the concatenation [z0_noisy; z_push] (the official code runs
+   it twice; the decoder has no batch-coupled layers, so this is the same function);
+2. discriminator: BCE(D(x0), 1) + BCE(D(x_push.detach()), 0), real and fake in separate passes
+   (separate BatchNorm statistics), then its own Adam step;
+3. generator: L_rec + L_lat + L_pred + adv_weight * BCE(D_updated(x_push), 1) (+ KDM-F spectral loss),
+   L_lat = MSE(z_push, clean z0), d(.,.) of L_rec/L_pred from ``models.distances``; Adam step;
+4. EMA of the generator parameters (multi-tensor lerp), every step.
+
+Speed: bf16 autocast over fp32 master weights (``precision``), TF32, channels_last, fused Adam on CUDA
+(foreach on the CPU), ``torch.compile`` of the three U-Nets (``compile``), batches read by
+``pipeline.image_data`` in background threads and copied to the GPU from pinned memory.
+
+Non-finite guard: a step whose discriminator or generator losses are not finite is skipped (no update
+of D, G or the EMA), counted, and reported as ``nonfinite_steps`` in the metrics. The check runs before
+the D update (D loss and the generator's reconstruction terms) and after the generator backward (full
+generator loss); a failure at the second check skips the generator update and the EMA only. A finite
+loss with non-finite gradients is handled as the official code does when ``sanitize_grads`` (NaN -> 0,
++-inf -> +-1e5, then the step), and skipped otherwise. Each check costs one host-device sync per step.
+
+Processes: one code path for 1 or N GPUs. Under ``torchrun`` (WORLD_SIZE > 1) each process takes
+``batch_size / N`` pairs of every step (rank r takes every N-th batch of the shared sample order), the
+generator and discriminator are wrapped in DistributedDataParallel (SyncBatchNorm on GPUs), the finite
+checks agree across ranks, and only rank 0 writes.
+
+Run directory (``out``; the layout and resume semantics of ``pipeline.train``):
+  config.json                        run config and pair store (written first)
+  metrics.jsonl                      one JSON line per logged step (interval means of the losses)
+  checkpoints/step-NNNNNNNN/         model, ema, disc (safetensors), optimizer.pt, disc_optimizer.pt,
+                                     rng.pt (every rank's RNG states), state.json (step, data cursor,
+                                     nonfinite_steps); written under a temporary name and renamed
+  student.safetensors, manifest.json the EMA weights (not the raw ones) and the manifest, written last
+A killed run restarted with the same command resumes from its newest checkpoint; on the CPU in fp32 it
+ends bitwise equal to an uninterrupted run (same thread count).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss
+from models.distances import DistanceUnavailable, make_distance
+from models.kdm_image import KDMImage
+from storage_schemas import code_version, recipe_version, stable_hash, utc_now
+from storage_schemas.kdm_image import (IMAGE_PRESETS, IMAGE_TRAIN_RUNTIME_FIELDS, ImageStudentManifest,
+                                       ImageTrainConfig, KDMImageConfig)
+
+from . import artifacts
+from .devices import resolve_device
+from .errors import ArtifactExists, KDMError
+
+CKPT_DIR = "checkpoints"
+SANITIZE_INF = 1e5          # official nan_to_num bounds for +-inf gradients
+
+
+# -- processes and devices ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[torch.device, DistInfo, bool]:
+    """Resolve the device and, under torchrun (WORLD_SIZE > 1), join the process group.
+
+    Returns (device, DistInfo, whether this call created the process group). A requested GPU that is
+    absent is an error (``resolve_device``), never a CPU fallback.
+    """
+    dev = resolve_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return dev, DistInfo(), False
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise KDMError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        created = True
+    return dev, DistInfo(rank, world, local), created
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions (on) or IEEE fp32 (off)."""
+    prec = "tf32" if enabled else "ieee"
+    try:
+        torch.backends.cuda.matmul.fp32_precision = prec
+        torch.backends.cudnn.conv.fp32_precision = prec
+    except AttributeError:   # torch without the fp32_precision API
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def _derived_seed(*parts) -> int:
+    return int(stable_hash(*parts, length=15), 16)
+
+
+# -- modules run under DDP ------------------------------------------------------------------------
+
+class TrainForward(nn.Module):
+    """The generator's training pass; returns (z0, z_push, x_rec, x_push, spectral or None)."""
+
+    def __init__(self, model: KDMImage, spectral: str = "none"):
+        super().__init__()
+        self.model = model
+        self.spectral = spectral
+
+    def forward(self, x0: torch.Tensor, xT: torch.Tensor, y: Optional[torch.Tensor], eps0: torch.Tensor,
+                epsT: torch.Tensor):
+        m = self.model
+        z0 = m.x0_encoder(x0, 0.0, y)
+        zT = m.xT_encoder(xT, m.time_T, y)
+        z0_noisy = z0.float() + m.latent_noise * eps0
+        zT_noisy = zT.float() + m.latent_noise * epsT
+        z_push = m.push(zT_noisy, y)
+        y2 = None if y is None else torch.cat([y, y])
+        x_hat = m.decoder(torch.cat([z0_noisy, z_push.to(z0_noisy.dtype)]), 0.0, y2)
+        x_rec, x_push = x_hat.chunk(2)
+        spectral = None
+        if self.spectral != "none":
+            with torch.autocast(x0.device.type, enabled=False):
+                spectral = m.spectral_loss(self.spectral)
+        return z0, z_push, x_rec, x_push, spectral
+
+
+class DiscPair(nn.Module):
+    """D on real and fake images in two passes (separate BatchNorm batches, as the official code)."""
+
+    def __init__(self, disc: nn.Module):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor):
+        return self.disc(real), self.disc(fake)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+class ImageTrainer:
+    """Model, EMA, discriminator, optimizers, RNG streams and the training step of one process."""
+
+    def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device,
+                 dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None):
+        tc = train_cfg
+        self.model_cfg, self.cfg, self.device = model_cfg, tc, device
+        self.dist = dist_info or DistInfo()
+        self.amp = tc.precision == "bf16"
+        self.cuda = device.type == "cuda"
+        self.channels_last = tc.channels_last
+        if self.cuda:
+            set_tf32(tc.tf32)
+            torch.backends.cudnn.benchmark = True      # fixed shapes: pick the fastest convolution kernels
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+
+        torch.manual_seed(tc.seed)                     # the same initial weights on every rank
+        self.model = KDMImage.from_config(model_cfg).to(device=device, memory_format=fmt)
+        self.disc = (Discriminator(model_cfg.channels).to(device=device, memory_format=fmt)
+                     if model_cfg.adv_weight > 0 else None)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        try:
+            dist_fn = make_distance(model_cfg.distance, model_cfg.pseudo_huber_c,
+                                    vgg16_weights or tc.vgg16_weights)
+        except DistanceUnavailable as e:
+            raise KDMError(str(e)) from None
+        self.distance = dist_fn.to(device) if isinstance(dist_fn, nn.Module) else dist_fn
+
+        # Per-rank random streams: latent noise (own generator), dropout (the default generators).
+        self.noise_gen = torch.Generator(device=device).manual_seed(_derived_seed(tc.seed, "noise", self.dist.rank))
+        torch.manual_seed(_derived_seed(tc.seed, "dropout", self.dist.rank))
+
+        self.forward_module: nn.Module = TrainForward(self.model, model_cfg.spectral_loss)
+        self.disc_pair: Optional[nn.Module] = DiscPair(self.disc) if self.disc else None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [device.index] if self.cuda else None
+            self.forward_module = DDP(self.forward_module, device_ids=ids)
+            if self.disc is not None:
+                # BatchNorm over the global batch on GPUs (SyncBatchNorm is CUDA-only; on the CPU each
+                # rank normalises its own batch and DDP broadcasts rank 0's running statistics).
+                pair = nn.SyncBatchNorm.convert_sync_batchnorm(self.disc_pair) if self.cuda else self.disc_pair
+                self.disc_pair = DDP(pair, device_ids=ids)
+                self.disc = self.disc_pair.module.disc
+        if tc.compile:
+            # Each U-Net compiled in place (state_dict keys unchanged); the two encoders share one graph.
+            for unet in (self.model.x0_encoder.unet, self.model.xT_encoder.unet, self.model.decoder.unet):
+                unet.compile()
+
+        opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
+        opt_kw.update(fused=True) if self.cuda else opt_kw.update(foreach=True)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=tc.lr, **opt_kw)
+        self.d_opt = torch.optim.Adam(self.disc.parameters(), lr=tc.disc_lr, **opt_kw) if self.disc else None
+        self.model.train()
+        if self.disc is not None:
+            self.disc.train()
+
+        # BatchNorm statistics of D, restored when a non-finite batch is skipped (its forward updated them).
+        self._bn_bufs = list(self.disc.buffers()) if self.disc is not None else []
+        self._bn_backup = [b.clone() for b in self._bn_bufs]
+
+        self.nonfinite_steps = 0
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def _all_finite(self, *values: torch.Tensor) -> list[bool]:
+        """One flag per value (True = finite), agreed across ranks; one host-device sync."""
+        flags = torch.stack([torch.isfinite(v.detach()).all() for v in values]).to(torch.float32)
+        if self.dist.enabled:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return [bool(f) for f in flags.tolist()]
+
+    def _prepare(self, x_T, x_0, label):
+        kw = dict(device=self.device, non_blocking=True)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x0 = x_0.to(**kw).contiguous(memory_format=fmt)
+        xT = x_T.to(**kw).contiguous(memory_format=fmt)
+        y = None
+        if self.model_cfg.label_dim:
+            if label is None:
+                raise KDMError("a conditional model (label_dim > 0) needs labels")
+            y = F.one_hot(label.to(**kw).long(), self.model_cfg.label_dim).float()
+        return x0, xT, y
+
+    def train_step(self, x_T: torch.Tensor, x_0: torch.Tensor, label: Optional[torch.Tensor] = None) -> bool:
+        """One optimisation step on a batch; returns False when the non-finite guard skipped it."""
+        x0, xT, y = self._prepare(x_T, x_0, label)
+        mc = self.model_cfg
+        eps = torch.randn((2, x0.shape[0], self.model.latent_dim), generator=self.noise_gen, device=self.device)
+        with self._autocast():
+            z0, z_push, x_rec, x_push, spectral = self.forward_module(x0, xT, y, eps[0], eps[1])
+            rec = self.distance(x_rec, x0).mean()
+            pred = self.distance(x_push, x0).mean()
+        lat = F.mse_loss(z_push.float(), z0.float())
+        terms = {"rec": rec, "lat": lat, "pred": pred}
+        if spectral is not None:
+            terms["spectral"] = spectral
+        total = rec + lat + pred + (spectral if spectral is not None else 0.0)
+
+        if self.disc is not None:
+            torch._foreach_copy_(self._bn_backup, self._bn_bufs)
+            with self._autocast():
+                d_real, d_fake = self.disc_pair(x0, x_push.detach())
+            d_loss = discriminator_loss(d_real.float(), d_fake.float())
+            if not all(self._all_finite(d_loss, total)):
+                torch._foreach_copy_(self._bn_bufs, self._bn_backup)
+                return self._skip()
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.d_opt.step()
+            self.disc.requires_grad_(False)          # generator pass: gradients flow to x_push only
+            with self._autocast():
+                adv = generator_adversarial_loss(self.disc(x_push).float())
+            self.disc.requires_grad_(True)
+            total = total + mc.adv_weight * adv
+            terms.update(disc=d_loss.detach(), adv=adv)
+
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        loss_ok, grads_ok = self._all_finite(total, gnorm)
+        if not loss_ok:
+            return self._skip()
+        if not grads_ok:
+            if not self.cfg.sanitize_grads:
+                return self._skip()
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=SANITIZE_INF, neginf=-SANITIZE_INF)
+            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.cfg.grad_clip is not None:
+            torch._foreach_mul_(grads, torch.clamp(self.cfg.grad_clip / (gnorm + 1e-6), max=1.0))
+        self.opt.step()
+        self.ema_update()
+        terms.update(total=total, grad_norm=gnorm)
+        for k, v in terms.items():
+            v = v.detach().float()
+            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
+        self._count += 1
+        return True
+
+    def _skip(self) -> bool:
+        self.opt.zero_grad(set_to_none=True)
+        if self.d_opt is not None:
+            self.d_opt.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        return False
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.cfg.ema_decay)
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Means of the loss terms over the finite steps since the last call and over the ranks (one sync;
+        collective under DDP)."""
+        if not self._count:
+            return {}
+        keys = list(self._sums)
+        vals = torch.stack([self._sums[k] for k in keys]) / self._count
+        if self.dist.enabled:
+            dist.all_reduce(vals)
+            vals = vals / self.dist.world_size
+        self._sums, self._count = {}, 0
+        return dict(zip(keys, vals.tolist()))
+
+    # -- state --------------------------------------------------------------------------------------
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        st = {"torch_cpu": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
+        if self.cuda:
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def set_rng_state(self, st: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(st["torch_cpu"])
+        self.noise_gen.set_state(st["noise"])
+        if self.cuda and "cuda" in st:
+            torch.cuda.set_rng_state(st["cuda"], self.device)
+
+    def save(self, path: Path, step: int, extra: dict) -> None:
+        """Write a complete checkpoint into ``path`` (an empty directory). Collective under DDP."""
+        rngs = [self.rng_state()]
+        if self.dist.enabled:
+            gathered = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rngs[0].items()})
+            rngs = gathered
+        if not self.dist.is_main:
+            return
+        _save_weights(self.model, path / "model.safetensors")
+        _save_weights(self.ema, path / "ema.safetensors")
+        torch.save(self.opt.state_dict(), path / "optimizer.pt")
+        if self.disc is not None:
+            _save_weights(self.disc, path / "disc.safetensors")
+            torch.save(self.d_opt.state_dict(), path / "disc_optimizer.pt")
+        torch.save({"ranks": rngs}, path / "rng.pt")
+        state = {"step": step, "nonfinite_steps": self.nonfinite_steps, "world_size": self.dist.world_size, **extra}
+        (path / "state.json").write_text(json.dumps(state))        # marks the checkpoint complete
+
+    def load(self, path: Path) -> dict:
+        dev = str(self.device)
+        self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=dev))
+        self.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=dev))
+        self.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        if self.disc is not None:
+            self.disc.load_state_dict(load_file(str(path / "disc.safetensors"), device=dev))
+            self.d_opt.load_state_dict(torch.load(path / "disc_optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+        state = json.loads((path / "state.json").read_text())
+        rngs = torch.load(path / "rng.pt", weights_only=True)["ranks"]
+        if len(rngs) == self.dist.world_size:
+            self.set_rng_state(rngs[self.dist.rank])
+        else:   # another process count: fresh per-rank streams, derived from the seed and the step
+            self.noise_gen.manual_seed(_derived_seed(self.cfg.seed, "noise", self.dist.rank, state["step"]))
+            torch.manual_seed(_derived_seed(self.cfg.seed, "dropout", self.dist.rank, state["step"]))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        return state
+
+
+def _save_weights(module: nn.Module, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+def image_run_version(pairs_version: str, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig) -> str:
+    return "kdm-img-" + stable_hash(recipe_version(), "train-image", pairs_version, model_cfg.model_dump(mode="json"),
+                                    train_cfg.model_dump(mode="json", exclude=set(IMAGE_TRAIN_RUNTIME_FIELDS)))
+
+
+def read_image_student_manifest(url: str) -> ImageStudentManifest:
+    return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), ImageStudentManifest)
+
+
+def _latest_checkpoint(run: Path) -> Optional[Path]:
+    ck = run / CKPT_DIR
+    if not ck.is_dir():
+        return None
+    done = sorted(p for p in ck.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The complete records of a metrics file; a line torn by a kill mid-write is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
+
+
+def _check_store(store, model_cfg: KDMImageConfig, pairs_url: str) -> None:
+    m = store.manifest
+    want = (model_cfg.channels, model_cfg.img_resolution, model_cfg.img_resolution)
+    if tuple(m.sample_shape) != want:
+        raise KDMError(f"pairs {pairs_url} have sample shape {tuple(m.sample_shape)}; the model expects {want} "
+                       f"(channels, img_resolution, img_resolution)")
+    if abs(m.x_T_scale - model_cfg.noise_scale) > 1e-6 * model_cfg.noise_scale:
+        raise KDMError(f"pairs {pairs_url} store x_T = {m.x_T_scale} * eps but the model samples x_T = "
+                       f"{model_cfg.noise_scale} * eps; re-import the pairs with x_T scaled by "
+                       f"{model_cfg.noise_scale / m.x_T_scale:g} or set model.noise_scale={m.x_T_scale:g}")
+    if model_cfg.label_dim and m.num_classes != model_cfg.label_dim:
+        raise KDMError(f"the model is conditional on {model_cfg.label_dim} classes but pairs {pairs_url} have "
+                       f"num_classes={m.num_classes}")
+
+
+def train_image_student(pairs_url: str, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, out: str,
+                        device: Optional[str] = None, *, preset: str = "custom", progress: bool = True,
+                        on_log: Optional[Callable[[dict], None]] = None, max_steps: Optional[int] = None,
+                        vgg16_weights: Optional[str] = None) -> str:
+    """Train (or resume, or find finished) an image KDM student on the train split of ``pairs_url``.
+
+    ``device`` overrides ``train_cfg.device`` ('cpu', 'cuda' or 'cuda:N'; under torchrun each process
+    takes cuda:LOCAL_RANK). ``max_steps`` stops this process after that many steps in total, with a
+    checkpoint there, without finishing the run (a later call resumes). Returns the run version.
+    """
+    from .image_data import ChunkShuffleSampler, Cursor
+    from .pairstore import PairStore
+
+    if device is not None and device in ("cpu", "cuda"):
+        train_cfg = train_cfg.model_copy(update={"device": device})
+    dev, di, created_pg = init_distributed(device or train_cfg.device)
+    try:
+        return _train(pairs_url, model_cfg, train_cfg, out, dev, di, preset, progress, on_log, max_steps,
+                      vgg16_weights, PairStore, ChunkShuffleSampler, Cursor)
+    finally:
+        if created_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _barrier(di: DistInfo) -> None:
+    if di.enabled:
+        dist.barrier()
+
+
+def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max_steps, vgg16_weights,
+           PairStore, ChunkShuffleSampler, Cursor) -> str:
+    store = PairStore.open(pairs_url)
+    _check_store(store, model_cfg, pairs_url)
+    m = store.manifest
+    version = image_run_version(m.version, model_cfg, tc)
+    if artifacts.committed(out) and artifacts.check_target(out, version, read_image_student_manifest):
+        return version
+    if tc.batch_size % di.world_size:
+        raise KDMError(f"train.batch_size {tc.batch_size} is not divisible by the {di.world_size} processes")
+    run = artifacts.local_path(out)
+    cfg_file = run / "config.json"
+    if di.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        run_cfg = {"version": version, "pairs": pairs_url, "pairs_version": m.version,
+                   "pairs_content_hash": m.content_hash, "preset": preset,
+                   "model": model_cfg.model_dump(mode="json"), "train": tc.model_dump(mode="json")}
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text())
+            if old.get("version") != version:
+                raise ArtifactExists(f"{out} holds a run of another config/pairs (version {old.get('version')}, "
+                                     f"this is {version}); choose another --out to start a new run")
+        else:
+            cfg_file.write_text(json.dumps(run_cfg, indent=2) + "\n")
+    _barrier(di)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+
+    trainer = ImageTrainer(model_cfg, tc, dev, di, vgg16_weights)
+    sampler = ChunkShuffleSampler(store, tc.batch_size // di.world_size, seed=tc.seed, buffer_chunks=tc.buffer_chunks,
+                                  rank=di.rank, world_size=di.world_size, pin_memory=dev.type == "cuda",
+                                  read_threads=tc.read_threads)
+    step = 0
+    ck = _latest_checkpoint(run)
+    if ck is not None:
+        state = trainer.load(ck)
+        step = int(state["step"])
+        sampler.load_state_dict(state["data"])
+    metrics_path = run / "metrics.jsonl"
+    if di.is_main and metrics_path.exists():
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in _read_metrics(metrics_path)
+                                        if r["step"] <= step))
+
+    stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
+    t_start = t_last = time.time()
+    last_step = step
+    final: dict[str, float] = {}
+    bar = None
+    if progress and di.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=step, desc="train-image", mininterval=1.0)
+    log = metrics_path.open("a") if di.is_main else None
+    batches = iter(sampler)
+    try:
+        while step < stop:
+            batch = next(batches)
+            trainer.train_step(batch.x_T, batch.x_0, batch.label)
+            step += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                losses = trainer.pop_metrics()
+                now = time.time()
+                rec = {"step": step, **{f"loss_{k}": v for k, v in losses.items() if k != "grad_norm"},
+                       "grad_norm": losses.get("grad_norm"), "nonfinite_steps": trainer.nonfinite_steps,
+                       "epoch": sampler.cursor.epoch,
+                       "pairs_per_s": (step - last_step) * tc.batch_size / max(now - t_last, 1e-9),
+                       "elapsed_s": now - t_start}
+                t_last, last_step = now, step
+                final = {k.removeprefix("loss_"): v for k, v in rec.items() if k.startswith("loss_")}
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    if on_log is not None:
+                        on_log(rec)
+                if bar is not None and "total" in losses:
+                    bar.set_postfix(loss=f"{losses['total']:.4f}", skipped=trainer.nonfinite_steps)
+            if bar is not None:
+                bar.update(1)
+            if step % tc.checkpoint_every == 0 or step == stop:
+                _save_checkpoint(run, step, trainer, sampler.cursor, tc.keep_checkpoints, di)
+    finally:
+        batches.close()
+        sampler.close()
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    if step < tc.steps:        # stopped by max_steps: resumable, not finished
+        return version
+
+    if di.is_main:
+        if not final:   # resumed from the final checkpoint: the last logged losses are the final ones
+            last = _read_metrics(metrics_path)
+            if last:
+                final = {k.removeprefix("loss_"): v for k, v in last[-1].items() if k.startswith("loss_")}
+        weights = run / "student.safetensors"
+        _save_weights(trainer.ema, weights)
+        manifest = ImageStudentManifest(
+            version=version, model=model_cfg, train=tc, preset=preset, pairs_version=m.version,
+            pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,
+            nonfinite_steps=trainer.nonfinite_steps, weights_sha256=artifacts.sha256_file(str(weights)),
+            trainable_parameters=sum(p.numel() for p in trainer.params),
+            discriminator_parameters=sum(p.numel() for p in trainer.disc.parameters()) if trainer.disc else 0,
+            world_size=di.world_size, final_losses={k: float(v) for k, v in final.items()},
+            train_seconds=time.time() - t_start, code_version=code_version(), created=utc_now())
+        artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
+    _barrier(di)
+    return version
+
+
+def _save_checkpoint(run: Path, step: int, trainer: ImageTrainer, cursor, keep: int, di: DistInfo) -> None:
+    final = run / CKPT_DIR / f"step-{step:08d}"
+    tmp = run / CKPT_DIR / f".tmp-step-{step:08d}"
+    if di.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    trainer.save(tmp, step, {"data": {"cursor": cursor.to_dict(), "seed": trainer.cfg.seed,
+                                      "buffer_chunks": trainer.cfg.buffer_chunks}})
+    if di.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        olds = sorted(p for p in (run / CKPT_DIR).iterdir() if p.name.startswith("step-"))
+        for p in olds[:-keep]:
+            shutil.rmtree(p)
+    _barrier(di)
+
+
+# -- command line (wired into `kdm` by pipeline.cli) ----------------------------------------------
+
+def cmd_train_image(a) -> None:
+    from . import presets
+    if a.preset not in IMAGE_PRESETS:
+        raise KDMError(f"unknown image preset {a.preset!r}; valid: {', '.join(IMAGE_PRESETS)}")
+    data = presets.apply_sets({"model": IMAGE_PRESETS[a.preset].model_dump(mode="json"), "train": {}}, a.set)
+    unknown = set(data) - {"model", "train"}
+    if unknown:
+        raise KDMError(f"--set keys must start with model. or train., got {sorted(unknown)}")
+    model_cfg = presets.validate(KDMImageConfig, data["model"], f"image preset {a.preset!r} (model)")
+    train_cfg = presets.validate(ImageTrainConfig, data["train"], "train settings")
+    if a.dry_run:
+        from .pairstore import PairStore
+        v = image_run_version(PairStore.open(a.pairs).version, model_cfg, train_cfg)
+        print(f"dry run: would train {v} -> {a.out}\n{model_cfg.model_dump_json(indent=2)}\n"
+              f"{train_cfg.model_dump_json(indent=2)}", flush=True)
+        return
+    v = train_image_student(a.pairs, model_cfg, train_cfg, a.out, a.device, preset=a.preset,
+                            progress=not a.quiet, max_steps=a.max_steps)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if artifacts.committed(a.out):
+        m = read_image_student_manifest(a.out)
+        print(f"image student {m.version}: {m.steps_done} steps ({m.nonfinite_steps} skipped as non-finite), "
+              f"{m.trainable_parameters} parameters, EMA weights at {a.out}/{m.weights_file}", flush=True)
+    else:
+        print(f"image student {v}: stopped at step {a.max_steps} with a checkpoint in {a.out}; run the same "
+              f"command without --max-steps to continue", flush=True)
+
+
+def add_image_commands(subparsers) -> None:
+    """Add ``train-image`` to the ``kdm`` sub-command parser (``argparse`` subparsers action)."""
+    import argparse
+    sp = subparsers.add_parser(
+        "train-image", help="train an image KDM student on a pair store (resumes; torchrun for several GPUs)",
+        description="Train an image KDM student (bf16, TF32, channels_last, fused Adam, EMA; resumable). "
+                    "Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train-image ...",
+        epilog="example: kdm train-image --pairs runs/cifar-pairs --preset cifar10-uncond "
+               "--set model.distance=pseudo-huber --set train.steps=800000 --out runs/cifar-student",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.set_defaults(fn=cmd_train_image)
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--pairs", required=True)
+    sp.add_argument("--preset", required=True, help=", ".join(IMAGE_PRESETS))
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="model.FIELD=VALUE (KDMImageConfig) or train.FIELD=VALUE (ImageTrainConfig)")
+    sp.add_argument("--device", default=None, help="cpu | cuda (default: train.device, cuda)")
+    sp.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--dry-run", action="store_true")

@@ -1,0 +1,252 @@
+"""Image training engine: learning, bitwise resume, non-finite guard, EMA output, device errors, benchmark smoke."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import KDMError
+from pipeline.image_data import write_synthetic_store
+from pipeline.image_train import ImageTrainer, read_image_student_manifest, train_image_student
+from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = SongUNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.1)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model_cfg(res=16, **kw) -> KDMImageConfig:
+    base = dict(img_resolution=res, unet=TINY, distance="pseudo-huber", adv_weight=0.0)
+    base.update(kw)
+    return KDMImageConfig(**base)
+
+
+def train_cfg(**kw) -> ImageTrainConfig:
+    base = dict(device="cpu", precision="fp32", batch_size=4, threads=1, log_every=1, checkpoint_every=3)
+    base.update(kw)
+    return ImageTrainConfig(**base)
+
+
+def batch(n=4, res=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 80 * torch.randn(n, 3, res, res, generator=g), torch.rand(n, 3, res, res, generator=g) * 2 - 1
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_loss_decreases_on_a_tiny_overfit_problem():
+    unet = TINY.model_copy(update={"dropout": 0.0})
+    tr = ImageTrainer(model_cfg(unet=unet, distance="mse"), train_cfg(lr=2e-3), CPU)
+    xT, _ = batch()
+    g = torch.linspace(-1, 1, 16)
+    pattern = 0.8 * torch.sin(3 * g)[:, None] * torch.cos(2 * g)[None, :]
+    x0 = pattern.expand(4, 3, 16, 16).clone()            # one smooth target image
+    losses = []
+    for _ in range(10):
+        assert tr.train_step(xT, x0)
+        losses.append(tr.pop_metrics()["total"])
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert tr.nonfinite_steps == 0
+
+
+def test_bf16_step_conditional_and_kdm_f():
+    cfg = model_cfg(label_dim=3, operator="factorized", spectral_loss="unit-disk-uniform", latent_proj_dim=16)
+    tr = ImageTrainer(cfg, train_cfg(precision="bf16", channels_last=True), CPU)
+    xT, x0 = batch()
+    assert tr.train_step(xT, x0, torch.tensor([0, 1, 2, 0]))
+    m = tr.pop_metrics()
+    assert {"rec", "lat", "pred", "spectral", "total", "grad_norm"} <= set(m)
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())          # fp32 master weights
+    with pytest.raises(KDMError, match="labels"):
+        tr.train_step(xT, x0, None)
+
+
+def test_nonfinite_guard_skips_and_counts():
+    tr = ImageTrainer(model_cfg(res=32, adv_weight=0.01, latent_proj_dim=16), train_cfg(), CPU)
+    xT, x0 = batch(res=32)
+    assert tr.train_step(xT, x0)
+    tr.pop_metrics()
+    before = {n: snapshot(m) for n, m in (("model", tr.model), ("ema", tr.ema), ("disc", tr.disc))}
+    bad = x0.clone()
+    bad[1, 0, 3, 3] = float("inf")
+    assert tr.train_step(xT, bad) is False
+    assert tr.nonfinite_steps == 1
+    for name, m in (("model", tr.model), ("ema", tr.ema), ("disc", tr.disc)):
+        after = snapshot(m)
+        assert all(torch.equal(after[k], before[name][k]) for k in after), f"{name} changed on a skipped step"
+    assert tr.pop_metrics() == {}                       # skipped steps are not averaged into the metrics
+    xT_bad = xT.clone()
+    xT_bad[0] = float("nan")
+    assert tr.train_step(xT_bad, x0) is False and tr.nonfinite_steps == 2
+    assert tr.train_step(xT, x0) is True and tr.nonfinite_steps == 2
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_synthetic_store(str(tmp_path_factory.mktemp("pairs") / "p"), 40, (3, 32, 32), chunk_size=16,
+                                 seed=1).url
+
+
+RUN_MODEL = dict(res=32, adv_weight=0.01, latent_proj_dim=16)
+
+
+def run_cfgs(**kw):
+    return model_cfg(**RUN_MODEL), train_cfg(steps=7, buffer_chunks=2, **kw)
+
+
+def ckpt_files(run: Path, step: int) -> dict[str, bytes]:
+    d = run / "checkpoints" / f"step-{step:08d}"
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_resume_is_bitwise_equal_and_saves_the_ema(pairs, tmp_path):
+    mc, tc = run_cfgs()
+    a, b = tmp_path / "a", tmp_path / "b"
+    logs = []
+    va = train_image_student(pairs, mc, tc, str(a), progress=False, on_log=logs.append)
+    assert [r["step"] for r in logs] == list(range(1, 8)) and all(r["nonfinite_steps"] == 0 for r in logs)
+
+    vb = train_image_student(pairs, mc, tc, str(b), progress=False, max_steps=4)   # "killed" after step 4
+    assert va == vb
+    assert not (b / "manifest.json").exists() and (b / "checkpoints" / "step-00000004").is_dir()
+    state = json.loads((b / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["data"]["cursor"] == {"epoch": 0, "offset": 16}
+    assert train_image_student(pairs, mc, tc, str(b), progress=False) == va
+
+    assert (a / "student.safetensors").read_bytes() == (b / "student.safetensors").read_bytes()
+    fa, fb = ckpt_files(a, 7), ckpt_files(b, 7)
+    assert sorted(fa) == sorted(fb) == ["disc.safetensors", "disc_optimizer.pt", "ema.safetensors",
+                                        "model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
+    for name in fa:
+        assert fa[name] == fb[name], f"{name} differs after resume"
+    ma = [json.loads(ln) for ln in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(ln) for ln in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in mb] == list(range(1, 8))
+    assert [r["loss_total"] for r in ma] == [r["loss_total"] for r in mb]
+
+    # the final weights are the EMA weights, not the raw ones
+    student = load_file(str(a / "student.safetensors"))
+    ema = load_file(str(a / "checkpoints" / "step-00000007" / "ema.safetensors"))
+    raw = load_file(str(a / "checkpoints" / "step-00000007" / "model.safetensors"))
+    assert student.keys() == ema.keys() == raw.keys()
+    assert all(torch.equal(student[k], ema[k]) for k in student)
+    assert any(not torch.equal(student[k], raw[k]) for k in student)
+    m = read_image_student_manifest(str(a))
+    assert m.weights_are_ema and m.steps_done == 7 and m.nonfinite_steps == 0 and m.version == va
+    assert m.discriminator_parameters > 0 and set(m.final_losses) >= {"rec", "lat", "pred", "adv", "disc", "total"}
+    # a finished run is found, not retrained
+    assert train_image_student(pairs, mc, tc, str(a), progress=False) == va
+
+
+def test_requesting_cuda_without_a_gpu_is_an_error(pairs, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    mc, tc = run_cfgs()
+    with pytest.raises(KDMError, match="CUDA"):
+        train_image_student(pairs, mc, tc, str(tmp_path / "run"), device="cuda", progress=False)
+    with pytest.raises(KDMError, match="CUDA"):
+        train_image_student(pairs, mc, tc.model_copy(update={"device": "cuda"}), str(tmp_path / "run"),
+                            progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_store_mismatch_errors(pairs, tmp_path):
+    mc, tc = run_cfgs()
+    with pytest.raises(KDMError, match="sample shape"):
+        train_image_student(pairs, model_cfg(res=16), tc, str(tmp_path / "r1"), progress=False)
+    with pytest.raises(KDMError, match="noise_scale"):
+        train_image_student(pairs, mc.model_copy(update={"noise_scale": 1.0}), tc, str(tmp_path / "r2"),
+                            progress=False)
+    with pytest.raises(KDMError, match="conditional"):
+        train_image_student(pairs, model_cfg(**RUN_MODEL, label_dim=10), tc, str(tmp_path / "r3"), progress=False)
+
+
+def test_benchmark_smoke_on_cpu(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_kdm_image
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+    res = bench_kdm_image.main(["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--batch", "2",
+                                "--sample-batch", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["info"]["gpu"] is None and saved["info"]["date"]
+    steps = saved["train_step"]
+    assert {"reference_fp32_eager", "engine_bf16", "engine_fp32_tf32"} <= set(steps)
+    assert all("step_s" in r for r in steps.values()), steps
+    assert set(saved["speedup_vs_reference"]) == {"engine_bf16", "engine_bf16_nchw", "engine_fp32_tf32"}
+    assert saved["sampling"]["bf16"]["images_per_s"] > 0 and saved["sampling"]["fp32"]["images_per_s"] > 0
+    assert res["info"] == saved["info"]
+
+
+def test_reference_step_matches_the_engine_in_fp32():
+    """The engine's fused forward (one decoder pass) computes the official losses."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_kdm_image
+    finally:
+        sys.path.pop(0)
+    unet = TINY.model_copy(update={"dropout": 0.0})
+    mc = model_cfg(res=32, adv_weight=0.01, latent_proj_dim=16, unet=unet, latent_noise=0.0)
+    tc = train_cfg(channels_last=False, sanitize_grads=True)
+    tr = ImageTrainer(mc, tc, CPU)
+    ref = bench_kdm_image.ReferenceState(mc, tc, CPU, seed=tc.seed)
+    assert all(torch.equal(a, b) for a, b in zip(tr.model.state_dict().values(), ref.model.state_dict().values()))
+    ref.disc.load_state_dict(tr.disc.state_dict())
+    xT, x0 = batch(res=32)
+    tr.train_step(xT, x0)
+    out = bench_kdm_image.reference_step(ref, x0, xT)
+    assert torch.allclose(torch.tensor(tr.pop_metrics()["total"]), out["total"], rtol=1e-5)
+    for a, b in zip(tr.model.parameters(), ref.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_image_engine import RUN_MODEL, model_cfg, train_cfg
+from pipeline.image_train import train_image_student
+max_steps = int(sys.argv[3]) if len(sys.argv) > 3 else None
+train_image_student(sys.argv[2], model_cfg(**RUN_MODEL), train_cfg(steps=4, batch_size=8, buffer_chunks=2),
+                    sys.argv[1], progress=False, max_steps=max_steps)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_resumes_bitwise(pairs, tmp_path):
+    """torchrun with 2 CPU processes (gloo): rank 0 writes; an interrupted 2-process run ends equal."""
+    import os
+    import subprocess
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(out), pairs, *extra]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    torchrun(tmp_path / "a")
+    torchrun(tmp_path / "b", "2")
+    torchrun(tmp_path / "b")
+    m = read_image_student_manifest(str(tmp_path / "a"))
+    assert m.world_size == 2 and m.steps_done == 4
+    assert (tmp_path / "a" / "student.safetensors").read_bytes() == (tmp_path / "b" / "student.safetensors").read_bytes()
