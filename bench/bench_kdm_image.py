@@ -1,8 +1,10 @@
 """Image KDM training-step and sampling benchmark: the official fp32 eager step vs the training engine.
 
-    python bench/bench_kdm_image.py --out bench-kdm-image.json                 # one GPU, cifar10-uncond, batch 128
-    python bench/bench_kdm_image.py --compile --steps 30 --warmup 10 --out r.json
-    python bench/bench_kdm_image.py --device cpu --tiny --steps 2 --warmup 1 --out smoke.json   # smoke test
+    python bench/bench_kdm_image.py --steps 20 --warmup 5 --compile --out bench-kdm-image.json   # one GPU
+    python bench/bench_kdm_image.py --device cpu --tiny --steps 2 --warmup 1 --out smoke.json     # smoke test
+
+With --compile the warm-up includes compiling the three U-Nets (forward and backward), several
+minutes for cifar10-uncond; ``warmup_s`` in the JSON records it.
 
 Measures, on random data of the right shapes (x_T = 80 * eps, x_0 uniform in [-1, 1]) and distance
 'pseudo-huber' (LPIPS needs VGG16 weights that are not assumed here):

@@ -39,7 +39,8 @@ def main() -> None:
     for name, args in VARIANTS.items():
         if a.skip_gpu and "GPU" in name:
             continue
-        cmd = [sys.executable, "-m", "pipeline.cli", "distill", "-q", "--root", a.root,
+        root = str(Path(a.root) / f"variant-{len(procs)}")   # one root each: stages do not lock
+        cmd = [sys.executable, "-m", "pipeline.cli", "distill", "-q", "--root", root,
                "--set", f"import_uri={Path(a.data).resolve()}", *args]
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                        time.time())

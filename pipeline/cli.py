@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", required=True)
 
     add(sub, "presets", cmd_presets, "list the presets under configs/")
+    from . import cli_eval, cli_images
+    cli_images.add_commands(sub)
+    cli_eval.add_commands(sub)
     return p
 
 

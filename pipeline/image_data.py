@@ -252,11 +252,16 @@ class ChunkShuffleSampler:
             return self._pool
 
     def close(self) -> None:
+        """Stop the reader threads. A buffer read in flight finishes first (it may still need the readers),
+        so the lock is never held while waiting for it."""
         with self._lock:
-            for pool in (self._pool, self._readers):
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = self._readers = None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            readers, self._readers = self._readers, None
+        if readers is not None:
+            readers.shutdown(wait=True, cancel_futures=True)
 
     def __del__(self):
         try:

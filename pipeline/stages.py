@@ -42,8 +42,7 @@ def stage_generate(root: str, teacher_uri: str, cfg: PairsGenerateConfig, progre
 
 
 def stage_import(root: str, src: str, cfg: PairsImportConfig) -> dict:
-    sha = artifacts.sha256_file(src)
-    version = "import-" + stable_hash(recipe_version(), "import", sha, cfg)
+    version = importer.import_version(src, cfg)
     out = _out(root, "pairs", version)
     skipped = artifacts.exists(out)
     importer.import_pairs(src, cfg, out)

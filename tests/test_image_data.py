@@ -126,3 +126,24 @@ def test_cursor_validation(store):
     s = ChunkShuffleSampler(store, batch_size=10, seed=0)
     with pytest.raises(KDMError, match="seed"):
         s.load_state_dict({"cursor": {"epoch": 0, "offset": 0}, "seed": 1})
+
+
+def test_close_while_a_buffer_read_is_in_flight(store, monkeypatch):
+    """close() must not deadlock with a prefetch that still has to start its chunk readers."""
+    import threading
+    import time
+
+    s = ChunkShuffleSampler(store, batch_size=10, seed=0, buffer_chunks=1, prefetch=2)
+    real = ChunkShuffleSampler._read_buffer
+
+    def slow_read(self, epoch, b):
+        time.sleep(0.2)                       # close() is called during this sleep
+        return real(self, epoch, b)
+
+    monkeypatch.setattr(ChunkShuffleSampler, "_read_buffer", slow_read)
+    it = iter(s)
+    next(it)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (it.close(), s.close(), done.set()), daemon=True)
+    t.start()
+    assert done.wait(10), "close() deadlocked"
