@@ -284,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preset", required=True)
 
     add(sub, "presets", cmd_presets, "list the presets under configs/")
-    from . import cli_eval, cli_images
+    from . import cli_eval, cli_images, image_train
     cli_images.add_commands(sub)
     cli_eval.add_commands(sub)
+    image_train.add_image_commands(sub)
     return p
 
 
