@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -59,14 +59,24 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float = PSEUDO_HUBER_C) ->
     return torch.sqrt(_flat_sq(x, y).mean(1) + c * c) - c
 
 
-def vgg16_weights_path(path: Optional[str | os.PathLike] = None) -> Path:
-    """Where the VGG16 ImageNet weights are looked for: ``path``, else $KDM_VGG16_WEIGHTS, else torch hub's cache."""
+def hub_checkpoint_path(fname: str) -> Path:
+    """torch hub's cache file ``$TORCH_HOME/hub/checkpoints/<fname>`` (where torchvision downloads weights to)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / fname
+
+
+def local_weights_path(path: Optional[str | os.PathLike], env: str, default: Path) -> Path:
+    """Where a weights file is looked for (nothing is downloaded): ``path``, else $<env>, else ``default``."""
     if path:
         return Path(path).expanduser()
-    env = os.environ.get(VGG16_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    value = os.environ.get(env)
+    if value:
+        return Path(value).expanduser()
+    return default
+
+
+def vgg16_weights_path(path: Optional[str | os.PathLike] = None) -> Path:
+    """Where the VGG16 ImageNet weights are looked for: ``path``, else $KDM_VGG16_WEIGHTS, else torch hub's cache."""
+    return local_weights_path(path, VGG16_ENV, hub_checkpoint_path(VGG16_FILE))
 
 
 def _import_lpips():
@@ -118,25 +128,31 @@ class LPIPSDistance(nn.Module):
         return self.net(x, y).float().reshape(x.shape[0])
 
 
+def lpips_trunk_convs(trunk: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
+    """The convolutions of an lpips backbone (modules ``slice{k}.{i}``), each with its index ``i``, which is
+    also its index in torchvision's ``features`` (state dict keys ``features.{i}.weight`` / ``.bias``)."""
+    for k in range(1, trunk.N_slices + 1):
+        for name, module in getattr(trunk, f"slice{k}").named_children():
+            if isinstance(module, nn.Conv2d):
+                yield name, module
+
+
 def _load_vgg_trunk(trunk: nn.Module, state: dict, source: Path) -> None:
     """Copy torchvision ``features.{i}.*`` tensors into lpips' ``slice{k}.{i}`` modules; every conv must be filled."""
     filled = 0
-    for k in range(1, trunk.N_slices + 1):
-        for name, module in getattr(trunk, f"slice{k}").named_children():
-            if not isinstance(module, nn.Conv2d):
-                continue
-            try:
-                w, b = state[f"features.{name}.weight"], state[f"features.{name}.bias"]
-            except KeyError as e:
-                raise DistanceUnavailable(f"{source} is not torchvision's VGG16 state dict (missing {e}); "
-                                          f"replace it with {VGG16_URL}") from None
-            if w.shape != module.weight.shape:
-                raise DistanceUnavailable(f"{source}: features.{name}.weight has shape {tuple(w.shape)}, "
-                                          f"expected {tuple(module.weight.shape)} (VGG16)")
-            with torch.no_grad():
-                module.weight.copy_(w)
-                module.bias.copy_(b)
-            filled += 1
+    for name, module in lpips_trunk_convs(trunk):
+        try:
+            w, b = state[f"features.{name}.weight"], state[f"features.{name}.bias"]
+        except KeyError as e:
+            raise DistanceUnavailable(f"{source} is not torchvision's VGG16 state dict (missing {e}); "
+                                      f"replace it with {VGG16_URL}") from None
+        if w.shape != module.weight.shape:
+            raise DistanceUnavailable(f"{source}: features.{name}.weight has shape {tuple(w.shape)}, "
+                                      f"expected {tuple(module.weight.shape)} (VGG16)")
+        with torch.no_grad():
+            module.weight.copy_(w)
+            module.bias.copy_(b)
+        filled += 1
     if filled != 13:
         raise DistanceUnavailable(f"loaded {filled} VGG16 convolutions from {source}, expected 13")
 

@@ -61,25 +61,49 @@ def _prepare(net, x: torch.Tensor, sigma, class_labels, force_fp32: bool):
     return x, sigma, class_labels, dtype
 
 
-class VPPrecond(nn.Module):
-    """Variance-preserving preconditioning (Song et al. 2021, DDPM++ 'VP' baseline)."""
+def _vp_sigma(t, beta_d: float, beta_min: float) -> torch.Tensor:
+    """The VP noise level sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM's VP schedule)."""
+    t = torch.as_tensor(t)
+    return ((0.5 * beta_d * (t ** 2) + beta_min * t).exp() - 1).sqrt()
 
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
-                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
-                 model_type: str = "SongUNet", **model_kwargs):
+
+class _Precond(nn.Module):
+    """What EDM's preconditioners share: the interface attributes, the wrapped network ``model`` and
+    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
+
+    def _build_model(self, model_type: str, model_kwargs: dict) -> None:
+        self.model = _make_model(model_type, img_resolution=self.img_resolution, in_channels=self.img_channels,
+                                 out_channels=self.img_channels, label_dim=self.label_dim, **model_kwargs)
+
+    def _denoise(self, x, class_labels, dtype, c_skip, c_out, c_in, c_noise, model_kwargs):
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * F_x.to(torch.float32)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+
+class VPPrecond(_Precond):
+    """Variance-preserving preconditioning (Song et al. 2021, DDPM++ 'VP' baseline)."""
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, epsilon_t: float = 1e-5,
+                 model_type: str = "SongUNet", **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16)
         self.beta_d = beta_d
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
         self.sigma_min = float(self.sigma(epsilon_t))
         self.sigma_max = float(self.sigma(1))
-        self.model = _make_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                 out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        self._build_model(model_type, model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels, dtype = _prepare(self, x, sigma, class_labels, force_fp32)
@@ -87,35 +111,25 @@ class VPPrecond(nn.Module):
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = (self.M - 1) * self.sigma_inv(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return self._denoise(x, class_labels, dtype, c_skip, c_out, c_in, c_noise, model_kwargs)
 
     def sigma(self, t):
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        return _vp_sigma(t, self.beta_d, self.beta_min)
 
     def sigma_inv(self, sigma):
         sigma = torch.as_tensor(sigma)
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
 
-
-class VEPrecond(nn.Module):
+class VEPrecond(_Precond):
     """Variance-exploding preconditioning (Song et al. 2021, NCSN++ 'VE' baseline)."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0.02, sigma_max: float = 100, model_type: str = "SongUNet", **model_kwargs):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
-        self.model = _make_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                 out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        self._build_model(model_type, model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels, dtype = _prepare(self, x, sigma, class_labels, force_fp32)
@@ -123,29 +137,20 @@ class VEPrecond(nn.Module):
         c_out = sigma
         c_in = 1
         c_noise = (0.5 * sigma).log()
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
+        return self._denoise(x, class_labels, dtype, c_skip, c_out, c_in, c_noise, model_kwargs)
 
 
-class EDMPrecond(nn.Module):
+class EDMPrecond(_Precond):
     """EDM preconditioning (Karras et al. 2022, Table 1): what the released ``edm-*.pkl`` networks use."""
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
                  model_type: str = "SongUNet", **model_kwargs):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.model = _make_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                 out_channels=img_channels, label_dim=label_dim, **model_kwargs)
+        self._build_model(model_type, model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         x, sigma, class_labels, dtype = _prepare(self, x, sigma, class_labels, force_fp32)
@@ -153,11 +158,7 @@ class EDMPrecond(nn.Module):
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
+        return self._denoise(x, class_labels, dtype, c_skip, c_out, c_in, c_noise, model_kwargs)
 
 
 PRECONDS = {"VPPrecond": VPPrecond, "VEPrecond": VEPrecond, "EDMPrecond": EDMPrecond}
@@ -188,8 +189,7 @@ class VPLoss:
         return weight * ((D_yn - y) ** 2)
 
     def sigma(self, t):
-        t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        return _vp_sigma(t, self.beta_d, self.beta_min)
 
 
 class VELoss:

@@ -8,6 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from .cli_common import add_command as add
+from .cli_common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
+                         summary)
 from .errors import KDMError
 
 EXAMPLES = """\
@@ -24,49 +27,33 @@ or all stages at once, without Prefect:
 """
 
 
-def _summary(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def cmd_teacher_train(a) -> None:
     from . import presets, teacher
     cfg = presets.load("teacher", a.preset, a.config, a.set)
     if a.dry_run:
-        _summary(f"dry run: would train teacher {teacher.teacher_version(cfg)} -> {a.out}\n{cfg.model_dump_json(indent=2)}")
+        summary(f"dry run: would train teacher {teacher.teacher_version(cfg)} -> {a.out}\n{cfg.model_dump_json(indent=2)}")
         return
     m = teacher.train_teacher(cfg, a.out, progress=not a.quiet)
-    _summary(f"teacher {m.id} ({m.kind}, final loss {m.final_loss:.4f}) at {a.out} sha256 {m.weights_sha256[:16]}")
+    summary(f"teacher {m.id} ({m.kind}, final loss {m.final_loss:.4f}) at {a.out} sha256 {m.weights_sha256[:16]}")
 
 
 def cmd_pairs_generate(a) -> None:
-    from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange
-    from . import generate, presets
-    fields = {"seeds": SeedRange.parse(a.seeds).model_dump(), "chunk_size": a.chunk_size, "device": a.device,
-              "heldout_seeds": SeedRange.parse(a.heldout_seeds).model_dump() if a.heldout_seeds else None,
-              "sampler": {"method": a.method, "steps": a.steps}}
-    cfg = presets.validate(PairsGenerateConfig, fields, "pairs generate options")
+    from . import generate
+    cfg = pairs_generate_config(a, {"method": a.method, "steps": a.steps}, "pairs generate options")
     if a.dry_run:
         from .teacher import read_teacher_manifest
-        v = generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg)
-        _summary(f"dry run: would write {len(cfg.seeds)} pairs (+{len(cfg.heldout_seeds) if cfg.heldout_seeds else 0} "
-                 f"held out), version {v}, {cfg.sampler.nfe} NFE per pair -> {a.out}")
+        pairs_dry_run(cfg, generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg), a.out)
         return
     v = generate.generate_pairs(a.teacher, cfg, a.out, progress=not a.quiet)
-    _summary(f"pairs {v}: {len(cfg.seeds)} train + {len(cfg.heldout_seeds) if cfg.heldout_seeds else 0} held out "
-             f"at {a.out}")
+    summary(f"pairs {v}: {len(cfg.seeds)} train + {heldout_count(cfg)} held out at {a.out}")
 
 
 def cmd_pairs_import(a) -> None:
-    from storage_schemas import PairsImportConfig
-    from . import importer, presets
-    cfg = presets.validate(PairsImportConfig, {"format": a.format, "holdout_fraction": a.holdout,
-                                               "split_seed": a.split_seed, "chunk_size": a.chunk_size},
-                           "pairs import options")
+    from . import importer
+    cfg = pairs_import_config(a, "pairs import options")
     v = importer.import_pairs(a.src, cfg, a.out)
-    from .pairstore import PairStore
-    s = PairStore.open(a.out)
-    held = s.heldout()
-    _summary(f"imported {v}: {len(s)} train + {len(held) if held else 0} held out from {a.src} at {a.out}")
+    s, held = open_pairs(a.out)
+    summary(f"imported {v}: {len(s)} train + {held} held out from {a.src} at {a.out}")
 
 
 def cmd_pairs_filter(a) -> None:
@@ -77,8 +64,8 @@ def cmd_pairs_filter(a) -> None:
                                           "drop_nonfinite": not a.keep_nonfinite},
                            "pairs filter options")
     v, counts = filt.filter_pairs(a.pairs, cfg, a.out)
-    _summary(f"filtered {v}: kept {counts['kept']}, dropped " +
-             ", ".join(f"{k}={n}" for k, n in counts.items() if k != "kept") + f" -> {a.out}")
+    summary(f"filtered {v}: kept {counts['kept']}, dropped " +
+            ", ".join(f"{k}={n}" for k, n in counts.items() if k != "kept") + f" -> {a.out}")
 
 
 def cmd_pairs_info(a) -> None:
@@ -88,8 +75,8 @@ def cmd_pairs_info(a) -> None:
         s.verify()
     print(s.manifest.model_dump_json(indent=2))
     held = s.heldout()
-    _summary(f"{a.store}: {s.manifest.split} {len(s)} pairs, version {s.version}"
-             + (f", held out {len(held)}" if held else "") + (", content hash verified" if a.verify else ""))
+    summary(f"{a.store}: {s.manifest.split} {len(s)} pairs, version {s.version}"
+            + (f", held out {len(held)}" if held else "") + (", content hash verified" if a.verify else ""))
 
 
 def cmd_train(a) -> None:
@@ -103,12 +90,12 @@ def cmd_train(a) -> None:
     store = PairStore.open(a.pairs)
     version = train.run_version(store.version, cfg)
     if a.dry_run:
-        _summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")
+        summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")
         return
     train.train_student(a.pairs, cfg, a.out, progress=not a.quiet)
     m = train.read_student_manifest(a.out)
-    _summary(f"student {m.version}: {m.steps_done} steps, {m.trainable_parameters} parameters, final losses "
-             + ", ".join(f"{k}={v:.4g}" for k, v in m.final_losses.items()) + f" at {a.out}")
+    summary(f"student {m.version}: {m.steps_done} steps, {m.trainable_parameters} parameters, final losses "
+            + ", ".join(f"{k}={v:.4g}" for k, v in m.final_losses.items()) + f" at {a.out}")
 
 
 def cmd_sample(a) -> None:
@@ -117,7 +104,7 @@ def cmd_sample(a) -> None:
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     np.save(a.out, x0)
-    _summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {a.out}")
+    summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {a.out}")
 
 
 def cmd_evaluate(a) -> None:
@@ -133,9 +120,9 @@ def cmd_evaluate(a) -> None:
         Path(out_dir, evaluate.REPORT).unlink()
     print(evaluate.format_table(evaluate.metrics_table(report)))
     s, t = report.student, report.teacher_reference
-    _summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
-             f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
-             f"pair MSE {s.pair_mse:.3g} -> {out}")
+    summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
+            f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
+            f"pair MSE {s.pair_mse:.3g} -> {out}")
 
 
 def cmd_distill(a) -> None:
@@ -143,12 +130,12 @@ def cmd_distill(a) -> None:
     sets = list(a.set) + ([f"root={a.root}"] if a.root else [])
     cfg = presets.load("distill", a.preset, a.config, sets)
     if a.dry_run:
-        _summary(f"dry run: config is valid\n{cfg.model_dump_json(indent=2)}")
+        summary(f"dry run: config is valid\n{cfg.model_dump_json(indent=2)}")
         return
     res = stages.run_distill(cfg, progress=not a.quiet)
     from .evaluate import format_table
     print(format_table(res["evaluation"]["table"]))
-    _summary(f"distilled: student {res['student']['version']}, report {res['evaluation']['report']}")
+    summary(f"distilled: student {res['student']['version']}, report {res['evaluation']['report']}")
 
 
 def cmd_report(a) -> None:
@@ -164,7 +151,7 @@ def cmd_report(a) -> None:
         where = str(found[-1])
         rep = evaluate.read_report(where)
     print(evaluate.format_table(evaluate.metrics_table(rep)))
-    _summary(f"report {where} (student {rep.student_version}, pairs {rep.pairs_version})")
+    summary(f"report {where} (student {rep.student_version}, pairs {rep.pairs_version})")
 
 
 def cmd_model_info(a) -> None:
@@ -180,7 +167,7 @@ def cmd_presets(a) -> None:
     from . import presets
     for fam in presets.FAMILIES:
         print(f"{fam}: {', '.join(presets.available(fam))}")
-    _summary(f"presets in {presets.CONFIG_DIR}")
+    summary(f"presets in {presets.CONFIG_DIR}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,13 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 "one-step Koopman Distillation Model (KDM) student.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    def add(parent, name, fn, help_, epilog=None):
-        sp = parent.add_parser(name, help=help_, description=help_, epilog=epilog,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(fn=fn)
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        return sp
 
     t = sub.add_parser("teacher", help="teacher artifacts").add_subparsers(dest="sub", metavar="SUBCOMMAND")
     sp = add(t, "train", cmd_teacher_train, "train a flow-matching teacher on the checkerboard",

@@ -9,15 +9,10 @@ Wire into pipeline/cli.py's ``build_parser`` with ``cli_eval.add_commands(sub)``
 """
 from __future__ import annotations
 
-import argparse
-
+from .cli_common import add_command as add, summary
 from .errors import KDMError
 
 EXAMPLES = __doc__.split("\n\n", 2)[2]
-
-
-def _summary(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def cmd_extractor_train(a) -> None:
@@ -26,8 +21,8 @@ def cmd_extractor_train(a) -> None:
     cfg = presets.validate(ExtractorTrainConfig, presets.apply_sets({}, a.set), "extractor options")
     m = features.train_extractor_from_dataset(a.dataset, cfg, a.out, device=a.device, progress=not a.quiet)
     acc = f"{m.test_accuracy:.4f}" if m.test_accuracy is not None else "n/a"
-    _summary(f"extractor {m.id}: test accuracy {acc} ({m.test_images} images), {m.feature_dim}-d features, "
-             f"trained in {m.train_seconds:.0f} s on {m.device}, sha256 {m.weights_sha256[:16]} at {a.out}")
+    summary(f"extractor {m.id}: test accuracy {acc} ({m.test_images} images), {m.feature_dim}-d features, "
+            f"trained in {m.train_seconds:.0f} s on {m.device}, sha256 {m.weights_sha256[:16]} at {a.out}")
 
 
 def cmd_extractor_info(a) -> None:
@@ -36,15 +31,15 @@ def cmd_extractor_info(a) -> None:
     if a.verify:
         features.load_extractor(a.extractor)
     print(m.model_dump_json(indent=2))
-    _summary(f"{a.extractor}: extractor {m.id}, weights sha256 {m.weights_sha256[:16]}"
-             + (" (verified)" if a.verify else ""))
+    summary(f"{a.extractor}: extractor {m.id}, weights sha256 {m.weights_sha256[:16]}"
+            + (" (verified)" if a.verify else ""))
 
 
 def cmd_metrics_show(a) -> None:
     from . import image_metrics
     r = image_metrics.read_report(a.report)
     print(image_metrics.metrics_markdown(r.metrics))
-    _summary(f"{a.report}: {len(r.metrics)} metric values")
+    summary(f"{a.report}: {len(r.metrics)} metric values")
 
 
 def cmd_metrics_compare(a) -> None:
@@ -69,17 +64,10 @@ def cmd_metrics_compare(a) -> None:
     if not rows:
         raise KDMError(f"{a.a} and {a.b} share no metric names" + (f" for subject {a.subject!r}" if a.subject else ""))
     print("| metric | A | B | A / B |\n|---|---|---|---|\n" + "\n".join(rows))
-    _summary(f"compared {len(rows)} pairs of values, {refused} refused for differing protocols")
+    summary(f"compared {len(rows)} pairs of values, {refused} refused for differing protocols")
 
 
 def add_commands(subparsers) -> None:
-    def add(parent, name, fn, help_, epilog=None):
-        sp = parent.add_parser(name, help=help_, description=help_, epilog=epilog,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(fn=fn)
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        return sp
-
     ex = subparsers.add_parser("extractor", help="offline feature extractor for FD/KID").add_subparsers(
         dest="sub", metavar="SUBCOMMAND")
     sp = add(ex, "train", cmd_extractor_train, "train the ResNet-9 feature extractor on a prepared image dataset",

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_common import add_command as add
+from .cli_common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
+                         summary)
 from .errors import KDMError
 
 EXAMPLES = """\
@@ -27,16 +30,12 @@ examples (CIFAR-10 teacher and pairs):
 """
 
 
-def _summary(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def cmd_dataset_prepare(a) -> None:
     from .datasets import prepare_image_dataset
     m = prepare_image_dataset(a.archive, a.out, chunk_size=a.chunk_size, progress=not a.quiet)
     counts = ", ".join(f"{s} {i.count}" for s, i in m.splits.items())
-    _summary(f"dataset {m.version}: {counts} images {'x'.join(map(str, m.image_shape))}, {m.num_classes} classes, "
-             f"prepared in {m.prepare_seconds:.1f} s at {a.out}")
+    summary(f"dataset {m.version}: {counts} images {'x'.join(map(str, m.image_shape))}, {m.num_classes} classes, "
+            f"prepared in {m.prepare_seconds:.1f} s at {a.out}")
 
 
 def cmd_dataset_info(a) -> None:
@@ -45,8 +44,8 @@ def cmd_dataset_info(a) -> None:
     if a.verify:
         ds.verify()
     print(ds.manifest.model_dump_json(indent=2))
-    _summary(f"{a.dataset}: dataset {ds.version}, " + ", ".join(f"{s} {i.count}" for s, i in ds.manifest.splits.items())
-             + (", content hash verified" if a.verify else ""))
+    summary(f"{a.dataset}: dataset {ds.version}, " + ", ".join(f"{s} {i.count}" for s, i in ds.manifest.splits.items())
+            + (", content hash verified" if a.verify else ""))
 
 
 def cmd_teacher_bootstrap(a) -> None:
@@ -58,59 +57,48 @@ def cmd_teacher_bootstrap(a) -> None:
     ds = open_image_dataset(a.dataset)
     version = tb.bootstrap_version(ds.manifest.content_hash, cfg)
     if a.dry_run:
-        _summary(f"dry run: would train EDM teacher {version} on {ds.manifest.splits['train'].count} images "
-                 f"-> {a.out}\n{cfg.model_dump_json(indent=2)}")
+        summary(f"dry run: would train EDM teacher {version} on {ds.manifest.splits['train'].count} images "
+                f"-> {a.out}\n{cfg.model_dump_json(indent=2)}")
         return
     m = tb.train_edm_teacher(a.dataset, cfg, a.out, progress=not a.quiet)
-    _summary(f"teacher {m.id} (edm, {m.model.precond} precond, final loss {m.final_loss:.4f}) at {a.out} "
-             f"sha256 {m.weights_sha256[:16]}")
+    summary(f"teacher {m.id} (edm, {m.model.precond} precond, final loss {m.final_loss:.4f}) at {a.out} "
+            f"sha256 {m.weights_sha256[:16]}")
 
 
 def cmd_teacher_import_edm(a) -> None:
     from .edm_pickle import import_edm_pickle
     m = import_edm_pickle(a.pickle, a.out, allow_pickle=a.allow_pickle, sha256=a.sha256, key=a.key)
-    _summary(f"teacher {m.id} ({m.source.class_name}, {m.model.img_resolution}x{m.model.img_resolution}, "
-             f"label_dim {m.model.label_dim}) imported from {a.pickle} at {a.out}")
+    summary(f"teacher {m.id} ({m.source.class_name}, {m.model.img_resolution}x{m.model.img_resolution}, "
+            f"label_dim {m.model.label_dim}) imported from {a.pickle} at {a.out}")
 
 
 def cmd_pairs_generate_images(a) -> None:
-    from storage_schemas import PairsGenerateConfig, SeedRange
-    from . import generate, presets
+    from . import generate
     from .teacher import read_teacher_manifest
     sampler = {"kind": "edm-heun", "steps": a.steps, "noise_scale": a.sigma_max, "sigma_min": a.sigma_min,
                "rho": a.rho}
-    fields = {"seeds": SeedRange.parse(a.seeds).model_dump(), "chunk_size": a.chunk_size, "device": a.device,
-              "heldout_seeds": SeedRange.parse(a.heldout_seeds).model_dump() if a.heldout_seeds else None,
-              "sampler": sampler}
-    cfg = presets.validate(PairsGenerateConfig, fields, "pairs generate-images options")
+    cfg = pairs_generate_config(a, sampler, "pairs generate-images options")
     v = generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg)
-    held = len(cfg.heldout_seeds) if cfg.heldout_seeds else 0
+    held = heldout_count(cfg)
     if a.dry_run:
-        _summary(f"dry run: would write {len(cfg.seeds)} pairs (+{held} held out), version {v}, "
-                 f"{cfg.sampler.nfe} NFE per pair -> {a.out}")
+        pairs_dry_run(cfg, v, a.out)
         return
     v = generate.generate_pairs(a.teacher, cfg, a.out, progress=not a.quiet, rank=a.rank, world_size=a.world_size,
                                 batch_size=a.batch)
     rank, ws = generate.resolve_workers(a.rank, a.world_size)
     if rank == 0:
-        _summary(f"pairs {v}: {len(cfg.seeds)} train + {held} held out ({cfg.sampler.nfe} NFE edm-heun) at {a.out}")
+        summary(f"pairs {v}: {len(cfg.seeds)} train + {held} held out ({cfg.sampler.nfe} NFE edm-heun) at {a.out}")
     else:
-        _summary(f"pairs {v}: worker {rank}/{ws} finished its shards; rank 0 commits {a.out}")
+        summary(f"pairs {v}: worker {rank}/{ws} finished its shards; rank 0 commits {a.out}")
 
 
 def cmd_pairs_import_images(a) -> None:
-    from storage_schemas import PairsImportConfig
-    from . import importer, presets
-    from .pairstore import PairStore
-    cfg = presets.validate(PairsImportConfig, {"format": a.format, "holdout_fraction": a.holdout,
-                                               "split_seed": a.split_seed, "chunk_size": a.chunk_size,
-                                               "order": a.order, "noise_scale": a.noise_scale},
-                           "pairs import-images options")
+    from . import importer
+    cfg = pairs_import_config(a, "pairs import-images options", order=a.order, noise_scale=a.noise_scale)
     v = importer.import_pairs(a.src, cfg, a.out)
-    s = PairStore.open(a.out)
-    held = s.heldout()
-    _summary(f"imported {v}: {len(s)} train + {len(held) if held else 0} held out from {a.src} "
-             f"(x_T_scale {s.manifest.x_T_scale:g}, {s.manifest.num_classes} classes) at {a.out}")
+    s, held = open_pairs(a.out)
+    summary(f"imported {v}: {len(s)} train + {held} held out from {a.src} "
+            f"(x_T_scale {s.manifest.x_T_scale:g}, {s.manifest.num_classes} classes) at {a.out}")
 
 
 def cmd_pairs_export(a) -> None:
@@ -118,7 +106,7 @@ def cmd_pairs_export(a) -> None:
     if a.format != "kdm-npz":
         raise KDMError(f"export format {a.format!r} is not supported (kdm-npz)")
     n = export_kdm_npz(a.pairs, a.out, order=a.order, split=a.split, dtype=a.dtype)
-    _summary(f"exported {n} pairs ({a.split}, {a.order}, {a.dtype}) as path<i>.npz files to {a.out}")
+    summary(f"exported {n} pairs ({a.split}, {a.order}, {a.dtype}) as path<i>.npz files to {a.out}")
 
 
 def _subparsers_of(parser: argparse.ArgumentParser):
@@ -141,13 +129,6 @@ def _group(sub, name: str, help_: str):
 
 def add_commands(sub) -> None:
     """Register the image commands on the top-level sub-parsers of ``kdm`` (pipeline/cli.py)."""
-
-    def add(parent, name, fn, help_, epilog=None):
-        sp = parent.add_parser(name, help=help_, description=help_, epilog=epilog,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(fn=fn)
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        return sp
 
     ds = _group(sub, "dataset", "image datasets: prepare, info")
     sp = add(ds, "prepare", cmd_dataset_prepare, "turn an ImageFolder tar.gz (train|test/<class>/<file>) into a "

@@ -20,16 +20,15 @@ from typing import Optional
 
 import numpy as np
 import zarr
-from pydantic import ValidationError
 from tqdm import tqdm
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas import (DATASET_SPLITS, MANIFEST_KEY, ArraySpec, DatasetManifest, DatasetSplitInfo,
-                             code_version, format_validation_error, recipe_version, stable_hash, utc_now)
+                             code_version, recipe_version, stable_hash, utc_now)
 
 from . import artifacts
-from .errors import ArtifactMissing, KDMError
-from .pairstore import open_group
+from .errors import KDMError
+from .pairstore import open_group, open_manifest_group
 
 CODECS = ("zstd(level=3)", "crc32c")
 LAYOUT_HELP = "expected <split>/<class>/<file> with split 'train' or 'test' (ImageFolder layout)"
@@ -134,7 +133,7 @@ def prepare_image_dataset(archive_path: str, out_url: str, *, chunk_size: int = 
     image_shape = tuple(_decode(first_name, first_bytes).shape)
 
     tmp = artifacts.begin(out_url, fresh=True)
-    root = zarr.open_group(_store(tmp), mode="w", zarr_format=3)
+    root = open_group(tmp, "w")
     root.attrs["kdm_status"] = "writing"
     cpus = os.cpu_count() or 1
     workers = threads or (1 if cpus <= 2 else min(8, cpus // 2))
@@ -192,12 +191,6 @@ def prepare_image_dataset(archive_path: str, out_url: str, *, chunk_size: int = 
     return manifest
 
 
-def _store(url: str, read_only: bool = False):
-    if artifacts.is_local(url):
-        return zarr.storage.LocalStore(str(artifacts.local_path(url)), read_only=read_only)
-    return zarr.storage.FsspecStore.from_url(str(url), read_only=read_only)
-
-
 @dataclass
 class ImageSplit:
     images: zarr.Array   # uint8 (N, C, H, W)
@@ -217,17 +210,7 @@ class ImageDataset:
 
     @classmethod
     def open(cls, url: str) -> "ImageDataset":
-        try:
-            g = open_group(url, "r")
-        except FileNotFoundError:
-            raise ArtifactMissing(f"no dataset at {url} (expected a Zarr v3 group written by kdm dataset prepare)") from None
-        raw = g.attrs.get(MANIFEST_KEY)
-        if raw is None:
-            raise ArtifactMissing(f"{url} is a Zarr group without a kdm manifest: it is incomplete or not a kdm dataset")
-        try:
-            manifest = DatasetManifest.model_validate(raw)
-        except ValidationError as e:
-            raise KDMError(format_validation_error(e, f"{url} (attribute '{MANIFEST_KEY}')")) from None
+        g, manifest = open_manifest_group(url, DatasetManifest, "dataset", writer="kdm dataset prepare")
         return cls(str(url), g, manifest)
 
     @property

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.distances import hub_checkpoint_path, local_weights_path, lpips_trunk_convs
 from storage_schemas import SeedRange, code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.protocol import (INCEPTION_ID, EvalProtocol, ExtractorRef, ImageMetric, ImageMetricReport,
                                       Quantization, ReferenceStatsManifest, check_comparable)
@@ -221,12 +222,7 @@ def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor], images: 
 
 def inception_weights_path(path: Optional[str | os.PathLike] = None) -> Path:
     """Where the Inception TorchScript file is looked for: ``path``, $KDM_INCEPTION_WEIGHTS, the temp dir."""
-    if path:
-        return Path(path).expanduser()
-    env = os.environ.get(INCEPTION_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path(tempfile.gettempdir()) / INCEPTION_FILE
+    return local_weights_path(path, INCEPTION_ENV, Path(tempfile.gettempdir()) / INCEPTION_FILE)
 
 
 def _require_cleanfid():
@@ -453,11 +449,7 @@ def lpips_backbone_path(net: str = "vgg", path: Optional[str | os.PathLike] = No
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"unknown LPIPS net {net!r}; valid: {', '.join(LPIPS_BACKBONES)}")
     fname, env, _ = LPIPS_BACKBONES[net]
-    if path:
-        return Path(path).expanduser()
-    if os.environ.get(env):
-        return Path(os.environ[env]).expanduser()
-    return Path(torch.hub.get_dir()) / "checkpoints" / fname
+    return local_weights_path(path, env, hub_checkpoint_path(fname))
 
 
 class LPIPSMetric(nn.Module):
@@ -508,18 +500,15 @@ class LPIPSMetric(nn.Module):
 
 def _load_backbone(trunk: nn.Module, state: dict, source: Path, n_convs: int) -> None:
     filled = 0
-    for k in range(1, trunk.N_slices + 1):
-        for name, module in getattr(trunk, f"slice{k}").named_children():
-            if not isinstance(module, nn.Conv2d):
-                continue
-            w, b = state.get(f"features.{name}.weight"), state.get(f"features.{name}.bias")
-            if w is None or b is None or w.shape != module.weight.shape:
-                raise MetricUnavailable(f"{source} is not the expected torchvision state dict (features.{name} "
-                                        f"missing or of another shape)")
-            with torch.no_grad():
-                module.weight.copy_(w)
-                module.bias.copy_(b)
-            filled += 1
+    for name, module in lpips_trunk_convs(trunk):
+        w, b = state.get(f"features.{name}.weight"), state.get(f"features.{name}.bias")
+        if w is None or b is None or w.shape != module.weight.shape:
+            raise MetricUnavailable(f"{source} is not the expected torchvision state dict (features.{name} "
+                                    f"missing or of another shape)")
+        with torch.no_grad():
+            module.weight.copy_(w)
+            module.bias.copy_(b)
+        filled += 1
     if filled != n_convs:
         raise MetricUnavailable(f"loaded {filled} convolutions from {source}, expected {n_convs}")
 

@@ -27,7 +27,7 @@ Processes: one code path for 1 or N GPUs. Under ``torchrun`` (WORLD_SIZE > 1) ea
 generator and discriminator are wrapped in DistributedDataParallel (SyncBatchNorm on GPUs), the finite
 checks agree across ranks, and only rank 0 writes.
 
-Run directory (``out``; the layout and resume semantics of ``pipeline.train``):
+Run directory (``out``; the layout and resume semantics of ``pipeline.train``, via ``pipeline.checkpoints``):
   config.json                        run config and pair store (written first)
   metrics.jsonl                      one JSON line per logged step (interval means of the losses)
   checkpoints/step-NNNNNNNN/         model, ema, disc (safetensors), optimizer.pt, disc_optimizer.pt,
@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -52,7 +51,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss
@@ -62,11 +60,10 @@ from storage_schemas import code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.kdm_image import (IMAGE_PRESETS, IMAGE_TRAIN_RUNTIME_FIELDS, ImageStudentManifest,
                                        ImageTrainConfig, KDMImageConfig)
 
-from . import artifacts
+from . import artifacts, checkpoints
 from .devices import resolve_device
-from .errors import ArtifactExists, KDMError
+from .errors import KDMError
 
-CKPT_DIR = "checkpoints"
 SANITIZE_INF = 1e5          # official nan_to_num bounds for +-inf gradients
 
 
@@ -359,27 +356,22 @@ class ImageTrainer:
             rngs = gathered
         if not self.dist.is_main:
             return
-        _save_weights(self.model, path / "model.safetensors")
-        _save_weights(self.ema, path / "ema.safetensors")
-        torch.save(self.opt.state_dict(), path / "optimizer.pt")
+        modules, objects = {"model": self.model, "ema": self.ema}, {"optimizer": self.opt.state_dict()}
         if self.disc is not None:
-            _save_weights(self.disc, path / "disc.safetensors")
-            torch.save(self.d_opt.state_dict(), path / "disc_optimizer.pt")
-        torch.save({"ranks": rngs}, path / "rng.pt")
+            modules["disc"] = self.disc
+            objects["disc_optimizer"] = self.d_opt.state_dict()
+        objects["rng"] = {"ranks": rngs}
         state = {"step": step, "nonfinite_steps": self.nonfinite_steps, "world_size": self.dist.world_size, **extra}
-        (path / "state.json").write_text(json.dumps(state))        # marks the checkpoint complete
+        checkpoints.write_checkpoint_files(path, state, modules, objects)
 
     def load(self, path: Path) -> dict:
-        dev = str(self.device)
-        self.model.load_state_dict(load_file(str(path / "model.safetensors"), device=dev))
-        self.ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=dev))
-        self.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        checkpoints.load_modules(path, {"model": self.model, "ema": self.ema}, self.device)
+        self.opt.load_state_dict(checkpoints.load_object(path, "optimizer", map_location=self.device))
         if self.disc is not None:
-            self.disc.load_state_dict(load_file(str(path / "disc.safetensors"), device=dev))
-            self.d_opt.load_state_dict(torch.load(path / "disc_optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
-        state = json.loads((path / "state.json").read_text())
-        rngs = torch.load(path / "rng.pt", weights_only=True)["ranks"]
+            checkpoints.load_modules(path, {"disc": self.disc}, self.device)
+            self.d_opt.load_state_dict(checkpoints.load_object(path, "disc_optimizer", map_location=self.device))
+        state = checkpoints.read_state(path)
+        rngs = checkpoints.load_object(path, "rng")["ranks"]
         if len(rngs) == self.dist.world_size:
             self.set_rng_state(rngs[self.dist.rank])
         else:   # another process count: fresh per-rank streams, derived from the seed and the step
@@ -387,10 +379,6 @@ class ImageTrainer:
             torch.manual_seed(_derived_seed(self.cfg.seed, "dropout", self.dist.rank, state["step"]))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         return state
-
-
-def _save_weights(module: nn.Module, path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -402,29 +390,6 @@ def image_run_version(pairs_version: str, model_cfg: KDMImageConfig, train_cfg: 
 
 def read_image_student_manifest(url: str) -> ImageStudentManifest:
     return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), ImageStudentManifest)
-
-
-def _latest_checkpoint(run: Path) -> Optional[Path]:
-    ck = run / CKPT_DIR
-    if not ck.is_dir():
-        return None
-    done = sorted(p for p in ck.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """The complete records of a metrics file; a line torn by a kill mid-write is skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for ln in path.read_text().splitlines():
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
 
 
 def _check_store(store, model_cfg: KDMImageConfig, pairs_url: str) -> None:
@@ -482,19 +447,13 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
     if tc.batch_size % di.world_size:
         raise KDMError(f"train.batch_size {tc.batch_size} is not divisible by the {di.world_size} processes")
     run = artifacts.local_path(out)
-    cfg_file = run / "config.json"
     if di.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        run_cfg = {"version": version, "pairs": pairs_url, "pairs_version": m.version,
-                   "pairs_content_hash": m.content_hash, "preset": preset,
-                   "model": model_cfg.model_dump(mode="json"), "train": tc.model_dump(mode="json")}
-        if cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
-            if old.get("version") != version:
-                raise ArtifactExists(f"{out} holds a run of another config/pairs (version {old.get('version')}, "
-                                     f"this is {version}); choose another --out to start a new run")
-        else:
-            cfg_file.write_text(json.dumps(run_cfg, indent=2) + "\n")
+        checkpoints.claim_run(run / "config.json", version,
+                              {"pairs": pairs_url, "pairs_version": m.version, "pairs_content_hash": m.content_hash,
+                               "preset": preset, "model": model_cfg.model_dump(mode="json"),
+                               "train": tc.model_dump(mode="json")},
+                              holds=f"{out} holds a run of another config/pairs")
     _barrier(di)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -504,15 +463,14 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
                                   rank=di.rank, world_size=di.world_size, pin_memory=dev.type == "cuda",
                                   read_threads=tc.read_threads)
     step = 0
-    ck = _latest_checkpoint(run)
+    ck = checkpoints.latest_checkpoint(run)
     if ck is not None:
         state = trainer.load(ck)
         step = int(state["step"])
         sampler.load_state_dict(state["data"])
-    metrics_path = run / "metrics.jsonl"
-    if di.is_main and metrics_path.exists():
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in _read_metrics(metrics_path)
-                                        if r["step"] <= step))
+    metrics_path = run / checkpoints.METRICS_FILE
+    if di.is_main:
+        checkpoints.truncate_metrics(metrics_path, step)
 
     stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
     t_start = t_last = time.time()
@@ -562,11 +520,9 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
 
     if di.is_main:
         if not final:   # resumed from the final checkpoint: the last logged losses are the final ones
-            last = _read_metrics(metrics_path)
-            if last:
-                final = {k.removeprefix("loss_"): v for k, v in last[-1].items() if k.startswith("loss_")}
+            final = checkpoints.last_losses(metrics_path)
         weights = run / "student.safetensors"
-        _save_weights(trainer.ema, weights)
+        checkpoints.save_weights(trainer.ema, weights)
         manifest = ImageStudentManifest(
             version=version, model=model_cfg, train=tc, preset=preset, pairs_version=m.version,
             pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,
@@ -581,21 +537,11 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
 
 
 def _save_checkpoint(run: Path, step: int, trainer: ImageTrainer, cursor, keep: int, di: DistInfo) -> None:
-    final = run / CKPT_DIR / f"step-{step:08d}"
-    tmp = run / CKPT_DIR / f".tmp-step-{step:08d}"
-    if di.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = checkpoints.begin_checkpoint(run, step) if di.is_main else checkpoints.pending_path(run, step)
     trainer.save(tmp, step, {"data": {"cursor": cursor.to_dict(), "seed": trainer.cfg.seed,
                                       "buffer_chunks": trainer.cfg.buffer_chunks}})
     if di.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        olds = sorted(p for p in (run / CKPT_DIR).iterdir() if p.name.startswith("step-"))
-        for p in olds[:-keep]:
-            shutil.rmtree(p)
+        checkpoints.commit_checkpoint(run, step, keep)
     _barrier(di)
 
 

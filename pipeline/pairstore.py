@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Type, TypeVar
 
 import numpy as np
 import zarr
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, ArraySpec, PairStoreManifest,
@@ -24,6 +24,7 @@ from .errors import ArtifactMissing, KDMError
 
 CODECS = ("zstd(level=3)", "crc32c")
 WRITING_KEY = "kdm_writing"   # group attribute: the version an unfinished writer is producing
+M = TypeVar("M", bound=BaseModel)
 DTYPES = {"x_T": "float32", "x_0": "float32", "label": "int32", "seed": "int64", "source_index": "int64"}
 
 
@@ -35,6 +36,26 @@ def _store(url: str, read_only: bool = False):
 
 def open_group(url: str, mode: str = "r") -> zarr.Group:
     return zarr.open_group(_store(url, read_only=(mode == "r")), mode=mode, zarr_format=3)
+
+
+def open_manifest_group(url: str, manifest_model: Type[M], what: str, writer: str = "kdm") -> tuple[zarr.Group, M]:
+    """A committed kdm Zarr group (read-only) and its manifest (root attribute ``kdm``) as ``manifest_model``.
+
+    ``what`` names the artifact kind ('pair store') and ``writer`` the command that writes it, for the
+    ArtifactMissing / KDMError messages.
+    """
+    try:
+        g = open_group(url, "r")
+    except FileNotFoundError:
+        raise ArtifactMissing(f"no {what} at {url} (expected a Zarr v3 group written by {writer})") from None
+    raw = g.attrs.get(MANIFEST_KEY)
+    if raw is None:
+        raise ArtifactMissing(f"{url} is a Zarr group without a kdm manifest: it is incomplete or not a kdm {what}")
+    try:
+        manifest = manifest_model.model_validate(raw)
+    except ValidationError as e:
+        raise KDMError(format_validation_error(e, f"{url} (attribute '{MANIFEST_KEY}')")) from None
+    return g, manifest
 
 
 def create_arrays(url: str, count: int, sample_shape: tuple[int, ...], chunk_size: int,
@@ -111,18 +132,7 @@ class PairStore:
 
     @classmethod
     def open(cls, url: str) -> "PairStore":
-        try:
-            g = open_group(url, "r")
-        except FileNotFoundError:
-            raise ArtifactMissing(f"no pair store at {url} (expected a Zarr v3 group written by kdm)") from None
-        raw = g.attrs.get(MANIFEST_KEY)
-        if raw is None:
-            raise ArtifactMissing(f"{url} is a Zarr group without a kdm manifest: it is incomplete or not a "
-                                  f"kdm pair store")
-        try:
-            manifest = PairStoreManifest.model_validate(raw)
-        except ValidationError as e:
-            raise KDMError(format_validation_error(e, f"{url} (attribute '{MANIFEST_KEY}')")) from None
+        g, manifest = open_manifest_group(url, PairStoreManifest, "pair store")
         return cls(str(url), g, manifest)
 
     @property

@@ -90,25 +90,35 @@ def validate(model: Type[M], data: dict, source: str) -> M:
         raise KDMError(format_validation_error(e, source)) from None
 
 
-def load(family: str, preset: str | None = None, config_file: str | None = None,
-         sets: Iterable[str] = ()) -> Any:
-    """A typed config from a preset or a YAML/JSON file, then ``--set`` overrides."""
-    model = FAMILIES[family]
+def raw_config(family: str, preset: str | None = None, config_file: str | None = None,
+               defaults: str | None = None) -> tuple[dict, str]:
+    """The raw fields of a preset of ``family`` or of a YAML/JSON file (neither: {}), and where they came
+    from (for messages; ``defaults`` names the empty case, default '<family> defaults')."""
     if preset and config_file:
         raise KDMError("give either --preset or --config, not both")
     if config_file:
         path = Path(config_file)
         if not path.exists():
             raise KDMError(f"config file {config_file} does not exist")
-        data, source = _load_yaml(path), str(path)
-    elif preset:
-        data, source = raw_preset(family, preset), f"{family} preset {preset!r}"
-    else:
-        data, source = {}, f"{family} defaults"
-    if family == "teacher" and data.get("kind") == "edm-teacher":
-        raise KDMError(f"{source} is an EDM image teacher: train it with `kdm teacher bootstrap --preset NAME "
-                       f"--dataset DATASET --out DIR` (pipeline.teacher_bootstrap), not `kdm teacher train`")
+        return _load_yaml(path), str(path)
+    if preset:
+        return raw_preset(family, preset), f"{family} preset {preset!r}"
+    return {}, defaults or f"{family} defaults"
+
+
+def validate_with_sets(model: Type[M], data: dict, source: str, sets: Iterable[str] = ()) -> M:
+    """``data`` with the ``--set`` overrides applied, validated as ``model``."""
     sets = list(sets)
     if sets:
         source += " with --set " + " ".join(sets)
     return validate(model, apply_sets(data, sets), source)
+
+
+def load(family: str, preset: str | None = None, config_file: str | None = None,
+         sets: Iterable[str] = ()) -> Any:
+    """A typed config from a preset or a YAML/JSON file, then ``--set`` overrides."""
+    data, source = raw_config(family, preset, config_file)
+    if family == "teacher" and data.get("kind") == "edm-teacher":
+        raise KDMError(f"{source} is an EDM image teacher: train it with `kdm teacher bootstrap --preset NAME "
+                       f"--dataset DATASET --out DIR` (pipeline.teacher_bootstrap), not `kdm teacher train`")
+    return validate_with_sets(FAMILIES[family], data, source, sets)

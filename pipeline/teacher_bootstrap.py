@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models.edm import LOSSES
@@ -39,13 +37,12 @@ from models.samplers import edm_heun, edm_latents
 from storage_schemas import (EDM_TEACHER_RUNTIME_FIELDS, DatasetRef, EDMNetConfig, EDMTeacherTrainConfig,
                              TeacherManifest, code_version, recipe_version, stable_hash, utc_now)
 
-from . import artifacts, presets
+from . import artifacts, checkpoints, presets
 from .datasets import open_image_dataset
 from .devices import resolve_device
-from .errors import ArtifactExists, KDMError
+from .errors import KDMError
 from .teacher import build_edm_network, read_teacher_manifest
 
-CKPT_DIR = "checkpoints"
 PREVIEW = "preview.png"
 
 
@@ -54,25 +51,12 @@ PREVIEW = "preview.png"
 def load_edm_teacher_config(preset: Optional[str] = None, config_file: Optional[str] = None,
                             sets: Iterable[str] = ()) -> EDMTeacherTrainConfig:
     """An EDMTeacherTrainConfig from ``configs/teacher/<preset>.yaml`` or a YAML file, then ``--set``s."""
-    if preset and config_file:
-        raise KDMError("give either --preset or --config, not both")
-    if config_file:
-        path = Path(config_file)
-        if not path.exists():
-            raise KDMError(f"config file {config_file} does not exist")
-        data, source = presets._load_yaml(path), str(path)
-    elif preset:
-        data, source = presets.raw_preset("teacher", preset), f"teacher preset {preset!r}"
-        if data.get("kind") != "edm-teacher":
-            edm = [n for n in presets.available("teacher") if presets.raw_preset("teacher", n).get("kind") == "edm-teacher"]
-            raise KDMError(f"teacher preset {preset!r} is not an EDM image teacher (kind: edm-teacher); "
-                           f"EDM presets: {', '.join(edm) or 'none'}")
-    else:
-        data, source = {}, "EDM teacher defaults"
-    sets = list(sets)
-    if sets:
-        source += " with --set " + " ".join(sets)
-    return presets.validate(EDMTeacherTrainConfig, presets.apply_sets(data, sets), source)
+    data, source = presets.raw_config("teacher", preset, config_file, defaults="EDM teacher defaults")
+    if preset and data.get("kind") != "edm-teacher":
+        edm = [n for n in presets.available("teacher") if presets.raw_preset("teacher", n).get("kind") == "edm-teacher"]
+        raise KDMError(f"teacher preset {preset!r} is not an EDM image teacher (kind: edm-teacher); "
+                       f"EDM presets: {', '.join(edm) or 'none'}")
+    return presets.validate_with_sets(EDMTeacherTrainConfig, data, source, sets)
 
 
 # --- versions and config -------------------------------------------------------------------------------
@@ -121,46 +105,6 @@ class _EpochIndex:
             parts.append(self._perm(e)[off:off + k])
             a += k
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-# --- checkpoints ---------------------------------------------------------------------------------------
-
-def _latest_checkpoint(work: Path) -> Optional[Path]:
-    ck = work / CKPT_DIR
-    if not ck.is_dir():
-        return None
-    done = sorted(p for p in ck.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def _save_checkpoint(work: Path, step: int, net, ema, opt, keep: int) -> None:
-    final = work / CKPT_DIR / f"step-{step:08d}"
-    tmp = work / CKPT_DIR / f".tmp-step-{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / "net.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))   # marks the checkpoint complete
-    os.replace(tmp, final)
-    olds = sorted(p for p in (work / CKPT_DIR).iterdir() if p.name.startswith("step-"))
-    for p in olds[:-keep]:
-        shutil.rmtree(p)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for ln in path.read_text().splitlines():
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
 
 
 # --- preview -------------------------------------------------------------------------------------------
@@ -212,16 +156,11 @@ def train_edm_teacher(dataset_url: str, cfg: EDMTeacherTrainConfig, out: str, pr
     ncfg = net_config(cfg, dm.image_shape, dm.num_classes)
     device = resolve_device(cfg.device)
     work = artifacts.local_path(artifacts.begin(out))
-    run_file = work / "run.json"
-    if run_file.exists():
-        old = json.loads(run_file.read_text())
-        if old.get("version") != version:
-            raise ArtifactExists(f"{work} holds an unfinished teacher run of another config or dataset (version "
-                                 f"{old.get('version')}, this is {version}); delete it or choose another --out")
-    else:
-        run_file.write_text(json.dumps({"version": version, "dataset": dataset_url, "dataset_version": dm.version,
-                                        "dataset_content_hash": dm.content_hash, "network": ncfg.model_dump(mode="json"),
-                                        "config": cfg.model_dump(mode="json")}, indent=2) + "\n")
+    checkpoints.claim_run(work / "run.json", version,
+                          {"dataset": dataset_url, "dataset_version": dm.version, "dataset_content_hash": dm.content_hash,
+                           "network": ncfg.model_dump(mode="json"), "config": cfg.model_dump(mode="json")},
+                          holds=f"{work} holds an unfinished teacher run of another config or dataset",
+                          hint="delete it or choose another --out")
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -237,15 +176,13 @@ def train_edm_teacher(dataset_url: str, cfg: EDMTeacherTrainConfig, out: str, pr
         if cfg.precond == "edm" else LOSSES[cfg.precond]()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, fused=cuda)
     step = 0
-    ck = _latest_checkpoint(work)
+    ck = checkpoints.latest_checkpoint(work)
     if ck is not None:
-        net.load_state_dict(load_file(str(ck / "net.safetensors"), device=str(device)))
-        ema.load_state_dict(load_file(str(ck / "ema.safetensors"), device=str(device)))
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location=device, weights_only=True))
-        step = json.loads((ck / "state.json").read_text())["step"]
-    metrics_path = work / "metrics.jsonl"
-    kept = [r for r in _read_metrics(metrics_path) if r["step"] <= step]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        checkpoints.load_modules(ck, {"net": net, "ema": ema}, device)
+        opt.load_state_dict(checkpoints.load_object(ck, "optimizer", map_location=device))
+        step = checkpoints.read_state(ck)["step"]
+    metrics_path = work / checkpoints.METRICS_FILE
+    checkpoints.truncate_metrics(metrics_path, step)
 
     images_np, labels_np = ds.load("train")
     images = torch.from_numpy(images_np).to(device)
@@ -316,22 +253,22 @@ def train_edm_teacher(dataset_url: str, cfg: EDMTeacherTrainConfig, out: str, pr
                     on_log(rec)
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save_checkpoint(work, step, net, ema, opt, cfg.keep_checkpoints)
+                checkpoints.save_checkpoint(work, step, cfg.keep_checkpoints, modules={"net": net, "ema": ema},
+                                            objects={"optimizer": opt.state_dict()})
     bar.close()
     if last_loss is None:
-        recs = _read_metrics(metrics_path)
+        recs = checkpoints.read_metrics(metrics_path)
         last_loss = recs[-1]["loss"] if recs else None
     return _finish(work, out, version, ncfg, cfg, ema, dm, dataset_url, last_loss, time.time() - t_start, device)
 
 
 def _finish(work: Path, out: str, version: str, ncfg: EDMNetConfig, cfg: EDMTeacherTrainConfig, ema, dm,
             dataset_url: str, final_loss, seconds: float, device) -> TeacherManifest:
-    state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
-    save_file(state, str(work / "weights.safetensors"))
+    checkpoints.save_weights(ema, work / "weights.safetensors")
     artifacts.write_json(str(work / "config.json"), ncfg)
     if cfg.preview_samples:
         save_grid(preview_samples(ema, cfg.preview_samples, device), str(work / PREVIEW))
-    shutil.rmtree(work / CKPT_DIR, ignore_errors=True)
+    shutil.rmtree(work / checkpoints.CKPT_DIR, ignore_errors=True)
     manifest = TeacherManifest(
         id=version, kind="edm", model=ncfg, weights_sha256=artifacts.sha256_file(str(work / "weights.safetensors")),
         dataset=DatasetRef(version=dm.version, content_hash=dm.content_hash, uri=str(dataset_url), split="train"),

@@ -12,15 +12,11 @@ weights as an uninterrupted run (same device and thread count).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models.kdm2d import KDM2D
@@ -28,12 +24,10 @@ from models.losses import kdm_losses
 from storage_schemas import (StudentManifest, StudentRunConfig, code_version, recipe_version, stable_hash,
                              utc_now)
 
-from . import artifacts
+from . import artifacts, checkpoints
 from .devices import resolve_device
-from .errors import ArtifactExists, KDMError
+from .errors import KDMError
 from .pairstore import PairStore
-
-CKPT_DIR = "checkpoints"
 
 
 def run_version(pairs_version: str, cfg: StudentRunConfig) -> str:
@@ -55,51 +49,14 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(e, m, 1.0 - decay)
 
 
-def _latest_checkpoint(run: Path) -> Optional[Path]:
-    ck = run / CKPT_DIR
-    if not ck.is_dir():
-        return None
-    done = sorted(p for p in ck.iterdir() if p.name.startswith("step-") and (p / "state.json").exists())
-    return done[-1] if done else None
+def _rng_states(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    return {name: g.get_state() for name, g in gens.items()} | {"torch_cpu": torch.get_rng_state()}
 
 
-def _save_checkpoint(run: Path, step: int, model, ema, opt, gens: dict[str, torch.Generator], keep: int) -> None:
-    final = run / CKPT_DIR / f"step-{step:08d}"
-    tmp = run / CKPT_DIR / f".tmp-step-{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save({name: g.get_state() for name, g in gens.items()} | {"torch_cpu": torch.get_rng_state()},
-               tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))   # marks the checkpoint complete
-    os.replace(tmp, final)
-    olds = sorted(p for p in (run / CKPT_DIR).iterdir() if p.name.startswith("step-"))
-    for p in olds[:-keep]:
-        shutil.rmtree(p)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """The complete records of a metrics file; a line torn by a kill mid-write is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for ln in path.read_text().splitlines():
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
-    return records
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    path.write_text("".join(json.dumps(r) + "\n" for r in _read_metrics(path) if r["step"] <= step))
+def _set_rng_states(gens: dict[str, torch.Generator], rng: dict[str, torch.Tensor]) -> None:
+    for name, g in gens.items():
+        g.set_state(rng[name])
+    torch.set_rng_state(rng["torch_cpu"])
 
 
 def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: bool = True,
@@ -119,16 +76,10 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
         return version
     run = artifacts.local_path(out)
     run.mkdir(parents=True, exist_ok=True)
-    cfg_file = run / "config.json"
-    run_cfg = {"version": version, "pairs": pairs_url, "pairs_version": m.version,
-               "pairs_content_hash": m.content_hash, "config": cfg.model_dump(mode="json")}
-    if cfg_file.exists():
-        old = json.loads(cfg_file.read_text())
-        if old.get("version") != version:
-            raise ArtifactExists(f"{out} holds a run of another config/pairs (version {old.get('version')}, this "
-                                 f"is {version}); choose another --out to start a new run")
-    else:
-        cfg_file.write_text(json.dumps(run_cfg, indent=2) + "\n")
+    checkpoints.claim_run(run / "config.json", version,
+                          {"pairs": pairs_url, "pairs_version": m.version, "pairs_content_hash": m.content_hash,
+                           "config": cfg.model_dump(mode="json")},
+                          holds=f"{out} holds a run of another config/pairs")
 
     tc = cfg.train
     device = resolve_device(tc.device)
@@ -143,18 +94,14 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
     gens = {"data": torch.Generator().manual_seed(tc.seed + 1),
             "noise": torch.Generator(device=device).manual_seed(tc.seed + 2)}
     step = 0
-    ck = _latest_checkpoint(run)
+    ck = checkpoints.latest_checkpoint(run)
     if ck is not None:
-        model.load_state_dict(load_file(str(ck / "model.safetensors"), device=str(device)))
-        ema.load_state_dict(load_file(str(ck / "ema.safetensors"), device=str(device)))
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", map_location=device, weights_only=True))
-        rng = torch.load(ck / "rng.pt", weights_only=True)
-        for name, g in gens.items():
-            g.set_state(rng[name])
-        torch.set_rng_state(rng["torch_cpu"])
-        step = json.loads((ck / "state.json").read_text())["step"]
-    metrics_path = run / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+        checkpoints.load_modules(ck, {"model": model, "ema": ema}, device)
+        opt.load_state_dict(checkpoints.load_object(ck, "optimizer", map_location=device))
+        _set_rng_states(gens, checkpoints.load_object(ck, "rng"))
+        step = checkpoints.read_state(ck)["step"]
+    metrics_path = run / checkpoints.METRICS_FILE
+    checkpoints.truncate_metrics(metrics_path, step)
 
     data = store.load(("x_T", "x_0"))
     x_T = torch.from_numpy(data["x_T"]).to(device)
@@ -169,7 +116,11 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
             if stop_after is not None and step >= stop_after:
                 return version
             idx = torch.randint(0, n, (tc.batch_size,), generator=gens["data"]).to(device)
-            out_ = model(x_0[idx], x_T[idx], decode_push=True, generator=gens["noise"])
+            logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+            # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
+            # by the decoder, so the run is the same either way).
+            out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
+                         generator=gens["noise"])
             spectral = model.koopman.spectral_loss(cfg.model.spectral_loss) if cfg.model.spectral_loss != "none" else None
             terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss, spectral=spectral)
             opt.zero_grad(set_to_none=True)
@@ -194,14 +145,13 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
                     on_log(rec)
             bar.update(1)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                _save_checkpoint(run, step, model, ema, opt, gens, tc.keep_checkpoints)
+                checkpoints.save_checkpoint(run, step, tc.keep_checkpoints, modules={"model": model, "ema": ema},
+                                            objects={"optimizer": opt.state_dict(), "rng": _rng_states(gens)})
     bar.close()
     if not losses:   # resumed from the final checkpoint: the last logged losses are the final ones
-        last = _read_metrics(metrics_path)
-        if last:
-            losses = {k.removeprefix("loss_"): v for k, v in last[-1].items() if k.startswith("loss_")}
+        losses = checkpoints.last_losses(metrics_path)
     weights = run / "student.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(weights))
+    checkpoints.save_weights(ema, weights)
     manifest = StudentManifest(
         version=version, model=cfg.model, train=cfg.train, preset=cfg.preset, pairs_version=m.version,
         pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,

@@ -35,6 +35,12 @@ _EXTRACTOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def _check_sha256(v: str) -> str:
+    if not _SHA256.fullmatch(v):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
+    return v
+
+
 class ProtocolMismatch(ValueError):
     """Two metric values were made under different protocols; the message lists every differing field."""
 
@@ -69,9 +75,7 @@ class ExtractorRef(Strict):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, v: str) -> str:
-        if not _SHA256.fullmatch(v):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
-        return v
+        return _check_sha256(v)
 
     @property
     def is_inception(self) -> bool:
@@ -89,9 +93,7 @@ class ReferenceRef(Strict):
     @field_validator("sha256")
     @classmethod
     def _sha(cls, v: str) -> str:
-        if not _SHA256.fullmatch(v):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {v!r}")
-        return v
+        return _check_sha256(v)
 
 
 class EvalProtocol(Strict):

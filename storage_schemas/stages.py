@@ -17,7 +17,7 @@ from .teacher import FlowMatchingMLPConfig, TeacherTrainConfig
 CHECKERBOARD_TEACHER = TeacherTrainConfig(preset="checkerboard", model=FlowMatchingMLPConfig(hidden=256, layers=3),
                                           lr=1e-3, batch_size=1024, steps=8000, log_every=100)
 CHECKERBOARD_STUDENT = StudentRunConfig(
-    preset="checkerboard", model=KDM2DConfig(hidden=128, latent_dim=64, use_pred_loss=True),
+    preset="checkerboard", model=KDM2DConfig(hidden=128, latent_dim=64, use_pred_loss=False),
     train=TrainConfig(lr=3e-3, batch_size=512, steps=12000, ema_decay=0.999, checkpoint_every=2000, log_every=100))
 
 

@@ -1,9 +1,20 @@
 import os
 import tempfile
 
+import pytest
+
 # Isolate Prefect from any user/server settings before prefect is imported anywhere.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdm-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test, restored afterwards; a test module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    from image_fixtures import single_thread
+    with single_thread():
+        yield

@@ -14,12 +14,7 @@ from models.distances import (DISTANCES, VGG16_ENV, VGG16_FILE, DistanceUnavaila
 HAVE_LPIPS = importlib.util.find_spec("lpips") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mse_and_pseudo_huber_exact_values():

@@ -28,12 +28,7 @@ from pipeline.teacher_bootstrap import load_edm_teacher_config, train_edm_teache
 TINY = dict(img_resolution=8, img_channels=3, **TINY_UNET)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

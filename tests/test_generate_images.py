@@ -23,17 +23,13 @@ from pipeline.pairstore import PairStore
 from pipeline.teacher import load_denoiser
 from pipeline.teacher_bootstrap import load_edm_teacher_config, train_edm_teacher
 from storage_schemas import PairsGenerateConfig, PairStoreManifest, SamplerSettings, SeedRange
+from store_checks import assert_same_store
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, HELD, CHUNK = (0, 48), (48, 64), 8          # 6 train shards + 2 held-out shards
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edm_cfg(train=TRAIN, held=HELD, chunk=CHUNK, steps=3, **sampler) -> PairsGenerateConfig:
@@ -66,25 +62,6 @@ def reference(teachers, tmp_path_factory):
     with single_thread():
         version = generate.generate_pairs(teachers["cond"], edm_cfg(), out, progress=False)
     return out, version
-
-
-def data_files(root: str) -> dict[str, bytes]:
-    base = Path(root)
-    group_meta = {base / "zarr.json", base / "heldout" / "zarr.json"}
-    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*"))
-            if p.is_file() and p not in group_meta}
-
-
-def assert_same_store(a: str, b: str) -> None:
-    fa, fb = data_files(a), data_files(b)
-    assert sorted(fa) == sorted(fb) and any("/c/" in k for k in fa)
-    for k in fa:
-        assert fa[k] == fb[k], f"{k} differs"
-    sa, sb = PairStore.open(a), PairStore.open(b)
-    assert sa.manifest.content_hash == sb.manifest.content_hash
-    assert sa.heldout().manifest.content_hash == sb.heldout().manifest.content_hash
-    for name in ("x_T", "x_0", "label", "seed"):
-        assert sa.group[name][:].tobytes() == sb.group[name][:].tobytes()
 
 
 # --- content -----------------------------------------------------------------------------------------

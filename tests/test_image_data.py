@@ -11,12 +11,7 @@ from pipeline.image_data import ChunkShuffleSampler, Cursor, write_synthetic_sto
 N, CHUNK = 230, 20          # 12 chunks, the last one short
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ TINY = SongUNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_cfg(res=16, **kw) -> KDMImageConfig:

@@ -14,6 +14,7 @@ from pipeline import artifacts, generate, pairstore, presets, teacher
 from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
 from pipeline.pairstore import PairStore
 from storage_schemas import PairsGenerateConfig, PairStoreManifest, SamplerSettings, SeedRange
+from store_checks import assert_same_store
 
 TRAIN, HELD, CHUNK = (0, 600), (600, 700), 200   # 3 train shards, 1 held-out shard
 
@@ -37,27 +38,6 @@ def reference(teacher_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ref") / "pairs")
     version = generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False)
     return out, version
-
-
-def data_files(root: str) -> dict[str, bytes]:
-    """Every file of a store except group metadata (which holds the creation time)."""
-    base = Path(root)
-    group_meta = {base / "zarr.json", base / "heldout" / "zarr.json"}
-    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*"))
-            if p.is_file() and p not in group_meta}
-
-
-def assert_same_store(a: str, b: str) -> None:
-    fa, fb = data_files(a), data_files(b)
-    assert sorted(fa) == sorted(fb)
-    assert any("/c/" in k for k in fa)       # chunk files are compared, not just metadata
-    for k in fa:
-        assert fa[k] == fb[k], f"{k} differs"
-    sa, sb = PairStore.open(a), PairStore.open(b)
-    assert sa.manifest.content_hash == sb.manifest.content_hash
-    assert sa.heldout().manifest.content_hash == sb.heldout().manifest.content_hash
-    for name in ("x_T", "x_0", "label", "seed"):
-        assert sa.group[name][:].tobytes() == sb.group[name][:].tobytes()
 
 
 # --- determinism -------------------------------------------------------------------------------------
