@@ -20,7 +20,7 @@ from pipeline.metrics2d import (  # noqa: E402
     sliced_wasserstein,
 )
 
-SHARED = Path("/work/shared/data/checkerboard-fm-trajectories.npy")
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "checkerboard-fm-trajectories.npy"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 S = 0.45
 
