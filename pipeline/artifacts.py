@@ -24,6 +24,8 @@ MANIFEST = "manifest.json"
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system and path of ``url``. Remote credentials and endpoints come from the environment
+    (for s3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL[_S3], read by botocore)."""
     fs, path = fsspec.core.url_to_fs(str(url))
     return fs, path
 
@@ -43,6 +45,8 @@ def partial_url(url: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = url_to_fs(url)
+    if not is_local(url):
+        fs.invalidate_cache(path)   # other writers (Zarr's own file system instance, other processes)
     return fs.exists(path)
 
 
@@ -107,23 +111,50 @@ def begin(url: str, fresh: bool = False) -> str:
     """
     tmp = partial_url(url)
     fs, path = url_to_fs(tmp)
+    if not is_local(tmp):
+        fs.invalidate_cache(path)
     if fresh and fs.exists(path):
         fs.rm(path, recursive=True)
-    fs.makedirs(path, exist_ok=True)
+    fs.makedirs(path, exist_ok=True)   # a no-op on object stores, where empty "directories" don't exist
     return tmp
 
 
+# Files that make a directory readable as a committed artifact: copied last by a non-atomic commit.
+_MARKERS = (MANIFEST, "zarr.json")
+
+
 def commit(url: str) -> None:
-    """Move ``<url>.partial`` to ``<url>`` (atomic rename on local file systems)."""
+    """Move ``<url>.partial`` to ``<url>``.
+
+    An atomic rename on local file systems. Object stores have no rename: the files are copied with the
+    markers (``manifest.json``, Zarr metadata holding the ``kdm`` attribute) last, the root's at the very
+    end, so a reader never sees a committed manifest before the data; then ``.partial`` is deleted.
+    """
     tmp = partial_url(url)
     fs, src = url_to_fs(tmp)
     _, dst = url_to_fs(url)
+    if is_local(url):
+        if fs.exists(dst):
+            raise ArtifactExists(f"{url} appeared while it was being written; refusing to overwrite it")
+        os.replace(src, dst)
+        return
+    fs.invalidate_cache()
     if fs.exists(dst):
         raise ArtifactExists(f"{url} appeared while it was being written; refusing to overwrite it")
-    if is_local(url):
-        os.replace(src, dst)
-    else:
-        fs.mv(src, dst, recursive=True)
+    src = src.rstrip("/")
+    rels = [f[len(src) + 1:] for f in fs.find(src)]
+
+    def order(rel: str) -> tuple[bool, int]:
+        return rel.rsplit("/", 1)[-1] in _MARKERS, -rel.count("/")   # data first; markers deepest first
+
+    rels.sort(key=order)
+    data = [r for r in rels if not order(r)[0]]
+    if data:
+        fs.copy([f"{src}/{r}" for r in data], [f"{dst}/{r}" for r in data])
+    for r in rels[len(data):]:
+        fs.copy(f"{src}/{r}", f"{dst}/{r}")
+    fs.rm(src, recursive=True)
+    fs.invalidate_cache()
 
 
 def check_target(url: str, version: str, manifest_reader) -> bool:

@@ -1,0 +1,189 @@
+"""Pair stores and teacher directories at s3:// URLs, against a loopback S3 server (moto).
+
+Credentials and the endpoint reach s3fs / botocore only through the standard environment variables.
+"""
+import io
+import os
+import socket
+
+import numpy as np
+import pytest
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+import zarr  # noqa: E402
+
+from pipeline import artifacts, generate, importer, presets, teacher  # noqa: E402
+from pipeline import filter as filt  # noqa: E402
+from pipeline.errors import ArtifactMissing  # noqa: E402
+from pipeline.pairstore import PairStore  # noqa: E402
+from storage_schemas import (FilterConfig, PairsGenerateConfig, PairsImportConfig, SamplerSettings,  # noqa: E402
+                             SeedRange)
+
+BUCKET = "kdm-test"
+ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close_async_clients(cls) -> None:
+    """Close the clients of the asynchronous instances Zarr created (the synchronous ones close on gc)."""
+    from zarr.core.sync import sync
+    for fs in list(cls._cache.values()):
+        creator = getattr(fs, "_s3creator", None)
+        if fs.asynchronous and creator is not None:
+            sync(creator.__aexit__(None, None, None))
+            fs._s3 = fs._s3creator = None
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket; the environment points s3fs at it."""
+    import s3fs
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = dict(ENV, AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"]}
+    os.environ.update(env)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        os.environ.pop(k, None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs, _ = artifacts.url_to_fs(f"s3://{BUCKET}")
+        fs.mkdir(BUCKET)
+        yield fs
+    finally:
+        _close_async_clients(s3fs.S3FileSystem)
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def url(*parts: str) -> str:
+    return "/".join([f"s3://{BUCKET}", *parts])
+
+
+def raw_group(u: str) -> zarr.Group:
+    return zarr.open_group(zarr.storage.FsspecStore.from_url(u, read_only=True), mode="r", zarr_format=3)
+
+
+@pytest.fixture(scope="module")
+def traj(s3, tmp_path_factory):
+    """(local path, s3 URL) of the same float32 (T=3, N=600, D=2) trajectories, with near duplicates."""
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(3, 600, 2)).astype(np.float32)
+    arr[:, 1::50] = arr[:, ::50] + 1e-5          # 12 near duplicates of x_0
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    local = tmp_path_factory.mktemp("src") / "traj.npy"
+    local.write_bytes(buf.getvalue())
+    s3.pipe(f"{BUCKET}/src/traj.npy", buf.getvalue())
+    return str(local), url("src", "traj.npy")
+
+
+IMPORT = PairsImportConfig(holdout_fraction=0.2, split_seed=0, chunk_size=200)
+
+
+def test_import_to_s3_matches_local(traj, tmp_path, s3):
+    local_src, s3_src = traj
+    v_s3 = importer.import_pairs(s3_src, IMPORT, url("pairs", "a"))
+    v_local = importer.import_pairs(local_src, IMPORT, str(tmp_path / "a"))
+    assert v_s3 == v_local
+    assert not s3.exists(f"{BUCKET}/pairs/a.partial")
+    g = raw_group(url("pairs", "a"))          # plain zarr, no kdm code
+    local = zarr.open_group(str(tmp_path / "a"), mode="r")
+    assert g.attrs["kdm"]["content_hash"] == local.attrs["kdm"]["content_hash"]
+    assert sorted(g.array_keys()) == sorted(local.array_keys())
+    for name in g.array_keys():
+        assert np.array_equal(g[name][:], local[name][:])
+    held = raw_group(url("pairs", "a", "heldout"))
+    assert held.attrs["kdm"]["count"] == 120 and held.attrs["kdm"]["split"] == "heldout"
+    store = PairStore.open(url("pairs", "a"))
+    store.verify()
+    store.heldout().verify()
+    assert importer.import_pairs(s3_src, IMPORT, url("pairs", "a")) == v_s3      # no-op
+
+
+def test_filter_s3_to_s3(traj, tmp_path):
+    _, s3_src = traj
+    importer.import_pairs(s3_src, IMPORT, url("pairs", "a"))
+    cfg = FilterConfig(near_duplicate_radius=0.001, blocklist_radius=0.0)
+    v, counts = filt.filter_pairs(url("pairs", "a"), cfg, url("pairs", "a-filtered"))
+    out = PairStore.open(url("pairs", "a-filtered"))
+    out.verify()
+    src = PairStore.open(url("pairs", "a"))
+    assert out.version == v and 0 < len(src) - len(out) <= 12
+    assert np.array_equal(out.group["x_0"][:], src.group["x_0"][:][out.group["source_index"][:]])
+    assert len(out.heldout()) == len(src.heldout())
+    assert filt.filter_pairs(url("pairs", "a"), cfg, url("pairs", "a-filtered"))[0] == v   # no-op
+
+
+def test_teacher_and_generate_on_s3(s3, tmp_path):
+    t = url("teachers", "t")
+    m = teacher.train_teacher(presets.load("teacher", "smoke"), t, progress=False)
+    assert artifacts.committed(t) and not s3.exists(f"{BUCKET}/teachers/t.partial")
+    assert teacher.read_teacher_manifest(t).id == m.id
+    cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=300), heldout_seeds=SeedRange(start=1000, stop=1100),
+                              sampler=SamplerSettings(method="euler", steps=3), chunk_size=100)
+    out = url("pairs", "gen")
+    v = generate.generate_pairs(t, cfg, out, progress=False)
+    store = PairStore.open(out)
+    store.verify()
+    assert len(store) == 300 and len(store.heldout()) == 100
+    assert not s3.exists(f"{BUCKET}/pairs/gen.partial")
+    assert not any(generate.PROGRESS_DIR in p for p in s3.find(f"{BUCKET}/pairs/gen"))
+    before = sorted(s3.find(f"{BUCKET}/pairs/gen", detail=True).items())
+    assert generate.generate_pairs(t, cfg, out, progress=False) == v                    # no-op
+    s3.invalidate_cache()
+    assert sorted(s3.find(f"{BUCKET}/pairs/gen", detail=True).items()) == before
+    local_t = str(tmp_path / "t")
+    teacher.train_teacher(presets.load("teacher", "smoke"), local_t, progress=False)
+    assert generate.generate_pairs(local_t, cfg, str(tmp_path / "gen"), progress=False) == v
+    assert PairStore.open(str(tmp_path / "gen")).manifest.content_hash == store.manifest.content_hash
+
+
+def test_open_missing_s3_store(s3):
+    with pytest.raises(ArtifactMissing):
+        PairStore.open(url("pairs", "nope"))
+    assert not artifacts.exists(url("pairs", "nope"))
+
+
+def test_partial_is_not_a_store(s3):
+    g = zarr.open_group(zarr.storage.FsspecStore.from_url(url("pairs", "x.partial")), mode="w", zarr_format=3)
+    g.create_array("x_0", shape=(4, 2), dtype="float32")[:] = 1.0
+    assert artifacts.exists(url("pairs", "x.partial"))
+    with pytest.raises(ArtifactMissing):
+        PairStore.open(url("pairs", "x"))
+    with pytest.raises(ArtifactMissing):        # a group, but without the kdm manifest
+        PairStore.open(url("pairs", "x.partial"))
+    assert not artifacts.committed(url("pairs", "x"))
+
+
+def test_commit_copies_the_root_manifest_last(traj, s3, monkeypatch):
+    _, s3_src = traj
+    copied = []
+    real_copy = s3.copy
+
+    def recording_copy(path1, path2, **kw):
+        copied.extend(path2 if isinstance(path2, list) else [path2])
+        return real_copy(path1, path2, **kw)
+
+    monkeypatch.setattr(s3, "copy", recording_copy)
+    importer.import_pairs(s3_src, IMPORT, url("pairs", "ordered"))
+    root = f"{BUCKET}/pairs/ordered/"
+    rels = [p.removeprefix(root) for p in copied]
+    assert rels[-1] == "zarr.json" and "heldout/zarr.json" in rels
+    first_marker = min(i for i, r in enumerate(rels) if r.endswith("zarr.json"))
+    assert all(not r.endswith("zarr.json") for r in rels[:first_marker]) and "/c/" in "/" + rels[0]
+    assert PairStore.open(url("pairs", "ordered")).manifest.content_hash
