@@ -32,6 +32,8 @@ one-hot ``label`` (conditional), float32 unless ``dtype`` says otherwise.
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import io
 import re
@@ -98,7 +100,7 @@ def folder_digest(folder: str, names: list[str]) -> str:
     return h.hexdigest()
 
 
-class _Source:
+class _Source(abc.ABC):
     """Random access to the pairs of a folder source: ``get(indices) -> (x_T, x_0, label)``."""
 
     count: int
@@ -106,8 +108,9 @@ class _Source:
     num_classes: int
     sha256: str
 
+    @abc.abstractmethod
     def get(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """The pairs at ``idx`` (sorted source indices)."""
 
 
 class _NpzSource(_Source):
