@@ -223,6 +223,7 @@ class Bench:
         if held is None:
             raise StageUnavailable("skipped: the pair store has no held-out split")
         hd = held.load(("x_T", "x_0"))
+        from pipeline.sample import load_image_student
         student, manifest = load_image_student(self.ctx["student_url"], self.a.device)
         s_x0 = generate(student, hd["x_T"])
         t_x0 = hd["x_0"].astype(np.float32)
@@ -292,22 +293,6 @@ class Bench:
 
 
 # ----------------------------------------------------------------------------- student helpers
-
-def load_image_student(run: str, device: str):
-    """EMA weights of a finished image run (pipeline.image_train's manifest + safetensors)."""
-    import torch
-    from safetensors.torch import load as st_load
-    from models.kdm_image import KDMImage
-    from pipeline import artifacts
-    from pipeline.image_train import read_image_student_manifest
-    m = read_image_student_manifest(run)
-    data = artifacts.read_bytes(artifacts.join(run, m.weights_file))
-    if artifacts.sha256_bytes(data) != m.weights_sha256:
-        raise RuntimeError(f"{run}: student weights do not match the sha256 in its manifest")
-    model = KDMImage.from_config(m.model)
-    model.load_state_dict(st_load(data))
-    return model.to(torch.device(device)).eval(), m
-
 
 def generate(model, x_T: np.ndarray, batch: int = 500) -> np.ndarray:
     import torch

@@ -99,6 +99,16 @@ def sha256_file(url: str, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def read_verified(url: str, sha256: str, what: str) -> bytes:
+    """The bytes at ``url``, refused unless their sha256 equals the one a manifest recorded."""
+    data = read_bytes(url)
+    digest = sha256_bytes(data)
+    if digest != sha256:
+        raise KDMError(f"{url}: sha256 {digest[:16]} does not match the manifest ({sha256[:16]}); the {what} "
+                       f"is corrupt or was modified")
+    return data
+
+
 def committed(url: str) -> bool:
     """A directory artifact is committed once its manifest exists at the final URL."""
     return exists(join(url, MANIFEST))

@@ -420,11 +420,8 @@ class FeatureExtractor(nn.Module):
 def load_extractor(url: str, device: str = "cpu") -> FeatureExtractor:
     """Load an extractor artifact, verifying its weights against the manifest's sha256."""
     manifest = read_extractor_manifest(url)
-    data = artifacts.read_bytes(artifacts.join(url, manifest.weights_file))
-    digest = artifacts.sha256_bytes(data)
-    if digest != manifest.weights_sha256:
-        raise KDMError(f"{url}: weights sha256 {digest[:16]} does not match the manifest "
-                       f"({manifest.weights_sha256[:16]}); the extractor is corrupt or was modified")
+    data = artifacts.read_verified(artifacts.join(url, manifest.weights_file), manifest.weights_sha256,
+                                   "extractor")
     net = build_network(manifest.config, manifest.image_shape[0])
     net.load_state_dict(st_load(data))
     return FeatureExtractor(net, manifest).to(resolve_device(device))

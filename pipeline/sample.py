@@ -18,13 +18,25 @@ from .errors import KDMError
 from .train import read_student_manifest
 
 
+def _verified_student(run: str, manifest) -> dict:
+    return st_load(artifacts.read_verified(artifacts.join(run, manifest.weights_file), manifest.weights_sha256,
+                                           "student"))
+
+
 def load_student(run: str, device: str = "cpu") -> tuple[KDM2D, StudentManifest]:
     manifest = read_student_manifest(run)
-    data = artifacts.read_bytes(artifacts.join(run, manifest.weights_file))
-    if artifacts.sha256_bytes(data) != manifest.weights_sha256:
-        raise KDMError(f"{run}: student weights do not match the sha256 in its manifest")
     model = KDM2D.from_config(manifest.model)
-    model.load_state_dict(st_load(data))
+    model.load_state_dict(_verified_student(run, manifest))
+    return model.to(resolve_device(device)).eval(), manifest
+
+
+def load_image_student(run: str, device: str = "cpu"):
+    """EMA weights of a finished image run (``pipeline.image_train``'s manifest + safetensors)."""
+    from models.kdm_image import KDMImage
+    from .image_train import read_image_student_manifest
+    manifest = read_image_student_manifest(run)
+    model = KDMImage.from_config(manifest.model)
+    model.load_state_dict(_verified_student(run, manifest))
     return model.to(resolve_device(device)).eval(), manifest
 
 

@@ -73,12 +73,8 @@ def train_teacher(cfg: TeacherTrainConfig, out: str, progress: bool = True) -> T
 
 
 def _verified_weights(url: str, manifest: TeacherManifest) -> dict[str, torch.Tensor]:
-    data = artifacts.read_bytes(artifacts.join(url, manifest.weights_file))
-    digest = artifacts.sha256_bytes(data)
-    if digest != manifest.weights_sha256:
-        raise KDMError(f"{url}: weights sha256 {digest[:16]} does not match the manifest "
-                       f"({manifest.weights_sha256[:16]}); the teacher is corrupt or was modified")
-    return st_load(data)
+    return st_load(artifacts.read_verified(artifacts.join(url, manifest.weights_file),
+                                           manifest.weights_sha256, "teacher"))
 
 
 def load_teacher(url: str, device: str = "cpu") -> tuple[VelocityMLP, TeacherManifest]:
