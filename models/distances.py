@@ -114,7 +114,7 @@ class LPIPSDistance(nn.Module):
             # pnet_rand=True: build the trunk without torchvision's download, then load the file below.
             net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        _load_vgg_trunk(net.net, state, weights)
+        load_trunk_weights(net.net, state, weights)
         net.eval().requires_grad_(False)
         self.net = net
         self.weights_path = str(weights)
@@ -137,24 +137,25 @@ def lpips_trunk_convs(trunk: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
                 yield name, module
 
 
-def _load_vgg_trunk(trunk: nn.Module, state: dict, source: Path) -> None:
-    """Copy torchvision ``features.{i}.*`` tensors into lpips' ``slice{k}.{i}`` modules; every conv must be filled."""
+def load_trunk_weights(trunk: nn.Module, state: dict, source: Path, n_convs: int = 13,
+                       error: type[Exception] = DistanceUnavailable) -> None:
+    """Copy torchvision ``features.{i}.*`` tensors into lpips' ``slice{k}.{i}`` modules; every conv must be
+    filled (13 for VGG16, 5 for AlexNet). Problems raise ``error`` naming the file."""
     filled = 0
     for name, module in lpips_trunk_convs(trunk):
-        try:
-            w, b = state[f"features.{name}.weight"], state[f"features.{name}.bias"]
-        except KeyError as e:
-            raise DistanceUnavailable(f"{source} is not torchvision's VGG16 state dict (missing {e}); "
-                                      f"replace it with {VGG16_URL}") from None
+        w, b = state.get(f"features.{name}.weight"), state.get(f"features.{name}.bias")
+        if w is None or b is None:
+            raise error(f"{source} is not the expected torchvision state dict (features.{name} missing); "
+                        f"replace it with the torchvision release file (VGG16: {VGG16_URL})")
         if w.shape != module.weight.shape:
-            raise DistanceUnavailable(f"{source}: features.{name}.weight has shape {tuple(w.shape)}, "
-                                      f"expected {tuple(module.weight.shape)} (VGG16)")
+            raise error(f"{source}: features.{name}.weight has shape {tuple(w.shape)}, "
+                        f"expected {tuple(module.weight.shape)}")
         with torch.no_grad():
             module.weight.copy_(w)
             module.bias.copy_(b)
         filled += 1
-    if filled != 13:
-        raise DistanceUnavailable(f"loaded {filled} VGG16 convolutions from {source}, expected 13")
+    if filled != n_convs:
+        raise error(f"loaded {filled} convolutions from {source}, expected {n_convs}")
 
 
 def make_distance(name: str, pseudo_huber_c: float = PSEUDO_HUBER_C,

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.distances import hub_checkpoint_path, local_weights_path, lpips_trunk_convs
+from models.distances import hub_checkpoint_path, load_trunk_weights, local_weights_path
 from storage_schemas import SeedRange, code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.protocol import (INCEPTION_ID, EvalProtocol, ExtractorRef, ImageMetric, ImageMetricReport,
                                       Quantization, ReferenceStatsManifest, check_comparable)
@@ -475,7 +475,7 @@ class LPIPSMetric(nn.Module):
             warnings.simplefilter("ignore")
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         state = torch.load(path, map_location="cpu", weights_only=True)
-        _load_backbone(model.net, state, path, n_convs)
+        load_trunk_weights(model.net, state, path, n_convs, MetricUnavailable)
         self.net = model.eval().requires_grad_(False)
         heads = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
         backbone_sha = artifacts.sha256_file(str(path))
@@ -496,21 +496,6 @@ class LPIPSMetric(nn.Module):
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
         return self.net(x.float().clamp(-1, 1), y.float().clamp(-1, 1)).reshape(len(x)).float()
-
-
-def _load_backbone(trunk: nn.Module, state: dict, source: Path, n_convs: int) -> None:
-    filled = 0
-    for name, module in lpips_trunk_convs(trunk):
-        w, b = state.get(f"features.{name}.weight"), state.get(f"features.{name}.bias")
-        if w is None or b is None or w.shape != module.weight.shape:
-            raise MetricUnavailable(f"{source} is not the expected torchvision state dict (features.{name} "
-                                    f"missing or of another shape)")
-        with torch.no_grad():
-            module.weight.copy_(w)
-            module.bias.copy_(b)
-        filled += 1
-    if filled != n_convs:
-        raise MetricUnavailable(f"loaded {filled} convolutions from {source}, expected {n_convs}")
 
 
 def load_lpips(net: str = "vgg", weights: Optional[str | os.PathLike] = None, device: str = "cpu") -> LPIPSMetric:
