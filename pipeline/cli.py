@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--out", required=True, help="teacher directory (any fsspec URL)")
     sp.add_argument("--dry-run", action="store_true")
+    from . import cli_registry
+    cli_registry.add_commands(t)
 
     pr = sub.add_parser("pairs", help="pair stores: generate, import, filter, info").add_subparsers(
         dest="sub", metavar="SUBCOMMAND")
