@@ -1,0 +1,288 @@
+"""Run config of the CIFAR-10 distillation (flow ``distill-cifar10``, ``kdm distill-image``) and its presets.
+
+One typed config: dataset archive -> offline feature extractor -> EDM teacher (bootstrapped, or an
+existing teacher artifact at ``teacher_uri``) -> EDM Heun pairs (train + held-out seeds) -> image KDM
+student -> evaluation. ``preset`` names the recipe every field the user did not set comes from:
+
+| preset | teacher | pairs | student | device |
+|---|---|---|---|---|
+| ``full`` | cifar10-edm (EDM's recipe, 390,625 steps x 512) | 1,000,000 + 50,000 held out, Heun 18 steps (35 NFE) | cifar10-uncond / -cond, 800k steps x 128 (the paper's) | cuda |
+| ``mini`` | cifar10-mini (8k steps x 256) | 20,000 + 5,000 held out, 35 NFE | 32 channels, 2 blocks, pseudo-Huber, no D, 4k steps | cuda |
+| ``smoke`` | 8-channel U-Net, 20 steps | 64 + 32 held out, 35 NFE | 8-channel U-Nets, 20 steps | cpu |
+
+Override semantics (``DistillImageConfig.model_validate``): the input is deep-merged onto the named
+preset (``conditional`` picks its class-conditional variant): a nested mapping changes only the keys it
+names (``{"preset": "mini", "student": {"train": {"steps": 100}}}`` keeps the rest of mini's student);
+a value that is not a mapping (or a model instance) replaces the preset's value whole. Field defaults are
+the ``full`` preset, so the JSON schema of the config accepts any partial mapping (server-side validation
+of Prefect parameters) and ``DistillImageConfig()`` is the full recipe.
+
+This module is part of the leaf package: pydantic only.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, Field, model_validator
+
+from .common import SeedRange, Strict
+from .kdm_image import IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNetConfig
+from .pairs import SamplerSettings
+from .stages import PairsGenerateConfig
+from .protocol import ExtractorTrainConfig
+from .teacher import EDMTeacherTrainConfig
+
+PresetName = Literal["smoke", "mini", "full"]
+PRESET_NAMES: tuple[str, ...] = ("smoke", "mini", "full")
+Device = Literal["cpu", "cuda"]
+DEFAULT_ARCHIVE = "../shared/data/cifar10-jpeg.tar.gz"
+STAGE_NAMES = ("dataset", "extractor", "teacher", "pairs", "student", "evaluation")
+GPU_STAGES = ("teacher", "pairs", "student", "evaluation")   # run on pool kdm-gpu (extractor too when on cuda)
+
+
+class ImageDatasetStageConfig(Strict):
+    archive: str = Field(DEFAULT_ARCHIVE, description="ImageFolder tar(.gz): train|test/<class>/<file>; "
+                                                      "relative paths are taken relative to the repository")
+    chunk_size: int = Field(10_000, ge=1, description="images per Zarr chunk (enters the dataset version)")
+
+
+class ExtractorStageConfig(Strict):
+    """The offline feature extractor (FD-<id> / KID-<id>) trained on the dataset's train split."""
+
+    train: ExtractorTrainConfig = ExtractorTrainConfig()
+    train_images: Optional[int] = Field(None, ge=2, description="evenly spaced subset of the train split "
+                                                                "(None: all of it)")
+    device: Device = Field("cuda", description="where it trains; on cuda the stage runs on pool kdm-gpu")
+
+
+class ImagePairsStageConfig(Strict):
+    """Teacher pairs: EDM Heun from x_T = 80 eps per seed; the held-out seeds are the evaluation's noise."""
+
+    seeds: SeedRange = SeedRange(start=0, stop=1_000_000)
+    heldout_seeds: SeedRange = SeedRange(start=1_000_000, stop=1_050_000)
+    sampler: SamplerSettings = SamplerSettings(kind="edm-heun", steps=18)
+    chunk_size: int = Field(10_000, ge=1, description="pairs per Zarr chunk (and per shard of work)")
+    batch_size: Optional[int] = Field(None, ge=1, description="seeds per sampler call (speed only)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ImagePairsStageConfig":
+        if self.sampler.kind != "edm-heun":
+            raise ValueError(f"image teachers are sampled with kind 'edm-heun', not {self.sampler.kind!r}")
+        if self.seeds.overlaps(self.heldout_seeds):
+            raise ValueError(f"heldout_seeds {self.heldout_seeds.text()} overlap seeds {self.seeds.text()}")
+        return self
+
+    def generate_config(self, device: Device) -> PairsGenerateConfig:
+        return PairsGenerateConfig(seeds=self.seeds, heldout_seeds=self.heldout_seeds, sampler=self.sampler,
+                                   chunk_size=self.chunk_size, device=device)
+
+
+class ImageStudentStageConfig(Strict):
+    preset: str = Field("cifar10-uncond", description="name recorded in the student manifest")
+    model: KDMImageConfig = IMAGE_PRESETS["cifar10-uncond"]
+    train: ImageTrainConfig = ImageTrainConfig()
+
+
+class ImageEvalStageConfig(Strict):
+    """FD/KID of teacher and student outputs on the held-out seeds against the train split, paired MSE
+    (and LPIPS when its backbone weights exist), grids."""
+
+    num_samples: Optional[int] = Field(None, ge=2, description="first N held-out pairs (None: all of them)")
+    reference_images: Optional[int] = Field(None, ge=2, description="evenly spaced subset of the train split "
+                                                                    "for the reference statistics (None: all)")
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2, description="capped at the number of samples")
+    kid_seed: int = 0
+    lpips: bool = Field(True, description="LPIPS-vgg of student vs teacher when the VGG16 weights exist")
+    grid_images: int = Field(64, ge=1, description="teacher | student grid size")
+    batch_size: int = Field(500, ge=1, description="student sampling / feature batch (speed only)")
+
+
+class ImageTeacherStageConfig(Strict):
+    """What the teacher stage does: verify and use ``teacher_uri``, or bootstrap one with ``bootstrap``."""
+
+    bootstrap: EDMTeacherTrainConfig
+    teacher_uri: Optional[str] = None
+    conditional: bool = False
+
+
+def _unet(**kw) -> SongUNetConfig:
+    return SongUNetConfig(**kw)
+
+
+# EDM teacher recipes, equal to configs/teacher/<preset>.yaml (tests/test_distill_image.py checks it).
+TEACHER_FULL = EDMTeacherTrainConfig(
+    preset="cifar10-edm", unet=_unet(model_channels=128, channel_mult=(2, 2, 2), dropout=0.13), xflip=True,
+    batch_size=512, steps=390_625, lr=1e-3, lr_rampup_images=10_000_000, ema_halflife_images=500_000,
+    ema_rampup_ratio=0.05, precision="bf16", checkpoint_every=10_000, log_every=500)
+TEACHER_MINI = EDMTeacherTrainConfig(
+    preset="cifar10-mini", unet=_unet(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, dropout=0.10),
+    xflip=True, batch_size=256, steps=8000, lr=1e-3, lr_rampup_images=500_000, ema_halflife_images=100_000,
+    ema_rampup_ratio=0.05, precision="bf16", checkpoint_every=1000, log_every=200)
+SMOKE_UNET = dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0)
+TEACHER_SMOKE = EDMTeacherTrainConfig(
+    preset="smoke", unet=_unet(**SMOKE_UNET), batch_size=16, steps=20, lr=1e-3, lr_rampup_images=0,
+    ema_halflife_images=500, precision="fp32", preview_samples=16, checkpoint_every=20, log_every=5)
+
+
+def _student_model(conditional: bool, **changes) -> dict:
+    base = IMAGE_PRESETS["cifar10-cond" if conditional else "cifar10-uncond"].model_dump(mode="json")
+    for k, v in changes.items():
+        if isinstance(v, dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return base
+
+
+def _preset_data(name: str, conditional: bool) -> dict:
+    """The raw fields of preset ``name`` (mappings only: merged with the user's input, then validated)."""
+    student_preset = "cifar10-cond" if conditional else "cifar10-uncond"
+    if name == "full":
+        d = dict(device="cuda", extractor=ExtractorStageConfig(device="cuda"), teacher=TEACHER_FULL,
+                 pairs=ImagePairsStageConfig(),
+                 student=dict(preset=student_preset, model=_student_model(conditional), train=ImageTrainConfig()),
+                 evaluation=ImageEvalStageConfig())
+    elif name == "mini":
+        # bench/cifar10_mini.py's defaults: one GPU, about ten minutes.
+        d = dict(device="cuda", extractor=ExtractorStageConfig(device="cuda"), teacher=TEACHER_MINI,
+                 pairs=ImagePairsStageConfig(seeds=SeedRange(start=0, stop=20_000),
+                                             heldout_seeds=SeedRange(start=20_000, stop=25_000)),
+                 student=dict(preset=f"{student_preset}-mini",
+                              model=_student_model(conditional, unet={"model_channels": 32, "num_blocks": 2},
+                                                   distance="pseudo-huber", adv_weight=0.0),
+                              train=ImageTrainConfig(steps=4000, batch_size=128, ema_decay=0.999,
+                                                     checkpoint_every=4000, log_every=100)),
+                 evaluation=ImageEvalStageConfig())
+    elif name == "smoke":
+        # CPU, seconds: checks the plumbing of every stage, not quality.
+        d = dict(device="cpu",
+                 extractor=ExtractorStageConfig(train=ExtractorTrainConfig(width=8, epochs=1, batch_size=64,
+                                                                           precision="fp32"),
+                                                train_images=2000, device="cpu"),
+                 teacher=TEACHER_SMOKE,
+                 pairs=ImagePairsStageConfig(seeds=SeedRange(start=0, stop=64),
+                                             heldout_seeds=SeedRange(start=64, stop=96), chunk_size=32),
+                 student=dict(preset=f"{student_preset}-smoke",
+                              model=_student_model(conditional, unet=dict(SMOKE_UNET), distance="pseudo-huber",
+                                                   adv_weight=0.0),
+                              train=ImageTrainConfig(steps=20, batch_size=16, ema_decay=0.9, precision="fp32",
+                                                     channels_last=False, checkpoint_every=20, log_every=5,
+                                                     buffer_chunks=2, read_threads=1)),
+                 evaluation=ImageEvalStageConfig(reference_images=2000, kid_subsets=10, grid_images=16))
+    else:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESET_NAMES)}")
+    teacher = d["teacher"].model_copy(update={"use_labels": conditional})
+    d.update(preset=name, conditional=conditional, teacher=teacher)
+    return {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in d.items()}
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class DistillImageConfig(Strict):
+    """Parameters of the flow ``distill-cifar10`` and of ``kdm distill-image`` (see the module docstring)."""
+
+    preset: PresetName = Field("full", description="recipe of every field not set: smoke | mini | full")
+    conditional: bool = Field(False, description="class-conditional teacher and student (cifar10-cond)")
+    root: str = Field("artifacts", description="artifact root URL; relative paths resolve against the repository")
+    device: Device = Field("cuda", description="device of the GPU stages (teacher, pairs, student, evaluation)")
+    dataset: ImageDatasetStageConfig = ImageDatasetStageConfig()
+    extractor: ExtractorStageConfig = ExtractorStageConfig()
+    teacher_uri: Optional[str] = Field(None, description="an existing EDM teacher artifact to distill (verified "
+                                                         "by its sha256) instead of bootstrapping one")
+    teacher: EDMTeacherTrainConfig = TEACHER_FULL
+    pairs: ImagePairsStageConfig = ImagePairsStageConfig()
+    student: ImageStudentStageConfig = ImageStudentStageConfig()
+    evaluation: ImageEvalStageConfig = ImageEvalStageConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", "full")
+        cond = data.get("conditional", False)
+        if name not in PRESET_NAMES or not isinstance(cond, bool):
+            return data   # the fields' own validation names the problem (preset: smoke | mini | full)
+        return _deep_merge(_preset_data(name, cond), data)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistillImageConfig":
+        cond = self.conditional
+        if self.teacher.use_labels != cond:
+            raise ValueError(f"teacher.use_labels={self.teacher.use_labels} but conditional={cond}: set conditional "
+                             f"instead (it picks the teacher and the student of the preset's variant)")
+        if bool(self.student.model.label_dim) != cond:
+            raise ValueError(f"student.model.label_dim={self.student.model.label_dim} but conditional={cond}: a "
+                             f"conditional run needs label_dim = the number of classes, an unconditional one 0")
+        if self.evaluation.num_samples is not None and self.evaluation.num_samples > len(self.pairs.heldout_seeds):
+            raise ValueError(f"evaluation.num_samples={self.evaluation.num_samples} exceeds the "
+                             f"{len(self.pairs.heldout_seeds)} held-out seeds")
+        if self.student.model.noise_scale != self.pairs.sampler.noise_scale:
+            raise ValueError(f"student.model.noise_scale={self.student.model.noise_scale} differs from the pairs' "
+                             f"x_T scale pairs.sampler.noise_scale={self.pairs.sampler.noise_scale}")
+        return self
+
+    def teacher_stage(self) -> ImageTeacherStageConfig:
+        return ImageTeacherStageConfig(bootstrap=self.teacher, teacher_uri=self.teacher_uri,
+                                       conditional=self.conditional)
+
+
+def distill_image_preset(name: str, conditional: bool = False) -> DistillImageConfig:
+    """The config of preset ``name`` (smoke | mini | full), unconditional or class-conditional."""
+    return DistillImageConfig.model_validate({"preset": name, "conditional": conditional})
+
+
+# ----------------------------------------------------------------------------- GPU stage requests
+# What the parent flow sends to the ``gpu-stage`` deployment (pool kdm-gpu): stage name, its typed config,
+# the input URIs, the artifact root and the device. Results are content-addressed artifacts under root.
+
+class _Request(Strict):
+    root: str
+    device: Device
+
+
+class ExtractorStageRequest(_Request):
+    stage: Literal["extractor"] = "extractor"
+    dataset_uri: str
+    config: ExtractorStageConfig
+
+
+class TeacherStageRequest(_Request):
+    stage: Literal["teacher"] = "teacher"
+    dataset_uri: str
+    config: ImageTeacherStageConfig
+
+
+class PairsStageRequest(_Request):
+    stage: Literal["pairs"] = "pairs"
+    teacher_uri: str
+    config: ImagePairsStageConfig
+
+
+class StudentStageRequest(_Request):
+    stage: Literal["student"] = "student"
+    pairs_uri: str
+    config: ImageStudentStageConfig
+
+
+class EvaluationStageRequest(_Request):
+    stage: Literal["evaluation"] = "evaluation"
+    dataset_uri: str
+    extractor_uri: str
+    pairs_uri: str
+    student_uri: str
+    config: ImageEvalStageConfig
+
+
+StageRequest = Annotated[Union[ExtractorStageRequest, TeacherStageRequest, PairsStageRequest, StudentStageRequest,
+                               EvaluationStageRequest], Field(discriminator="stage")]
