@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, model_validator
 
-from .common import SeedRange, Strict
+from .common import SCHEMA_VERSION, SeedRange, Strict
 from .kdm_image import IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNetConfig
 from .pairs import SamplerSettings
 from .stages import PairsGenerateConfig
@@ -286,3 +286,27 @@ class EvaluationStageRequest(_Request):
 
 StageRequest = Annotated[Union[ExtractorStageRequest, TeacherStageRequest, PairsStageRequest, StudentStageRequest,
                                EvaluationStageRequest], Field(discriminator="stage")]
+
+
+class ImageEvaluationManifest(Strict):
+    """``<root>/evaluations/<version>/manifest.json`` (written last) of an image evaluation: what was
+    evaluated, the report file (storage_schemas.protocol.ImageMetricReport), the plots and headline numbers."""
+
+    format: Literal["kdm-image-evaluation"] = "kdm-image-evaluation"
+    schema_version: int = SCHEMA_VERSION
+    version: str
+    dataset_version: str
+    extractor_id: str
+    teacher_id: Optional[str] = None
+    pairs_version: str
+    student_version: str
+    config: ImageEvalStageConfig
+    report_file: str = "metrics.json"
+    plots: dict[str, str] = Field(default_factory=dict, description="name -> PNG file beside the manifest")
+    summary: dict[str, Optional[float]] = Field(
+        default_factory=dict, description="fd_teacher, fd_student, fd_ratio, kid_teacher, kid_student, mse, lpips")
+    metric_names: dict[str, str] = Field(default_factory=dict, description="fd / kid -> the metrics' names")
+    notes: dict[str, str] = Field(default_factory=dict, description="e.g. why LPIPS is absent")
+    num_samples: int
+    code_version: str
+    created: str

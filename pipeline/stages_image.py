@@ -1,0 +1,426 @@
+"""The CIFAR-10 distillation's stages over one artifact root, content-addressed:
+
+  <root>/datasets/<version>/       <root>/extractors/<version>/     <root>/teachers/<id>/
+  <root>/pairs/<version>/          <root>/students/<version>/       <root>/evaluations/<version>/
+  <root>/reference-stats/<id>/     (cached by the evaluation)
+
+Each function takes the root, input URIs and a typed config (storage_schemas.distill_image) and returns a
+small dict (uri, version, skipped, summary numbers), never arrays; a stage whose output already exists
+returns at once with ``skipped: True`` (and needs no GPU then). The GPU stages (teacher, pairs, student,
+evaluation; the extractor when its device is cuda) take a device: asking for cuda where no GPU is
+visible is a KDMError. ``plan_distill_image`` computes every stage's output URI and version without
+running anything (as far as the inputs exist); ``run_distill_image`` runs them all without Prefect
+(``kdm distill-image``); the Prefect flow ``distill-cifar10`` calls the same functions.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from storage_schemas import SeedRange, code_version, recipe_version, stable_hash, utc_now
+from storage_schemas.distill_image import (DistillImageConfig, EvaluationStageRequest, ExtractorStageConfig,
+                                           ExtractorStageRequest, ImageDatasetStageConfig, ImageEvalStageConfig,
+                                           ImageEvaluationManifest, ImagePairsStageConfig, ImageStudentStageConfig,
+                                           ImageTeacherStageConfig, PairsStageRequest, StudentStageRequest,
+                                           TeacherStageRequest)
+
+from . import artifacts
+from .devices import resolve_device
+from .errors import KDMError
+
+CPU_POOL, GPU_POOL = "kdm-cpu", "kdm-gpu"
+GRID_TEACHER_STUDENT, GRID_STUDENT = "teacher_student.png", "student_samples.png"
+
+
+def _out(root: str, kind: str, version: str) -> str:
+    return artifacts.join(root, kind, version)
+
+
+def _subset(n: int, k: Optional[int]) -> np.ndarray:
+    """Indices of an evenly spaced subset of k of n items (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.linspace(0, n - 1, k).round().astype(np.int64)
+
+
+def _require_device(device: str, stage: str) -> None:
+    try:
+        resolve_device(device)
+    except KDMError as e:
+        raise KDMError(f"{stage} stage: {e}") from None
+
+
+# ----------------------------------------------------------------------------- versions (no work done)
+
+def dataset_version(cfg: ImageDatasetStageConfig) -> str:
+    from .datasets import dataset_version as version_of
+    try:
+        sha = artifacts.sha256_file(cfg.archive)
+    except FileNotFoundError:
+        raise KDMError(f"dataset archive {cfg.archive} does not exist; set dataset.archive to a CIFAR-10 "
+                       f"ImageFolder tar.gz (train|test/<class>/<file>)") from None
+    return version_of(sha, cfg.chunk_size)
+
+
+def extractor_version(dataset_content_hash: str, cfg: ExtractorStageConfig) -> str:
+    return "fx-" + stable_hash(recipe_version(), "extractor", dataset_content_hash, cfg.train, cfg.train_images)
+
+
+def teacher_version(dataset_content_hash: str, cfg: ImageTeacherStageConfig) -> str:
+    from .teacher_bootstrap import bootstrap_version
+    return bootstrap_version(dataset_content_hash, cfg.bootstrap)
+
+
+def pairs_version(teacher_id: str, cfg: ImagePairsStageConfig) -> str:
+    from .generate import pairs_version as version_of
+    return version_of(teacher_id, cfg.generate_config("cpu"))   # the device is not part of the version
+
+
+def student_version(pairs_version_: str, cfg: ImageStudentStageConfig) -> str:
+    from .image_train import image_run_version
+    return image_run_version(pairs_version_, cfg.model, cfg.train)
+
+
+def evaluation_version(dataset_content_hash: str, extractor_version_: str, pairs_version_: str,
+                       student_version_: str, cfg: ImageEvalStageConfig) -> str:
+    return "eval-img-" + stable_hash(recipe_version(), "evaluate-image", dataset_content_hash, extractor_version_,
+                                     pairs_version_, student_version_, cfg.model_dump(mode="json",
+                                                                                      exclude={"batch_size"}))
+
+
+# ----------------------------------------------------------------------------- stages
+
+def stage_dataset(root: str, cfg: ImageDatasetStageConfig, progress: bool = False) -> dict:
+    from .datasets import prepare_image_dataset
+    version = dataset_version(cfg)
+    out = _out(root, "datasets", version)
+    skipped = artifacts.exists(out)
+    m = prepare_image_dataset(cfg.archive, out, chunk_size=cfg.chunk_size, progress=progress)
+    return {"uri": out, "version": m.version, "content_hash": m.content_hash, "skipped": skipped,
+            "classes": len(m.class_names), "image_shape": list(m.image_shape),
+            **{f"{s}_images": info.count for s, info in m.splits.items()}}
+
+
+def stage_extractor(root: str, dataset_uri: str, cfg: ExtractorStageConfig, progress: bool = False) -> dict:
+    from . import features
+    from .datasets import open_image_dataset
+    ds = open_image_dataset(dataset_uri)
+    version = extractor_version(ds.manifest.content_hash, cfg)
+    out = _out(root, "extractors", version)
+    skipped = artifacts.committed(out)
+    if skipped:
+        m = features.read_extractor_manifest(out)
+    else:
+        _require_device(cfg.device, "extractor")
+        x, y = ds.load("train")
+        idx = _subset(len(x), cfg.train_images)
+        xt, yt = ds.load("test") if "test" in ds.manifest.splits else (None, None)
+        m = features.train_extractor(x[idx], y[idx], cfg.train, out, test_images=xt, test_labels=yt,
+                                     dataset_id=ds.version, device=cfg.device, progress=progress)
+    return {"uri": out, "version": version, "id": m.id, "sha256": m.weights_sha256, "skipped": skipped,
+            "test_accuracy": m.test_accuracy, "feature_dim": m.feature_dim, "train_images": m.train_images,
+            "trained_on": m.device}
+
+
+def _check_teacher(uri: str, conditional: bool):
+    from .teacher import read_teacher_manifest
+    try:
+        m = read_teacher_manifest(uri)
+    except KDMError as e:
+        raise KDMError(f"teacher {uri} is not a readable teacher artifact: {e}") from None
+    if m.kind != "edm":
+        raise KDMError(f"teacher {uri} is a {m.kind} teacher; image distillation needs an EDM teacher "
+                       f"(kdm teacher bootstrap / kdm teacher import-edm)")
+    if bool(m.model.label_dim) != conditional:
+        raise KDMError(f"teacher {uri} is {'class-conditional' if m.model.label_dim else 'unconditional'} "
+                       f"(label_dim {m.model.label_dim}) but the run has conditional={conditional}: set "
+                       f"conditional={not conditional} (deployment distill-cifar10{'-cond' if not conditional else ''})")
+    return m
+
+
+def stage_image_teacher(root: str, dataset_uri: str, cfg: ImageTeacherStageConfig, device: str,
+                        progress: bool = False, on_log: Optional[Callable[[dict], None]] = None) -> dict:
+    """Bootstrap an EDM teacher on the dataset, or verify (sha256 of its weights) and use ``cfg.teacher_uri``."""
+    if cfg.teacher_uri:
+        m = _check_teacher(cfg.teacher_uri, cfg.conditional)
+        artifacts.read_verified(artifacts.join(cfg.teacher_uri, m.weights_file), m.weights_sha256, "teacher")
+        return {"uri": cfg.teacher_uri, "version": m.id, "sha256": m.weights_sha256, "skipped": True, "given": True,
+                "label_dim": m.model.label_dim, "final_loss": m.final_loss}
+    from .datasets import open_image_dataset
+    from .teacher import read_teacher_manifest
+    from .teacher_bootstrap import train_edm_teacher
+    dm = open_image_dataset(dataset_uri).manifest
+    version = teacher_version(dm.content_hash, cfg)
+    out = _out(root, "teachers", version)
+    skipped = artifacts.committed(out)
+    if skipped:
+        m = read_teacher_manifest(out)
+    else:
+        _require_device(device, "teacher")
+        m = train_edm_teacher(dataset_uri, cfg.bootstrap.model_copy(update={"device": device}), out,
+                              progress=progress, on_log=on_log)
+    _check_teacher(out, cfg.conditional)
+    return {"uri": out, "version": m.id, "sha256": m.weights_sha256, "skipped": skipped, "given": False,
+            "label_dim": m.model.label_dim, "final_loss": m.final_loss}
+
+
+def stage_image_pairs(root: str, teacher_uri: str, cfg: ImagePairsStageConfig, device: str, progress: bool = False,
+                      on_shard: Optional[Callable[[int, int], None]] = None) -> dict:
+    from . import generate
+    from .pairstore import PairStore
+    from .teacher import read_teacher_manifest
+    tm = read_teacher_manifest(teacher_uri)
+    version = pairs_version(tm.id, cfg)
+    out = _out(root, "pairs", version)
+    skipped = artifacts.exists(out)
+    if not skipped:
+        _require_device(device, "pairs")
+        generate.generate_pairs(teacher_uri, cfg.generate_config(device), out, progress=progress, on_shard=on_shard,
+                                batch_size=cfg.batch_size)
+    s = PairStore.open(out)
+    held = s.heldout()
+    return {"uri": out, "version": s.version, "content_hash": s.manifest.content_hash, "count": len(s),
+            "heldout_count": len(held) if held else 0, "skipped": skipped, "teacher_id": tm.id,
+            "nfe": cfg.sampler.nfe}
+
+
+def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig, device: str, progress: bool = False,
+                        on_log: Optional[Callable[[dict], None]] = None) -> dict:
+    from .image_train import read_image_student_manifest, train_image_student
+    from .pairstore import PairStore
+    store = PairStore.open(pairs_uri)
+    if store.manifest.num_classes and not cfg.model.label_dim:
+        raise KDMError(f"pairs {pairs_uri} come from a class-conditional teacher ({store.manifest.num_classes} "
+                       f"classes) but the student is unconditional: set conditional=true")
+    version = student_version(store.version, cfg)
+    out = _out(root, "students", version)
+    skipped = artifacts.committed(out)
+    if not skipped:
+        _require_device(device, "student")
+        train_image_student(pairs_uri, cfg.model, cfg.train.model_copy(update={"device": device}), out,
+                            device=device, preset=cfg.preset, progress=progress, on_log=on_log)
+    m = read_image_student_manifest(out)
+    return {"uri": out, "version": m.version, "weights_sha256": m.weights_sha256, "skipped": skipped,
+            "steps": m.steps_done, "nonfinite_steps": m.nonfinite_steps, "final_losses": m.final_losses,
+            "train_seconds": m.train_seconds, "trainable_parameters": m.trainable_parameters}
+
+
+def read_evaluation_manifest(uri: str) -> ImageEvaluationManifest:
+    return artifacts.read_model(artifacts.join(uri, artifacts.MANIFEST), ImageEvaluationManifest)
+
+
+def _evaluation_summary(uri: str, m: ImageEvaluationManifest, skipped: bool) -> dict:
+    return {"uri": uri, "version": m.version, "report": artifacts.join(uri, m.report_file), "skipped": skipped,
+            "num_samples": m.num_samples, "metric_names": m.metric_names, "plots": m.plots, "notes": m.notes,
+            **m.summary}
+
+
+def _one_step(model, x_T: np.ndarray, labels: Optional[np.ndarray], batch: int) -> np.ndarray:
+    import torch
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x_T), batch):
+            xb = torch.from_numpy(np.ascontiguousarray(x_T[i:i + batch], np.float32)).to(dev)
+            yb = torch.from_numpy(labels[i:i + batch].astype(np.int64)).to(dev) if labels is not None else None
+            out.append(model.generate(xb, yb).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def stage_image_evaluate(root: str, dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
+                         cfg: ImageEvalStageConfig, device: str, progress: bool = False) -> dict:
+    """FD-<extractor id> / KID-<extractor id> of the teacher's and the student's outputs on the held-out seeds
+    against the train split, their ratio, student-vs-teacher MSE (and LPIPS-vgg when its backbone weights
+    exist), a teacher | student grid and a sample grid; written as one committed artifact."""
+    from . import features, image_metrics as im
+    from .datasets import open_image_dataset
+    from .image_train import read_image_student_manifest
+    from .pairstore import PairStore
+    from .sample import load_image_student
+    ds = open_image_dataset(dataset_uri)
+    fxm = features.read_extractor_manifest(extractor_uri)
+    store = PairStore.open(pairs_uri)
+    sm = read_image_student_manifest(student_uri)
+    fx_version = Path(str(extractor_uri).rstrip("/")).name
+    version = evaluation_version(ds.manifest.content_hash, fx_version, store.version, sm.version, cfg)
+    out = _out(root, "evaluations", version)
+    if artifacts.committed(out):
+        return _evaluation_summary(out, read_evaluation_manifest(out), True)
+    _require_device(device, "evaluation")
+    held = store.heldout()
+    if held is None or held.manifest.seeds is None:
+        raise KDMError(f"pairs {pairs_uri} have no held-out split with seeds: generate them with held-out seeds")
+    n = min(cfg.num_samples or len(held), len(held))
+    if n < 2:
+        raise KDMError(f"the evaluation needs at least 2 held-out pairs, {pairs_uri} has {len(held)}")
+    hd = {k: v[:n] for k, v in held.load(("x_T", "x_0", "label")).items()}
+    seeds = SeedRange(start=held.manifest.seeds.start, stop=held.manifest.seeds.start + n)
+
+    x_train, _ = ds.load("train")
+    x_ref = x_train[_subset(len(x_train), cfg.reference_images)]
+    fx = features.load_extractor(extractor_uri, device)
+    ref = im.reference_stats(x_ref, dataset_id=ds.version, split="train", extractor=fx, root=root)
+    student, _ = load_image_student(student_uri, device)
+    s_x0 = _one_step(student, hd["x_T"], hd["label"] if sm.model.label_dim else None, cfg.batch_size)
+    t_x0 = hd["x_0"].astype(np.float32)
+    knobs = dict(kid_subsets=cfg.kid_subsets, kid_subset_size=min(cfg.kid_subset_size, n, len(x_ref)),
+                 kid_seed=cfg.kid_seed)
+    teacher_id = store.manifest.teacher.id if store.manifest.teacher else None
+    t_ms = im.distribution_metrics(im.quantize_uint8(t_x0), fx, ref, subject="teacher", seeds=seeds,
+                                   model_version=teacher_id, batch_size=cfg.batch_size, **knobs)
+    s_ms = im.distribution_metrics(im.quantize_uint8(s_x0), fx, ref, subject="student", seeds=seeds,
+                                   model_version=sm.version, batch_size=cfg.batch_size, **knobs)
+    lpips, notes = None, {}
+    if cfg.lpips:
+        try:
+            lpips = im.load_lpips("vgg", device=device)
+        except im.MetricUnavailable as e:
+            notes["lpips"] = f"not computed: {e}"
+    else:
+        notes["lpips"] = "not computed: evaluation.lpips is false"
+    p_ms = im.paired_metrics(s_x0, t_x0, seeds=seeds, pairs_version=held.version, lpips=lpips,
+                             model_version=sm.version)
+    g = min(cfg.grid_images, n)
+    plots = {"teacher_student": GRID_TEACHER_STUDENT, "student_samples": GRID_STUDENT}
+    summary = {"fd_teacher": t_ms[0].value, "fd_student": s_ms[0].value, "fd_ratio": im.ratio(s_ms[0], t_ms[0]),
+               "kid_teacher": t_ms[1].value, "kid_student": s_ms[1].value, "mse": p_ms[0].value,
+               "lpips": p_ms[1].value if len(p_ms) > 1 else None}
+    names = im.metric_names(fx.id)
+    report = im.make_report(t_ms + s_ms + p_ms, plots=plots,
+                            notes={"fd_ratio_student_over_teacher": summary["fd_ratio"], "student": sm.version,
+                                   "teacher": teacher_id, "pairs": store.version, "dataset": ds.version, **notes})
+    tmp = artifacts.begin(out, fresh=True)
+    with tempfile.TemporaryDirectory() as d:
+        im.save_teacher_student_grid(t_x0[:g], s_x0[:g], Path(d, GRID_TEACHER_STUDENT))
+        im.save_grid(s_x0[:g], Path(d, GRID_STUDENT), nrow=8)
+        for f in plots.values():
+            artifacts.write_bytes(artifacts.join(tmp, f), Path(d, f).read_bytes())
+    im.write_report(report, tmp)
+    m = ImageEvaluationManifest(version=version, dataset_version=ds.version, extractor_id=fxm.id, teacher_id=teacher_id,
+                                pairs_version=store.version, student_version=sm.version, config=cfg, plots=plots,
+                                summary=summary, metric_names=names, notes=notes, num_samples=n,
+                                code_version=code_version(), created=utc_now())
+    artifacts.write_json(artifacts.join(tmp, artifacts.MANIFEST), m)
+    artifacts.commit(out)
+    return _evaluation_summary(out, m, False)
+
+
+# ----------------------------------------------------------------------------- GPU stage requests
+
+def run_stage_request(req, progress: bool = False, on_log: Optional[Callable[[dict], None]] = None,
+                      on_shard: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Run one stage described by a storage_schemas.distill_image.StageRequest (the ``gpu-stage`` flow)."""
+    if isinstance(req, ExtractorStageRequest):
+        return stage_extractor(req.root, req.dataset_uri, req.config.model_copy(update={"device": req.device}),
+                               progress)
+    if isinstance(req, TeacherStageRequest):
+        return stage_image_teacher(req.root, req.dataset_uri, req.config, req.device, progress, on_log)
+    if isinstance(req, PairsStageRequest):
+        return stage_image_pairs(req.root, req.teacher_uri, req.config, req.device, progress, on_shard)
+    if isinstance(req, StudentStageRequest):
+        return stage_image_student(req.root, req.pairs_uri, req.config, req.device, progress, on_log)
+    if isinstance(req, EvaluationStageRequest):
+        return stage_image_evaluate(req.root, req.dataset_uri, req.extractor_uri, req.pairs_uri, req.student_uri,
+                                    req.config, req.device, progress)
+    raise KDMError(f"unknown stage request {type(req).__name__}")
+
+
+# ----------------------------------------------------------------------------- plan and run
+
+def resolve_paths(cfg: DistillImageConfig, base) -> DistillImageConfig:
+    """Relative local paths (root, dataset.archive, teacher_uri) are taken relative to ``base``."""
+    def res(v: Optional[str]) -> Optional[str]:
+        if v and artifacts.is_local(v) and not Path(v).is_absolute():
+            return str((Path(base) / v).resolve())
+        return v
+    return cfg.model_copy(update={"root": res(cfg.root), "teacher_uri": res(cfg.teacher_uri),
+                                  "dataset": cfg.dataset.model_copy(update={"archive": res(cfg.dataset.archive)})})
+
+
+def stage_pool(cfg: DistillImageConfig, stage: str) -> Optional[str]:
+    """The work pool a stage runs on in the flow (None: nothing to run, the teacher is given)."""
+    if stage == "teacher" and cfg.teacher_uri:
+        return None
+    if stage == "extractor":
+        return GPU_POOL if cfg.extractor.device == "cuda" else CPU_POOL
+    return CPU_POOL if stage == "dataset" else GPU_POOL
+
+
+def plan_distill_image(cfg: DistillImageConfig) -> dict:
+    """Dry run: each stage's output URI, version and whether it exists, without running anything.
+
+    Returns ``{"preset", "conditional", "root", "stages": {name: {"uri", "version", "exists", "pool"}},
+    "todo": [names not yet done], "complete": bool}`` for the stages dataset, extractor, teacher, pairs,
+    student, evaluation. A version that depends on an output not yet made (e.g. the bootstrapped teacher
+    on the prepared dataset) is None, with ``"after": <stage>``. With ``teacher_uri`` the teacher is
+    verified to be a readable EDM teacher of the right conditioning, and pairs and student versions are
+    known at once: ``plan["stages"]["student"]["exists"]`` says whether that teacher already has its student.
+    """
+    from .datasets import open_image_dataset
+    root = cfg.root
+    stages: dict[str, dict] = {}
+
+    def add(name: str, version: Optional[str], kind: str, after: Optional[str] = None, **extra) -> None:
+        uri = _out(root, kind, version) if version else None
+        entry = {"uri": uri, "version": version, "exists": bool(uri) and artifacts.exists(
+            uri if kind in ("datasets", "pairs") else artifacts.join(uri, artifacts.MANIFEST)),
+                 "pool": stage_pool(cfg, name)}
+        if after:
+            entry["after"] = after
+        stages[name] = {**entry, **extra}
+
+    dsv = dataset_version(cfg.dataset)
+    add("dataset", dsv, "datasets")
+    content = open_image_dataset(stages["dataset"]["uri"]).manifest.content_hash if stages["dataset"]["exists"] \
+        else None
+    fxv = extractor_version(content, cfg.extractor) if content else None
+    add("extractor", fxv, "extractors", None if fxv else "dataset")
+    if cfg.teacher_uri:
+        tm = _check_teacher(cfg.teacher_uri, cfg.conditional)
+        stages["teacher"] = {"uri": cfg.teacher_uri, "version": tm.id, "exists": True, "pool": None, "given": True}
+        tid = tm.id
+    else:
+        tid = teacher_version(content, cfg.teacher_stage()) if content else None
+        add("teacher", tid, "teachers", None if tid else "dataset")
+    pv = pairs_version(tid, cfg.pairs) if tid else None
+    add("pairs", pv, "pairs", None if pv else "teacher")
+    sv = student_version(pv, cfg.student) if pv else None
+    add("student", sv, "students", None if sv else "pairs")
+    ev = evaluation_version(content, fxv, pv, sv, cfg.evaluation) if (sv and fxv) else None
+    add("evaluation", ev, "evaluations", None if ev else ("student" if not sv else "extractor"))
+    todo = [n for n, s in stages.items() if not s["exists"]]
+    return {"preset": cfg.preset, "conditional": cfg.conditional, "root": root, "stages": stages, "todo": todo,
+            "complete": not todo}
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"{'stage':<11} {'state':<8} {'pool':<8} version / uri"]
+    for name, s in plan["stages"].items():
+        state = "given" if s.get("given") else ("done" if s["exists"] else "to do")
+        where = s["uri"] or f"(known after the {s.get('after')} stage)"
+        lines.append(f"{name:<11} {state:<8} {s['pool'] or '-':<8} {where}")
+    return "\n".join(lines)
+
+
+def run_distill_image(cfg: DistillImageConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Every stage of the CIFAR-10 distillation in this process, without Prefect (``kdm distill-image``)."""
+    root, dev = cfg.root, cfg.device
+    r: dict = {}
+    r["dataset"] = stage_dataset(root, cfg.dataset, progress)
+    log(f"dataset    {r['dataset']['uri']} ({r['dataset'].get('train_images', 0)} train images)")
+    r["extractor"] = stage_extractor(root, r["dataset"]["uri"], cfg.extractor, progress)
+    log(f"extractor  {r['extractor']['uri']} (test accuracy {r['extractor']['test_accuracy']})")
+    r["teacher"] = stage_image_teacher(root, r["dataset"]["uri"], cfg.teacher_stage(), dev, progress)
+    log(f"teacher    {r['teacher']['uri']}" + (" (given)" if r["teacher"]["given"] else ""))
+    r["pairs"] = stage_image_pairs(root, r["teacher"]["uri"], cfg.pairs, dev, progress)
+    log(f"pairs      {r['pairs']['uri']} ({r['pairs']['count']} + {r['pairs']['heldout_count']} held out, "
+        f"{r['pairs']['nfe']} NFE)")
+    r["student"] = stage_image_student(root, r["pairs"]["uri"], cfg.student, dev, progress)
+    log(f"student    {r['student']['uri']} ({r['student']['steps']} steps)")
+    r["evaluation"] = stage_image_evaluate(root, r["dataset"]["uri"], r["extractor"]["uri"], r["pairs"]["uri"],
+                                           r["student"]["uri"], cfg.evaluation, dev, progress)
+    log(f"report     {r['evaluation']['report']}")
+    return r
