@@ -71,6 +71,10 @@ def train_task(root: str, pairs_uri: str, cfg: StudentRunConfig) -> dict:
 
     res = stages.stage_train(root, pairs_uri, cfg, progress=False, on_log=on_log)
     update_progress_artifact(pid, 100.0)
+    if res["skipped"]:
+        logger.info("student %s (exists, skipped)", res["version"])
+    elif res["resumed_from_step"] is not None:
+        logger.info("student %s resumed from its step-%d checkpoint", res["version"], res["resumed_from_step"])
     return res
 
 
@@ -95,8 +99,8 @@ def publish_task(config: DistillCheckerboardConfig, results: dict) -> str:
                                  key=f"{key}-{name}-link", description=f"{name} artifact")
     images = []
     for name, fname in report.plots.items():
-        p = artifacts.local_path(artifacts.join(ev["uri"], fname))
-        uri = "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+        png = artifacts.read_bytes(artifacts.join(ev["uri"], fname))
+        uri = "data:image/png;base64," + base64.b64encode(png).decode()
         create_image_artifact(uri, key=f"{key}-{_slug(name)}", description=name.replace("_", " "))
         images.append((name, uri))
     lineage = []

@@ -133,12 +133,13 @@ def begin(url: str, fresh: bool = False) -> str:
 _MARKERS = (MANIFEST, "zarr.json")
 
 
-def commit(url: str) -> None:
+def commit(url: str, markers: tuple[str, ...] = ()) -> None:
     """Move ``<url>.partial`` to ``<url>``.
 
     An atomic rename on local file systems. Object stores have no rename: the files are copied with the
-    markers (``manifest.json``, Zarr metadata holding the ``kdm`` attribute) last, the root's at the very
-    end, so a reader never sees a committed manifest before the data; then ``.partial`` is deleted.
+    markers (``manifest.json``, Zarr metadata holding the ``kdm`` attribute, and the file names given in
+    ``markers``, e.g. an evaluation's ``report.json``) last, the root's at the very end, so a reader never
+    sees a committed manifest before the data; then ``.partial`` is deleted.
     """
     tmp = partial_url(url)
     fs, src = url_to_fs(tmp)
@@ -154,8 +155,10 @@ def commit(url: str) -> None:
     src = src.rstrip("/")
     rels = [f[len(src) + 1:] for f in fs.find(src)]
 
+    names = set(_MARKERS) | set(markers)
+
     def order(rel: str) -> tuple[bool, int]:
-        return rel.rsplit("/", 1)[-1] in _MARKERS, -rel.count("/")   # data first; markers deepest first
+        return rel.rsplit("/", 1)[-1] in names, -rel.count("/")   # data first; markers deepest first
 
     rels.sort(key=order)
     data = [r for r in rels if not order(r)[0]]

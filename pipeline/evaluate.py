@@ -8,6 +8,8 @@ held-out pairs.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -32,7 +34,8 @@ def _metric_set(points: np.ndarray, reference: np.ndarray, cfg: Eval2DConfig, bo
 
 def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
                      board=None) -> EvaluationReport:
-    """Writes ``report.json`` + plots into ``out_dir``; returns the report."""
+    """Writes the plots, then ``report.json``, into ``out_dir`` (a local directory or a remote URL);
+    returns the report."""
     from storage_schemas import CheckerboardSpec
     board = board or CheckerboardSpec()
     store = PairStore.open(pairs_url)
@@ -55,16 +58,7 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
     teacher_ms = _metric_set(teacher_x0, reference, cfg, board, pair_mse=0.0)
     plots: dict[str, str] = {}
     if cfg.plots:
-        if not artifacts.is_local(out_dir):
-            raise KDMError("plots are written to local report directories only; set evaluation.plots=false")
-        d = artifacts.local_path(out_dir)
-        metrics2d.plot_samples(fresh, teacher_x0, str(d / "samples.png"), title=f"student {student.version}")
-        metrics2d.plot_noise_structure(hd["x_T"], paired, str(d / "noise_structure_student.png"),
-                                       title="student: x_T coloured by the cell of student(x_T)")
-        metrics2d.plot_noise_structure(hd["x_T"], hd["x_0"], str(d / "noise_structure_teacher.png"),
-                                       title="teacher: x_T coloured by the cell of teacher x_0")
-        plots = {"samples": "samples.png", "noise_structure_student": "noise_structure_student.png",
-                 "noise_structure_teacher": "noise_structure_teacher.png"}
+        plots = _write_plots(out_dir, fresh, teacher_x0, hd["x_T"], paired, hd["x_0"], student.version)
     report = EvaluationReport(student_version=student.version, pairs_version=store.version,
                               heldout_version=held.version, teacher_id=student.teacher_id,
                               protocol=cfg, sample_seeds=seeds, student=student_ms,
@@ -72,6 +66,28 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
                               created=utc_now())
     artifacts.write_json(artifacts.join(out_dir, REPORT), report)
     return report
+
+
+def _write_plots(out_dir: str, fresh, teacher_x0, x_T, paired, x_0, student_version: str) -> dict[str, str]:
+    """The report's PNGs, drawn into ``out_dir`` (local) or drawn locally and uploaded (remote URL)."""
+    plots = {"samples": "samples.png", "noise_structure_student": "noise_structure_student.png",
+             "noise_structure_teacher": "noise_structure_teacher.png"}
+
+    def draw(d: Path) -> None:
+        metrics2d.plot_samples(fresh, teacher_x0, str(d / plots["samples"]), title=f"student {student_version}")
+        metrics2d.plot_noise_structure(x_T, paired, str(d / plots["noise_structure_student"]),
+                                       title="student: x_T coloured by the cell of student(x_T)")
+        metrics2d.plot_noise_structure(x_T, x_0, str(d / plots["noise_structure_teacher"]),
+                                       title="teacher: x_T coloured by the cell of teacher x_0")
+
+    if artifacts.is_local(out_dir):
+        draw(artifacts.local_path(out_dir))
+    else:
+        with tempfile.TemporaryDirectory(prefix="kdm-plots-") as tmp:
+            draw(Path(tmp))
+            for fname in plots.values():
+                artifacts.write_bytes(artifacts.join(out_dir, fname), (Path(tmp) / fname).read_bytes())
+    return plots
 
 
 def read_report(url: str) -> EvaluationReport:

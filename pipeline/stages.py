@@ -4,7 +4,9 @@
   <root>/evaluations/<version>/report.json
 
 Each function takes URIs + typed configs and returns a small dict (URI, version, summary numbers),
-never arrays; a stage whose output version already exists returns at once (``skipped: True``).
+never arrays; a stage whose output version already exists returns at once (``skipped: True``), and a
+student run that failed part-way resumes from its newest checkpoint (``resumed_from_step``). The root
+is a local path or an fsspec URL (``s3://bucket/prefix``): every stage reads and writes through it.
 These are what the Prefect flow's tasks call; they run without Prefect too (``kdm distill``).
 """
 from __future__ import annotations
@@ -70,9 +72,11 @@ def stage_train(root: str, pairs_uri: str, cfg: StudentRunConfig, progress: bool
     version = train.run_version(PairStore.open(pairs_uri).version, cfg)
     out = _out(root, "students", version)
     skipped = artifacts.committed(out)
-    train.train_student(pairs_uri, cfg, out, progress=progress, on_log=on_log)
+    resumed: list[int] = []
+    train.train_student(pairs_uri, cfg, out, progress=progress, on_log=on_log, on_resume=resumed.append)
     m = train.read_student_manifest(out)
     return {"uri": out, "version": version, "weights_sha256": m.weights_sha256, "skipped": skipped,
+            "resumed_from_step": resumed[0] if resumed else None,
             "steps": m.steps_done, "final_losses": m.final_losses, "train_seconds": m.train_seconds,
             "trainable_parameters": m.trainable_parameters}
 
@@ -87,7 +91,7 @@ def stage_evaluate(root: str, student_uri: str, pairs_uri: str, cfg: Eval2DConfi
     if not skipped:
         tmp = artifacts.begin(out, fresh=True)
         evaluate.evaluate_student(student_uri, pairs_uri, cfg, tmp, board=board)
-        artifacts.commit(out)
+        artifacts.commit(out, markers=(evaluate.REPORT,))
     report = evaluate.read_report(out)
     return {"uri": out, "report": artifacts.join(out, evaluate.REPORT), "version": version, "skipped": skipped,
             "table": evaluate.metrics_table(report)}

@@ -7,12 +7,16 @@ Run directory (``--out RUN``):
                                    a temporary name and renamed, so a kill never leaves a torn checkpoint
   student.safetensors, manifest.json   the EMA weights and the manifest, written when training ends
 A killed run restarted with the same command resumes from its newest checkpoint and ends with the same
-weights as an uninterrupted run (same device and thread count).
+weights as an uninterrupted run (same device and thread count). At a remote URL (``s3://...``) the run
+trains in a local temporary directory mirrored to ``<url>.partial`` (pipeline.run_mirror) and resumes
+from the checkpoints stored there.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,6 +32,10 @@ from . import artifacts, checkpoints
 from .devices import resolve_device
 from .errors import KDMError
 from .pairstore import PairStore
+from .run_mirror import RunMirror
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "student.safetensors"
 
 
 def run_version(pairs_version: str, cfg: StudentRunConfig) -> str:
@@ -60,11 +68,17 @@ def _set_rng_states(gens: dict[str, torch.Generator], rng: dict[str, torch.Tenso
 
 
 def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: bool = True,
-                  on_log: Optional[Callable[[dict], None]] = None, stop_after: Optional[int] = None) -> str:
+                  on_log: Optional[Callable[[dict], None]] = None, stop_after: Optional[int] = None,
+                  on_resume: Optional[Callable[[int], None]] = None) -> str:
     """Train (or resume, or find finished) a KDM student on the train split of ``pairs_url``.
 
-    ``stop_after`` ends the process-local loop early (used to simulate an interruption in tests).
-    Returns the run version.
+    A local ``out`` is the run directory itself. A remote ``out`` (``s3://...``) is trained in a fresh
+    local temporary directory (under ``TMPDIR``) mirrored to ``<out>.partial`` (pipeline.run_mirror):
+    checkpoints are pushed as they are written, a restarted run resumes from the newest remote one, and
+    the finished run is committed to ``out`` with its manifest last.
+
+    ``stop_after`` ends the process-local loop early (used to simulate an interruption in tests);
+    ``on_resume(step)`` is called when training continues from a checkpoint. Returns the run version.
     """
     store = PairStore.open(pairs_url)
     m = store.manifest
@@ -74,9 +88,30 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
     version = run_version(m.version, cfg)
     if artifacts.check_target(out, version, read_student_manifest) if artifacts.committed(out) else False:
         return version
-    run = artifacts.local_path(out)
+    args = dict(store=store, pairs_url=pairs_url, cfg=cfg, version=version, progress=progress, on_log=on_log,
+                stop_after=stop_after, on_resume=on_resume)
+    if artifacts.is_local(out):
+        _train_run(artifacts.local_path(out), out, **args)
+        return version
+    mirror = RunMirror(out, run_files=(CONFIG_FILE, checkpoints.METRICS_FILE))
+    with tempfile.TemporaryDirectory(prefix="kdm-student-") as work:
+        run = Path(work)
+        mirror.pull(run)
+        if _train_run(run, out, on_checkpoint=mirror.push_checkpoint, **args):
+            mirror.commit(run, final_files=(WEIGHTS_FILE, artifacts.MANIFEST))
+    return version
+
+
+def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: StudentRunConfig, version: str,
+               progress: bool, on_log: Optional[Callable[[dict], None]], stop_after: Optional[int],
+               on_resume: Optional[Callable[[int], None]],
+               on_checkpoint: Optional[Callable[[Path, Path, int], None]] = None) -> bool:
+    """Train in the local run directory ``run``; True once its manifest is written, False when
+    ``stop_after`` ended the loop first. ``on_checkpoint(run, checkpoint, keep)`` follows every
+    checkpoint."""
+    m = store.manifest
     run.mkdir(parents=True, exist_ok=True)
-    checkpoints.claim_run(run / "config.json", version,
+    checkpoints.claim_run(run / CONFIG_FILE, version,
                           {"pairs": pairs_url, "pairs_version": m.version, "pairs_content_hash": m.content_hash,
                            "config": cfg.model_dump(mode="json")},
                           holds=f"{out} holds a run of another config/pairs")
@@ -100,6 +135,8 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
         opt.load_state_dict(checkpoints.load_object(ck, "optimizer", map_location=device))
         _set_rng_states(gens, checkpoints.load_object(ck, "rng"))
         step = checkpoints.read_state(ck)["step"]
+        if on_resume is not None:
+            on_resume(step)
     metrics_path = run / checkpoints.METRICS_FILE
     checkpoints.truncate_metrics(metrics_path, step)
 
@@ -114,7 +151,7 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
     with metrics_path.open("a") as log:
         while step < tc.steps:
             if stop_after is not None and step >= stop_after:
-                return version
+                return False
             idx = torch.randint(0, n, (tc.batch_size,), generator=gens["data"]).to(device)
             logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
             # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
@@ -145,12 +182,14 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
                     on_log(rec)
             bar.update(1)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                checkpoints.save_checkpoint(run, step, tc.keep_checkpoints, modules={"model": model, "ema": ema},
-                                            objects={"optimizer": opt.state_dict(), "rng": _rng_states(gens)})
+                ck = checkpoints.save_checkpoint(run, step, tc.keep_checkpoints, modules={"model": model, "ema": ema},
+                                                 objects={"optimizer": opt.state_dict(), "rng": _rng_states(gens)})
+                if on_checkpoint is not None:
+                    on_checkpoint(run, ck, tc.keep_checkpoints)
     bar.close()
     if not losses:   # resumed from the final checkpoint: the last logged losses are the final ones
         losses = checkpoints.last_losses(metrics_path)
-    weights = run / "student.safetensors"
+    weights = run / WEIGHTS_FILE
     checkpoints.save_weights(ema, weights)
     manifest = StudentManifest(
         version=version, model=cfg.model, train=cfg.train, preset=cfg.preset, pairs_version=m.version,
@@ -158,4 +197,4 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
         weights_sha256=artifacts.sha256_file(str(weights)), trainable_parameters=count_parameters(model),
         final_losses=losses, train_seconds=time.time() - t_start, code_version=code_version(), created=utc_now())
     artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
-    return version
+    return True

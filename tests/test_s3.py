@@ -3,14 +3,12 @@
 Credentials and the endpoint reach s3fs / botocore only through the standard environment variables.
 """
 import io
-import os
-import socket
 
 import numpy as np
 import pytest
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 import zarr  # noqa: E402
 
@@ -18,56 +16,18 @@ from pipeline import artifacts, generate, importer, presets, teacher  # noqa: E4
 from pipeline import filter as filt  # noqa: E402
 from pipeline.errors import ArtifactMissing  # noqa: E402
 from pipeline.pairstore import PairStore  # noqa: E402
+from s3_server import moto_s3  # noqa: E402
 from storage_schemas import (FilterConfig, PairsGenerateConfig, PairsImportConfig, SamplerSettings,  # noqa: E402
                              SeedRange)
 
 BUCKET = "kdm-test"
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-       "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _close_async_clients(cls) -> None:
-    """Close the clients of the asynchronous instances Zarr created (the synchronous ones close on gc)."""
-    from zarr.core.sync import sync
-    for fs in list(cls._cache.values()):
-        creator = getattr(fs, "_s3creator", None)
-        if fs.asynchronous and creator is not None:
-            sync(creator.__aexit__(None, None, None))
-            fs._s3 = fs._s3creator = None
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on 127.0.0.1 with one bucket; the environment points s3fs at it."""
-    import s3fs
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = dict(ENV, AWS_ENDPOINT_URL=f"http://{host}:{port}")
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"]}
-    os.environ.update(env)
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        os.environ.pop(k, None)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        fs, _ = artifacts.url_to_fs(f"s3://{BUCKET}")
-        fs.mkdir(BUCKET)
+    with moto_s3(BUCKET) as fs:
         yield fs
-    finally:
-        _close_async_clients(s3fs.S3FileSystem)
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def url(*parts: str) -> str:

@@ -1,0 +1,168 @@
+"""The `kdm` flow with its artifact root on S3 (a loopback moto server), and resuming a failed run.
+
+Every stage reads and writes through the root URL; the student trains in a local temporary directory
+mirrored to ``<url>.partial`` and resumes from the checkpoints stored there.
+"""
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+from pipeline import artifacts, presets, stages, train  # noqa: E402
+from pipeline.pairstore import PairStore  # noqa: E402
+from s3_server import moto_s3  # noqa: E402
+from storage_schemas import EvaluationReport  # noqa: E402
+
+BUCKET = "kdm-flow"
+SECRET = "kdm-test-secret-7f3a9c"      # must never reach a log line or a UI artifact
+STAGES = ("teacher", "pairs", "filtered", "student", "evaluation")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3(BUCKET, secret=SECRET) as fs:
+        yield fs
+
+
+def smoke(root: str):
+    return presets.load("distill", "smoke", sets=[f"root={root}"])
+
+
+def listing(s3, prefix: str) -> dict:
+    s3.invalidate_cache()
+    return s3.find(f"{BUCKET}/{prefix}", detail=True)
+
+
+def _server_text() -> str:
+    """Every log message and artifact body the Prefect server holds."""
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        out = []
+        async with get_client() as client:
+            offset = 0
+            while batch := await client.read_logs(limit=200, offset=offset):
+                out += [log.message for log in batch]
+                offset += len(batch)
+            out += [json.dumps(a.data) if not isinstance(a.data, str) else a.data
+                    for a in await client.read_artifacts()]
+        return "\n".join(out)
+    return asyncio.run(read())
+
+
+def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run(harness, s3, tmp_path):
+    from flows.kdm_flow import kdm
+    root = f"s3://{BUCKET}/runs"
+    first = kdm(smoke(root))
+    for stage, kind in zip(STAGES, ("teachers", "pairs", "pairs", "students", "evaluations")):
+        assert first[stage]["uri"].startswith(f"{root}/{kind}/"), stage
+        assert first[stage]["skipped"] is False, stage
+    assert first["student"]["resumed_from_step"] is None
+
+    files = {p.removeprefix(f"{BUCKET}/runs/") for p in listing(s3, "runs")}
+    assert not any(".partial" in p for p in files), sorted(p for p in files if ".partial" in p)
+    rel = lambda stage, name: f"{first[stage]['uri'].removeprefix(root + '/')}/{name}"   # noqa: E731
+    assert {rel("teacher", "manifest.json"), rel("teacher", "weights.safetensors"),
+            rel("pairs", "zarr.json"), rel("pairs", "heldout/zarr.json"), rel("filtered", "zarr.json"),
+            rel("student", "manifest.json"), rel("student", "student.safetensors"), rel("student", "config.json"),
+            rel("student", "metrics.jsonl"), rel("student", "checkpoints/step-00000040/state.json"),
+            rel("student", "checkpoints/step-00000040/ema.safetensors"),
+            rel("evaluation", "report.json"), rel("evaluation", "samples.png"),
+            rel("evaluation", "noise_structure_student.png"),
+            rel("evaluation", "noise_structure_teacher.png")} <= files
+    student = train.read_student_manifest(first["student"]["uri"])
+    assert student.steps_done == 40 and student.weights_sha256 == first["student"]["weights_sha256"]
+    assert artifacts.sha256_file(artifacts.join(first["student"]["uri"], "student.safetensors")) \
+        == student.weights_sha256
+    metrics = [json.loads(ln) for ln in artifacts.read_bytes(artifacts.join(first["student"]["uri"],
+                                                                             "metrics.jsonl")).decode().splitlines()]
+    assert [r["step"] for r in metrics] == [10, 20, 30, 40]
+    report = EvaluationReport.model_validate(artifacts.read_json(first["evaluation"]["report"]))
+    assert report.student_version == first["student"]["version"] and report.protocol.num_samples == 400
+    assert artifacts.read_bytes(artifacts.join(first["evaluation"]["uri"], "samples.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = listing(s3, "runs")
+    second = kdm(smoke(root))
+    for stage in STAGES:
+        assert second[stage]["skipped"] is True, stage
+        assert second[stage]["version"] == first[stage]["version"], stage
+    assert listing(s3, "runs") == before                      # a re-run writes nothing
+
+    local = kdm(smoke(str(tmp_path)))
+    for stage in STAGES:
+        assert local[stage]["version"] == first[stage]["version"], stage
+        assert local[stage]["uri"] == first[stage]["uri"].replace(root, str(tmp_path)), stage
+    for stage in ("pairs", "filtered"):
+        assert local[stage]["content_hash"] == first[stage]["content_hash"]
+    assert PairStore.open(local["filtered"]["uri"]).manifest.content_hash == \
+        PairStore.open(first["filtered"]["uri"]).manifest.content_hash
+    assert local["student"]["weights_sha256"] == first["student"]["weights_sha256"]
+    assert evaluate_rows(local) == evaluate_rows(first)
+
+    assert SECRET not in _server_text()
+
+
+def evaluate_rows(res: dict) -> list[dict]:
+    from pipeline import evaluate
+    return evaluate.metrics_table(evaluate.read_report(res["evaluation"]["uri"]))
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_checkpoint(
+        where, harness, s3, tmp_path, monkeypatch):
+    from flows.kdm_flow import kdm
+    root = f"s3://{BUCKET}/resume" if where == "s3" else str(tmp_path / "resume")
+    cfg = smoke(root)
+    real = train._train_run
+
+    def crash_at_step_30(run, out, **kw):
+        real(run, out, **(kw | {"stop_after": 30}))
+        raise RuntimeError("simulated crash of the student run at step 30")
+
+    monkeypatch.setattr(train, "_train_run", crash_at_step_30)
+    state = kdm(cfg, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        state.result()
+    monkeypatch.undo()
+
+    student_uri = _student_uri(cfg)
+    assert not artifacts.committed(student_uri)
+    if where == "s3":
+        partial = artifacts.partial_url(student_uri)
+        assert artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000020", "state.json"))
+        assert not artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000040"))
+
+    again = kdm(cfg)                                           # the same parameters: what "Retry" does
+    for stage in ("teacher", "pairs", "filtered"):
+        assert again[stage]["skipped"] is True, stage
+    assert again["student"]["skipped"] is False and again["student"]["resumed_from_step"] == 20
+    assert again["student"]["uri"] == student_uri and again["student"]["steps"] == 40
+    assert again["evaluation"]["skipped"] is False
+    metrics = [json.loads(ln) for ln in artifacts.read_bytes(artifacts.join(student_uri, "metrics.jsonl"))
+               .decode().splitlines()]
+    assert [r["step"] for r in metrics] == [10, 20, 30, 40]      # the steps after the checkpoint, once
+
+    reference = stages.stage_train(str(tmp_path / "uninterrupted"), again["filtered"]["uri"], cfg.student,
+                                   progress=False)
+    assert reference["version"] == again["student"]["version"]
+    assert reference["weights_sha256"] == again["student"]["weights_sha256"]
+
+
+def _student_uri(cfg) -> str:
+    """The student run URL of ``cfg``, from the versions alone (nothing is read)."""
+    from pipeline import filter as filt
+    from pipeline import generate, teacher
+    pairs = generate.pairs_version(teacher.teacher_version(cfg.teacher), cfg.pairs)
+    filtered = filt.filter_version(pairs, cfg.filter, None)
+    return artifacts.join(cfg.root, "students", train.run_version(filtered, cfg.student))
