@@ -215,8 +215,10 @@ def default_planner() -> Planner:
 def distill_config(rec: RegisteredTeacher, root: str, preset: str, config_model: type[BaseModel],
                    base: Optional[dict] = None) -> BaseModel:
     """The config a distillation of ``rec`` runs with: ``base`` (e.g. the deployment's default config) with
-    preset, root and teacher_uri set."""
+    preset, root and teacher_uri set (and ``conditional`` = whether the teacher is, where the config has it)."""
     fields = {**(base or {}), "preset": preset, "root": root, "teacher_uri": rec.teacher_uri}
+    if "conditional" in config_model.model_fields:
+        fields["conditional"] = rec.conditional
     try:
         return config_model.model_validate(fields)
     except ValidationError as e:
