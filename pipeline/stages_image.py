@@ -234,21 +234,40 @@ def stage_image_evaluate(root: str, dataset_uri: str, extractor_uri: str, pairs_
                          cfg: ImageEvalStageConfig, device: str, progress: bool = False) -> dict:
     """FD-<extractor id> / KID-<extractor id> of the teacher's and the student's outputs on the held-out seeds
     against the train split, their ratio, student-vs-teacher MSE (and LPIPS-vgg when its backbone weights
-    exist), a teacher | student grid and a sample grid; written as one committed artifact."""
+    exist), a teacher | student grid and a sample grid, at ``<root>/evaluations/<version>``."""
+    version = _evaluation_version_of(dataset_uri, extractor_uri, pairs_uri, student_uri, cfg)
+    out = _out(root, "evaluations", version)
+    m, skipped = evaluate_image(out, dataset_uri, extractor_uri, pairs_uri, student_uri, cfg, device, root)
+    return _evaluation_summary(out, m, skipped)
+
+
+def _evaluation_version_of(dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
+                           cfg: ImageEvalStageConfig) -> str:
+    from .datasets import open_image_dataset
+    from .image_train import read_image_student_manifest
+    from .pairstore import PairStore
+    return evaluation_version(open_image_dataset(dataset_uri).manifest.content_hash,
+                              Path(str(extractor_uri).rstrip("/")).name, PairStore.open(pairs_uri).version,
+                              read_image_student_manifest(student_uri).version, cfg)
+
+
+def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
+                   cfg: ImageEvalStageConfig, device: str, reference_root: str) -> tuple[ImageEvaluationManifest, bool]:
+    """Evaluate an image student into the directory artifact ``out`` (``kdm evaluate`` and the stage);
+    returns (its manifest, whether it already held this evaluation). Reference statistics are cached
+    under ``reference_root``."""
     from . import features, image_metrics as im
     from .datasets import open_image_dataset
     from .image_train import read_image_student_manifest
     from .pairstore import PairStore
     from .sample import load_image_student
+    version = _evaluation_version_of(dataset_uri, extractor_uri, pairs_uri, student_uri, cfg)
+    if artifacts.check_target(out, version, read_evaluation_manifest):
+        return read_evaluation_manifest(out), True
     ds = open_image_dataset(dataset_uri)
     fxm = features.read_extractor_manifest(extractor_uri)
     store = PairStore.open(pairs_uri)
     sm = read_image_student_manifest(student_uri)
-    fx_version = Path(str(extractor_uri).rstrip("/")).name
-    version = evaluation_version(ds.manifest.content_hash, fx_version, store.version, sm.version, cfg)
-    out = _out(root, "evaluations", version)
-    if artifacts.committed(out):
-        return _evaluation_summary(out, read_evaluation_manifest(out), True)
     _require_device(device, "evaluation")
     held = store.heldout()
     if held is None or held.manifest.seeds is None:
@@ -262,7 +281,7 @@ def stage_image_evaluate(root: str, dataset_uri: str, extractor_uri: str, pairs_
     x_train, _ = ds.load("train")
     x_ref = x_train[_subset(len(x_train), cfg.reference_images)]
     fx = features.load_extractor(extractor_uri, device)
-    ref = im.reference_stats(x_ref, dataset_id=ds.version, split="train", extractor=fx, root=root)
+    ref = im.reference_stats(x_ref, dataset_id=ds.version, split="train", extractor=fx, root=reference_root)
     student, _ = load_image_student(student_uri, device)
     s_x0 = _one_step(student, hd["x_T"], hd["label"] if sm.model.label_dim else None, cfg.batch_size)
     t_x0 = hd["x_0"].astype(np.float32)
@@ -305,7 +324,7 @@ def stage_image_evaluate(root: str, dataset_uri: str, extractor_uri: str, pairs_
                                 code_version=code_version(), created=utc_now())
     artifacts.write_json(artifacts.join(tmp, artifacts.MANIFEST), m)
     artifacts.commit(out)
-    return _evaluation_summary(out, m, False)
+    return m, False
 
 
 # ----------------------------------------------------------------------------- GPU stage requests
@@ -326,6 +345,35 @@ def run_stage_request(req, progress: bool = False, on_log: Optional[Callable[[di
         return stage_image_evaluate(req.root, req.dataset_uri, req.extractor_uri, req.pairs_uri, req.student_uri,
                                     req.config, req.device, progress)
     raise KDMError(f"unknown stage request {type(req).__name__}")
+
+
+def stage_output(req) -> tuple[str, bool]:
+    """(output URI, whether it is committed) of the stage a StageRequest describes, computed from its inputs'
+    manifests without running anything (the flow uses it to skip finished GPU stages and to check that a
+    GPU worker's output is visible from here)."""
+    from .datasets import open_image_dataset
+    from .pairstore import PairStore
+    from .teacher import read_teacher_manifest
+    from .image_train import read_image_student_manifest
+    if isinstance(req, ExtractorStageRequest):
+        v = extractor_version(open_image_dataset(req.dataset_uri).manifest.content_hash, req.config)
+        out = _out(req.root, "extractors", v)
+    elif isinstance(req, TeacherStageRequest):
+        if req.config.teacher_uri:
+            return req.config.teacher_uri, artifacts.committed(req.config.teacher_uri)
+        out = _out(req.root, "teachers", teacher_version(open_image_dataset(req.dataset_uri).manifest.content_hash,
+                                                          req.config))
+    elif isinstance(req, PairsStageRequest):
+        out = _out(req.root, "pairs", pairs_version(read_teacher_manifest(req.teacher_uri).id, req.config))
+        return out, artifacts.exists(out)
+    elif isinstance(req, StudentStageRequest):
+        out = _out(req.root, "students", student_version(PairStore.open(req.pairs_uri).version, req.config))
+    elif isinstance(req, EvaluationStageRequest):
+        out = _out(req.root, "evaluations", _evaluation_version_of(req.dataset_uri, req.extractor_uri, req.pairs_uri,
+                                                                   req.student_uri, req.config))
+    else:
+        raise KDMError(f"unknown stage request {type(req).__name__}")
+    return out, artifacts.committed(out)
 
 
 # ----------------------------------------------------------------------------- plan and run

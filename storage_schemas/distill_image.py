@@ -175,7 +175,16 @@ def _preset_data(name: str, conditional: bool) -> dict:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESET_NAMES)}")
     teacher = d["teacher"].model_copy(update={"use_labels": conditional})
     d.update(preset=name, conditional=conditional, teacher=teacher)
-    return {k: (v.model_dump(mode="json") if isinstance(v, BaseModel) else v) for k, v in d.items()}
+    return _plain(d)
+
+
+def _plain(v: Any) -> Any:
+    """Models dumped to mappings, at any depth (so user mappings merge into every level)."""
+    if isinstance(v, BaseModel):
+        return v.model_dump(mode="json")
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -240,6 +249,31 @@ class DistillImageConfig(Strict):
 def distill_image_preset(name: str, conditional: bool = False) -> DistillImageConfig:
     """The config of preset ``name`` (smoke | mini | full), unconditional or class-conditional."""
     return DistillImageConfig.model_validate({"preset": name, "conditional": conditional})
+
+
+def config_from_parameters(config: Any = None, **fields: Any) -> DistillImageConfig:
+    """The run config from the flow's parameters: ``config`` (a mapping, or a complete DistillImageConfig)
+    with the top-level ``fields`` (preset, conditional, root, student, ...; None = not given) merged onto
+    it, then validated once, so the preset fills what neither sets. A nested model given as a field
+    contributes only the keys that were set in it. Raises pydantic.ValidationError or ValueError."""
+    if isinstance(config, DistillImageConfig):
+        for key in ("preset", "conditional"):
+            if fields.get(key) is not None and fields[key] != getattr(config, key):
+                raise ValueError(f"{key}={fields[key]!r} contradicts the given config's {key}="
+                                 f"{getattr(config, key)!r}: pass the config as a mapping to rebase it on a preset")
+        raw: dict = config.model_dump(mode="json")
+    elif isinstance(config, dict):
+        raw = dict(config)
+    elif config is None:
+        raw = {}
+    else:
+        raise ValueError(f"config must be a mapping of DistillImageConfig fields, got {type(config).__name__}")
+    unknown = sorted(set(fields) - set(DistillImageConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown parameters {unknown}; valid: {', '.join(DistillImageConfig.model_fields)}")
+    over = {k: (v.model_dump(mode="json", exclude_unset=True) if isinstance(v, BaseModel) else v)
+            for k, v in fields.items() if v is not None}
+    return DistillImageConfig.model_validate(_deep_merge(raw, over))
 
 
 # ----------------------------------------------------------------------------- GPU stage requests
