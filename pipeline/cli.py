@@ -108,6 +108,9 @@ def cmd_sample(a) -> None:
 
 
 def cmd_evaluate(a) -> None:
+    from .cli_distill_image import cmd_evaluate_image, is_image_student
+    if is_image_student(a.student):
+        return cmd_evaluate_image(a)
     from storage_schemas import Eval2DConfig
     from . import artifacts, evaluate, presets
     cfg = presets.validate(Eval2DConfig, presets.apply_sets({}, a.set), "evaluation options")
@@ -240,12 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--out", required=True)
 
+    from . import cli_distill_image
     sp = add(sub, "evaluate", cmd_evaluate, "evaluate a student against the held-out split of its pairs",
-             "example: kdm evaluate --student runs/student --pairs runs/pairs --out runs/eval/report.json")
+             "example: kdm evaluate --student runs/student --pairs runs/pairs --out runs/eval/report.json\n"
+             "image student: kdm evaluate --student runs/student --pairs runs/pairs --dataset runs/cifar10 "
+             "--extractor runs/extractor --out runs/eval")
     sp.add_argument("--student", required=True)
     sp.add_argument("--pairs", required=True)
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Eval2DConfig field")
-    sp.add_argument("--out", required=True, help="REPORT.json (plots beside it) or a directory")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Eval2DConfig field (image students: ImageEvalStageConfig field)")
+    sp.add_argument("--out", required=True, help="REPORT.json (plots beside it) or a directory (image students: "
+                                                 "a directory)")
+    cli_distill_image.add_evaluate_options(sp)
 
     sp = add(sub, "distill", cmd_distill, "run every stage (teacher/import, pairs, filter, train, evaluate) without Prefect",
              "example: kdm distill --preset checkerboard --root artifacts")
@@ -267,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "presets", cmd_presets, "list the presets under configs/")
     from . import cli_eval, cli_images, image_train
+    cli_distill_image.add_commands(sub)
     cli_images.add_commands(sub)
     cli_eval.add_commands(sub)
     image_train.add_image_commands(sub)
