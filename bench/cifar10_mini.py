@@ -1,45 +1,35 @@
 #!/usr/bin/env python
 """CIFAR-10 mini benchmark on one GPU in <= 10 minutes: data -> teacher -> pairs -> KDM student -> evaluation.
 
-    python bench/cifar10_mini.py --archive ../shared/data/cifar10-jpeg.tar.gz --out runs/bench-cifar10-mini
-    python bench/cifar10_mini.py --archive ... --out ... --stages dataset,extractor     # the parts ready today
+    python bench/cifar10_mini.py --out runs/bench-cifar10-mini --teacher-seconds 200 --student-seconds 150
+    python bench/cifar10_mini.py --out runs/x --stages dataset,extractor      # the offline metric alone
 
-Stages and what each needs (status when this script was written):
+Stages: dataset (`kdm data prepare`), extractor (the offline Frechet-distance network, trained here), teacher
+(EDM bootstrap, preset cifar10-mini), pairs (EDM Heun, 35 NFE, train + held-out seeds), student (a budgeted
+cifar10-uncond KDM), evaluation (FD-<extractor id> and KID of teacher and student vs the train split, their
+ratio, student-vs-teacher MSE on held-out seeds, grids, the local-structure figure). ``--teacher-seconds`` /
+``--student-seconds`` time a short run of the same config first and then fix the number of steps to fit the
+budget (the steps are recorded; the result is an ordinary content-addressed artifact).
 
-| stage      | API                                                                    | status                     |
-|------------|------------------------------------------------------------------------|----------------------------|
-| dataset    | pipeline.datasets.prepare_image_dataset / open_image_dataset           | ready                      |
-| extractor  | pipeline.features.train_extractor + FD/KID sanity checks               | ready                      |
-| teacher    | pipeline.teacher_bootstrap.load_edm_teacher_config('cifar10-mini') + train_edm_teacher | WAITING (in progress) |
-| pairs      | pipeline.generate.generate_pairs(teacher_url, cfg, out), sampler 'edm-heun'    | WAITING (in progress) |
-| student    | pipeline.image_train.train_image_student(pairs_url, model_cfg, train_cfg, out, device=, max_steps=) | WAITING (in progress) |
-| evaluation | pipeline.image_metrics (FD/KID of teacher and student, ratio, MSE, LPIPS, grids, local structure) | ready; runs on 3-5's outputs |
-
-Every stage is timed; a stage whose module (or function) is missing is reported as "waiting on ..." and
-the later stages that need its output are skipped. Results: a markdown table on stdout, and under
-``--out``: ``results.json``, ``metrics.json`` (storage_schemas.protocol.ImageMetricReport) and PNGs.
+Results: a markdown table on stdout, and under ``--out``: ``results.json`` (every stage, its time, its
+numbers, the student's loss curve), ``metrics.json`` (storage_schemas.protocol.ImageMetricReport) and PNGs
+(teacher samples, student samples at four points of its run, teacher | student, local structure).
 
 Extractor validation (the offline metric's own sanity check): test accuracy of the ResNet-9 classifier
 (target >= 90 %), FD-<id> of the CIFAR-10 test split against the train split (two samples of the same
 distribution: small) and of uniform-noise images against the train split (large), with KID beside
 them. ``--determinism-check`` retrains the network with the same seed and compares the weights' sha256.
-
-Measured on one H200 (torch 2.11, CUDA 13): dataset 16.5 s; extractor (18 epochs) 13.7 s of training,
-test accuracy 0.906, FD(test vs train) 0.66, FD(uniform noise vs train) 246, KID 0.0008 vs 1.48, retrained
-weights bitwise identical; 24 epochs (the default) 18.1 s, accuracy 0.910. A smoke run of every stage
-(teacher 400 steps, 4096 + 2048 pairs, student 300 steps) took 164 s in all, evaluation 8 s of it.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,20 +44,6 @@ from storage_schemas import stable_hash  # noqa: E402
 
 class StageUnavailable(RuntimeError):
     """A stage's module or function does not exist yet (or its input stage did not run)."""
-
-
-def need(module: str, attr: Optional[str] = None):
-    """Import ``module`` (and get ``attr``) lazily; a missing one raises StageUnavailable naming it."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise StageUnavailable(f"waiting on {module}{'.' + attr if attr else ''} ({e})") from None
-    if attr is None:
-        return mod
-    fn = getattr(mod, attr, None)
-    if fn is None:
-        raise StageUnavailable(f"waiting on {module}.{attr} (the module exists but has no {attr} yet)")
-    return fn
 
 
 class Bench:
@@ -103,8 +79,7 @@ class Bench:
 
     # ------------------------------------------------------------------------- 1. dataset (ready)
     def dataset(self) -> dict:
-        prepare = need("pipeline.datasets", "prepare_image_dataset")
-        open_ds = need("pipeline.datasets", "open_image_dataset")
+        from pipeline.datasets import open_image_dataset as open_ds, prepare_image_dataset as prepare
         url = os.path.join(self.root, "datasets", "cifar10")
         m = prepare(self.a.archive, url, progress=not self.a.quiet)
         ds = open_ds(url)
@@ -160,26 +135,35 @@ class Bench:
             torch.cuda.empty_cache()
         return info
 
-    # ------------------------------------------------------------------------- 3. teacher (WAITING)
+    # ------------------------------------------------------------------------- 3. teacher
     def teacher(self) -> dict:
         self.requires("dataset_url")
-        # WAITING ON pipeline.teacher_bootstrap (being written): the 'cifar10-mini' preset
-        # (configs/teacher/cifar10-mini.yaml) through load_edm_teacher_config, then train_edm_teacher.
-        load_cfg = need("pipeline.teacher_bootstrap", "load_edm_teacher_config")
-        train_edm_teacher = need("pipeline.teacher_bootstrap", "train_edm_teacher")
+        from pipeline.teacher_bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher
         device = "cuda" if self.a.device.startswith("cuda") else "cpu"
-        cfg = load_cfg("cifar10-mini", sets=[f"device={device}", f"seed={self.a.seed}", *self.a.teacher_set])
+        cfg = load_edm_teacher_config("cifar10-mini", sets=[f"device={device}", f"seed={self.a.seed}",
+                                                             *self.a.teacher_set])
+        info: dict[str, Any] = {}
+        if self.a.teacher_seconds:
+            # Size the run to the time budget: time a short run of the same config, then fix `steps`.
+            rate = calibrate(lambda cb, url: train_edm_teacher(
+                self.ctx["dataset_url"], cfg.model_copy(update={"steps": 10**7, "log_every": 20}), url,
+                progress=False, on_log=cb, stop_after=100), self.out / "calibrate-teacher", "images_per_s")
+            steps = max(100, int(self.a.teacher_seconds * rate / cfg.batch_size) // 100 * 100)
+            cfg = cfg.model_copy(update={"steps": steps, "checkpoint_every": steps})
+            info["calibrated_images_per_s"] = round(rate, 1)
         url = os.path.join(self.root, "teachers", f"cifar10-mini-{stable_hash(cfg, length=10)}")
+        t = time.time()
         m = train_edm_teacher(self.ctx["dataset_url"], cfg, url, progress=not self.a.quiet)
+        train_s = time.time() - t
         self.ctx.update(teacher_url=url, teacher_id=m.id)
-        return {"id": m.id, "steps": cfg.steps, "batch_size": cfg.batch_size}
+        copy_if_exists(Path(url) / PREVIEW, self.out / "teacher_samples.png")
+        return {**info, "id": m.id, "steps": cfg.steps, "batch_size": cfg.batch_size, "images": cfg.steps * cfg.batch_size,
+                "train_seconds": round(train_s, 1), "final_loss": m.final_loss}
 
-    # ------------------------------------------------------------------------- 4. pairs (WAITING)
+    # ------------------------------------------------------------------------- 4. pairs
     def pairs(self) -> dict:
         self.requires("teacher_url")
-        # WAITING ON pipeline.generate.generate_pairs for EDM image teachers (being written): sampler kind
-        # 'edm-heun', x_T = 80 * eps per seed, held-out seeds right after the train seeds.
-        generate_pairs = need("pipeline.generate", "generate_pairs")
+        from pipeline.generate import generate_pairs
         from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange
         n, h = self.a.train_pairs, self.a.heldout_pairs
         cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=n), heldout_seeds=SeedRange(start=n, stop=n + h),
@@ -187,15 +171,19 @@ class Bench:
                                                           noise_scale=80.0),
                                   chunk_size=min(10_000, n), device="cuda" if self.a.device.startswith("cuda") else "cpu")
         url = os.path.join(self.root, "pairs", f"cifar10-mini-{stable_hash(self.ctx['teacher_id'], cfg, length=10)}")
+        t = time.time()
         version = generate_pairs(self.ctx["teacher_url"], cfg, url, progress=not self.a.quiet)
+        secs = time.time() - t
         self.ctx.update(pairs_url=url)
-        return {"version": version, "train": n, "heldout": h}
+        return {"version": version, "train": n, "heldout": h, "pairs_per_s": round((n + h) / secs, 1),
+                "nfe": 2 * self.a.teacher_steps - 1}
 
-    # ------------------------------------------------------------------------- 5. student (WAITING)
+    # ------------------------------------------------------------------------- 5. student
     def student(self) -> dict:
         self.requires("pairs_url")
-        # WAITING ON pipeline.image_train.train_image_student (being written).
-        train_image_student = need("pipeline.image_train", "train_image_student")
+        from pipeline.image_metrics import save_grid
+        from pipeline.image_train import train_image_student
+        from pipeline.pairstore import PairStore
         from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset
         base = image_preset("cifar10-uncond").model_dump()
         # Budgeted cifar10-uncond: narrower/shallower U-Nets, pseudo-Huber distance (LPIPS needs VGG16
@@ -204,13 +192,43 @@ class Bench:
         base.update(distance="pseudo-huber", adv_weight=0.0)
         model_cfg = KDMImageConfig.model_validate(base)
         train_cfg = ImageTrainConfig(steps=self.a.student_steps, batch_size=self.a.student_batch, ema_decay=0.999,
-                                     checkpoint_every=self.a.student_steps, log_every=100, seed=self.a.seed)
+                                     checkpoint_every=self.a.student_steps, log_every=100, seed=self.a.seed,
+                                     precision=self.a.student_precision)
+        info: dict[str, Any] = {}
+        if self.a.student_seconds:
+            rate = calibrate(lambda cb, url: train_image_student(
+                self.ctx["pairs_url"], model_cfg, train_cfg.model_copy(update={"steps": 10**7, "log_every": 20}),
+                str(url), device=self.a.device, progress=False, on_log=cb, max_steps=120),
+                self.out / "calibrate-student", "pairs_per_s")
+            steps = max(100, int(self.a.student_seconds * rate / train_cfg.batch_size) // 100 * 100)
+            train_cfg = train_cfg.model_copy(update={"steps": steps, "log_every": max(steps // 50, 10)})
+            info["calibrated_pairs_per_s"] = round(rate, 1)
+        # Sample grids of the EMA model on fixed held-out noise at four points of the run.
+        train_cfg = train_cfg.model_copy(update={"checkpoint_every": max(train_cfg.steps // 4, 1)})
+        held = PairStore.open(self.ctx["pairs_url"]).heldout()
+        fixed = held.load(("x_T",))["x_T"][:64] if held is not None else None
+        previews: list[str] = []
+
+        def preview(step: int, ema) -> None:
+            if fixed is not None:
+                name = f"student_step{step:06d}.png"
+                save_grid(generate(ema, fixed), self.out / name, nrow=8)
+                previews.append(name)
+
         url = os.path.join(self.root, "students",
                            f"cifar10-mini-{stable_hash(self.ctx['pairs_url'], model_cfg, train_cfg, length=10)}")
+        logs: list[dict] = []
+        t = time.time()
         version = train_image_student(self.ctx["pairs_url"], model_cfg, train_cfg, url, device=self.a.device,
-                                      preset="cifar10-mini", progress=not self.a.quiet, max_steps=self.a.student_steps)
+                                      preset="cifar10-mini", progress=not self.a.quiet, on_log=logs.append,
+                                      on_checkpoint=preview)
         self.ctx.update(student_url=url)
-        return {"version": version, "steps": self.a.student_steps}
+        curve = [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()
+                  if k in ("step", "loss_total", "loss_rec", "loss_lat", "loss_pred", "pairs_per_s")} for r in logs]
+        return {**info, "version": version, "steps": train_cfg.steps, "batch_size": train_cfg.batch_size,
+                "precision": train_cfg.precision, "train_seconds": round(time.time() - t, 1),
+                "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
+                "loss_curve": curve, "previews": previews}
 
     # ------------------------------------------------------------------------- 6. evaluation (ready)
     def evaluation(self) -> dict:
@@ -250,19 +268,16 @@ class Bench:
             info["lpips"] = lpips_note
         # Local structure (paper Sec. 6.1): the teacher as a denoiser (pipeline.teacher.load_denoiser,
         # being written alongside teacher_bootstrap) under EDM's Heun sampler, the student in one step.
-        try:
-            load_denoiser = need("pipeline.teacher", "load_denoiser")
-            from models.samplers import edm_heun
-            den, _ = load_denoiser(self.ctx["teacher_url"], self.a.device)
-            dev = torch.device(self.a.device)
-            x_T = torch.from_numpy(hd["x_T"][0] / 80.0)
-            res = im.local_structure(lambda z: student.generate(z.to(dev)),
-                                     lambda z: edm_heun(den, z.to(dev), num_steps=self.a.teacher_steps),
-                                     x_T, seed=self.a.seed, per_sigma=8, noise_scale=80.0,
-                                     path=self.out / "local_structure.png")
-            info["plots"]["local_structure"] = Path(res["path"]).name
-        except StageUnavailable as e:
-            info["local_structure"] = str(e)
+        from pipeline.teacher import load_denoiser
+        from models.samplers import edm_heun
+        den, _ = load_denoiser(self.ctx["teacher_url"], self.a.device)
+        dev = torch.device(self.a.device)
+        x_T = torch.from_numpy(hd["x_T"][0] / 80.0)
+        res = im.local_structure(lambda z: student.generate(z.to(dev)),
+                                 lambda z: edm_heun(den, z.to(dev), num_steps=self.a.teacher_steps),
+                                 x_T, seed=self.a.seed, per_sigma=8, noise_scale=80.0,
+                                 path=self.out / "local_structure.png")
+        info["plots"]["local_structure"] = Path(res["path"]).name
         return info
 
     # ------------------------------------------------------------------------- output
@@ -292,7 +307,33 @@ class Bench:
         return 0 if all(s["status"] == "ok" for s in requested) else 1
 
 
-# ----------------------------------------------------------------------------- student helpers
+# ----------------------------------------------------------------------------- helpers
+
+def calibrate(run: Callable, scratch: Path, key: str) -> float:
+    """Throughput of a short run: ``run(on_log, url)`` logs records with ``key``; the median of those after
+    the first (which carries the warm-up) is returned. The scratch run is deleted afterwards."""
+    import shutil
+    recs: list[dict] = []
+
+    def clean() -> None:
+        for p in scratch.parent.glob(scratch.name + "*"):      # the run and its .partial work directory
+            shutil.rmtree(p)
+    clean()
+    try:
+        run(recs.append, str(scratch))
+    finally:
+        clean()
+    rates = sorted(r[key] for r in recs[1:]) or [r[key] for r in recs]
+    if not rates:
+        raise RuntimeError(f"calibration run logged no {key}")
+    return float(rates[len(rates) // 2])
+
+
+def copy_if_exists(src: Path, dst: Path) -> None:
+    import shutil
+    if src.exists():
+        shutil.copyfile(src, dst)
+
 
 def generate(model, x_T: np.ndarray, batch: int = 500) -> np.ndarray:
     import torch
@@ -330,6 +371,12 @@ def parse(argv=None):
     p.add_argument("--student-batch", type=int, default=128)
     p.add_argument("--student-channels", type=int, default=32)
     p.add_argument("--student-blocks", type=int, default=2)
+    p.add_argument("--student-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (+TF32) is faster than bf16 autocast for the small budgeted U-Nets")
+    p.add_argument("--teacher-seconds", type=float, default=0,
+                   help="size the teacher run to about this many seconds (times 100 steps first); 0 = preset steps")
+    p.add_argument("--student-seconds", type=float, default=0,
+                   help="size the student run to about this many seconds (times 120 steps first); 0 = --student-steps")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     a.stages = [s.strip() for s in a.stages.split(",") if s.strip()]

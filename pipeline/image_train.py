@@ -410,12 +410,15 @@ def _check_store(store, model_cfg: KDMImageConfig, pairs_url: str) -> None:
 def train_image_student(pairs_url: str, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, out: str,
                         device: Optional[str] = None, *, preset: str = "custom", progress: bool = True,
                         on_log: Optional[Callable[[dict], None]] = None, max_steps: Optional[int] = None,
-                        vgg16_weights: Optional[str] = None) -> str:
+                        vgg16_weights: Optional[str] = None,
+                        on_checkpoint: Optional[Callable[[int, torch.nn.Module], None]] = None) -> str:
     """Train (or resume, or find finished) an image KDM student on the train split of ``pairs_url``.
 
     ``device`` overrides ``train_cfg.device`` ('cpu', 'cuda' or 'cuda:N'; under torchrun each process
     takes cuda:LOCAL_RANK). ``max_steps`` stops this process after that many steps in total, with a
-    checkpoint there, without finishing the run (a later call resumes). Returns the run version.
+    checkpoint there, without finishing the run (a later call resumes). ``on_checkpoint(step, ema)`` is
+    called on the main process after every checkpoint with the EMA model in eval mode (e.g. to write a
+    sample grid of fixed noise, so a run's progress can be looked at). Returns the run version.
     """
     from .image_data import ChunkShuffleSampler, Cursor
     from .pairstore import PairStore
@@ -425,7 +428,7 @@ def train_image_student(pairs_url: str, model_cfg: KDMImageConfig, train_cfg: Im
     dev, di, created_pg = init_distributed(device or train_cfg.device)
     try:
         return _train(pairs_url, model_cfg, train_cfg, out, dev, di, preset, progress, on_log, max_steps,
-                      vgg16_weights, PairStore, ChunkShuffleSampler, Cursor)
+                      vgg16_weights, PairStore, ChunkShuffleSampler, Cursor, on_checkpoint)
     finally:
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
@@ -437,7 +440,7 @@ def _barrier(di: DistInfo) -> None:
 
 
 def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max_steps, vgg16_weights,
-           PairStore, ChunkShuffleSampler, Cursor) -> str:
+           PairStore, ChunkShuffleSampler, Cursor, on_checkpoint=None) -> str:
     store = PairStore.open(pairs_url)
     _check_store(store, model_cfg, pairs_url)
     m = store.manifest
@@ -508,6 +511,8 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
                 bar.update(1)
             if step % tc.checkpoint_every == 0 or step == stop:
                 _save_checkpoint(run, step, trainer, sampler.cursor, tc.keep_checkpoints, di)
+                if on_checkpoint is not None and di.is_main:
+                    on_checkpoint(step, trainer.ema)
     finally:
         batches.close()
         sampler.close()

@@ -116,8 +116,11 @@ def test_resume_is_bitwise_equal_and_saves_the_ema(pairs, tmp_path):
     va = train_image_student(pairs, mc, tc, str(a), progress=False, on_log=logs.append)
     assert [r["step"] for r in logs] == list(range(1, 8)) and all(r["nonfinite_steps"] == 0 for r in logs)
 
-    vb = train_image_student(pairs, mc, tc, str(b), progress=False, max_steps=4)   # "killed" after step 4
+    seen = []
+    vb = train_image_student(pairs, mc, tc, str(b), progress=False, max_steps=4,   # "killed" after step 4
+                             on_checkpoint=lambda step, ema: seen.append((step, ema.training, ema.xT_encoder)))
     assert va == vb
+    assert [s for s, _, _ in seen] == [3, 4] and not any(t for _, t, _ in seen)   # the EMA model, eval mode
     assert not (b / "manifest.json").exists() and (b / "checkpoints" / "step-00000004").is_dir()
     state = json.loads((b / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert state["step"] == 4 and state["data"]["cursor"] == {"epoch": 0, "offset": 16}
