@@ -66,11 +66,14 @@ def find_pending_task(root: str, preset: str, teacher_ids: list[str], base_confi
                       config_model: str) -> list[dict]:
     """Of the registered ``teacher_ids``, those with a missing stage: id, teacher URI, config, missing stages."""
     records = [registry.read_record(root, t) for t in teacher_ids]
+    failed: list[dict] = []
     pending = registry.pending_teachers(root, preset, records=records, select=None,
                                         config_model=load_object(config_model), planner=load_object(planner),
-                                        base_config=base_config)
+                                        base_config=base_config,
+                                        on_error=lambda rec, e: failed.append({"teacher_id": rec.id,
+                                                                               "error": str(e)}))
     return [{"teacher_id": p.record.id, "teacher_uri": p.record.teacher_uri,
-             "config": p.config.model_dump(mode="json"), "missing": list(p.missing)} for p in pending]
+             "config": p.config.model_dump(mode="json"), "missing": list(p.missing)} for p in pending] + failed
 
 
 def _runs_in_flight(client, deployment_id) -> list:
@@ -120,6 +123,11 @@ def redistill(root: str = "artifacts", preset: str = "full", deployment: str = D
             busy = {_config_teacher_uri(r): r for r in _runs_in_flight(client, dep.id)}
             for p in pending:
                 key = idempotency_key(p["teacher_id"], preset)
+                if "error" in p:
+                    logger.error("teacher %s: %s", p["teacher_id"], p["error"])
+                    rows.append({"teacher": p["teacher_id"], "deployment": name, "idempotency_key": key,
+                                 "missing": "", "status": "error", "flow_run": "", "state": p["error"]})
+                    continue
                 before = {r.id: r for r in _runs_with_key(client, dep.id, key)}
                 other = busy.get(p["teacher_uri"])
                 row = {"teacher": p["teacher_id"], "deployment": name, "idempotency_key": key,
@@ -140,11 +148,16 @@ def redistill(root: str = "artifacts", preset: str = "full", deployment: str = D
     if rows:
         create_table_artifact(rows, key="redistill",
                               description=f"redistill tick: {started} started, {len(rows) - started} already "
-                                          f"started or in flight (preset {preset}, {recipe_version()})")
+                                          f"started, in flight or failed to plan (preset {preset}, "
+                                          f"{recipe_version()})")
     else:
         create_markdown_artifact(f"# redistill\n\nNothing pending under `{root}`: every registered CIFAR-10 "
                                  f"teacher ({len(records)}) has a finished student for preset `{preset}` "
                                  f"and {recipe_version()}.", key="redistill")
     print(f"redistill: {len(records)} registered teacher(s), {len(rows)} pending, {started} distillation(s) "
           f"started")
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors:
+        raise RuntimeError(f"{len(errors)} registered teacher(s) could not be planned (the others were handled): "
+                           + "; ".join(f"{r['teacher']}: {r['state']}" for r in errors))
     return rows

@@ -208,8 +208,11 @@ def default_config_model() -> type[BaseModel]:
 
 
 def default_planner() -> Planner:
-    from .stages_image import plan_distill_image
-    return plan_distill_image
+    """``plan_distill_image`` of the config with its relative paths taken relative to the repository (as the
+    distill-cifar10 flow does)."""
+    from .stages_image import plan_distill_image, resolve_paths
+    repo = Path(__file__).resolve().parent.parent
+    return lambda cfg: plan_distill_image(resolve_paths(cfg, repo))
 
 
 def distill_config(rec: RegisteredTeacher, root: str, preset: str, config_model: type[BaseModel],
@@ -246,9 +249,13 @@ class PendingTeacher:
 def pending_teachers(root: str, preset: str, *, records: Optional[Iterable[RegisteredTeacher]] = None,
                      select: Optional[Callable[[RegisteredTeacher], bool]] = cifar10_shaped,
                      config_model: Optional[type[BaseModel]] = None, planner: Optional[Planner] = None,
-                     base_config: Optional[dict] = None) -> list[PendingTeacher]:
+                     base_config: Optional[dict] = None,
+                     on_error: Optional[Callable[[RegisteredTeacher, KDMError], None]] = None) -> list[PendingTeacher]:
     """Registered teachers (``records``, default all under ``root``, filtered by ``select``) whose
-    distillation under ``preset`` and the current recipe version has a stage whose output is missing."""
+    distillation under ``preset`` and the current recipe version has a stage whose output is missing.
+
+    A teacher whose config or plan fails raises, or with ``on_error`` is reported to it and skipped (so one
+    broken registration does not hold up the others)."""
     root = absolute_uri(root)
     records = list_teachers(root) if records is None else list(records)
     config_model = config_model or default_config_model()
@@ -257,8 +264,14 @@ def pending_teachers(root: str, preset: str, *, records: Optional[Iterable[Regis
     for rec in records:
         if select is not None and not select(rec):
             continue
-        cfg = distill_config(rec, root, preset, config_model, base_config)
-        missing = tuple(name for name, s in plan_stages(planner(cfg)).items() if not s["exists"])
+        try:
+            cfg = distill_config(rec, root, preset, config_model, base_config)
+            missing = tuple(name for name, s in plan_stages(planner(cfg)).items() if not s["exists"])
+        except KDMError as e:
+            if on_error is None:
+                raise
+            on_error(rec, e)
+            continue
         if missing:
             out.append(PendingTeacher(rec, cfg, missing))
     return out

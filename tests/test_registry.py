@@ -190,15 +190,25 @@ def test_pending_teachers_are_cifar10_shaped_registrations_without_a_finished_st
         registry.pending_teachers(root, "smoke", config_model=StandinConfig, planner=lambda cfg: {"student": 1})
 
 
-def test_pending_uses_the_image_pipeline_config_by_default(tmp_path):
-    pytest.importorskip("storage_schemas.distill_image")
-    root = str(tmp_path / "root")
-    rec = registry.register_teacher(root, str(kdm_teacher(tmp_path / "a", label_dim=10))).record
-    seen = []
-    [p] = registry.pending_teachers(root, "mini", planner=lambda cfg: seen.append(cfg) or standin_plan(cfg))
+def test_pending_with_the_image_pipeline_planner_and_a_broken_registration(tmp_path):
+    pytest.importorskip("pipeline.stages_image")
     from storage_schemas.distill_image import DistillImageConfig
-    assert isinstance(p.config, DistillImageConfig) and seen == [p.config]
-    assert (p.config.preset, p.config.conditional, p.config.teacher_uri) == ("mini", True, rec.teacher_uri)
+    root = str(tmp_path / "root")
+    archive = tmp_path / "cifar10.tar.gz"
+    archive.write_bytes(b"not read by the plan, only hashed")
+    good = registry.register_teacher(root, str(kdm_teacher(tmp_path / "a", label_dim=10))).record
+    broken = registry.register_teacher(root, str(kdm_teacher(tmp_path / "b", 1))).record
+    (Path(broken.teacher_uri) / "manifest.json").unlink()
+    base = {"dataset": {"archive": str(archive)}}
+    with pytest.raises(KDMError, match=f"teacher {broken.teacher_uri} is not a readable teacher artifact"):
+        registry.pending_teachers(root, "mini", base_config=base)
+    errors = []
+    [p] = registry.pending_teachers(root, "mini", base_config=base, on_error=lambda r, e: errors.append((r.id, str(e))))
+    assert isinstance(p.config, DistillImageConfig) and p.record == good
+    assert (p.config.preset, p.config.conditional, p.config.teacher_uri) == ("mini", True, good.teacher_uri)
+    assert p.config.dataset.archive == str(archive)
+    assert "student" in p.missing and "teacher" not in p.missing     # the registered teacher is given
+    assert [e[0] for e in errors] == [broken.id] and "not a readable teacher artifact" in errors[0][1]
 
 
 # ------------------------------------------------------------------ CLI (no Prefect API configured)
