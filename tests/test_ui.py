@@ -1,0 +1,170 @@
+"""The Prefect UI shows a checkerboard run's artifacts: a real `prefect server start` (UI enabled) on a
+free 127.0.0.1 port, a smoke-sized `kdm` flow run against it, and headless Chromium rendering the flow
+run's Artifacts tab, the artifacts page and the report artifact (screenshots + rendered DOM).
+
+``KDM_UI_SCREENSHOTS=DIR`` keeps the screenshots in DIR (the README's docs/ui-artifacts.png is the
+flow run page's).
+"""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from s3_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (/usr/bin/chromium, "
+                                                         "Debian package 'chromium')")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WINDOW = (1400, 1000)
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory):
+    """``prefect server start`` with the UI, its own PREFECT_HOME (SQLite) and UI static directory."""
+    home = tmp_path_factory.mktemp("prefect-ui")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home / "home"), PREFECT_UI_ENABLED="true", PREFECT_UI_API_URL=f"{base}/api",
+               PREFECT_UI_STATIC_DIRECTORY=str(home / "ui"), PREFECT_SERVER_API_HOST="127.0.0.1",
+               PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    log = home / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect server start exited with {proc.returncode}:\n{_tail(log)}")
+            try:
+                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Prefect server on {base} did not answer /api/health within 120 s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield base, env
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def flow_run(ui_server, tmp_path_factory):
+    """A smoke-sized `kdm` flow run reported to the UI server: (flow run id, its name, its artifacts)."""
+    base, env = ui_server
+    root = tmp_path_factory.mktemp("ui-artifacts")
+    code = ("import json\nfrom flows.kdm_flow import kdm\nfrom pipeline import presets\n"
+            f"state = kdm(presets.load('distill', 'smoke', sets=['root={root}']), return_state=True)\n"
+            "assert state.is_completed(), state\n"
+            "print('KDM_FLOW_RUN=' + json.dumps({'id': str(state.state_details.flow_run_id), "
+            "'student': state.result()['student']['version']}))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env | {"PREFECT_API_URL": f"{base}/api"},
+                         capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("KDM_FLOW_RUN=")), None)
+    assert res.returncode == 0 and line, f"flow run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    run = json.loads(line.removeprefix("KDM_FLOW_RUN="))
+    api = f"{base}/api"
+    name = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()["name"]
+    arts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
+                      timeout=10).json()
+    return run | {"name": name, "artifacts": arts}
+
+
+def _ui_base(base: str) -> str:
+    """The base URL of the UI the server serves by default (``/v2`` for Prefect's new UI, else ``/``)."""
+    s = httpx.get(f"{base}/ui-settings", timeout=10).json()
+    path = s.get(f"{s.get('default_ui', 'v1')}_base_url") or "/"
+    return base + path.rstrip("/")
+
+
+def chromium(url: str, tmp: Path, *flags: str) -> subprocess.CompletedProcess:
+    profile = tmp / f"profile-{time.monotonic_ns()}"
+    res = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=15000",
+                          *flags, url], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, f"chromium exited with {res.returncode} on {url}:\n{res.stderr[-2000:]}"
+    return res
+
+
+def screenshot(url: str, tmp: Path, name: str) -> Path:
+    path = tmp / f"{name}.png"
+    chromium(url, tmp, f"--screenshot={path}", f"--window-size={WINDOW[0]},{WINDOW[1]}")
+    keep = os.environ.get("KDM_UI_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / path.name)
+    return path
+
+
+def dump_dom(url: str, tmp: Path) -> str:
+    return chromium(url, tmp, "--dump-dom").stdout
+
+
+def assert_rendered_png(path: Path) -> None:
+    from PIL import Image
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    Image.open(io.BytesIO(data)).verify()                       # CRCs and structure
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    assert img.size == WINDOW
+    colours = img.getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50, f"{path} has only {len(colours)} colours: a blank page"
+    lo, hi = img.convert("L").getextrema()
+    assert hi - lo > 100, f"{path} has no contrast (grey levels {lo}..{hi}): a blank page"
+
+
+def test_flow_run_page_shows_the_runs_artifacts(ui_server, flow_run, tmp_path):
+    base, _ = ui_server
+    keys = sorted(a["key"] for a in flow_run["artifacts"] if a["key"])
+    assert {"checkerboard-smoke-report", "checkerboard-smoke-metrics", "checkerboard-smoke-samples",
+            "checkerboard-smoke-student-link"} <= set(keys)
+    url = f"{_ui_base(base)}/runs/flow-run/{flow_run['id']}?tab=Artifacts"
+    assert_rendered_png(screenshot(url, tmp_path, "ui-artifacts"))
+    dom = dump_dom(url, tmp_path)
+    assert flow_run["name"] in dom
+    missing = [k for k in keys if k not in dom]
+    assert not missing, f"the flow run page does not show the artifacts {missing}"
+
+
+def test_artifacts_page_lists_every_artifact_key_of_the_run(ui_server, flow_run, tmp_path):
+    base, _ = ui_server
+    url = f"{_ui_base(base)}/artifacts"
+    assert_rendered_png(screenshot(url, tmp_path, "ui-artifacts-page"))
+    dom = dump_dom(url, tmp_path)
+    missing = [a["key"] for a in flow_run["artifacts"] if a["key"] and a["key"] not in dom]
+    assert not missing, f"the artifacts page does not list {missing}"
+
+
+def test_report_artifact_renders_lineage_metrics_and_plots(ui_server, flow_run, tmp_path):
+    base, _ = ui_server
+    report = next(a for a in flow_run["artifacts"] if a["key"] == "checkerboard-smoke-report")
+    url = f"{_ui_base(base)}/artifacts/artifact/{report['id']}"
+    assert_rendered_png(screenshot(url, tmp_path, "ui-report"))
+    dom = dump_dom(url, tmp_path)
+    assert "KDM distillation: checkerboard (smoke)" in dom and "Lineage" in dom and "Metrics" in dom
+    assert flow_run["student"] in dom
+    assert "student (1 NFE)" in dom and "teacher x_0" in dom          # the metrics table, rendered
+    for plot in ("samples", "noise_structure_student", "noise_structure_teacher"):
+        assert f'alt="{plot}" src="data:image/png;base64,' in dom, plot
