@@ -1,0 +1,277 @@
+"""CIFAR-10 distillation: presets and overrides, plan, every stage on CPU, the distill-cifar10 flow, kdm evaluate."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from image_fixtures import image_folder, single_thread, write_archive
+from pipeline import artifacts, stages_image
+from pipeline.cli import main
+from pipeline.errors import KDMError
+from pipeline.teacher_bootstrap import load_edm_teacher_config
+from storage_schemas import format_validation_error
+from storage_schemas.distill_image import (DistillImageConfig, ImageStudentStageConfig, _deep_merge,
+                                           config_from_parameters, distill_image_preset)
+from storage_schemas.kdm_image import image_preset
+from storage_schemas.protocol import ImageMetricReport
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The smoke preset, smaller still (seconds on one core).
+TINY = {"teacher": {"steps": 4, "preview_samples": 0}, "student": {"train": {"steps": 4}},
+        "pairs": {"seeds": {"start": 0, "stop": 32}, "heldout_seeds": {"start": 32, "stop": 48}, "chunk_size": 16}}
+STAGES = ("dataset", "extractor", "teacher", "pairs", "student", "evaluation")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> str:
+    """A synthetic CIFAR-like ImageFolder archive: 3 classes, 8 train + 2 test 32x32 images each."""
+    members, _ = image_folder(np.random.default_rng(0), per_class={"train": 8, "test": 2}, size=32)
+    return str(write_archive(tmp_path_factory.mktemp("data") / "tiny-cifar.tgz", members))
+
+
+def smoke(archive: str, root, **over) -> DistillImageConfig:
+    base = {"preset": "smoke", "root": str(root), "dataset": {"archive": archive}, **TINY}
+    return DistillImageConfig.model_validate(_deep_merge(base, over))
+
+
+@pytest.fixture(scope="module")
+def done(archive, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("root")
+    cfg = smoke(archive, root)
+    with single_thread():
+        plan0 = stages_image.plan_distill_image(cfg)
+        first = stages_image.run_distill_image(cfg, progress=False, log=lambda m: None)
+        second = stages_image.run_distill_image(cfg, progress=False, log=lambda m: None)
+    return dict(cfg=cfg, root=root, plan0=plan0, first=first, second=second)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_presets_are_the_documented_recipes():
+    full = distill_image_preset("full")
+    assert full == DistillImageConfig() and full.preset == "full" and full.device == "cuda"
+    assert (len(full.pairs.seeds), len(full.pairs.heldout_seeds), full.pairs.sampler.nfe) == (1_000_000, 50_000, 35)
+    assert full.student.train.steps == 800_000 and full.student.train.batch_size == 128
+    assert full.student.model == image_preset("cifar10-uncond")
+    assert full.teacher == load_edm_teacher_config("cifar10-edm")
+    mini = distill_image_preset("mini")
+    assert mini.teacher == load_edm_teacher_config("cifar10-mini")
+    assert (len(mini.pairs.seeds), len(mini.pairs.heldout_seeds), mini.student.train.steps) == (20_000, 5_000, 4000)
+    assert mini.student.model.unet.model_channels == 32 and mini.student.model.distance == "pseudo-huber"
+    sm = distill_image_preset("smoke")
+    assert sm.device == "cpu" and sm.extractor.device == "cpu" and sm.pairs.sampler.steps == 18
+    for name in ("smoke", "mini", "full"):
+        cond = distill_image_preset(name, conditional=True)
+        assert cond.conditional and cond.teacher.use_labels and cond.student.model.label_dim == 10
+    assert distill_image_preset("full", True).student.model == image_preset("cifar10-cond")
+
+
+def test_preset_override_semantics():
+    cfg = DistillImageConfig.model_validate({"preset": "mini", "student": {"train": {"steps": 100}}})
+    mini = distill_image_preset("mini")
+    assert cfg.student.train.steps == 100
+    assert cfg.student.train.model_copy(update={"steps": 4000}) == mini.student.train     # the rest stays mini's
+    assert cfg.student.model == mini.student.model and cfg.teacher == mini.teacher
+    assert DistillImageConfig.model_validate({"preset": "smoke", "conditional": True}) == distill_image_preset("smoke", True)
+    # flow parameters: the cond deployment's {"conditional": true} + a caller's config mapping
+    c = config_from_parameters({"preset": "mini", "teacher_uri": "t"}, conditional=True)
+    assert c.conditional and c.teacher_uri == "t" and c.student.model.label_dim == 10 and c.preset == "mini"
+    # a top-level section given as a model contributes only the keys set in it
+    c = config_from_parameters(None, preset="smoke",
+                               student=ImageStudentStageConfig.model_validate({"train": {"steps": 5}}))
+    assert c.student.train.steps == 5 and c.student.model == distill_image_preset("smoke").student.model
+    with pytest.raises(ValueError, match="contradicts the given config's preset='smoke'"):
+        config_from_parameters(distill_image_preset("smoke"), preset="mini")
+
+
+def test_validation_errors_name_the_field_and_the_fix():
+    def msg(data) -> str:
+        with pytest.raises(ValidationError) as e:
+            DistillImageConfig.model_validate(data)
+        return format_validation_error(e.value, "params")
+    assert "preset: Input should be 'smoke', 'mini' or 'full' (got 'huge')" in msg({"preset": "huge"})
+    assert "student.trian: unknown field (check the spelling)" in msg({"preset": "smoke", "student": {"trian": {}}})
+    assert "heldout_seeds 10-19 overlap seeds 0-63" in msg({"preset": "smoke", "pairs": {"heldout_seeds":
+                                                                                        {"start": 10, "stop": 20}}})
+    assert "teacher.use_labels=True but conditional=False: set conditional instead" in \
+        msg({"preset": "smoke", "teacher": {"use_labels": True}})
+    assert "- pairs.sampler: Value error, sigma_min and rho are settings of kind 'edm-heun' only" in \
+        msg({"preset": "smoke", "pairs": {"sampler": {"kind": "flow-matching-ode"}}})
+
+
+def test_flow_parameters_validate_against_the_signature_schema():
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError as SchemaError, validate
+    from flows.distill_image import distill_cifar10
+    schema = parameter_schema(distill_cifar10.fn).model_dump_for_openapi()
+    for ok in ({"preset": "smoke"}, {"preset": "mini", "student": {"train": {"steps": 100}}},
+               {"config": {"preset": "mini", "teacher_uri": "s3://b/teachers/edm-1"}}, {"conditional": True}):
+        validate(ok, schema, raise_on_error=True)
+    for bad, why in (({"preset": "huge"}, "'huge' is not one of"), ({"student": {"trian": {}}}, "'trian' was unexpected"),
+                     ({"config": {"pairs": {"chunk_size": 0}}}, "chunk_size")):
+        with pytest.raises(SchemaError, match=why):
+            validate(bad, schema, raise_on_error=True)
+
+
+# ----------------------------------------------------------------------------- plan and stages
+
+
+def test_plan_lists_every_stage_before_and_after_the_run(done):
+    p0, first = done["plan0"], done["first"]
+    assert list(p0["stages"]) == list(STAGES) and p0["todo"] == list(STAGES) and not p0["complete"]
+    assert p0["stages"]["dataset"]["uri"] == first["dataset"]["uri"]          # known from the archive alone
+    assert p0["stages"]["extractor"] == {"uri": None, "version": None, "exists": False, "pool": "kdm-cpu",
+                                         "after": "dataset"}
+    assert p0["stages"]["student"]["pool"] == "kdm-gpu" and p0["stages"]["student"]["after"] == "pairs"
+    p1 = stages_image.plan_distill_image(done["cfg"])
+    assert p1["complete"] and p1["todo"] == []
+    for name in STAGES:
+        assert (p1["stages"][name]["uri"], p1["stages"][name]["version"]) == (first[name]["uri"],
+                                                                            first[name]["version"]), name
+
+
+def test_plan_with_a_given_teacher_knows_whether_it_has_its_student(done, archive, tmp_path):
+    teacher = done["first"]["teacher"]["uri"]
+    here = stages_image.plan_distill_image(smoke(archive, done["root"], teacher_uri=teacher))
+    assert here["stages"]["teacher"]["given"] and here["stages"]["student"]["exists"]
+    fresh = stages_image.plan_distill_image(smoke(archive, tmp_path / "other", teacher_uri=teacher))
+    assert fresh["stages"]["student"]["version"] == done["first"]["student"]["version"]
+    assert not fresh["stages"]["student"]["exists"] and fresh["stages"]["teacher"]["pool"] is None
+    with pytest.raises(KDMError, match="is unconditional .label_dim 0. but the run has conditional=True"):
+        stages_image.plan_distill_image(smoke(archive, tmp_path, teacher_uri=teacher, conditional=True))
+
+
+def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
+    first, second, root = done["first"], done["second"], Path(done["root"])
+    kinds = dict(dataset="datasets", extractor="extractors", teacher="teachers", pairs="pairs", student="students",
+                 evaluation="evaluations")
+    for name in STAGES:
+        assert first[name]["uri"] == str(root / kinds[name] / first[name]["version"]), name
+        assert first[name]["skipped"] is False and second[name]["skipped"] is True, name
+        assert second[name]["version"] == first[name]["version"], name
+    assert (first["dataset"]["train_images"], first["dataset"]["classes"]) == (24, 3)
+    assert (first["pairs"]["count"], first["pairs"]["heldout_count"], first["pairs"]["nfe"]) == (32, 16, 35)
+    assert first["student"]["steps"] == 4
+    ev = first["evaluation"]
+    fd = f"FD-{first['extractor']['id']}"
+    assert ev["metric_names"]["fd"] == fd and ev["num_samples"] == 16 and ev["lpips"] is None
+    assert ev["fd_ratio"] == pytest.approx(ev["fd_student"] / ev["fd_teacher"])
+    report = ImageMetricReport.model_validate(json.loads(Path(ev["report"]).read_text()))
+    assert {(m.name, m.subject) for m in report.metrics} >= {(fd, "teacher"), (fd, "student"), ("MSE", "student")}
+    mse = report.get("MSE", "student")
+    assert mse.protocol.seeds.text() == "32-47" and mse.protocol.pairs_version == first["pairs"]["version"] + "-heldout"
+    assert report.get(fd, "teacher").protocol == report.get(fd, "student").protocol
+    # the MSE is the student's one-step outputs against the teacher's x_0 on the held-out seeds
+    from pipeline.pairstore import PairStore
+    from pipeline.sample import load_image_student
+    held = PairStore.open(first["pairs"]["uri"]).heldout().load(("x_T", "x_0"))
+    model, _ = load_image_student(first["student"]["uri"])
+    with torch.no_grad():
+        x0 = model.generate(torch.from_numpy(held["x_T"])).numpy()
+    assert mse.value == pytest.approx(float(np.mean((x0.astype(np.float64) - held["x_0"]) ** 2)), rel=1e-5)
+    from PIL import Image
+    for f in ev["plots"].values():
+        with Image.open(Path(ev["uri"], f)) as im:
+            assert im.format == "PNG" and im.width > 32
+
+
+def test_gpu_stage_on_a_machine_without_gpu_is_a_clear_error(done, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    cfg, first = done["cfg"], done["first"]
+    with pytest.raises(KDMError, match="teacher stage: device 'cuda' was requested but no CUDA GPU is visible"):
+        stages_image.stage_image_teacher(str(tmp_path), first["dataset"]["uri"], cfg.teacher_stage(), "cuda")
+    with pytest.raises(KDMError, match="student stage: device 'cuda' was requested"):
+        stages_image.stage_image_student(str(tmp_path), first["pairs"]["uri"], cfg.student, "cuda")
+    assert list(tmp_path.iterdir()) == []
+    # finished stages need no GPU: they only read their outputs
+    assert stages_image.stage_image_student(str(done["root"]), first["pairs"]["uri"], cfg.student, "cuda")["skipped"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_kdm_evaluate_on_an_image_student(done, tmp_path, capsys):
+    f = done["first"]
+    args = ["evaluate", "--student", f["student"]["uri"], "--pairs", f["pairs"]["uri"]]
+    assert main(args + ["--out", str(tmp_path / "e")]) == 1
+    assert "is an image student: its evaluation also needs --dataset and --extractor" in capsys.readouterr().err
+    args += ["--dataset", f["dataset"]["uri"], "--extractor", f["extractor"]["uri"], "--root", str(tmp_path / "refs"),
+             "--set", "kid_subsets=5"]
+    assert main(args + ["--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    m = stages_image.read_evaluation_manifest(str(tmp_path / "eval"))
+    assert m.config.kid_subsets == 5 and m.student_version == f["student"]["version"]
+    assert m.summary["mse"] == pytest.approx(f["evaluation"]["mse"])        # same outputs, same seeds
+    assert f"FD-{f['extractor']['id']} teacher" in out and "ratio" in out and "| MSE | student |" in out
+    assert main(args + ["--out", str(tmp_path / "eval")]) == 0
+    assert "(already there)" in capsys.readouterr().out
+
+
+def test_kdm_distill_image_dry_run_and_rerun(done, archive, capsys):
+    sets = ["--set", f"dataset.archive={archive}", "--set", "teacher.steps=4", "--set", "teacher.preview_samples=0",
+            "--set", "pairs.seeds.stop=32", "--set", "pairs.heldout_seeds={start: 32, stop: 48}",
+            "--set", "pairs.chunk_size=16", "--set", "student.train.steps=4", "--root", str(done["root"])]
+    assert main(["distill-image", "--preset", "smoke", "--dry-run", "-q", *sets]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" done ") == 6 and "0 of 6 stages to do" in out
+    assert main(["distill-image", "--preset", "smoke", "-q", *sets]) == 0
+    assert f"student {done['first']['student']['version']}" in capsys.readouterr().out
+    assert main(["distill-image", "--preset", "smoke", "--set", "student.trian.steps=1", "--dry-run"]) == 1
+    assert "student.trian: unknown field" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the Prefect flow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _artifacts():
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts()
+    return asyncio.run(read())
+
+
+def test_flow_runs_the_stages_in_process_and_publishes_artifacts(harness, done, archive):
+    from flows.distill_image import artifact_key, distill_cifar10
+    base = {"preset": "smoke", "root": str(done["root"]), "dataset": {"archive": archive}, **TINY}
+    cfg = _deep_merge(base, {"student": {"train": {"steps": 3}}})   # a new student on the existing pairs
+    res = distill_cifar10(config=cfg)
+    for name in ("dataset", "extractor", "teacher", "pairs"):
+        assert res[name]["skipped"] is True and res[name]["version"] == done["first"][name]["version"], name
+    for name in ("student", "evaluation"):
+        assert res[name]["skipped"] is False and res[name]["version"] != done["first"][name]["version"], name
+    assert res["student"]["steps"] == 3
+    key = artifact_key(res)
+    arts = _artifacts()
+    keys = {a.key for a in arts if a.key}
+    assert {f"{key}-report", f"{key}-metrics", f"{key}-teacher-student", f"{key}-student-samples",
+            f"{key}-student-link", f"{key}-teacher-link"} <= keys
+    assert any(a.type == "progress" for a in arts)
+    md = next(a for a in arts if a.key == f"{key}-report").data
+    assert "## Lineage" in md and res["student"]["version"] in md and res["teacher"]["version"] in md
+    assert "data:image/png;base64," in md and f"FD-{res['extractor']['id']}" in md and "not FID" in md
+    table = next(a for a in arts if a.key == f"{key}-metrics")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["subject"] for r in rows} >= {"teacher", "student", "student / teacher"}
+    # the same run through the top-level shortcuts: every stage exists already
+    again = distill_cifar10(preset="smoke", root=str(done["root"]), dataset=cfg["dataset"], teacher=cfg["teacher"],
+                            pairs=cfg["pairs"], student=cfg["student"])
+    assert all(again[n]["skipped"] for n in STAGES)
+    assert again["evaluation"]["version"] == res["evaluation"]["version"]
