@@ -11,7 +11,9 @@ alone. What a tick did is published as a table artifact (key ``redistill``).
 
 Conditional teachers go to ``conditional_deployment`` (unconditional ones to ``deployment``); with
 ``conditional_deployment=None`` every teacher goes to ``deployment``. The distillation config is the
-deployment's default ``config`` parameter with ``preset``, ``root`` and ``teacher_uri`` set.
+deployment's parameters (its ``config`` with the top-level ones merged on, as the distillation flow reads
+them) with ``preset``, ``root``, ``teacher_uri`` and ``conditional`` set; the run gets it as ``config``
+and, where the deployment sets top-level parameters, those too (agreeing with it).
 """
 from __future__ import annotations
 
@@ -76,6 +78,21 @@ def find_pending_task(root: str, preset: str, teacher_ids: list[str], base_confi
              "config": p.config.model_dump(mode="json"), "missing": list(p.missing)} for p in pending] + failed
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deployment_config(parameters: dict) -> dict:
+    """The config a deployment's parameters describe: its ``config`` mapping with the other (top-level)
+    parameters merged onto it, as the distill-cifar10 flow does."""
+    config = parameters.get("config")
+    top = {k: v for k, v in parameters.items() if k != "config" and v is not None}
+    return _deep_merge(config if isinstance(config, dict) else {}, top)
+
+
 def _runs_in_flight(client, deployment_id) -> list:
     return client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
@@ -89,8 +106,7 @@ def _runs_with_key(client, deployment_id, key: str) -> list:
 
 
 def _config_teacher_uri(run) -> Optional[str]:
-    cfg = (run.parameters or {}).get("config")
-    return cfg.get("teacher_uri") if isinstance(cfg, dict) else None
+    return deployment_config(run.parameters or {}).get("teacher_uri")
 
 
 @flow(name="redistill", log_prints=True)
@@ -118,7 +134,8 @@ def redistill(root: str = "artifacts", preset: str = "full", deployment: str = D
             except ObjectNotFound:
                 raise ValueError(f"deployment {name!r} does not exist on the Prefect server; register it with "
                                  f"`prefect --no-prompt deploy --all` (prefect.yaml)") from None
-            base = (dep.parameters or {}).get("config") or {}
+            dep_params = dict(dep.parameters or {})
+            base = deployment_config(dep_params)
             pending = find_pending_task(root, preset, [r.id for r in group], base, planner, config_model)
             busy = {_config_teacher_uri(r): r for r in _runs_in_flight(client, dep.id)}
             for p in pending:
@@ -136,7 +153,10 @@ def redistill(root: str = "artifacts", preset: str = "full", deployment: str = D
                     rows.append(row | {"status": "in flight (other run)", "flow_run": other.name,
                                        "state": other.state_type.value if other.state_type else ""})
                     continue
-                run = run_deployment(name, parameters={"config": p["config"]}, timeout=0, idempotency_key=key,
+                # Top-level parameters of the deployment override its config in the flow: send them agreeing.
+                params = {"config": p["config"]} | {k: p["config"][k] for k in dep_params
+                                                     if k != "config" and k in p["config"]}
+                run = run_deployment(name, parameters=params, timeout=0, idempotency_key=key,
                                      flow_run_name=f"{p['teacher_id']}-{preset}", as_subflow=False)
                 status = "already started" if run.id in before else "started"
                 state = run.state_type.value if run.state_type else ""

@@ -289,7 +289,7 @@ def standin_deployments(harness):
         flow_id = client.create_flow_from_name(flow_name)
         for name, cond in (("uncond", False), ("cond", True)):
             client.create_deployment(flow_id=flow_id, name=name,
-                                     parameters={"config": {"preset": "full", "conditional": cond, "steps": 7}})
+                                     parameters={"config": {"conditional": cond, "steps": 7}, "preset": "full"})
     return flow_name
 
 
@@ -323,8 +323,8 @@ def test_redistill_starts_one_run_per_pending_teacher_and_a_second_tick_starts_n
     assert set(runs) == {idempotency_key(a.id, "smoke"), idempotency_key(c.id, "smoke")}
     assert idempotency_key(a.id, "smoke") == f"{a.id}-{recipe_version()}-smoke"
     run_c = runs[idempotency_key(c.id, "smoke")]
-    assert run_c.parameters["config"] == {"preset": "smoke", "conditional": True, "steps": 7, "root": str(
-        Path(root).resolve()), "teacher_uri": c.teacher_uri}
+    assert run_c.parameters == {"config": {"preset": "smoke", "conditional": True, "steps": 7, "root": str(
+        Path(root).resolve()), "teacher_uri": c.teacher_uri}, "preset": "smoke"}   # top-level agrees with config
 
     second = redistill(**kw)
     assert sorted((r["teacher"], r["status"], r["flow_run_id"]) for r in second) == sorted(
@@ -401,7 +401,7 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
         trig.set_deployment_id(uuid.uuid4())
         server_trigger = Automation.model_validate(trig.as_automation().model_dump(mode="json")).trigger
         params = trig.parameters
-        cond = params["config"]["conditional"]
+        cond = {"true": True, "false": False}[trig.match.root["kdm.teacher.conditional"]]
         seen.add(cond)
         for label_dim, fires in ((10, cond), (0, not cond)):
             rec, ev = _registration_event({"label_dim": label_dim})
@@ -413,10 +413,11 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
         RunDeployment._upgrade_v1_templates(rendered)
         rendered = hydrate(rendered, HydrationContext(render_jinja=True, jinja_context={"event": ev},
                                                       raise_on_error=True))
-        assert rendered["config"]["teacher_uri"] == rec.teacher_uri and rendered["config"]["root"] == "/data/root"
+        assert rendered == {"teacher_uri": rec.teacher_uri, "root": "/data/root"}
         sc = pytest.importorskip("storage_schemas.distill_image")
-        cfg = sc.DistillImageConfig.model_validate(rendered["config"])
-        assert cfg.teacher_uri == rec.teacher_uri and cfg.conditional is cond
+        # Prefect merges the trigger's parameters onto the deployment's (here: preset mini, conditional).
+        cfg = sc.config_from_parameters(None, **{"preset": "mini", "conditional": cond, **rendered})
+        assert (cfg.teacher_uri, cfg.root, cfg.conditional, cfg.preset) == (rec.teacher_uri, "/data/root", cond, "mini")
     assert seen == {False, True}
 
 
