@@ -23,13 +23,22 @@ else
 fi
 
 prefect work-pool inspect kdm-cpu >/dev/null 2>&1 || prefect work-pool create kdm-cpu --type process >/dev/null
+# kdm-gpu runs the GPU stages of distill-cifar10 (deployment gpu-stage): one at a time per GPU, 1 without GPU.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); [[ "${gpus:-0}" -ge 1 ]] || gpus=1
+prefect work-pool inspect kdm-gpu >/dev/null 2>&1 || prefect work-pool create kdm-gpu --type process >/dev/null
+prefect work-pool set-concurrency-limit kdm-gpu "$gpus" >/dev/null
 prefect --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; exit 1; }
-echo "deployments registered: $(prefect deployment ls 2>/dev/null | grep -o 'kdm/[a-z0-9-]*' | sort -u | tr '\n' ' ')"
+echo "deployments registered: $(prefect deployment ls 2>/dev/null | grep -oE '(kdm|distill-cifar10|gpu-stage)/[a-z0-9-]*' | sort -u | tr '\n' ' ')"
 
 if ! alive "$STATE/worker.pid"; then
   setsid nohup prefect worker start --pool kdm-cpu --limit 1 >"$STATE/worker.log" 2>&1 &
   echo $! >"$STATE/worker.pid"
   echo "worker started on pool kdm-cpu (log: .kdm/worker.log)"
+fi
+if ! alive "$STATE/gpu-worker.pid"; then
+  setsid nohup prefect worker start --pool kdm-gpu --limit "$gpus" >"$STATE/gpu-worker.log" 2>&1 &
+  echo $! >"$STATE/gpu-worker.pid"
+  echo "worker started on pool kdm-gpu, concurrency $gpus (log: .kdm/gpu-worker.log)"
 fi
 
 start=$(date +%s)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Stop what `make demo` started: the worker first, then the server (SIGTERM; SIGINT is ignored by
+# Stop what `make demo` started: the workers first, then the server (SIGTERM; SIGINT is ignored by
 # background jobs).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"
-for name in worker server; do
+for name in worker gpu-worker server; do
   f="$STATE/$name.pid"
   if [[ -f "$f" ]] && kill -0 "$(cat "$f")" 2>/dev/null; then
     pid=$(cat "$f")
