@@ -354,6 +354,34 @@ def test_redistill_starts_one_run_per_pending_teacher_and_a_second_tick_starts_n
                for tab in rows)
 
 
+def test_the_yaml_trigger_starts_the_deployment_with_the_registered_teacher(standin_deployments, tmp_path, capsys):
+    """End to end on the test server: prefect.yaml's trigger as an automation of the stand-in deployment,
+    `kdm teacher register` emits the event, the server starts a run with the templated parameters."""
+    from prefect.cli.deploy._triggers import DeploymentTriggerAdapter
+    from prefect.client.orchestration import get_client
+    flow_name = standin_deployments
+    spec = json.loads(json.dumps(_prefect_yaml()["definitions"]["triggers"]["teacher_registered_uncond"]))
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(f"{flow_name}/uncond")
+        trig = DeploymentTriggerAdapter.validate_python(spec)
+        trig.set_deployment_id(dep.id)
+        client.create_automation(trig.as_automation())
+    root = tmp_path / "root"
+    cond = kdm_teacher(tmp_path / "cond", 41, label_dim=10)
+    uncond = kdm_teacher(tmp_path / "uncond", 42)
+    for t in (cond, uncond):
+        assert main(["teacher", "register", str(t), "--root", str(root)]) == 0
+        assert "event kdm.teacher.registered emitted to" in capsys.readouterr().out
+    rec = next(r for r in registry.list_teachers(str(root)) if r.uri == str(uncond.resolve()))
+    deadline = time.monotonic() + 60
+    while not _flow_runs(flow_name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2.0)
+    [run] = _flow_runs(flow_name)             # the conditional teacher's event does not match this trigger
+    assert run.parameters == {"config": {"conditional": False, "steps": 7}, "preset": "full",
+                              "teacher_uri": rec.teacher_uri, "root": str(root.resolve())}
+
+
 def test_redistill_names_a_missing_deployment(harness, tmp_path):
     from flows.redistill import redistill
     root = str(tmp_path / "root")
