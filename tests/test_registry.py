@@ -447,13 +447,25 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
         cfg = sc.config_from_parameters(None, **{"preset": "mini", "conditional": cond, **rendered})
         assert (cfg.teacher_uri, cfg.root, cfg.conditional, cfg.preset) == (rec.teacher_uri, "/data/root", cond, "mini")
     assert seen == {False, True}
+    by_name = {d["name"]: d for d in doc["deployments"]}
+    for name, cond in (("distill-cifar10", False), ("distill-cifar10-cond", True)):
+        if name not in by_name:
+            continue
+        [t] = [t for t in by_name[name].get("triggers") or [] if "kdm.teacher.registered" in t["expect"]]
+        assert t["match"]["kdm.teacher.conditional"] == str(cond).lower(), name
+        assert (by_name[name].get("parameters") or {}).get("conditional", False) is cond, name
 
 
 def test_prefect_yaml_redistill_deployment_is_scheduled_on_the_cpu_pool():
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import load_flow_from_entrypoint
-    [dep] = [d for d in _prefect_yaml()["deployments"] if d["name"] == "redistill"]
+    doc = _prefect_yaml()
+    PrefectYamlModel.model_validate(doc)
+    [dep] = [d for d in doc["deployments"] if d["name"] == "redistill"]
     assert dep["work_pool"]["name"] == "kdm-cpu"
     [sched] = dep["schedules"]
-    assert sched["active"] is True and len(sched["cron"].split()) == 5
+    assert sched["active"] is True
+    CronSchedule(cron=sched["cron"], timezone=sched["timezone"])
     flow = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
     assert flow.name == "redistill" and set(dep["parameters"]) <= set(flow.parameters.properties)
