@@ -147,12 +147,11 @@ def cmd_report(a) -> None:
         rep = evaluate.read_report(a.report)
         where = a.report
     else:
-        root = artifacts.local_path(artifacts.join(a.root, "evaluations"))
-        found = sorted(root.glob("*/report.json"), key=lambda p: p.stat().st_mtime)
+        found = evaluate.find_reports(a.root)
         if not found:
-            raise KDMError(f"no evaluation reports under {root}; run `kdm distill` or the flow first")
-        where = str(found[-1])
-        rep = evaluate.read_report(where)
+            raise KDMError(f"no evaluation reports under {artifacts.join(a.root, 'evaluations')}; run `kdm distill` "
+                           f"or the flow first")
+        where, rep = found[-1]
     print(evaluate.format_table(evaluate.metrics_table(rep)))
     summary(f"report {where} (student {rep.student_version}, pairs {rep.pairs_version})")
 

@@ -96,6 +96,22 @@ def read_report(url: str) -> EvaluationReport:
     return artifacts.read_model(url, EvaluationReport)
 
 
+def find_reports(root: str) -> list[tuple[str, EvaluationReport]]:
+    """(URL, report) of every committed evaluation under ``<root>/evaluations`` (a local path or an
+    fsspec URL), oldest first by creation time."""
+    base = artifacts.join(root, "evaluations")
+    if not artifacts.exists(base):
+        return []
+    fs, path = artifacts.url_to_fs(base)
+    found = []
+    for p in fs.glob(f"{path.rstrip('/')}/*/{REPORT}"):
+        if p.rsplit("/", 2)[-2].endswith(".partial"):
+            continue
+        url = p if artifacts.is_local(base) else fs.unstrip_protocol(p)
+        found.append((url, read_report(url)))
+    return sorted(found, key=lambda item: item[1].created)
+
+
 def metrics_table(report: EvaluationReport) -> list[dict]:
     rows = []
     for name, ms in (("student (1 NFE)", report.student), ("teacher x_0", report.teacher_reference)):

@@ -60,7 +60,8 @@ def _server_text() -> str:
     return asyncio.run(read())
 
 
-def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run(harness, s3, tmp_path):
+def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run(harness, s3, tmp_path,
+                                                                                  capsys):
     from flows.kdm_flow import kdm
     root = f"s3://{BUCKET}/runs"
     first = kdm(smoke(root))
@@ -90,6 +91,13 @@ def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run
     report = EvaluationReport.model_validate(artifacts.read_json(first["evaluation"]["report"]))
     assert report.student_version == first["student"]["version"] and report.protocol.num_samples == 400
     assert artifacts.read_bytes(artifacts.join(first["evaluation"]["uri"], "samples.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from pipeline.cli import main
+    capsys.readouterr()
+    assert main(["report", "--root", root]) == 0                # `kdm report` finds the report on S3
+    out = capsys.readouterr().out
+    assert f"report {first['evaluation']['report']} (student {first['student']['version']}" in out
+    assert "student (1 NFE)" in out
 
     before = listing(s3, "runs")
     second = kdm(smoke(root))
