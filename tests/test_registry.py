@@ -160,6 +160,32 @@ def test_edm_pickle_needs_its_sha256_pinned_and_is_imported_once(edm_pickle, tmp
     assert again.created is False and again.record == r
 
 
+def test_register_at_s3_urls(tmp_path):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3_server import moto_s3
+    local = kdm_teacher(tmp_path / "t", seed=5)
+    with moto_s3("kdm-registry") as fs:
+        fs.put(str(local), "kdm-registry/teachers/t", recursive=True)
+        root, uri = "s3://kdm-registry/kdm", "s3://kdm-registry/teachers/t"
+        with pytest.raises(KDMError, match="s3://kdm-registry/teachers/missing does not exist"):
+            registry.register_teacher(root, "s3://kdm-registry/teachers/missing")
+        reg = registry.register_teacher(root, uri)
+        r = reg.record
+        assert reg.created and r.uri == r.teacher_uri == uri
+        assert r.sha256 == artifacts.sha256_file(str(local / "weights.safetensors"))
+        stored = fs.cat(f"kdm-registry/kdm/registry/teachers/{r.id}.json")
+        assert RegisteredTeacher.model_validate_json(stored) == r
+        again = registry.register_teacher(root, uri + "/")
+        assert again.created is False and again.record == r
+        assert fs.cat(f"kdm-registry/kdm/registry/teachers/{r.id}.json") == stored
+        assert registry.list_teachers(root) == [r]
+        fs.pipe("kdm-registry/teachers/t/weights.safetensors", b"tampered")
+        fs.rm(f"kdm-registry/kdm/registry/teachers/{r.id}.json")
+        with pytest.raises(KDMError, match="does not match its manifest"):
+            registry.register_teacher(root, uri)
+
+
 # ------------------------------------------------------------------ pending
 
 def test_pending_teachers_are_cifar10_shaped_registrations_without_a_finished_student(tmp_path):
