@@ -259,6 +259,21 @@ def test_cli_register_and_list_without_a_prefect_api(tmp_path, capsys, edm_pickl
     assert [RegisteredTeacher.model_validate(x) for x in listed] == [rec]
 
 
+def test_cli_register_fails_loudly_when_the_configured_api_is_unreachable(tmp_path, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from s3_server import free_port
+    t = kdm_teacher(tmp_path / "t", seed=7)
+    root = str(tmp_path / "root")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings({PREFECT_API_URL: url}):
+        assert main(["teacher", "register", str(t), "--root", root]) == 1
+    out, err = capsys.readouterr()
+    rec = registry.list_teachers(root)[0]
+    assert f"registered teacher {rec.id}" in out                       # recorded all the same
+    assert f"event kdm.teacher.registered not emitted: the Prefect API at {url} is not reachable" in err
+    assert "the scheduled redistill deployment will pick it up, or run this command again with --emit-again" in err
+
+
 # ------------------------------------------------------------------ against the Prefect test server
 
 @pytest.fixture(scope="module")
