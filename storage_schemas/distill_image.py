@@ -42,8 +42,9 @@ GPU_STAGES = ("teacher", "pairs", "student", "evaluation")   # run on pool kdm-g
 
 
 class ImageDatasetStageConfig(Strict):
-    archive: str = Field(DEFAULT_ARCHIVE, description="ImageFolder tar(.gz): train|test/<class>/<file>; "
-                                                      "relative paths are taken relative to the repository")
+    archive: str = Field(DEFAULT_ARCHIVE, description="ImageFolder tar(.gz): train|test/<class>/<file>; a relative "
+                                                      "path resolves against the repository (flow) or the working "
+                                                      "directory (kdm distill-image)")
     chunk_size: int = Field(10_000, ge=1, description="images per Zarr chunk (enters the dataset version)")
 
 
@@ -202,7 +203,7 @@ class DistillImageConfig(Strict):
 
     preset: PresetName = Field("full", description="recipe of every field not set: smoke | mini | full")
     conditional: bool = Field(False, description="class-conditional teacher and student (cifar10-cond)")
-    root: str = Field("artifacts", description="artifact root URL; relative paths resolve against the repository")
+    root: str = Field("artifacts", description="artifact root URL; a relative path resolves like dataset.archive")
     device: Device = Field("cuda", description="device of the GPU stages (teacher, pairs, student, evaluation)")
     dataset: ImageDatasetStageConfig = ImageDatasetStageConfig()
     extractor: ExtractorStageConfig = ExtractorStageConfig()
