@@ -147,6 +147,21 @@ def test_plan_with_a_given_teacher_knows_whether_it_has_its_student(done, archiv
     assert not fresh["stages"]["student"]["exists"] and fresh["stages"]["teacher"]["pool"] is None
     with pytest.raises(KDMError, match="is unconditional .label_dim 0. but the run has conditional=True"):
         stages_image.plan_distill_image(smoke(archive, tmp_path, teacher_uri=teacher, conditional=True))
+    # the stage verifies the given teacher's weights against its manifest
+    ds = done["first"]["dataset"]["uri"]
+    given = stages_image.stage_image_teacher(str(tmp_path), ds, smoke(archive, tmp_path, teacher_uri=teacher)
+                                             .teacher_stage(), "cpu")
+    assert (given["given"], given["version"], given["uri"]) == (True, done["first"]["teacher"]["version"], teacher)
+    import shutil
+    bad = tmp_path / "tampered"
+    shutil.copytree(teacher, bad)
+    w = bad / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(KDMError, match="does not match the manifest"):
+        stages_image.stage_image_teacher(str(tmp_path), ds, smoke(archive, tmp_path, teacher_uri=str(bad))
+                                         .teacher_stage(), "cpu")
 
 
 def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
