@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss  # noqa: E402
 from models.distances import make_distance  # noqa: E402
 from models.kdm_image import KDMImage  # noqa: E402
+from models.songunet import use_fused_attention  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.image_train import ImageTrainer, set_tf32  # noqa: E402
 from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig, image_preset  # noqa: E402
@@ -127,10 +128,12 @@ def bench_reference(model_cfg, train_cfg, device, data, args) -> dict:
     return res
 
 
-def bench_engine(model_cfg, train_cfg, device, data, args, **changes) -> dict:
+def bench_engine(model_cfg, train_cfg, device, data, args, fused_attention: bool = False, **changes) -> dict:
     _reset_memory(device)
     tc = train_cfg.model_copy(update=changes)
     trainer = ImageTrainer(model_cfg, tc, device)
+    if fused_attention:
+        use_fused_attention(trainer.model)
     x0, xT = data
     res = time_steps(lambda: trainer.train_step(xT, x0), device, args.warmup, args.steps)
     res["final_loss"] = trainer.pop_metrics().get("total")
@@ -141,30 +144,44 @@ def bench_engine(model_cfg, train_cfg, device, data, args, **changes) -> dict:
 
 
 @torch.no_grad()
-def bench_sampling(model_cfg, device, batch: int, precision: str, args) -> dict:
+def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_attention: bool = False,
+                   compile_mode: str | None = None) -> dict:
+    """One-step sampling (encoder of x_T, Koopman push, decoder) in fp32, bf16 or fp16 autocast; optionally
+    torch's fused attention and torch.compile (mode None = no compile)."""
     _reset_memory(device)
     if device.type == "cuda":
         set_tf32(False)
     torch.manual_seed(0)
     model = KDMImage.from_config(model_cfg).to(device).eval()
-    if precision == "bf16":
+    if fused_attention:
+        use_fused_attention(model)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if low is not None:
         model = model.to(memory_format=torch.channels_last)
     xT = model.sample_noise(batch, device=device)
-    if precision == "bf16":
+    if low is not None:
         xT = xT.contiguous(memory_format=torch.channels_last)
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
+    gen = torch.compile(model.generate, mode=compile_mode) if compile_mode else model.generate
 
     def run():
-        if ctx is None:
-            return model.generate(xT)
-        with ctx():
-            return model.generate(xT)
+        if low is None:
+            return gen(xT)
+        with torch.autocast(device.type, dtype=low):
+            return gen(xT)
 
     reps = max(1, args.steps // 2)
     res = time_steps(run, device, max(1, args.warmup // 2), reps)
     res["images_per_s"] = batch / res["step_s"]
     res["batch"] = batch
+    res["settings"] = {"precision": precision, "fused_attention": fused_attention, "compile_mode": compile_mode}
     return res
+
+
+SAMPLING_VARIANTS = {   # name: (precision, fused attention, compile mode)
+    "fp32": ("fp32", False, None), "bf16": ("bf16", False, None), "bf16-sdpa": ("bf16", True, None),
+    "bf16-sdpa-compile": ("bf16", True, "default"), "bf16-sdpa-compile-max": ("bf16", True, "max-autotune"),
+    "fp16-sdpa-compile": ("fp16", True, "default"),
+}
 
 
 def main(argv=None) -> dict:
@@ -180,6 +197,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--variants", default="fp32,bf16,nchw",
                     help="engine variants besides the reference: any of fp32, bf16, nchw (--compile adds compile)")
+    ap.add_argument("--sampling", default="bf16,fp32",
+                    help=f"one-step sampling variants, any of {', '.join(SAMPLING_VARIANTS)}")
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="engine variants with torch's fused attention (models.songunet.use_fused_attention)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
 
@@ -234,6 +255,11 @@ def main(argv=None) -> dict:
     if "nchw" in variants:
         record("engine_bf16_nchw", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
                                                         channels_last=False))
+    if args.fused_attention:
+        record("engine_fp32_tf32_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+                                                             fused_attention=True, precision="fp32"))
+        record("engine_bf16_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+                                                        fused_attention=True))
     if args.compile:
         record("engine_bf16_compile", lambda: bench_engine(model_cfg, train_cfg, device, data, args, compile=True))
 
@@ -246,14 +272,16 @@ def main(argv=None) -> dict:
     for name, s in speedups.items():
         print(f"speedup {name:20s} {s:6.2f}x", flush=True)
 
-    for prec in ("bf16", "fp32"):
+    for name in [v.strip() for v in args.sampling.split(",") if v.strip()]:
+        prec, fused, mode = SAMPLING_VARIANTS[name]
         try:
-            r = bench_sampling(model_cfg, device, sample_batch, prec, args)
-            print(f"sampling {prec:4s} batch {sample_batch}: {r['images_per_s']:,.0f} images/s", flush=True)
+            r = bench_sampling(model_cfg, device, sample_batch, prec, args, fused_attention=fused, compile_mode=mode)
+            print(f"sampling {name:22s} batch {sample_batch}: {r['images_per_s']:,.0f} images/s "
+                  f"(warm-up {r['warmup_s']:.1f} s)", flush=True)
         except Exception as e:
             r = {"error": f"{type(e).__name__}: {e}"}
-            print(f"sampling {prec} failed: {r['error']}", flush=True)
-        results["sampling"][prec] = r
+            print(f"sampling {name} failed: {r['error']}", flush=True)
+        results["sampling"][name] = r
 
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -262,3 +262,33 @@ class FlowMatchingDenoiser(nn.Module):
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
+
+
+class FastDenoiser(nn.Module):
+    """A denoiser run the fast way: bf16 (or fp16) autocast with float32 preconditioning and output,
+    channels_last U-Net, torch's fused attention, optionally ``torch.compile``; same interface as the
+    wrapped one. fp16 keeps 3 more mantissa bits than bf16 (less drift); EDM's own fast mode is fp16.
+
+    The reference (EDM's generate.py) is the plain denoiser in float32 with the Heun state in float64;
+    pipeline pair generation records which one produced a store (SamplerSettings.precision).
+    """
+
+    def __init__(self, denoiser: nn.Module, compile: bool = False, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"FastDenoiser runs in bfloat16 or float16, not {dtype}")
+        self.dtype = dtype
+        from .songunet import use_fused_attention
+        self.inner = use_fused_attention(denoiser.to(memory_format=torch.channels_last))
+        self.label_dim = getattr(denoiser, "label_dim", 0)
+        self.sigma_min = getattr(denoiser, "sigma_min", 0.0)
+        self.sigma_max = getattr(denoiser, "sigma_max", float("inf"))
+        self._call = torch.compile(self.inner) if compile else self.inner
+
+    def round_sigma(self, sigma):
+        return self.inner.round_sigma(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self._call(x, sigma, class_labels).to(torch.float32)

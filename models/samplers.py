@@ -72,13 +72,15 @@ def edm_time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: flo
 
 @torch.no_grad()
 def edm_heun(denoiser, x_T: torch.Tensor, class_labels: torch.Tensor | None = None, num_steps: int = 18,
-             sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+             sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+             state_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """EDM's deterministic sampler (generate.py ``edm_sampler`` with S_churn=0): Heun steps between the
     noise levels of ``edm_time_steps``, Euler on the last step (NFE = 2 num_steps - 1), state in float64.
 
     ``x_T`` is the start already scaled by sigma_max (x_T = sigma_max * eps). ``denoiser`` is any
     ``models.edm.Denoiser``; sigma_min/sigma_max are clamped to its supported range as in EDM, and a
-    clamp of sigma_max (which would not match the given x_T) is an error. Returns x_0 in float64.
+    clamp of sigma_max (which would not match the given x_T) is an error. Returns x_0 in ``state_dtype``
+    (float64 as in EDM; the fast path keeps the state in float32).
     """
     sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
     net_max = float(getattr(denoiser, "sigma_max", float("inf")))
@@ -88,17 +90,17 @@ def edm_heun(denoiser, x_T: torch.Tensor, class_labels: torch.Tensor | None = No
     round_sigma = getattr(denoiser, "round_sigma", torch.as_tensor)
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, device=x_T.device)
     t_steps = torch.cat([torch.as_tensor(round_sigma(t_steps[:-1]), dtype=torch.float64, device=x_T.device),
-                         t_steps[-1:]])
-    x_next = x_T.to(torch.float64)
+                         t_steps[-1:]]).to(state_dtype)
+    x_next = x_T.to(state_dtype)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
-        t_hat = torch.as_tensor(round_sigma(t_cur), dtype=torch.float64, device=x_T.device)   # gamma = 0
+        t_hat = torch.as_tensor(round_sigma(t_cur), dtype=state_dtype, device=x_T.device)   # gamma = 0
         x_hat = x_cur
-        denoised = denoiser(x_hat, t_hat, class_labels).to(torch.float64)
+        denoised = denoiser(x_hat, t_hat, class_labels).to(state_dtype)
         d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         if i < num_steps - 1:
-            denoised = denoiser(x_next, t_next, class_labels).to(torch.float64)
+            denoised = denoiser(x_next, t_next, class_labels).to(state_dtype)
             d_prime = (x_next - denoised) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next

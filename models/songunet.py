@@ -156,7 +156,13 @@ class AttentionOp(torch.autograd.Function):
 
 
 class UNetBlock(nn.Module):
-    """Residual block (+ optional resampling and self-attention) of the DDPM++/NCSN++/ADM U-Nets."""
+    """Residual block (+ optional resampling and self-attention) of the DDPM++/NCSN++/ADM U-Nets.
+
+    ``attn_impl``: 'edm' (EDM's AttentionOp: weights in float32, then an einsum) or 'sdpa' (the same
+    softmax(q^T k / sqrt(C)) v through torch's fused scaled_dot_product_attention); see use_fused_attention.
+    """
+
+    attn_impl = "edm"
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, num_heads: int | None = None,
@@ -215,11 +221,26 @@ class UNetBlock(nn.Module):
         if self.num_heads:
             n, c = x.shape[0], x.shape[1]
             q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
-            w = AttentionOp.apply(q, k)
-            a = torch.einsum("nqk,nck->ncq", w, v)
+            if self.attn_impl == "sdpa":        # (N, C, L) -> (N, 1, L, C): one head per row of q, k, v
+                a = F.scaled_dot_product_attention(q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
+                                                   v.transpose(1, 2).unsqueeze(1)).squeeze(1).transpose(1, 2)
+            else:
+                w = AttentionOp.apply(q, k)
+                a = torch.einsum("nqk,nck->ncq", w, v)
             x = self.proj(a.reshape(*x.shape)) + x
             x = x * self.skip_scale
         return x
+
+
+def use_fused_attention(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every UNetBlock inside ``module`` to torch's fused attention (or back to EDM's op).
+
+    Same function, different rounding: no parameters or state_dict keys change. Returns ``module``.
+    """
+    for m in module.modules():
+        if isinstance(m, UNetBlock):
+            m.attn_impl = "sdpa" if enabled else "edm"
+    return module
 
 
 class PositionalEmbedding(nn.Module):

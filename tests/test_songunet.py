@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from models.songunet import (INIT_MODES, AttentionOp, Conv2d, PositionalEmbedding, SongUNet, UNetBlock,
+from models.songunet import (use_fused_attention, INIT_MODES, AttentionOp, Conv2d, PositionalEmbedding, SongUNet, UNetBlock,
                              count_parameters, weight_init)
 
 # EDM's CIFAR-10 DDPM++ (train.py --arch=ddpmpp, dropout 0.13).
@@ -179,3 +179,19 @@ def test_conditional_net_without_labels_uses_zero_labels():
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     assert torch.allclose(net(x, t, None), net(x, t, torch.zeros(2, 3)))
     assert not torch.allclose(net(x, t, torch.eye(3)[:2]), net(x, t, torch.zeros(2, 3)))
+
+
+def test_fused_attention_is_the_same_function_and_switches_back():
+    torch.manual_seed(0)
+    net = SongUNet(**TINY).eval()
+    with torch.no_grad():
+        for p in net.parameters():          # non-zero attention projections (EDM zero-initialises them)
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 16, 16), torch.rand(3)
+    ref = net(x, t)
+    keys = list(net.state_dict())
+    fused = use_fused_attention(net)(x, t)
+    assert any(m.attn_impl == "sdpa" for m in net.modules() if isinstance(m, UNetBlock) and m.num_heads)
+    assert list(net.state_dict()) == keys
+    assert torch.allclose(fused, ref, atol=1e-5) and not torch.equal(fused, ref.mul(1.5))
+    assert torch.equal(use_fused_attention(net, False)(x, t), ref)
