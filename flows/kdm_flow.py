@@ -2,10 +2,12 @@
 
 Deployment ``kdm/distill-checkerboard`` (prefect.yaml) runs it with the ``checkerboard`` preset. Each
 task calls a plain-Python stage of ``pipeline.stages`` with URIs + a typed config and returns a small
-dict; finished stages are skipped because their content-addressed output already exists.
-"""
-from __future__ import annotations
+dict; finished stages are skipped because their content-addressed output already exists. The artifact
+root (``config.root``) may be a local path or an ``s3://bucket/prefix`` URL.
 
+The annotations are evaluated (no ``from __future__ import annotations``): a runner that pickles the
+flow into a spawned process (``kdm.serve()``) must still resolve ``DistillCheckerboardConfig``.
+"""
 import base64
 from pathlib import Path
 from prefect import flow, get_run_logger, task

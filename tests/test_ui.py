@@ -1,6 +1,8 @@
 """The Prefect UI shows a checkerboard run's artifacts: a real `prefect server start` (UI enabled) on a
 free 127.0.0.1 port, a smoke-sized `kdm` flow run against it, and headless Chromium rendering the flow
-run's Artifacts tab, the artifacts page and the report artifact (screenshots + rendered DOM).
+run's Artifacts tab, the artifacts page and the report artifact (screenshots + rendered DOM). And the
+UI's "Retry" of a failed deployment run (the state change the UI sends) re-runs it with the same
+parameters: the finished stages are skipped.
 
 ``KDM_UI_SCREENSHOTS=DIR`` keeps the screenshots in DIR (the README's docs/ui-artifacts.png is the
 flow run page's).
@@ -22,8 +24,8 @@ from s3_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (/usr/bin/chromium, "
-                                                         "Debian package 'chromium')")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
+                                                             "(/usr/bin/chromium, Debian package 'chromium')")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WINDOW = (1400, 1000)
@@ -135,6 +137,7 @@ def assert_rendered_png(path: Path) -> None:
     assert hi - lo > 100, f"{path} has no contrast (grey levels {lo}..{hi}): a blank page"
 
 
+@needs_chromium
 def test_flow_run_page_shows_the_runs_artifacts(ui_server, flow_run, tmp_path):
     base, _ = ui_server
     keys = sorted(a["key"] for a in flow_run["artifacts"] if a["key"])
@@ -148,6 +151,7 @@ def test_flow_run_page_shows_the_runs_artifacts(ui_server, flow_run, tmp_path):
     assert not missing, f"the flow run page does not show the artifacts {missing}"
 
 
+@needs_chromium
 def test_artifacts_page_lists_every_artifact_key_of_the_run(ui_server, flow_run, tmp_path):
     base, _ = ui_server
     url = f"{_ui_base(base)}/artifacts"
@@ -157,6 +161,7 @@ def test_artifacts_page_lists_every_artifact_key_of_the_run(ui_server, flow_run,
     assert not missing, f"the artifacts page does not list {missing}"
 
 
+@needs_chromium
 def test_report_artifact_renders_lineage_metrics_and_plots(ui_server, flow_run, tmp_path):
     base, _ = ui_server
     report = next(a for a in flow_run["artifacts"] if a["key"] == "checkerboard-smoke-report")
@@ -168,3 +173,90 @@ def test_report_artifact_renders_lineage_metrics_and_plots(ui_server, flow_run, 
     assert "student (1 NFE)" in dom and "teacher x_0" in dom          # the metrics table, rendered
     for plot in ("samples", "noise_structure_student", "noise_structure_teacher"):
         assert f'alt="{plot}" src="data:image/png;base64,' in dom, plot
+
+
+# --- "Retry" of a failed run ----------------------------------------------------------------------
+
+SERVE = """
+from flows.kdm_flow import kdm
+kdm.serve(name="retry-check", print_starting_message=False)
+"""
+
+
+def _wait_state(api: str, flow_run_id: str, types: set, timeout: float = 400) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fr = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+        if fr["state"] and fr["state"]["type"] in types:
+            return fr
+        time.sleep(1)
+    pytest.fail(f"flow run {flow_run_id} did not reach {types} within {timeout:.0f} s (last state: {fr['state']})")
+
+
+def _logs(api: str, flow_run_id: str) -> list[str]:
+    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
+                                                   "sort": "TIMESTAMP_ASC"}, timeout=10).json()
+    return [log["message"] for log in logs]
+
+
+def _wait_logs(api: str, flow_run_id: str, until, timeout: float = 60) -> list[str]:
+    """The run's log messages once one satisfies ``until`` (a run's process ships its last lines as it
+    exits, after its final state is set); all of them after ``timeout`` seconds otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = _logs(api, flow_run_id)
+        if any(until(m) for m in logs) or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
+
+
+def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, tmp_path):
+    """The run fails in its evaluation stage (a file stands where the evaluations directory goes); once
+    that is fixed, the UI's Retry (state AwaitingRetry, as the flow run menu sends it) runs the same flow
+    run again with the same parameters: every finished stage is skipped and the evaluation completes."""
+    from pipeline import presets
+    base, env = ui_server
+    api = f"{base}/api"
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "evaluations").write_text("not a directory")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        served = subprocess.Popen([sys.executable, "-c", SERVE], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                  env=env | {"PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (deps := httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {
+                "any_": ["retry-check"]}}}, timeout=10).json()):
+            assert served.poll() is None, f"kdm.serve exited with {served.returncode}:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"the deployment was not registered within 180 s:\n{_tail(log)}"
+            time.sleep(1)
+        params = {"config": presets.load("distill", "smoke", sets=[f"root={root}"]).model_dump(mode="json")}
+        fr = httpx.post(f"{api}/deployments/{deps[0]['id']}/create_flow_run", json={"parameters": params},
+                        timeout=10).json()
+        failed = _wait_state(api, fr["id"], {"FAILED", "CRASHED", "COMPLETED"})
+        assert failed["state"]["type"] == "FAILED", f"{failed['state']}\n{_tail(log)}"
+        first_logs = _wait_logs(api, fr["id"], lambda m: m.startswith("Finished in state Failed"))
+        assert any(m.startswith("teacher ") and m.endswith(" trained") for m in first_logs), first_logs
+        assert not any(m.endswith("(exists, skipped)") for m in first_logs), first_logs
+
+        (root / "evaluations").unlink()                         # the cause of the failure is fixed
+        r = httpx.post(f"{api}/flow_runs/{fr['id']}/set_state", timeout=10, json={
+            "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": True})
+        assert r.status_code in (200, 201), r.text
+        done = _wait_state(api, fr["id"], {"COMPLETED", "FAILED", "CRASHED"})
+        assert done["state"]["type"] == "COMPLETED", f"{done['state']}\n{_tail(log)}"
+        assert done["parameters"] == params and done["run_count"] == 2
+        logs = _wait_logs(api, fr["id"], lambda m: m.startswith("student ") and m.endswith("(exists, skipped)"))
+        skipped = [m for m in logs if m.endswith("(exists, skipped)")]
+        assert any(m.startswith("teacher ") for m in skipped) and any(m.startswith("student ") for m in skipped), logs
+        assert len(list((root / "evaluations").glob("eval-*/report.json"))) == 1
+    finally:
+        if served.poll() is None:
+            os.killpg(served.pid, signal.SIGTERM)
+            try:
+                served.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(served.pid, signal.SIGKILL)
+                served.wait()
