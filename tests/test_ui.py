@@ -86,7 +86,8 @@ def flow_run(ui_server, tmp_path_factory):
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env | {"PREFECT_API_URL": f"{base}/api"},
                          capture_output=True, text=True, timeout=600)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("KDM_FLOW_RUN=")), None)
-    assert res.returncode == 0 and line, f"flow run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0 and line, \
+        f"flow run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     run = json.loads(line.removeprefix("KDM_FLOW_RUN="))
     api = f"{base}/api"
     name = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()["name"]
