@@ -4,8 +4,9 @@
     python bench/bench_pair_sampler.py --out runs/bench-pairs.json                      # EDM DDPM++ architecture
     python bench/bench_pair_sampler.py --teacher runs/cifar10/teacher --out ...          # + drift on trained weights
 
-(a) ``reference``: EDM's generate.py exactly: float32 network, no TF32, NCHW, the Heun state in float64,
-    EDM's AttentionOp. (b) fast variants: float32 + TF32; bf16 autocast + channels_last + fused attention
+(a) ``reference``: EDM's generate.py exactly: float32 network under torch's default math modes (TF32 for
+    cuDNN convolutions, full float32 matmuls), NCHW, the Heun state in float64, EDM's AttentionOp
+    (``fp32-strict`` also turns TF32 off for the convolutions, for information). (b) fast variants: float32 + TF32; bf16 autocast + channels_last + fused attention
     (models.edm.FastDenoiser), eager or torch.compile; the same in fp16 (EDM's own reduced precision, three
     more mantissa bits than bf16); the Heun state in float32. Throughput is measured on the
     EDM CIFAR-10 DDPM++ network (55.7M parameters; speed does not depend on the weight values, and EDM's
@@ -33,7 +34,7 @@ from models.edm import FastDenoiser  # noqa: E402
 from models.samplers import edm_heun, edm_latents  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 
-VARIANTS = ("reference", "tf32", "bf16", "bf16-compile", "fp16", "fp16-compile")
+VARIANTS = ("reference", "fp32-strict", "tf32", "bf16", "bf16-compile", "fp16", "fp16-compile")
 
 
 def edm_cifar10_denoiser(device: torch.device) -> torch.nn.Module:
@@ -46,12 +47,11 @@ def edm_cifar10_denoiser(device: torch.device) -> torch.nn.Module:
 
 def make(variant: str, build) -> tuple[torch.nn.Module, torch.dtype]:
     """The denoiser of a variant and its Heun state dtype (TF32 is a process-wide switch set here)."""
-    tf32 = variant == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"          # torch's defaults: False, True
+    torch.backends.cudnn.allow_tf32 = variant != "fp32-strict"
     net = build()
-    if variant in ("reference", "tf32"):
-        return net, (torch.float64 if variant == "reference" else torch.float32)
+    if variant in ("reference", "fp32-strict", "tf32"):
+        return net, (torch.float32 if variant == "tf32" else torch.float64)
     dtype = torch.float16 if variant.startswith("fp16") else torch.bfloat16
     return FastDenoiser(net, compile=variant.endswith("-compile"), dtype=dtype), torch.float32
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.edm import FastDenoiser
 from models.samplers import edm_heun, edm_latents, integrate_ode, seeded_noise
 from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, PairsGenerateConfig, SeedRange,
                              TeacherManifest, TeacherRef, code_version, recipe_version, stable_hash, utc_now)
@@ -112,8 +113,9 @@ class _Sampler:
     """Turns a list of seeds into (x_T, x_0, label) for one teacher and sampler setting."""
 
     def __init__(self, teacher_url: str, manifest: TeacherManifest, cfg: PairsGenerateConfig, device: torch.device,
-                 batch_size: Optional[int]):
+                 batch_size: Optional[int], compile: bool = False):
         self.cfg, self.device, self.batch_size = cfg, device, batch_size
+        self.state_dtype = torch.float64
         s = cfg.sampler
         if s.kind == "flow-matching-ode":
             if manifest.kind != "flow-matching-mlp":
@@ -123,6 +125,12 @@ class _Sampler:
             self.shape, self.label_dim = (manifest.model.dim,), 0
         else:
             self.denoiser, _ = load_denoiser(teacher_url, str(device))
+            if s.precision in ("bf16", "fp16"):
+                self.denoiser = FastDenoiser(self.denoiser, compile=compile,
+                                             dtype=torch.bfloat16 if s.precision == "bf16" else torch.float16)
+                self.state_dtype = torch.float32
+            elif compile:
+                self.denoiser = torch.compile(self.denoiser)
             if manifest.kind == "edm":
                 m = manifest.model
                 self.shape, self.label_dim = (m.img_channels, m.img_resolution, m.img_resolution), m.label_dim
@@ -147,7 +155,7 @@ class _Sampler:
                 if ids is not None:
                     onehot = torch.eye(self.label_dim, device=self.device)[ids.to(self.device)]
                 x_0 = edm_heun(self.denoiser, x_T.to(self.device), onehot, num_steps=s.steps, sigma_min=s.sigma_min,
-                               sigma_max=s.noise_scale, rho=s.rho).to(torch.float32).cpu()
+                               sigma_max=s.noise_scale, rho=s.rho, state_dtype=self.state_dtype).to(torch.float32).cpu()
                 lab = ids.numpy().astype(np.int32) if ids is not None else np.full(len(part), -1, np.int32)
             x_Ts.append(x_T.numpy())
             x_0s.append(x_0.numpy())
@@ -191,7 +199,7 @@ def _wait(what: str, ready: Callable[[], bool], poll_s: float, timeout_s: Option
 def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progress: bool = True,
                    on_shard: Optional[Callable[[int, int], None]] = None, *, rank: Optional[int] = None,
                    world_size: Optional[int] = None, batch_size: Optional[int] = None, poll_s: float = 1.0,
-                   wait_timeout_s: Optional[float] = None) -> str:
+                   wait_timeout_s: Optional[float] = None, compile: bool = False) -> str:
     """Generate (or find) the pair store at ``out``; returns its version.
 
     ``on_shard(i, n)`` is called after each shard this worker computes (i: the shard's index in its
@@ -199,7 +207,9 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
     environment, else 0 / 1): this process's share. ``batch_size``: seeds per sampler call (default: a
     whole shard for 2-D points, at most IMAGE_BATCH images). Ranks other than 0 return once their shards
     are written; rank 0 returns after the commit. ``wait_timeout_s`` bounds the waits for the layout /
-    the other workers (default: none).
+    the other workers (default: none). ``compile``: torch.compile the teacher network (for speed; the
+    precision is set by ``cfg.sampler.precision``, part of the store's version; compiled kernels may round
+    differently in the last bits).
     """
     rank, world_size = resolve_workers(rank, world_size)
     manifest = read_teacher_manifest(teacher_url)
@@ -210,7 +220,7 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
     if device_name == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
         device_name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     device = resolve_device(device_name)
-    sampler = _Sampler(teacher_url, manifest, cfg, device, batch_size)
+    sampler = _Sampler(teacher_url, manifest, cfg, device, batch_size, compile=compile)
     sample_shape = sampler.shape
 
     tmp = artifacts.partial_url(out)

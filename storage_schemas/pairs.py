@@ -32,6 +32,9 @@ class SamplerSettings(Strict):
     noise_scale: float = Field(1.0, gt=0, description="x_T = noise_scale * eps, eps ~ N(0, I) per seed")
     sigma_min: Optional[float] = Field(None, gt=0, description="edm-heun: smallest noise level")
     rho: Optional[float] = Field(None, gt=0, description="edm-heun: time-step exponent")
+    precision: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
+        None, description="edm-heun: None/'fp32' = EDM's generate.py (float32 network, float64 Heun state); "
+                          "'bf16'/'fp16' = the fast path (reduced-precision autocast network, float32 state)")
 
     @model_validator(mode="before")
     @classmethod
@@ -49,14 +52,14 @@ class SamplerSettings(Strict):
                 raise ValueError("edm-heun needs steps >= 2")
             if self.sigma_min >= self.noise_scale:
                 raise ValueError(f"sigma_min {self.sigma_min} must be below noise_scale (sigma_max) {self.noise_scale}")
-        elif self.sigma_min is not None or self.rho is not None:
-            raise ValueError("sigma_min and rho are settings of kind 'edm-heun' only")
+        elif self.sigma_min is not None or self.rho is not None or self.precision is not None:
+            raise ValueError("sigma_min, rho and precision are settings of kind 'edm-heun' only")
         return self
 
     @model_serializer(mode="wrap")
     def _drop_unset_edm_fields(self, handler):
         out = handler(self)
-        for key in ("sigma_min", "rho"):
+        for key in ("sigma_min", "rho", "precision"):
             if out.get(key, 0) is None:
                 out.pop(key)
         return out

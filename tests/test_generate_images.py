@@ -134,6 +134,20 @@ def test_sampler_settings_validation():
         SamplerSettings(method="euler", rho=7)
 
 
+def test_fast_path_precision_is_part_of_the_version_and_close_to_the_reference(teachers, reference, tmp_path):
+    out, version = reference
+    assert "precision" not in edm_cfg().sampler.model_dump()              # reference stores keep their versions
+    with pytest.raises(ValidationError, match="'edm-heun' only"):
+        SamplerSettings(precision="bf16")
+    fast = edm_cfg(precision="bf16")
+    v = generate.generate_pairs(teachers["cond"], fast, str(tmp_path / "fast"), progress=False)
+    assert v != version and PairStore.open(str(tmp_path / "fast")).manifest.sampler.precision == "bf16"
+    a, b = PairStore.open(out).load(), PairStore.open(str(tmp_path / "fast")).load()
+    assert np.array_equal(a["x_T"], b["x_T"]) and np.array_equal(a["label"], b["label"])
+    drift = np.abs(a["x_0"] - b["x_0"])
+    assert 0 < drift.mean() < 0.05                                          # reduced precision: close, not equal
+
+
 def test_edm_teacher_with_an_ode_sampler_is_an_error(teachers, tmp_path):
     cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=4), heldout_seeds=None, chunk_size=4)
     with pytest.raises(KDMError, match="edm-heun"):
