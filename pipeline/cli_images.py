@@ -77,6 +77,8 @@ def cmd_pairs_generate_images(a) -> None:
     from .teacher import read_teacher_manifest
     sampler = {"kind": "edm-heun", "steps": a.steps, "noise_scale": a.sigma_max, "sigma_min": a.sigma_min,
                "rho": a.rho}
+    if a.precision != "fp32":
+        sampler["precision"] = a.precision
     cfg = pairs_generate_config(a, sampler, "pairs generate-images options")
     v = generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg)
     held = heldout_count(cfg)
@@ -84,7 +86,7 @@ def cmd_pairs_generate_images(a) -> None:
         pairs_dry_run(cfg, v, a.out)
         return
     v = generate.generate_pairs(a.teacher, cfg, a.out, progress=not a.quiet, rank=a.rank, world_size=a.world_size,
-                                batch_size=a.batch)
+                                batch_size=a.batch, compile=a.compile)
     rank, ws = generate.resolve_workers(a.rank, a.world_size)
     if rank == 0:
         summary(f"pairs {v}: {len(cfg.seeds)} train + {held} held out ({cfg.sampler.nfe} NFE edm-heun) at {a.out}")
@@ -171,6 +173,11 @@ def add_commands(sub) -> None:
     sp.add_argument("--sigma-min", type=float, default=0.002)
     sp.add_argument("--sigma-max", type=float, default=80.0, help="x_T scale and first noise level")
     sp.add_argument("--rho", type=float, default=7.0)
+    sp.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="fp32 = EDM's generate.py (float64 Heun state); fp16/bf16 = the fast path (reduced-precision "
+                         "network, float32 state; recorded in the store's version). BENCHMARKS.md: fp16 + --compile "
+                         "2.5x, mean drift 1e-4")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the teacher network (about 35 s once)")
     sp.add_argument("--chunk-size", type=int, default=2500, help="pairs per Zarr chunk and per shard of work")
     sp.add_argument("--batch", type=int, default=None, help="seeds per sampler call (default: a whole shard)")
     sp.add_argument("--device", default="cuda")

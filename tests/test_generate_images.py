@@ -266,3 +266,18 @@ def test_kill_between_manifest_and_rename_only_renames(teachers, reference, tmp_
                                    on_shard=lambda i, n: calls.append(i)) == reference[1]
     assert calls == [] and not Path(artifacts.partial_url(out)).exists()
     assert_same_store(reference[0], out)
+
+
+def test_cli_precision_option_changes_the_version(teachers, capsys):
+    from pipeline.cli import main
+    common = ["pairs", "generate-images", "--teacher", teachers["uncond"], "--seeds", "0-15", "--device", "cpu",
+              "--out", "unused", "--dry-run"]
+    versions = {}
+    for prec in ("fp32", "fp16"):
+        assert main(common + ["--precision", prec]) in (0, None)
+        versions[prec] = capsys.readouterr().out.split("version ")[1].split(",")[0]
+    cfg = edm_cfg(train=(0, 16), held=None, chunk=2500, steps=18)
+    tid = teacher.read_teacher_manifest(teachers["uncond"]).id
+    assert versions["fp32"] == generate.pairs_version(tid, cfg)
+    assert versions["fp16"] == generate.pairs_version(tid, edm_cfg(train=(0, 16), held=None, chunk=2500, steps=18,
+                                                                    precision="fp16")) != versions["fp32"]
