@@ -21,7 +21,6 @@ already exists is not dispatched. When that deployment does not exist on the ser
 Artifacts live under ``root``, which both pools must see (a shared file system or object storage);
 stages pass URIs, never tensors.
 """
-from __future__ import annotations
 
 import base64
 from pathlib import Path

@@ -15,7 +15,6 @@ deployment's parameters (its ``config`` with the top-level ones merged on, as th
 them) with ``preset``, ``root``, ``teacher_uri`` and ``conditional`` set; the run gets it as ``config``
 and, where the deployment sets top-level parameters, those too (agreeing with it).
 """
-from __future__ import annotations
 
 import importlib
 from pathlib import Path
