@@ -32,6 +32,7 @@ from prefect.exceptions import ObjectNotFound
 
 from pipeline import artifacts, registry
 from storage_schemas import recipe_version
+from storage_schemas.common import deep_merge
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DEPLOYMENT = "distill-cifar10/distill-cifar10"
@@ -77,19 +78,12 @@ def find_pending_task(root: str, preset: str, teacher_ids: list[str], base_confi
              "config": p.config.model_dump(mode="json"), "missing": list(p.missing)} for p in pending] + failed
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def deployment_config(parameters: dict) -> dict:
     """The config a deployment's parameters describe: its ``config`` mapping with the other (top-level)
     parameters merged onto it, as the distill-cifar10 flow does."""
     config = parameters.get("config")
     top = {k: v for k, v in parameters.items() if k != "config" and v is not None}
-    return _deep_merge(config if isinstance(config, dict) else {}, top)
+    return deep_merge(config if isinstance(config, dict) else {}, top)
 
 
 def _runs_in_flight(client, deployment_id) -> list:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from storage_schemas import DistillCheckerboardConfig, StudentRunConfig, TeacherTrainConfig, format_validation_error
+from storage_schemas.common import deep_merge
 
 from .errors import KDMError
 
@@ -51,16 +52,6 @@ def raw_preset(family: str, name: str) -> dict:
                 base = raw_preset(key, sub["preset"])
                 data[key] = deep_merge(base, {k: v for k, v in sub.items() if k != "preset"})
     return data
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def apply_sets(data: dict, sets: Iterable[str]) -> dict:

@@ -4,6 +4,7 @@ This package is the leaf of the dependency graph: no torch, no zarr, nothing of 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -121,3 +122,14 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
             msg = "unknown field (check the spelling)"
         lines.append(f"  - {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  - {loc}: field required")
     return "\n".join(lines)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: mappings merge key by key at every depth, anything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

@@ -21,12 +21,11 @@ This module is part of the leaf package: pydantic only.
 """
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, model_validator
 
-from .common import SCHEMA_VERSION, SeedRange, Strict
+from .common import SCHEMA_VERSION, SeedRange, Strict, deep_merge
 from .kdm_image import IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNetConfig
 from .pairs import SamplerSettings
 from .stages import PairsGenerateConfig
@@ -188,16 +187,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 class DistillImageConfig(Strict):
     """Parameters of the flow ``distill-cifar10`` and of ``kdm distill-image`` (see the module docstring)."""
 
@@ -223,7 +212,7 @@ class DistillImageConfig(Strict):
         cond = data.get("conditional", False)
         if name not in PRESET_NAMES or not isinstance(cond, bool):
             return data   # the fields' own validation names the problem (preset: smoke | mini | full)
-        return _deep_merge(_preset_data(name, cond), data)
+        return deep_merge(_preset_data(name, cond), data)
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillImageConfig":
@@ -274,7 +263,7 @@ def config_from_parameters(config: Any = None, **fields: Any) -> DistillImageCon
         raise ValueError(f"unknown parameters {unknown}; valid: {', '.join(DistillImageConfig.model_fields)}")
     over = {k: (v.model_dump(mode="json", exclude_unset=True) if isinstance(v, BaseModel) else v)
             for k, v in fields.items() if v is not None}
-    return DistillImageConfig.model_validate(_deep_merge(raw, over))
+    return DistillImageConfig.model_validate(deep_merge(raw, over))
 
 
 # ----------------------------------------------------------------------------- GPU stage requests

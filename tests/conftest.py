@@ -18,3 +18,12 @@ def one_thread():
     from image_fixtures import single_thread
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """A Prefect test server for the module's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+

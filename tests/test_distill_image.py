@@ -1,7 +1,6 @@
 """CIFAR-10 distillation: presets and overrides, plan, every stage on CPU, the distill-cifar10 flow, kdm evaluate."""
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -16,10 +15,12 @@ from pipeline.cli import main
 from pipeline.errors import KDMError
 from pipeline.teacher_bootstrap import load_edm_teacher_config
 from storage_schemas import format_validation_error
-from storage_schemas.distill_image import (DistillImageConfig, ImageStudentStageConfig, _deep_merge,
+from storage_schemas.common import deep_merge
+from storage_schemas.distill_image import (DistillImageConfig, ImageStudentStageConfig, 
                                            config_from_parameters, distill_image_preset)
 from storage_schemas.kdm_image import image_preset
 from storage_schemas.protocol import ImageMetricReport
+from prefect_helpers import read_prefect_artifacts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +39,7 @@ def archive(tmp_path_factory) -> str:
 
 def smoke(archive: str, root, **over) -> DistillImageConfig:
     base = {"preset": "smoke", "root": str(root), "dataset": {"archive": archive}, **TINY}
-    return DistillImageConfig.model_validate(_deep_merge(base, over))
+    return DistillImageConfig.model_validate(deep_merge(base, over))
 
 
 @pytest.fixture(scope="module")
@@ -247,26 +248,12 @@ def test_kdm_distill_image_dry_run_and_rerun(done, archive, capsys):
 # ----------------------------------------------------------------------------- the Prefect flow
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _artifacts():
-    from prefect.client.orchestration import get_client
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts()
-    return asyncio.run(read())
 
 
 def test_flow_runs_the_stages_in_process_and_publishes_artifacts(harness, done, archive):
     from flows.distill_image import artifact_key, distill_cifar10
     base = {"preset": "smoke", "root": str(done["root"]), "dataset": {"archive": archive}, **TINY}
-    cfg = _deep_merge(base, {"student": {"train": {"steps": 3}}})   # a new student on the existing pairs
+    cfg = deep_merge(base, {"student": {"train": {"steps": 3}}})   # a new student on the existing pairs
     res = distill_cifar10(config=cfg)
     for name in ("dataset", "extractor", "teacher", "pairs"):
         assert res[name]["skipped"] is True and res[name]["version"] == done["first"][name]["version"], name
@@ -274,7 +261,7 @@ def test_flow_runs_the_stages_in_process_and_publishes_artifacts(harness, done, 
         assert res[name]["skipped"] is False and res[name]["version"] != done["first"][name]["version"], name
     assert res["student"]["steps"] == 3
     key = artifact_key(res)
-    arts = _artifacts()
+    arts = read_prefect_artifacts()
     keys = {a.key for a in arts if a.key}
     assert {f"{key}-report", f"{key}-metrics", f"{key}-teacher-student", f"{key}-student-samples",
             f"{key}-student-link", f"{key}-teacher-link"} <= keys

@@ -1,27 +1,12 @@
 """The `kdm` flow end to end on the smoke preset under a real (test-harness) Prefect server."""
-import asyncio
 import json
 
-import pytest
 
 from pipeline import presets
 from storage_schemas import DistillCheckerboardConfig, EvaluationReport
+from prefect_helpers import read_prefect_artifacts
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _artifacts():
-    from prefect.client.orchestration import get_client
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_artifacts()
-    return asyncio.run(read())
 
 
 def test_flow_runs_every_stage_publishes_artifacts_and_skips_on_rerun(harness, tmp_path):
@@ -37,13 +22,13 @@ def test_flow_runs_every_stage_publishes_artifacts_and_skips_on_rerun(harness, t
     assert 0.0 <= report.student.in_cell_fraction <= 1.0
     assert report.protocol.num_samples == 400
 
-    keys = {a.key for a in _artifacts() if a.key}
+    keys = {a.key for a in read_prefect_artifacts() if a.key}
     assert {"checkerboard-smoke-report", "checkerboard-smoke-metrics", "checkerboard-smoke-student-link",
             "checkerboard-smoke-samples"} <= keys
-    table = next(a for a in _artifacts() if a.key == "checkerboard-smoke-metrics")
+    table = next(a for a in read_prefect_artifacts() if a.key == "checkerboard-smoke-metrics")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["model"] for r in rows] == ["student (1 NFE)", "teacher x_0"]
-    md = next(a for a in _artifacts() if a.key == "checkerboard-smoke-report").data
+    md = next(a for a in read_prefect_artifacts() if a.key == "checkerboard-smoke-report").data
     assert "## Lineage" in md and first["student"]["version"] in md and "data:image/png;base64," in md
 
     second = kdm(cfg)

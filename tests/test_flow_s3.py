@@ -24,13 +24,6 @@ STAGES = ("teacher", "pairs", "filtered", "student", "evaluation")
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def s3():
     with moto_s3(BUCKET, secret=SECRET) as fs:
         yield fs
