@@ -213,6 +213,7 @@ def publish_task(config: DistillImageConfig, results: dict) -> str:
 @flow(name="distill-cifar10", log_prints=True, validate_parameters=False)
 def distill_cifar10(config: Optional[DistillImageConfig] = None, preset: Optional[PresetName] = None,
                     conditional: Optional[bool] = None, root: Optional[str] = None, device: Optional[Device] = None,
+                    gpus: Optional[int] = None,
                     dataset: Optional[ImageDatasetStageConfig] = None, extractor: Optional[ExtractorStageConfig] = None,
                     teacher_uri: Optional[str] = None, teacher: Optional[EDMTeacherTrainConfig] = None,
                     pairs: Optional[ImagePairsStageConfig] = None, student: Optional[ImageStudentStageConfig] = None,
@@ -222,6 +223,7 @@ def distill_cifar10(config: Optional[DistillImageConfig] = None, preset: Optiona
     against the repository."""
     try:
         cfg = config_from_parameters(config, preset=preset, conditional=conditional, root=root, device=device,
+                                     gpus=gpus,
                                      dataset=dataset, extractor=extractor, teacher_uri=teacher_uri, teacher=teacher,
                                      pairs=pairs, student=student, evaluation=evaluation)
     except ValidationError as e:
@@ -241,10 +243,10 @@ def distill_cifar10(config: Optional[DistillImageConfig] = None, preset: Optiona
         r["extractor"] = extractor_task(cfg.root, ds, cfg.extractor)
     r["teacher"] = run_gpu_stage(TeacherStageRequest(root=cfg.root, device=dev, dataset_uri=ds,
                                                      config=cfg.teacher_stage()), use_deployment)
-    r["pairs"] = run_gpu_stage(PairsStageRequest(root=cfg.root, device=dev, teacher_uri=r["teacher"]["uri"],
-                                                 config=cfg.pairs), use_deployment)
-    r["student"] = run_gpu_stage(StudentStageRequest(root=cfg.root, device=dev, pairs_uri=r["pairs"]["uri"],
-                                                     config=cfg.student), use_deployment)
+    r["pairs"] = run_gpu_stage(PairsStageRequest(root=cfg.root, device=dev, gpus=cfg.gpus,
+                                                 teacher_uri=r["teacher"]["uri"], config=cfg.pairs), use_deployment)
+    r["student"] = run_gpu_stage(StudentStageRequest(root=cfg.root, device=dev, gpus=cfg.gpus,
+                                                     pairs_uri=r["pairs"]["uri"], config=cfg.student), use_deployment)
     r["evaluation"] = run_gpu_stage(EvaluationStageRequest(
         root=cfg.root, device=dev, dataset_uri=ds, extractor_uri=r["extractor"]["uri"], pairs_uri=r["pairs"]["uri"],
         student_uri=r["student"]["uri"], config=cfg.evaluation), use_deployment)

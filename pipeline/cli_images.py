@@ -72,14 +72,38 @@ def cmd_teacher_import_edm(a) -> None:
             f"label_dim {m.model.label_dim}) imported from {a.pickle} at {a.out}")
 
 
-def cmd_pairs_generate_images(a) -> None:
-    from . import generate
-    from .teacher import read_teacher_manifest
+# Options of `pairs generate-images` that --config replaces, with their defaults when it is not given.
+GENERATE_IMAGES_DEFAULTS = {"seeds": None, "heldout_seeds": None, "steps": 18, "sigma_min": 0.002,
+                            "sigma_max": 80.0, "rho": 7.0, "precision": "fp32", "chunk_size": 2500, "device": "cuda"}
+
+
+def _generate_images_config(a):
+    """The PairsGenerateConfig of `pairs generate-images`: --config FILE, or the seed / sampler options."""
+    from storage_schemas import PairsGenerateConfig
+    from . import presets
+    given = [k for k in GENERATE_IMAGES_DEFAULTS if getattr(a, k) is not None]
+    if a.config:
+        if given:
+            raise KDMError(f"--config {a.config} holds the whole pairs config; drop "
+                           + ", ".join("--" + k.replace("_", "-") for k in given))
+        data, source = presets.raw_config("pairs", None, a.config)
+        return presets.validate(PairsGenerateConfig, data, source)
+    if a.seeds is None:
+        raise KDMError("give --seeds START-END (or --config FILE with a PairsGenerateConfig)")
+    for k, v in GENERATE_IMAGES_DEFAULTS.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     sampler = {"kind": "edm-heun", "steps": a.steps, "noise_scale": a.sigma_max, "sigma_min": a.sigma_min,
                "rho": a.rho}
     if a.precision != "fp32":
         sampler["precision"] = a.precision
-    cfg = pairs_generate_config(a, sampler, "pairs generate-images options")
+    return pairs_generate_config(a, sampler, "pairs generate-images options")
+
+
+def cmd_pairs_generate_images(a) -> None:
+    from . import generate
+    from .teacher import read_teacher_manifest
+    cfg = _generate_images_config(a)
     v = generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg)
     held = heldout_count(cfg)
     if a.dry_run:
@@ -166,21 +190,25 @@ def add_commands(sub) -> None:
     sp = add(pr, "generate-images", cmd_pairs_generate_images, "EDM Heun pairs (x_T = sigma_max * eps, x_0) from "
              "an EDM teacher, sharded over RANK/WORLD_SIZE workers", EXAMPLES)
     sp.add_argument("--teacher", required=True)
-    sp.add_argument("--seeds", required=True, help="inclusive range START-END, e.g. 0-49999")
+    sp.add_argument("--config", default=None, help="YAML/JSON file of a whole PairsGenerateConfig (seeds, "
+                    "heldout_seeds, sampler, chunk_size, device) instead of the options --seeds ... --device")
+    sp.add_argument("--seeds", default=None, help="inclusive range START-END, e.g. 0-49999 (required without "
+                    "--config)")
     sp.add_argument("--heldout-seeds", default=None)
-    sp.add_argument("--steps", type=int, default=18, help="Heun noise levels (18 = 35 NFE at 32x32; EDM used 40 "
-                    "at 64x64)")
-    sp.add_argument("--sigma-min", type=float, default=0.002)
-    sp.add_argument("--sigma-max", type=float, default=80.0, help="x_T scale and first noise level")
-    sp.add_argument("--rho", type=float, default=7.0)
-    sp.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                    help="fp32 = EDM's generate.py (float64 Heun state); fp16/bf16 = the fast path (reduced-precision "
-                         "network, float32 state; recorded in the store's version). BENCHMARKS.md: fp16 + --compile "
-                         "2.5x, mean drift 1e-4")
+    sp.add_argument("--steps", type=int, default=None, help="Heun noise levels (default 18 = 35 NFE at 32x32; EDM "
+                    "used 40 at 64x64)")
+    sp.add_argument("--sigma-min", type=float, default=None, help="default 0.002")
+    sp.add_argument("--sigma-max", type=float, default=None, help="x_T scale and first noise level (default 80)")
+    sp.add_argument("--rho", type=float, default=None, help="default 7")
+    sp.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="fp32 (default) = EDM's generate.py (float64 Heun state); fp16/bf16 = the fast path "
+                         "(reduced-precision network, float32 state; recorded in the store's version). "
+                         "BENCHMARKS.md: fp16 + --compile 2.5x, mean drift 1e-4")
     sp.add_argument("--compile", action="store_true", help="torch.compile the teacher network (about 35 s once)")
-    sp.add_argument("--chunk-size", type=int, default=2500, help="pairs per Zarr chunk and per shard of work")
+    sp.add_argument("--chunk-size", type=int, default=None, help="pairs per Zarr chunk and per shard of work "
+                    "(default 2500)")
     sp.add_argument("--batch", type=int, default=None, help="seeds per sampler call (default: a whole shard)")
-    sp.add_argument("--device", default="cuda")
+    sp.add_argument("--device", default=None, help="cpu | cuda (default cuda)")
     sp.add_argument("--rank", type=int, default=None, help="this worker (default: $RANK, else 0)")
     sp.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE, else 1)")
     sp.add_argument("--out", required=True)

@@ -554,21 +554,34 @@ def _save_checkpoint(run: Path, step: int, trainer: ImageTrainer, cursor, keep: 
 
 def cmd_train_image(a) -> None:
     from . import presets
-    if a.preset not in IMAGE_PRESETS:
-        raise KDMError(f"unknown image preset {a.preset!r}; valid: {', '.join(IMAGE_PRESETS)}")
-    data = presets.apply_sets({"model": IMAGE_PRESETS[a.preset].model_dump(mode="json"), "train": {}}, a.set)
+    if bool(a.preset) == bool(a.config):
+        raise KDMError("give either --preset NAME or --config FILE (an image student config: preset, model, train)")
+    if a.config:
+        raw, source = presets.raw_config("student", None, a.config)
+        unknown = set(raw) - {"preset", "model", "train"}
+        if unknown or "model" not in raw:
+            raise KDMError(f"{source} must hold 'model' (KDMImageConfig), 'train' (ImageTrainConfig) and optionally "
+                           f"'preset' (the name recorded in the manifest); got keys {sorted(raw)}")
+        preset = str(raw.get("preset", "custom"))
+        base = {"model": raw["model"], "train": raw.get("train", {})}
+    else:
+        if a.preset not in IMAGE_PRESETS:
+            raise KDMError(f"unknown image preset {a.preset!r}; valid: {', '.join(IMAGE_PRESETS)}")
+        preset, source = a.preset, f"image preset {a.preset!r}"
+        base = {"model": IMAGE_PRESETS[a.preset].model_dump(mode="json"), "train": {}}
+    data = presets.apply_sets(base, a.set)
     unknown = set(data) - {"model", "train"}
     if unknown:
         raise KDMError(f"--set keys must start with model. or train., got {sorted(unknown)}")
-    model_cfg = presets.validate(KDMImageConfig, data["model"], f"image preset {a.preset!r} (model)")
-    train_cfg = presets.validate(ImageTrainConfig, data["train"], "train settings")
+    model_cfg = presets.validate(KDMImageConfig, data["model"], f"{source} (model)")
+    train_cfg = presets.validate(ImageTrainConfig, data["train"], f"{source} (train)")
     if a.dry_run:
         from .pairstore import PairStore
         v = image_run_version(PairStore.open(a.pairs).version, model_cfg, train_cfg)
         print(f"dry run: would train {v} -> {a.out}\n{model_cfg.model_dump_json(indent=2)}\n"
               f"{train_cfg.model_dump_json(indent=2)}", flush=True)
         return
-    v = train_image_student(a.pairs, model_cfg, train_cfg, a.out, a.device, preset=a.preset,
+    v = train_image_student(a.pairs, model_cfg, train_cfg, a.out, a.device, preset=preset,
                             progress=not a.quiet, max_steps=a.max_steps)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -594,7 +607,10 @@ def add_image_commands(subparsers) -> None:
     sp.set_defaults(fn=cmd_train_image)
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--pairs", required=True)
-    sp.add_argument("--preset", required=True, help=", ".join(IMAGE_PRESETS))
+    sp.add_argument("--preset", default=None, help=", ".join(IMAGE_PRESETS) + " (or --config)")
+    sp.add_argument("--config", default=None, help="YAML/JSON file with model (KDMImageConfig), train "
+                    "(ImageTrainConfig) and preset (the name recorded in the manifest), e.g. the student stage's "
+                    "config; --set applies on top")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="model.FIELD=VALUE (KDMImageConfig) or train.FIELD=VALUE (ImageTrainConfig)")
     sp.add_argument("--device", default=None, help="cpu | cuda (default: train.device, cuda)")

@@ -167,8 +167,19 @@ def stage_image_teacher(root: str, dataset_uri: str, cfg: ImageTeacherStageConfi
             "label_dim": m.model.label_dim, "final_loss": m.final_loss}
 
 
+def _config_file(d: str, data: dict) -> str:
+    """``data`` as JSON in directory ``d`` (the typed config a torchrun command reads with --config)."""
+    import json
+    path = Path(d, "config.json")
+    path.write_text(json.dumps(data, indent=2))
+    return str(path)
+
+
 def stage_image_pairs(root: str, teacher_uri: str, cfg: ImagePairsStageConfig, device: str, progress: bool = False,
-                      on_shard: Optional[Callable[[int, int], None]] = None) -> dict:
+                      on_shard: Optional[Callable[[int, int], None]] = None, gpus: int = 1) -> dict:
+    """EDM Heun pairs of the teacher at ``<root>/pairs/<version>``. ``gpus`` > 1: ``kdm pairs generate-images``
+    in that many processes under torchrun (the shards split over them; the store is the same whatever the
+    count; ``on_shard`` is not called then, the command's output is forwarded instead)."""
     from . import generate
     from .pairstore import PairStore
     from .teacher import read_teacher_manifest
@@ -178,8 +189,19 @@ def stage_image_pairs(root: str, teacher_uri: str, cfg: ImagePairsStageConfig, d
     skipped = artifacts.exists(out)
     if not skipped:
         _require_device(device, "pairs")
-        generate.generate_pairs(teacher_uri, cfg.generate_config(device), out, progress=progress, on_shard=on_shard,
-                                batch_size=cfg.batch_size)
+        if gpus == 1:
+            generate.generate_pairs(teacher_uri, cfg.generate_config(device), out, progress=progress,
+                                    on_shard=on_shard, batch_size=cfg.batch_size)
+        else:
+            from .torchrun import check_processes, run_torchrun
+            check_processes(gpus, device, "pairs stage")
+            with tempfile.TemporaryDirectory(prefix="kdm-pairs-") as d:
+                args = ["pairs", "generate-images", "--teacher", teacher_uri, "--out", out,
+                        "--config", _config_file(d, cfg.generate_config(device).model_dump(mode="json"))]
+                args += ["--batch", str(cfg.batch_size)] if cfg.batch_size else []
+                run_torchrun(gpus, device, args + ([] if progress else ["-q"]), "pairs stage")
+            if not artifacts.exists(out):
+                raise KDMError(f"pairs stage: the {gpus} torchrun processes exited without committing {out}")
     s = PairStore.open(out)
     held = s.heldout()
     return {"uri": out, "version": s.version, "content_hash": s.manifest.content_hash, "count": len(s),
@@ -188,7 +210,10 @@ def stage_image_pairs(root: str, teacher_uri: str, cfg: ImagePairsStageConfig, d
 
 
 def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig, device: str, progress: bool = False,
-                        on_log: Optional[Callable[[dict], None]] = None) -> dict:
+                        on_log: Optional[Callable[[dict], None]] = None, gpus: int = 1) -> dict:
+    """The image KDM student at ``<root>/students/<version>``. ``gpus`` > 1: ``kdm train-image`` under torchrun
+    (DDP, each process ``train.batch_size / gpus`` pairs per step; the version is the same whatever the
+    count; ``on_log`` is not called then, the command's output is forwarded instead)."""
     from .image_train import read_image_student_manifest, train_image_student
     from .pairstore import PairStore
     store = PairStore.open(pairs_uri)
@@ -200,8 +225,22 @@ def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig,
     skipped = artifacts.committed(out)
     if not skipped:
         _require_device(device, "student")
-        train_image_student(pairs_uri, cfg.model, cfg.train.model_copy(update={"device": device}), out,
-                            device=device, preset=cfg.preset, progress=progress, on_log=on_log)
+        train_cfg = cfg.train.model_copy(update={"device": device})
+        if gpus == 1:
+            train_image_student(pairs_uri, cfg.model, train_cfg, out, device=device, preset=cfg.preset,
+                                progress=progress, on_log=on_log)
+        else:
+            from .torchrun import check_processes, run_torchrun
+            if train_cfg.batch_size % gpus:
+                raise KDMError(f"student stage: train.batch_size {train_cfg.batch_size} is not divisible by "
+                               f"gpus={gpus} (each process takes batch_size / gpus pairs per step)")
+            check_processes(gpus, device, "student stage")
+            with tempfile.TemporaryDirectory(prefix="kdm-student-") as d:
+                conf = _config_file(d, cfg.model_copy(update={"train": train_cfg}).model_dump(mode="json"))
+                args = ["train-image", "--pairs", pairs_uri, "--config", conf, "--device", device, "--out", out]
+                run_torchrun(gpus, device, args + ([] if progress else ["-q"]), "student stage")
+            if not artifacts.committed(out):
+                raise KDMError(f"student stage: the {gpus} torchrun processes exited without committing {out}")
     m = read_image_student_manifest(out)
     return {"uri": out, "version": m.version, "weights_sha256": m.weights_sha256, "skipped": skipped,
             "steps": m.steps_done, "nonfinite_steps": m.nonfinite_steps, "final_losses": m.final_losses,
@@ -338,9 +377,9 @@ def run_stage_request(req, progress: bool = False, on_log: Optional[Callable[[di
     if isinstance(req, TeacherStageRequest):
         return stage_image_teacher(req.root, req.dataset_uri, req.config, req.device, progress, on_log)
     if isinstance(req, PairsStageRequest):
-        return stage_image_pairs(req.root, req.teacher_uri, req.config, req.device, progress, on_shard)
+        return stage_image_pairs(req.root, req.teacher_uri, req.config, req.device, progress, on_shard, gpus=req.gpus)
     if isinstance(req, StudentStageRequest):
-        return stage_image_student(req.root, req.pairs_uri, req.config, req.device, progress, on_log)
+        return stage_image_student(req.root, req.pairs_uri, req.config, req.device, progress, on_log, gpus=req.gpus)
     if isinstance(req, EvaluationStageRequest):
         return stage_image_evaluate(req.root, req.dataset_uri, req.extractor_uri, req.pairs_uri, req.student_uri,
                                     req.config, req.device, progress)
@@ -463,10 +502,10 @@ def run_distill_image(cfg: DistillImageConfig, progress: bool = True, log: Calla
     log(f"extractor  {r['extractor']['uri']} (test accuracy {r['extractor']['test_accuracy']})")
     r["teacher"] = stage_image_teacher(root, r["dataset"]["uri"], cfg.teacher_stage(), dev, progress)
     log(f"teacher    {r['teacher']['uri']}" + (" (given)" if r["teacher"]["given"] else ""))
-    r["pairs"] = stage_image_pairs(root, r["teacher"]["uri"], cfg.pairs, dev, progress)
+    r["pairs"] = stage_image_pairs(root, r["teacher"]["uri"], cfg.pairs, dev, progress, gpus=cfg.gpus)
     log(f"pairs      {r['pairs']['uri']} ({r['pairs']['count']} + {r['pairs']['heldout_count']} held out, "
         f"{r['pairs']['nfe']} NFE)")
-    r["student"] = stage_image_student(root, r["pairs"]["uri"], cfg.student, dev, progress)
+    r["student"] = stage_image_student(root, r["pairs"]["uri"], cfg.student, dev, progress, gpus=cfg.gpus)
     log(f"student    {r['student']['uri']} ({r['student']['steps']} steps)")
     r["evaluation"] = stage_image_evaluate(root, r["dataset"]["uri"], r["extractor"]["uri"], r["pairs"]["uri"],
                                            r["student"]["uri"], cfg.evaluation, dev, progress)
