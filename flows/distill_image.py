@@ -15,7 +15,9 @@ Where stages run: the CPU stages (dataset; the extractor when its device is cpu;
 flow, on ``kdm-cpu``. Each GPU stage (teacher, pairs, student, evaluation; the extractor on cuda) is a
 run of the deployment ``gpu-stage/gpu-stage`` (flow ``gpu-stage``: the stage name, its typed config and
 its input URIs as one StageRequest) on pool ``kdm-gpu``, started with ``run_deployment`` as a subflow and
-awaited; give ``kdm-gpu`` a concurrency limit equal to its number of GPUs. A GPU stage whose output
+awaited; give ``kdm-gpu`` a concurrency limit equal to its number of GPUs (with ``gpus=N``: to its number
+of N-GPU workers; the pairs and student stages then run their ``kdm`` command in N processes under
+torchrun inside the stage, pipeline/torchrun.py, and their progress shows in the log). A GPU stage whose output
 already exists is not dispatched. When that deployment does not exist on the server (e.g. a plain
 ``python -c`` call of the flow) the GPU stages run as tasks in this process, on ``config.device``.
 Artifacts live under ``root``, which both pools must see (a shared file system or object storage);

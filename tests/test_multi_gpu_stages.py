@@ -143,3 +143,18 @@ def test_commands_read_the_stage_configs_from_a_file(one_process, teacher, tmp_p
     assert main(["train-image", "--pairs", one_process["pairs"]["uri"], "--config", student_file,
                  "--preset", "cifar10-uncond", "--out", "u"]) == 1
     assert "give either --preset NAME or --config FILE" in capsys.readouterr().err
+
+
+def test_flow_and_command_line_take_gpus(capsys):
+    import inspect
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+    from flows.distill_image import distill_cifar10
+    from pipeline.cli_distill_image import load_config
+    from storage_schemas.distill_image import config_from_parameters
+    assert "gpus" in inspect.signature(distill_cifar10.fn).parameters
+    validate({"preset": "mini", "gpus": 2}, parameter_schema(distill_cifar10.fn).model_dump_for_openapi(),
+             raise_on_error=True)
+    assert config_from_parameters({"preset": "mini", "gpus": 8}, gpus=2).gpus == 2      # the shortcut wins
+    assert config_from_parameters(None, preset="smoke").gpus == 1
+    assert load_config("smoke", False, ["gpus=2"], ".").gpus == 2
