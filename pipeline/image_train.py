@@ -35,13 +35,19 @@ Run directory (``out``; the layout and resume semantics of ``pipeline.train``, v
                                      nonfinite_steps); written under a temporary name and renamed
   student.safetensors, manifest.json the EMA weights (not the raw ones) and the manifest, written last
 A killed run restarted with the same command resumes from its newest checkpoint; on the CPU in fp32 it
-ends bitwise equal to an uninterrupted run (same thread count).
+ends bitwise equal to an uninterrupted run (same thread count). At a remote URL (``s3://...``) the run
+trains in a local temporary directory (under ``TMPDIR``, made by rank 0 and shared by the processes of
+one host) mirrored to ``<url>.partial`` (pipeline.run_mirror): every checkpoint is pushed as it is
+written, a restarted run resumes from the newest complete one stored there, and the finished run is
+committed to ``<url>`` with its manifest last.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -63,6 +69,7 @@ from storage_schemas.kdm_image import (IMAGE_PRESETS, IMAGE_TRAIN_RUNTIME_FIELDS
 from . import artifacts, checkpoints
 from .devices import resolve_device
 from .errors import KDMError
+from .run_mirror import RunMirror
 
 SANITIZE_INF = 1e5          # official nan_to_num bounds for +-inf gradients
 
@@ -411,14 +418,17 @@ def train_image_student(pairs_url: str, model_cfg: KDMImageConfig, train_cfg: Im
                         device: Optional[str] = None, *, preset: str = "custom", progress: bool = True,
                         on_log: Optional[Callable[[dict], None]] = None, max_steps: Optional[int] = None,
                         vgg16_weights: Optional[str] = None,
-                        on_checkpoint: Optional[Callable[[int, torch.nn.Module], None]] = None) -> str:
+                        on_checkpoint: Optional[Callable[[int, torch.nn.Module], None]] = None,
+                        on_resume: Optional[Callable[[int], None]] = None) -> str:
     """Train (or resume, or find finished) an image KDM student on the train split of ``pairs_url``.
 
     ``device`` overrides ``train_cfg.device`` ('cpu', 'cuda' or 'cuda:N'; under torchrun each process
     takes cuda:LOCAL_RANK). ``max_steps`` stops this process after that many steps in total, with a
     checkpoint there, without finishing the run (a later call resumes). ``on_checkpoint(step, ema)`` is
     called on the main process after every checkpoint with the EMA model in eval mode (e.g. to write a
-    sample grid of fixed noise, so a run's progress can be looked at). Returns the run version.
+    sample grid of fixed noise, so a run's progress can be looked at); ``on_resume(step)`` when training
+    continues from a checkpoint. A remote ``out`` trains in a local temporary directory mirrored to
+    ``<out>.partial`` (pipeline.run_mirror). Returns the run version.
     """
     from .image_data import ChunkShuffleSampler, Cursor
     from .pairstore import PairStore
@@ -428,7 +438,7 @@ def train_image_student(pairs_url: str, model_cfg: KDMImageConfig, train_cfg: Im
     dev, di, created_pg = init_distributed(device or train_cfg.device)
     try:
         return _train(pairs_url, model_cfg, train_cfg, out, dev, di, preset, progress, on_log, max_steps,
-                      vgg16_weights, PairStore, ChunkShuffleSampler, Cursor, on_checkpoint)
+                      vgg16_weights, PairStore, ChunkShuffleSampler, Cursor, on_checkpoint, on_resume)
     finally:
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
@@ -439,8 +449,16 @@ def _barrier(di: DistInfo) -> None:
         dist.barrier()
 
 
+def _shared_work_dir(di: DistInfo) -> Path:
+    """A fresh local directory made by rank 0, its path broadcast to the other processes (one host)."""
+    path = [tempfile.mkdtemp(prefix="kdm-image-student-") if di.is_main else None]
+    if di.enabled:
+        dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
 def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max_steps, vgg16_weights,
-           PairStore, ChunkShuffleSampler, Cursor, on_checkpoint=None) -> str:
+           PairStore, ChunkShuffleSampler, Cursor, on_checkpoint=None, on_resume=None) -> str:
     store = PairStore.open(pairs_url)
     _check_store(store, model_cfg, pairs_url)
     m = store.manifest
@@ -449,7 +467,28 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
         return version
     if tc.batch_size % di.world_size:
         raise KDMError(f"train.batch_size {tc.batch_size} is not divisible by the {di.world_size} processes")
-    run = artifacts.local_path(out)
+    args = (store, version, pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max_steps,
+            vgg16_weights, ChunkShuffleSampler, on_checkpoint, on_resume)
+    if artifacts.is_local(out):
+        return _train_in(artifacts.local_path(out), None, *args)
+    mirror = RunMirror(out, run_files=("config.json", checkpoints.METRICS_FILE))
+    run = _shared_work_dir(di)
+    try:
+        if di.is_main:
+            mirror.pull(run)
+        _barrier(di)
+        return _train_in(run, mirror, *args)
+    finally:
+        if di.is_main:
+            shutil.rmtree(run)
+
+
+def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url, model_cfg, tc, out, dev, di,
+              preset, progress, on_log, max_steps, vgg16_weights, ChunkShuffleSampler, on_checkpoint,
+              on_resume) -> str:
+    """Train in the local run directory ``run`` (``out`` itself, or the local copy of a remote run that
+    ``mirror`` pushes checkpoints to and commits when training ends)."""
+    m = store.manifest
     if di.is_main:
         run.mkdir(parents=True, exist_ok=True)
         checkpoints.claim_run(run / "config.json", version,
@@ -471,6 +510,8 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
         state = trainer.load(ck)
         step = int(state["step"])
         sampler.load_state_dict(state["data"])
+        if on_resume is not None and di.is_main:
+            on_resume(step)
     metrics_path = run / checkpoints.METRICS_FILE
     if di.is_main:
         checkpoints.truncate_metrics(metrics_path, step)
@@ -510,7 +551,7 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
             if bar is not None:
                 bar.update(1)
             if step % tc.checkpoint_every == 0 or step == stop:
-                _save_checkpoint(run, step, trainer, sampler.cursor, tc.keep_checkpoints, di)
+                _save_checkpoint(run, step, trainer, sampler.cursor, tc.keep_checkpoints, di, mirror)
                 if on_checkpoint is not None and di.is_main:
                     on_checkpoint(step, trainer.ema)
     finally:
@@ -537,16 +578,21 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
             world_size=di.world_size, final_losses={k: float(v) for k, v in final.items()},
             train_seconds=time.time() - t_start, code_version=code_version(), created=utc_now())
         artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
+        if mirror is not None:
+            mirror.commit(run, final_files=(weights.name, artifacts.MANIFEST))
     _barrier(di)
     return version
 
 
-def _save_checkpoint(run: Path, step: int, trainer: ImageTrainer, cursor, keep: int, di: DistInfo) -> None:
+def _save_checkpoint(run: Path, step: int, trainer: ImageTrainer, cursor, keep: int, di: DistInfo,
+                     mirror: Optional[RunMirror] = None) -> None:
     tmp = checkpoints.begin_checkpoint(run, step) if di.is_main else checkpoints.pending_path(run, step)
     trainer.save(tmp, step, {"data": {"cursor": cursor.to_dict(), "seed": trainer.cfg.seed,
                                       "buffer_chunks": trainer.cfg.buffer_chunks}})
     if di.is_main:
-        checkpoints.commit_checkpoint(run, step, keep)
+        ck = checkpoints.commit_checkpoint(run, step, keep)
+        if mirror is not None:
+            mirror.push_checkpoint(run, ck, keep)
     _barrier(di)
 
 

@@ -93,9 +93,14 @@ class RunMirror:
         for name in done[:-keep]:
             self.fs.rm(self._remote(CKPT_DIR, name), recursive=True)
 
-    def commit(self, run: Path, final_files: Iterable[str]) -> None:
+    def commit(self, run: Path, final_files: Iterable[str], drop_checkpoints: bool = False) -> None:
         """Upload the run files and ``final_files`` (in order; the manifest last) of the finished local
-        run, then commit ``<out>.partial`` to ``out``."""
+        run, remove the remote checkpoints when ``drop_checkpoints`` (artifacts that keep none), then
+        commit ``<out>.partial`` to ``out``."""
         for name in [*self.run_files, *final_files]:
             self._put(run / name, name)
+        ck = self._remote(CKPT_DIR)
+        self.fs.invalidate_cache(self.path)
+        if drop_checkpoints and self.fs.exists(ck):
+            self.fs.rm(ck, recursive=True)
         artifacts.commit(self.out)

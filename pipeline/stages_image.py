@@ -156,15 +156,17 @@ def stage_image_teacher(root: str, dataset_uri: str, cfg: ImageTeacherStageConfi
     version = teacher_version(dm.content_hash, cfg)
     out = _out(root, "teachers", version)
     skipped = artifacts.committed(out)
+    resumed: list[int] = []
     if skipped:
         m = read_teacher_manifest(out)
     else:
         _require_device(device, "teacher")
         m = train_edm_teacher(dataset_uri, cfg.bootstrap.model_copy(update={"device": device}), out,
-                              progress=progress, on_log=on_log)
+                              progress=progress, on_log=on_log, on_resume=resumed.append)
     _check_teacher(out, cfg.conditional)
     return {"uri": out, "version": m.id, "sha256": m.weights_sha256, "skipped": skipped, "given": False,
-            "label_dim": m.model.label_dim, "final_loss": m.final_loss}
+            "label_dim": m.model.label_dim, "final_loss": m.final_loss,
+            "resumed_from_step": resumed[0] if resumed else None}
 
 
 def _config_file(d: str, data: dict) -> str:
@@ -223,12 +225,13 @@ def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig,
     version = student_version(store.version, cfg)
     out = _out(root, "students", version)
     skipped = artifacts.committed(out)
+    resumed: list[int] = []
     if not skipped:
         _require_device(device, "student")
         train_cfg = cfg.train.model_copy(update={"device": device})
         if gpus == 1:
             train_image_student(pairs_uri, cfg.model, train_cfg, out, device=device, preset=cfg.preset,
-                                progress=progress, on_log=on_log)
+                                progress=progress, on_log=on_log, on_resume=resumed.append)
         else:
             from .torchrun import check_processes, run_torchrun
             if train_cfg.batch_size % gpus:
@@ -243,6 +246,7 @@ def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig,
                 raise KDMError(f"student stage: the {gpus} torchrun processes exited without committing {out}")
     m = read_image_student_manifest(out)
     return {"uri": out, "version": m.version, "weights_sha256": m.weights_sha256, "skipped": skipped,
+            "resumed_from_step": resumed[0] if resumed else None,
             "steps": m.steps_done, "nonfinite_steps": m.nonfinite_steps, "final_losses": m.final_losses,
             "train_seconds": m.train_seconds, "trainable_parameters": m.trainable_parameters}
 

@@ -16,7 +16,10 @@ Work directory ``<out>.partial`` (local):
 When training ends the EMA weights are written as ``weights.safetensors`` with ``config.json`` (the
 EDMNetConfig), ``preview.png`` (EMA samples, 18-step Heun) and ``manifest.json`` last; the checkpoints
 are removed and the directory is renamed to ``<out>``: a teacher artifact that pipeline/generate.py
-reads like any other.
+reads like any other. At a remote URL (``s3://...``) the work directory is a local temporary one
+mirrored to ``<out>.partial`` (pipeline.run_mirror): checkpoints are pushed as they are written, a
+restarted run resumes from the newest complete one stored there, and the finished artifact (without
+checkpoints) is committed to ``<out>`` with its manifest last.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import copy
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -41,6 +45,7 @@ from . import artifacts, checkpoints, presets
 from .datasets import open_image_dataset
 from .devices import resolve_device
 from .errors import KDMError
+from .run_mirror import RunMirror
 from .teacher import build_edm_network, read_teacher_manifest
 
 PREVIEW = "preview.png"
@@ -140,11 +145,13 @@ def preview_samples(net, num: int, device: torch.device, steps: int = 18) -> np.
 
 def train_edm_teacher(dataset_url: str, cfg: EDMTeacherTrainConfig, out: str, progress: bool = True,
                       on_log: Optional[Callable[[dict], None]] = None,
-                      stop_after: Optional[int] = None) -> Optional[TeacherManifest]:
+                      stop_after: Optional[int] = None,
+                      on_resume: Optional[Callable[[int], None]] = None) -> Optional[TeacherManifest]:
     """Train (or resume, or find finished) an EDM teacher on the train split of ``dataset_url``.
 
     Returns the teacher manifest; None when ``stop_after`` ended the loop early (used by tests to
-    simulate an interruption).
+    simulate an interruption). ``on_resume(step)`` is called when training continues from a checkpoint.
+    A remote ``out`` trains in a local temporary directory mirrored to ``<out>.partial``.
     """
     ds = open_image_dataset(dataset_url)
     dm = ds.manifest
@@ -155,11 +162,28 @@ def train_edm_teacher(dataset_url: str, cfg: EDMTeacherTrainConfig, out: str, pr
         return read_teacher_manifest(out)
     ncfg = net_config(cfg, dm.image_shape, dm.num_classes)
     device = resolve_device(cfg.device)
-    work = artifacts.local_path(artifacts.begin(out))
+    args = (ds, dataset_url, cfg, out, version, ncfg, device, progress, on_log, stop_after, on_resume)
+    if artifacts.is_local(out):
+        return _train_in(artifacts.local_path(artifacts.begin(out)), None, *args)
+    mirror = RunMirror(out, run_files=("run.json", checkpoints.METRICS_FILE))
+    with tempfile.TemporaryDirectory(prefix="kdm-teacher-") as tmp:
+        work = Path(tmp)
+        mirror.pull(work)
+        return _train_in(work, mirror, *args)
+
+
+def _train_in(work: Path, mirror: Optional[RunMirror], ds, dataset_url: str, cfg: EDMTeacherTrainConfig, out: str,
+              version: str, ncfg: EDMNetConfig, device: torch.device, progress: bool,
+              on_log: Optional[Callable[[dict], None]], stop_after: Optional[int],
+              on_resume: Optional[Callable[[int], None]]) -> Optional[TeacherManifest]:
+    """Train in the local work directory ``work`` (``<out>.partial`` itself, or the local copy of a remote
+    run that ``mirror`` pushes checkpoints to and commits)."""
+    dm = ds.manifest
     checkpoints.claim_run(work / "run.json", version,
                           {"dataset": dataset_url, "dataset_version": dm.version, "dataset_content_hash": dm.content_hash,
                            "network": ncfg.model_dump(mode="json"), "config": cfg.model_dump(mode="json")},
-                          holds=f"{work} holds an unfinished teacher run of another config or dataset",
+                          holds=f"{artifacts.partial_url(out)} holds an unfinished teacher run of another config or "
+                                f"dataset",
                           hint="delete it or choose another --out")
 
     if cfg.threads:
@@ -181,6 +205,8 @@ def train_edm_teacher(dataset_url: str, cfg: EDMTeacherTrainConfig, out: str, pr
         checkpoints.load_modules(ck, {"net": net, "ema": ema}, device)
         opt.load_state_dict(checkpoints.load_object(ck, "optimizer", map_location=device))
         step = checkpoints.read_state(ck)["step"]
+        if on_resume is not None:
+            on_resume(step)
     metrics_path = work / checkpoints.METRICS_FILE
     checkpoints.truncate_metrics(metrics_path, step)
 
@@ -253,17 +279,21 @@ def train_edm_teacher(dataset_url: str, cfg: EDMTeacherTrainConfig, out: str, pr
                     on_log(rec)
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoints.save_checkpoint(work, step, cfg.keep_checkpoints, modules={"net": net, "ema": ema},
-                                            objects={"optimizer": opt.state_dict()})
+                ck = checkpoints.save_checkpoint(work, step, cfg.keep_checkpoints, modules={"net": net, "ema": ema},
+                                                 objects={"optimizer": opt.state_dict()})
+                if mirror is not None:
+                    mirror.push_checkpoint(work, ck, cfg.keep_checkpoints)
     bar.close()
     if last_loss is None:
         recs = checkpoints.read_metrics(metrics_path)
         last_loss = recs[-1]["loss"] if recs else None
-    return _finish(work, out, version, ncfg, cfg, ema, dm, dataset_url, last_loss, time.time() - t_start, device)
+    return _finish(work, out, version, ncfg, cfg, ema, dm, dataset_url, last_loss, time.time() - t_start, device,
+                   mirror)
 
 
 def _finish(work: Path, out: str, version: str, ncfg: EDMNetConfig, cfg: EDMTeacherTrainConfig, ema, dm,
-            dataset_url: str, final_loss, seconds: float, device) -> TeacherManifest:
+            dataset_url: str, final_loss, seconds: float, device,
+            mirror: Optional[RunMirror] = None) -> TeacherManifest:
     checkpoints.save_weights(ema, work / "weights.safetensors")
     artifacts.write_json(str(work / "config.json"), ncfg)
     if cfg.preview_samples:
@@ -276,5 +306,9 @@ def _finish(work: Path, out: str, version: str, ncfg: EDMNetConfig, cfg: EDMTeac
                 f"EMA weights, {seconds:.0f} s in the last session on {device.type})"),
         training=cfg, final_loss=final_loss, code_version=code_version(), created=utc_now())
     artifacts.write_json(str(work / artifacts.MANIFEST), manifest)
-    artifacts.commit(out)
+    if mirror is None:
+        artifacts.commit(out)
+    else:
+        final = ["weights.safetensors", "config.json", *([PREVIEW] if (work / PREVIEW).exists() else [])]
+        mirror.commit(work, final_files=(*final, artifacts.MANIFEST), drop_checkpoints=True)
     return manifest
