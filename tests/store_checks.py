@@ -26,3 +26,16 @@ def assert_same_store(a: str, b: str) -> None:
     assert sa.heldout().manifest.content_hash == sb.heldout().manifest.content_hash
     for name in ("x_T", "x_0", "label", "seed"):
         assert sa.group[name][:].tobytes() == sb.group[name][:].tobytes()
+
+
+def smoke_pairs(root: Path, count: int, chunk_size: int) -> str:
+    """A 2-D pair store of ``count`` train pairs (no held-out split) from the smoke teacher, trained under ``root``."""
+    from pipeline import generate, presets, teacher
+    from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange
+    t = str(root / "teacher")
+    teacher.train_teacher(presets.load("teacher", "smoke"), t, progress=False)
+    cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=count), heldout_seeds=None,
+                              sampler=SamplerSettings(method="euler", steps=3), chunk_size=chunk_size)
+    out = str(root / "pairs")
+    generate.generate_pairs(t, cfg, out, progress=False)
+    return out

@@ -3,15 +3,15 @@ complete one (a torn upload is ignored), committed with the manifest last."""
 import json
 
 import pytest
+from store_checks import smoke_pairs
 import torch
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from pipeline import artifacts, generate, presets, teacher, train  # noqa: E402
+from pipeline import artifacts, presets, train  # noqa: E402
 from pipeline.run_mirror import RunMirror  # noqa: E402
 from s3_server import moto_s3  # noqa: E402
-from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange  # noqa: E402
 
 BUCKET = "kdm-runs"
 SETS = ["train.steps=40", "train.checkpoint_every=10", "train.keep_checkpoints=1", "train.threads=1"]
@@ -32,14 +32,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    t = str(root / "teacher")
-    teacher.train_teacher(presets.load("teacher", "smoke"), t, progress=False)
-    cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=600), heldout_seeds=None,
-                              sampler=SamplerSettings(method="euler", steps=3), chunk_size=300)
-    out = str(root / "pairs")
-    generate.generate_pairs(t, cfg, out, progress=False)
-    return out
+    return smoke_pairs(tmp_path_factory.mktemp("data"), 600, 300)
 
 
 def names(s3, path: str) -> list[str]:

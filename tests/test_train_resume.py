@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from store_checks import smoke_pairs
 import torch
 from safetensors.torch import load_file
 
-from pipeline import generate, presets, teacher, train
+from pipeline import presets, train
 from pipeline.errors import ArtifactExists, KDMError
-from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange, StudentManifest
+from storage_schemas import StudentManifest
 
 SETS = ["train.steps=60", "train.checkpoint_every=20", "train.threads=1"]
 REPO = Path(__file__).resolve().parents[1]
@@ -33,14 +34,7 @@ def student_cfg(*extra):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    t = str(root / "teacher")
-    teacher.train_teacher(presets.load("teacher", "smoke"), t, progress=False)
-    cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=1000), heldout_seeds=None,
-                              sampler=SamplerSettings(method="euler", steps=3), chunk_size=250)
-    out = str(root / "pairs")
-    generate.generate_pairs(t, cfg, out, progress=False)
-    return out
+    return smoke_pairs(tmp_path_factory.mktemp("data"), 1000, 250)
 
 
 @pytest.fixture(scope="module")
