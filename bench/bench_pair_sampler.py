@@ -7,7 +7,8 @@
 (a) ``reference``: EDM's generate.py exactly: float32 network under torch's default math modes (TF32 for
     cuDNN convolutions, full float32 matmuls), NCHW, the Heun state in float64, EDM's AttentionOp
     (``fp32-strict`` also turns TF32 off for the convolutions, for information). (b) fast variants: float32 + TF32; bf16 autocast + channels_last + fused attention
-    (models.edm.FastDenoiser), eager or torch.compile; the same in fp16 (EDM's own reduced precision, three
+    (models.edm.FastDenoiser), eager or torch.compile (default mode; ``-compile-max``: max-autotune without CUDA
+    graphs; ``-compile-graphs``: reduce-overhead, i.e. CUDA graphs); the same in fp16 (EDM's own reduced precision, three
     more mantissa bits than bf16); the Heun state in float32. Throughput is measured on the
     EDM CIFAR-10 DDPM++ network (55.7M parameters; speed does not depend on the weight values, and EDM's
     checkpoints cannot be downloaded here) at 18 steps = 35 NFE. Drift needs trained weights (an untrained
@@ -34,7 +35,9 @@ from models.edm import FastDenoiser  # noqa: E402
 from models.samplers import edm_heun, edm_latents  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 
-VARIANTS = ("reference", "fp32-strict", "tf32", "bf16", "bf16-compile", "fp16", "fp16-compile")
+VARIANTS = ("reference", "fp32-strict", "tf32", "bf16", "bf16-compile", "fp16", "fp16-compile", "fp16-compile-max",
+            "fp16-compile-graphs")
+COMPILE_MODES = {"-compile": None, "-compile-max": "max-autotune-no-cudagraphs", "-compile-graphs": "reduce-overhead"}
 
 
 def edm_cifar10_denoiser(device: torch.device) -> torch.nn.Module:
@@ -53,7 +56,9 @@ def make(variant: str, build) -> tuple[torch.nn.Module, torch.dtype]:
     if variant in ("reference", "fp32-strict", "tf32"):
         return net, (torch.float32 if variant == "tf32" else torch.float64)
     dtype = torch.float16 if variant.startswith("fp16") else torch.bfloat16
-    return FastDenoiser(net, compile=variant.endswith("-compile"), dtype=dtype), torch.float32
+    suffix = variant[variant.index("-compile"):] if "-compile" in variant else None
+    return FastDenoiser(net, compile=suffix is not None, dtype=dtype,
+                        compile_mode=COMPILE_MODES.get(suffix)), torch.float32
 
 
 def sample(den, seeds: list[int], steps: int, state_dtype, device) -> torch.Tensor:

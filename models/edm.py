@@ -273,7 +273,8 @@ class FastDenoiser(nn.Module):
     pipeline pair generation records which one produced a store (SamplerSettings.precision).
     """
 
-    def __init__(self, denoiser: nn.Module, compile: bool = False, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, denoiser: nn.Module, compile: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 compile_mode: str | None = None):
         super().__init__()
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"FastDenoiser runs in bfloat16 or float16, not {dtype}")
@@ -283,7 +284,7 @@ class FastDenoiser(nn.Module):
         self.label_dim = getattr(denoiser, "label_dim", 0)
         self.sigma_min = getattr(denoiser, "sigma_min", 0.0)
         self.sigma_max = getattr(denoiser, "sigma_max", float("inf"))
-        self._call = torch.compile(self.inner) if compile else self.inner
+        self._call = torch.compile(self.inner, mode=compile_mode) if compile else self.inner
 
     def round_sigma(self, sigma):
         return self.inner.round_sigma(sigma)
