@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from s3_server import free_port
+from prefect_server import prefect_server, tail as _tail
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -31,46 +31,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 WINDOW = (1400, 1000)
 
 
-def _tail(path: Path, n: int = 3000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else ""
-
-
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
     """``prefect server start`` with the UI, its own PREFECT_HOME (SQLite) and UI static directory."""
-    home = tmp_path_factory.mktemp("prefect-ui")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home / "home"), PREFECT_UI_ENABLED="true", PREFECT_UI_API_URL=f"{base}/api",
-               PREFECT_UI_STATIC_DIRECTORY=str(home / "ui"), PREFECT_SERVER_API_HOST="127.0.0.1",
-               PREFECT_SERVER_API_PORT=str(port), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
-    log = home / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server start exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Prefect server on {base} did not answer /api/health within 120 s:\n{_tail(log)}")
-            time.sleep(0.5)
+    with prefect_server(tmp_path_factory.mktemp("prefect-ui"), ui=True) as (base, env):
         yield base, env
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
