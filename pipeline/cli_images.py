@@ -142,11 +142,11 @@ def _subparsers_of(parser: argparse.ArgumentParser):
     return None
 
 
-def _group(sub, name: str, help_: str):
+def _group(sub, name: str, help_: str, aliases: tuple[str, ...] = ()):
     """The sub-command group ``name`` of the top-level parser, created when missing."""
     parser = sub.choices.get(name)
     if parser is None:
-        return sub.add_parser(name, help=help_).add_subparsers(dest="sub", metavar="SUBCOMMAND")
+        return sub.add_parser(name, help=help_, aliases=list(aliases)).add_subparsers(dest="sub", metavar="SUBCOMMAND")
     action = _subparsers_of(parser)
     if action is None:
         raise RuntimeError(f"`kdm {name}` exists but has no sub-commands")
@@ -156,7 +156,7 @@ def _group(sub, name: str, help_: str):
 def add_commands(sub) -> None:
     """Register the image commands on the top-level sub-parsers of ``kdm`` (pipeline/cli.py)."""
 
-    ds = _group(sub, "dataset", "image datasets: prepare, info")
+    ds = _group(sub, "dataset", "image datasets: prepare, info (alias: data)", aliases=("data",))
     sp = add(ds, "prepare", cmd_dataset_prepare, "turn an ImageFolder tar.gz (train|test/<class>/<file>) into a "
              "versioned Zarr dataset", "example: kdm dataset prepare .data/cifar10-jpeg.tar.gz --out runs/cifar10")
     sp.add_argument("archive")

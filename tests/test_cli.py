@@ -37,6 +37,14 @@ def test_subcommand_help(capsys):
     assert "--seeds" in out and "--heldout-seeds" in out and "START-END" in out
 
 
+def test_data_is_an_alias_of_dataset(capsys):
+    for group in ("dataset", "data"):
+        with pytest.raises(SystemExit) as e:
+            main([group, "prepare", "--help"])
+        assert e.value.code == 0
+        assert "usage: kdm dataset prepare" in capsys.readouterr().out
+
+
 def test_no_command_prints_help_and_fails(capsys):
     code, out, _ = run(capsys)
     assert code == 2 and "COMMAND" in out
