@@ -182,6 +182,7 @@ class Bench:
     def student(self) -> dict:
         self.requires("pairs_url")
         from pipeline.image_metrics import save_grid
+        from pipeline.sample import generate_images
         from pipeline.image_train import train_image_student
         from pipeline.pairstore import PairStore
         from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset
@@ -223,7 +224,7 @@ class Bench:
         def preview(step: int, ema) -> None:
             if fixed is not None:
                 name = f"student_step{step:06d}.png"
-                save_grid(generate(ema, fixed), self.out / name, nrow=8)
+                save_grid(generate_images(ema, fixed), self.out / name, nrow=8)
                 previews.append(name)
 
         url = os.path.join(self.root, "students",
@@ -252,9 +253,9 @@ class Bench:
         if held is None:
             raise StageUnavailable("skipped: the pair store has no held-out split")
         hd = held.load(("x_T", "x_0"))
-        from pipeline.sample import load_image_student
+        from pipeline.sample import generate_images, load_image_student
         student, manifest = load_image_student(self.ctx["student_url"], self.a.device)
-        s_x0 = generate(student, hd["x_T"])
+        s_x0 = generate_images(student, hd["x_T"])
         t_x0 = hd["x_0"].astype(np.float32)
         seeds = held.manifest.seeds
         kid = dict(kid_subsets=self.a.kid_subsets, kid_subset_size=min(1000, len(t_x0)))
@@ -344,17 +345,6 @@ def copy_if_exists(src: Path, dst: Path) -> None:
     import shutil
     if src.exists():
         shutil.copyfile(src, dst)
-
-
-def generate(model, x_T: np.ndarray, batch: int = 500) -> np.ndarray:
-    import torch
-    dev = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x_T), batch):
-            out.append(model.generate(torch.from_numpy(np.ascontiguousarray(x_T[i:i + batch], np.float32)).to(dev))
-                       .float().cpu().numpy())
-    return np.concatenate(out)
 
 
 STAGES = ("dataset", "extractor", "teacher", "pairs", "student", "evaluation")

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from pipeline import generate  # noqa: E402
 from pipeline.datasets import prepare_image_dataset  # noqa: E402
 from pipeline.pairstore import PairStore  # noqa: E402
-from pipeline.teacher_bootstrap import PREVIEW, load_edm_teacher_config, save_grid, train_edm_teacher  # noqa: E402
+from pipeline.image_metrics import save_grid  # noqa: E402
+from pipeline.teacher_bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher  # noqa: E402
 from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange, stable_hash  # noqa: E402
 
 
@@ -100,8 +101,7 @@ def main(argv=None) -> dict:
               f"({summary['pairs']['pairs_per_s']:.0f} pairs/s)", flush=True)
         if a.report:
             Path(a.report).mkdir(parents=True, exist_ok=True)
-            grid = (np.clip(x0 * 127.5 + 128, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
-            save_grid(grid, str(Path(a.report) / "pairs.png"))
+            save_grid(x0, Path(a.report) / "pairs.png", nrow=8)
 
     (root / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     if a.report:

@@ -48,6 +48,18 @@ def generate(model: KDM2D, x_T: np.ndarray, batch: int = 65536) -> np.ndarray:
     return torch.cat(outs).numpy() if outs else np.zeros((0, model.dim), np.float32)
 
 
+@torch.no_grad()
+def generate_images(model, x_T: np.ndarray, labels: Optional[np.ndarray] = None, batch: int = 500) -> np.ndarray:
+    """One-step samples of an image student (float32, [-1, 1] up to the model's error), ``batch`` at a time."""
+    dev = next(model.parameters()).device
+    out = []
+    for i in range(0, len(x_T), batch):
+        xb = torch.from_numpy(np.ascontiguousarray(x_T[i:i + batch], np.float32)).to(dev)
+        yb = torch.from_numpy(labels[i:i + batch].astype(np.int64)).to(dev) if labels is not None else None
+        out.append(model.generate(xb, yb).float().cpu().numpy())
+    return np.concatenate(out)
+
+
 def noise_for_seeds(seeds: Sequence[int], dim: int, scale: float = 1.0) -> np.ndarray:
     return seeded_noise(list(seeds), (dim,), scale=scale).numpy()
 

@@ -261,17 +261,6 @@ def _evaluation_summary(uri: str, m: ImageEvaluationManifest, skipped: bool) -> 
             **m.summary}
 
 
-def _one_step(model, x_T: np.ndarray, labels: Optional[np.ndarray], batch: int) -> np.ndarray:
-    import torch
-    dev = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x_T), batch):
-            xb = torch.from_numpy(np.ascontiguousarray(x_T[i:i + batch], np.float32)).to(dev)
-            yb = torch.from_numpy(labels[i:i + batch].astype(np.int64)).to(dev) if labels is not None else None
-            out.append(model.generate(xb, yb).float().cpu().numpy())
-    return np.concatenate(out)
-
 
 def stage_image_evaluate(root: str, dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
                          cfg: ImageEvalStageConfig, device: str, progress: bool = False) -> dict:
@@ -303,7 +292,7 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     from .datasets import open_image_dataset
     from .image_train import read_image_student_manifest
     from .pairstore import PairStore
-    from .sample import load_image_student
+    from .sample import generate_images, load_image_student
     version = _evaluation_version_of(dataset_uri, extractor_uri, pairs_uri, student_uri, cfg)
     if artifacts.check_target(out, version, read_evaluation_manifest):
         return read_evaluation_manifest(out), True
@@ -326,7 +315,7 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     fx = features.load_extractor(extractor_uri, device)
     ref = im.reference_stats(x_ref, dataset_id=ds.version, split="train", extractor=fx, root=reference_root)
     student, _ = load_image_student(student_uri, device)
-    s_x0 = _one_step(student, hd["x_T"], hd["label"] if sm.model.label_dim else None, cfg.batch_size)
+    s_x0 = generate_images(student, hd["x_T"], hd["label"] if sm.model.label_dim else None, cfg.batch_size)
     t_x0 = hd["x_0"].astype(np.float32)
     knobs = dict(kid_subsets=cfg.kid_subsets, kid_subset_size=min(cfg.kid_subset_size, n, len(x_ref)),
                  kid_seed=cfg.kid_seed)
@@ -397,7 +386,6 @@ def stage_output(req) -> tuple[str, bool]:
     from .datasets import open_image_dataset
     from .pairstore import PairStore
     from .teacher import read_teacher_manifest
-    from .image_train import read_image_student_manifest
     if isinstance(req, ExtractorStageRequest):
         v = extractor_version(open_image_dataset(req.dataset_uri).manifest.content_hash, req.config)
         out = _out(req.root, "extractors", v)

@@ -114,31 +114,13 @@ class _EpochIndex:
 
 # --- preview -------------------------------------------------------------------------------------------
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """EDM's quantisation x * 127.5 + 128, clipped, truncated to uint8; (B, C, H, W) -> (B, H, W, C)."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images: np.ndarray, path: str) -> None:
-    """Write (B, H, W, C) uint8 images as one PNG grid (ceil(sqrt(B)) columns)."""
-    from PIL import Image
-    b, h, w, c = images.shape
-    cols = int(math.ceil(math.sqrt(b)))
-    rows = int(math.ceil(b / cols))
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i in range(b):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-
-
 @torch.no_grad()
 def preview_samples(net, num: int, device: torch.device, steps: int = 18) -> np.ndarray:
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     eps, labels = edm_latents(range(num), shape, net.label_dim)
     onehot = torch.eye(net.label_dim, device=device)[labels.to(device)] if labels is not None else None
     x0 = edm_heun(net, (eps * 80.0).to(device), onehot, num_steps=steps)
-    return to_uint8(x0.to(torch.float32))
+    return x0.to(torch.float32).cpu().numpy()
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -297,7 +279,9 @@ def _finish(work: Path, out: str, version: str, ncfg: EDMNetConfig, cfg: EDMTeac
     checkpoints.save_weights(ema, work / "weights.safetensors")
     artifacts.write_json(str(work / "config.json"), ncfg)
     if cfg.preview_samples:
-        save_grid(preview_samples(ema, cfg.preview_samples, device), str(work / PREVIEW))
+        from .image_metrics import save_grid
+        save_grid(preview_samples(ema, cfg.preview_samples, device), work / PREVIEW,
+                  nrow=math.ceil(math.sqrt(cfg.preview_samples)))
     shutil.rmtree(work / checkpoints.CKPT_DIR, ignore_errors=True)
     manifest = TeacherManifest(
         id=version, kind="edm", model=ncfg, weights_sha256=artifacts.sha256_file(str(work / "weights.safetensors")),
