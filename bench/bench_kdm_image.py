@@ -23,7 +23,6 @@ import datetime
 import json
 import platform
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from models.distances import make_distance  # noqa: E402
 from models.kdm_image import KDMImage  # noqa: E402
 from models.songunet import use_fused_attention  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
+from timing import reset_memory, time_steps  # noqa: E402
 from pipeline.image_train import ImageTrainer, set_tf32  # noqa: E402
 from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig, image_preset  # noqa: E402
 
@@ -84,39 +84,8 @@ def reference_step(st: ReferenceState, x0: torch.Tensor, xT: torch.Tensor, label
     return {"total": total.detach(), "disc": d_loss.detach()}
 
 
-# -- measurement helpers --------------------------------------------------------------------------
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device):
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-
-
-def time_steps(fn, device: torch.device, warmup: int, steps: int) -> dict:
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync(device)
-    t2 = time.perf_counter()
-    return {"warmup_s": t1 - t0, "step_s": (t2 - t1) / steps, "steps": steps, "warmup": warmup,
-            "peak_mem_gib": _peak_gib(device)}
-
-
 def bench_reference(model_cfg, train_cfg, device, data, args) -> dict:
-    _reset_memory(device)
+    reset_memory(device)
     if device.type == "cuda":
         set_tf32(False)
         torch.backends.cudnn.benchmark = False      # the official trainer's defaults
@@ -129,7 +98,7 @@ def bench_reference(model_cfg, train_cfg, device, data, args) -> dict:
 
 
 def bench_engine(model_cfg, train_cfg, device, data, args, fused_attention: bool = False, **changes) -> dict:
-    _reset_memory(device)
+    reset_memory(device)
     tc = train_cfg.model_copy(update=changes)
     trainer = ImageTrainer(model_cfg, tc, device)
     if fused_attention:
@@ -148,7 +117,7 @@ def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_at
                    compile_mode: str | None = None) -> dict:
     """One-step sampling (encoder of x_T, Koopman push, decoder) in fp32, bf16 or fp16 autocast; optionally
     torch's fused attention and torch.compile (mode None = no compile)."""
-    _reset_memory(device)
+    reset_memory(device)
     if device.type == "cuda":
         set_tf32(False)
     torch.manual_seed(0)

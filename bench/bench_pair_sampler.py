@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from models.edm import FastDenoiser  # noqa: E402
 from models.samplers import edm_heun, edm_latents  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
+from timing import sync  # noqa: E402
 
 VARIANTS = ("reference", "fp32-strict", "tf32", "bf16", "bf16-compile", "fp16", "fp16-compile", "fp16-compile-max",
             "fp16-compile-graphs")
@@ -64,11 +65,6 @@ def make(variant: str, build) -> tuple[torch.nn.Module, torch.dtype]:
 def sample(den, seeds: list[int], steps: int, state_dtype, device) -> torch.Tensor:
     eps, _ = edm_latents(seeds, (3, 32, 32), 0)
     return edm_heun(den, (eps * 80.0).to(device), None, num_steps=steps, state_dtype=state_dtype)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> dict:

@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,23 +21,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from pipeline.devices import resolve_device  # noqa: E402
+from timing import sync, time_steps  # noqa: E402
 from pipeline.image_data import ChunkShuffleSampler, write_synthetic_store  # noqa: E402
 from pipeline.image_train import ImageTrainer  # noqa: E402
 from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset  # noqa: E402
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def timed(fn, n: int, dev) -> float:
-    sync(dev)
-    t = time.time()
-    for _ in range(n):
-        fn()
-    sync(dev)
-    return (time.time() - t) / n
+    return time_steps(fn, dev, 0, n)["step_s"]
 
 
 def main(argv=None) -> dict:
