@@ -35,7 +35,7 @@ from models.distances import make_distance  # noqa: E402
 from models.kdm_image import KDMImage  # noqa: E402
 from models.songunet import use_fused_attention  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
-from timing import reset_memory, time_steps  # noqa: E402
+from timing import kernel_breakdown, reset_memory, time_steps  # noqa: E402
 from pipeline.image_train import ImageTrainer, set_tf32  # noqa: E402
 from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig, image_preset  # noqa: E402
 
@@ -105,9 +105,12 @@ def bench_engine(model_cfg, train_cfg, device, data, args, fused_attention: bool
         use_fused_attention(trainer.model)
     x0, xT = data
     res = time_steps(lambda: trainer.train_step(xT, x0), device, args.warmup, args.steps)
+    if args.profile:
+        res["profile"] = kernel_breakdown(lambda: trainer.train_step(xT, x0), device, calls=3)
     res["final_loss"] = trainer.pop_metrics().get("total")
     res["nonfinite_steps"] = trainer.nonfinite_steps
-    res["settings"] = {k: getattr(tc, k) for k in ("precision", "tf32", "channels_last", "compile")}
+    res["settings"] = {k: getattr(tc, k) for k in ("precision", "tf32", "channels_last", "compile", "compile_mode",
+                                                   "cuda_graphs")}
     del trainer
     return res
 
@@ -124,11 +127,12 @@ def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_at
     model = KDMImage.from_config(model_cfg).to(device).eval()
     if fused_attention:
         use_fused_attention(model)
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if low is not None:
+    nchw = precision.endswith("-nchw")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.removesuffix("-nchw"))
+    if low is not None and not nchw:
         model = model.to(memory_format=torch.channels_last)
     xT = model.sample_noise(batch, device=device)
-    if low is not None:
+    if low is not None and not nchw:
         xT = xT.contiguous(memory_format=torch.channels_last)
     gen = torch.compile(model.generate, mode=compile_mode) if compile_mode else model.generate
 
@@ -140,6 +144,8 @@ def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_at
 
     reps = max(1, args.steps // 2)
     res = time_steps(run, device, max(1, args.warmup // 2), reps)
+    if args.profile:
+        res["profile"] = kernel_breakdown(run, device, calls=3)
     res["images_per_s"] = batch / res["step_s"]
     res["batch"] = batch
     res["settings"] = {"precision": precision, "fused_attention": fused_attention, "compile_mode": compile_mode}
@@ -149,7 +155,9 @@ def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_at
 SAMPLING_VARIANTS = {   # name: (precision, fused attention, compile mode)
     "fp32": ("fp32", False, None), "bf16": ("bf16", False, None), "bf16-sdpa": ("bf16", True, None),
     "bf16-sdpa-compile": ("bf16", True, "default"), "bf16-sdpa-compile-max": ("bf16", True, "max-autotune"),
-    "fp16-sdpa-compile": ("fp16", True, "default"),
+    "fp16-sdpa-compile": ("fp16", True, "default"), "bf16-sdpa-graphs": ("bf16", True, "reduce-overhead"),
+    "fp16-sdpa-graphs": ("fp16", True, "reduce-overhead"), "fp16-sdpa-compile-max": ("fp16", True, "max-autotune"),
+    "bf16-sdpa-compile-nchw": ("bf16-nchw", True, "default"),
 }
 
 
@@ -159,13 +167,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="cifar10-uncond")
     ap.add_argument("--tiny", action="store_true", help="a tiny U-Net (smoke test, e.g. on the CPU)")
     ap.add_argument("--batch", type=int, default=None, help="default 128 (4 with --tiny)")
-    ap.add_argument("--sample-batch", type=int, default=None, help="default 1000 (8 with --tiny)")
+    ap.add_argument("--sample-batch", default=None,
+                    help="one or more comma-separated batch sizes for sampling; default 1000 (8 with --tiny)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also record each variant's GPU time by kernel class (torch.profiler)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
+    ap.add_argument("--compile-modes", default="default",
+                    help="torch.compile modes of the compiled engine variants (comma-separated; 'reduce-overhead' "
+                         "= CUDA graphs)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--variants", default="fp32,bf16,nchw",
-                    help="engine variants besides the reference: any of fp32, bf16, nchw (--compile adds compile)")
+                    help="engine variants besides the reference: any of fp32, bf16, nchw, graphs, graphs-nchw, "
+                         "graphs-sdpa (whole-step CUDA graph) (--compile adds compile)")
     ap.add_argument("--sampling", default="bf16,fp32",
                     help=f"one-step sampling variants, any of {', '.join(SAMPLING_VARIANTS)}")
     ap.add_argument("--fused-attention", action="store_true",
@@ -183,7 +198,7 @@ def main(argv=None) -> dict:
         model_cfg = KDMImageConfig.model_validate({**model_cfg.model_dump(), "unet": TINY_UNET.model_dump(),
                                                    "latent_proj_dim": None, "img_resolution": 32})
     batch = args.batch or (4 if args.tiny else 128)
-    sample_batch = args.sample_batch or (8 if args.tiny else 1000)
+    sample_batches = [int(b) for b in str(args.sample_batch or (8 if args.tiny else 1000)).split(",")]
     train_cfg = ImageTrainConfig(device="cuda" if device.type == "cuda" else "cpu", batch_size=batch)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": gpu,
@@ -213,6 +228,10 @@ def main(argv=None) -> dict:
             mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
             print(f"{name:28s} {1e3 * r['step_s']:9.1f} ms/step  peak {mem:>10s}  warmup {r['warmup_s']:.1f} s",
                   flush=True)
+            prof = r.get("profile")
+            if prof:
+                print(f"{'':28s} GPU {prof['gpu_ms_per_call']:.1f} ms/step, {prof['launches_per_call']} launches: "
+                      + ", ".join(f"{k} {ms:.1f}" for k, ms in prof["ms_by_class"].items()), flush=True)
 
     if not args.skip_reference:
         record("reference_fp32_eager", lambda: bench_reference(model_cfg, train_cfg, device, data, args))
@@ -224,13 +243,25 @@ def main(argv=None) -> dict:
     if "nchw" in variants:
         record("engine_bf16_nchw", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
                                                         channels_last=False))
+    if "graphs" in variants:
+        record("engine_bf16_cuda_graphs", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+                                                               cuda_graphs=True))
+    if "graphs-nchw" in variants:
+        record("engine_bf16_nchw_cuda_graphs", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+                                                                    cuda_graphs=True, channels_last=False))
+    if "graphs-sdpa" in variants:
+        record("engine_bf16_cuda_graphs_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+                                                                    fused_attention=True, cuda_graphs=True))
     if args.fused_attention:
         record("engine_fp32_tf32_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
                                                              fused_attention=True, precision="fp32"))
         record("engine_bf16_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
                                                         fused_attention=True))
     if args.compile:
-        record("engine_bf16_compile", lambda: bench_engine(model_cfg, train_cfg, device, data, args, compile=True))
+        for mode in [m.strip() for m in args.compile_modes.split(",") if m.strip()]:
+            name = "engine_bf16_compile" + ("" if mode == "default" else f"_{mode}")
+            record(name, lambda: bench_engine(model_cfg, train_cfg, device, data, args, compile=True,
+                                              compile_mode=mode))
 
     ref = results["train_step"].get("reference_fp32_eager", {})
     speedups = {}
@@ -243,14 +274,20 @@ def main(argv=None) -> dict:
 
     for name in [v.strip() for v in args.sampling.split(",") if v.strip()]:
         prec, fused, mode = SAMPLING_VARIANTS[name]
-        try:
-            r = bench_sampling(model_cfg, device, sample_batch, prec, args, fused_attention=fused, compile_mode=mode)
-            print(f"sampling {name:22s} batch {sample_batch}: {r['images_per_s']:,.0f} images/s "
-                  f"(warm-up {r['warmup_s']:.1f} s)", flush=True)
-        except Exception as e:
-            r = {"error": f"{type(e).__name__}: {e}"}
-            print(f"sampling {name} failed: {r['error']}", flush=True)
-        results["sampling"][name] = r
+        for sample_batch in sample_batches:
+            key = name if len(sample_batches) == 1 else f"{name}@{sample_batch}"
+            try:
+                r = bench_sampling(model_cfg, device, sample_batch, prec, args, fused_attention=fused,
+                                   compile_mode=mode)
+                prof = r.get("profile") or {}
+                extra = (f"; {prof['gpu_ms_per_call']:.1f} GPU ms, " + ", ".join(
+                    f"{k} {ms:.1f}" for k, ms in prof["ms_by_class"].items())) if prof else ""
+                print(f"sampling {name:22s} batch {sample_batch}: {r['images_per_s']:,.0f} images/s "
+                      f"(warm-up {r['warmup_s']:.1f} s){extra}", flush=True)
+            except Exception as e:
+                r = {"error": f"{type(e).__name__}: {e}"}
+                print(f"sampling {name} failed: {r['error']}", flush=True)
+            results["sampling"][key] = r
 
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

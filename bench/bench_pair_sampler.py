@@ -34,11 +34,12 @@ import torch  # noqa: E402
 from models.edm import FastDenoiser  # noqa: E402
 from models.samplers import edm_heun, edm_latents  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
-from timing import sync  # noqa: E402
+from timing import kernel_breakdown, sync  # noqa: E402
 
 VARIANTS = ("reference", "fp32-strict", "tf32", "bf16", "bf16-compile", "fp16", "fp16-compile", "fp16-compile-max",
-            "fp16-compile-graphs")
-COMPILE_MODES = {"-compile": None, "-compile-max": "max-autotune-no-cudagraphs", "-compile-graphs": "reduce-overhead"}
+            "fp16-compile-graphs", "fp16-compile-max-graphs")
+COMPILE_MODES = {"-compile": None, "-compile-max": "max-autotune-no-cudagraphs", "-compile-graphs": "reduce-overhead",
+                 "-compile-max-graphs": "max-autotune"}
 
 
 def edm_cifar10_denoiser(device: torch.device) -> torch.nn.Module:
@@ -76,6 +77,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--teacher", default=None, help="teacher artifact for the drift measurement")
     ap.add_argument("--drift-seeds", type=int, default=512)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one denoiser call per variant: GPU time by kernel class, and the pairs/s "
+                         "bound if only the convolutions/GEMMs and attention remained")
     ap.add_argument("--tiny", action="store_true", help="a tiny network (smoke test on the CPU)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -116,6 +120,17 @@ def main(argv=None) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         res["throughput"][v] = r
         print(f"{v:14s} {r['pairs_per_s']:9.1f} pairs/s  ({dt:.2f} s per batch, warm-up {warm:.1f} s)", flush=True)
+        if a.profile:
+            x = torch.randn(a.batch, 3, 32, 32, device=device)
+            sigma = torch.tensor(1.0, dtype=sd, device=device)
+            kb = kernel_breakdown(lambda: den(x.to(sd), sigma, None), device, calls=3)
+            if kb:
+                core = kb["ms_by_class"].get("conv_gemm", 0.0) + kb["ms_by_class"].get("attention", 0.0)
+                kb["pairs_per_s_bound_core_kernels_only"] = a.batch / ((2 * a.steps - 1) * core / 1e3) if core else None
+                r["profile"] = kb
+                print(f"   profile: {kb['gpu_ms_per_call']:.1f} GPU ms per call, {kb['launches_per_call']} launches; "
+                      + ", ".join(f"{k} {ms:.1f}" for k, ms in kb["ms_by_class"].items())
+                      + f"; bound {kb['pairs_per_s_bound_core_kernels_only'] or 0:.0f} pairs/s", flush=True)
         del den
     ref = res["throughput"].get("reference")
     if ref:

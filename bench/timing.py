@@ -34,3 +34,51 @@ def time_steps(fn, device: torch.device, warmup: int, steps: int) -> dict:
     t2 = time.perf_counter()
     return {"warmup_s": t1 - t0, "step_s": (t2 - t1) / steps, "steps": steps, "warmup": warmup,
             "peak_mem_gib": peak_gib(device)}
+
+
+KERNEL_CLASSES = (   # (class, substrings of a CUDA kernel name), first match wins
+    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("conv_gemm", ("conv", "gemm", "cutlass", "xmma", "fprop", "dgrad", "wgrad", "cudnn", "sm90_", "sm80_", "nvjet")),
+    ("fused_triton", ("triton",)),
+    ("copy", ("copy", "cast", "elementwise_kernel_with_index", "direct_copy")),
+    ("norm", ("norm", "welford")),
+)
+
+
+def classify_kernel(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def kernel_breakdown(fn, device: torch.device, calls: int = 1, top: int = 12) -> dict:
+    """GPU time of ``calls`` calls of ``fn`` by kernel class (convolution/GEMM, attention, fused Triton,
+    copies, norms, other) and the ``top`` kernels, from torch.profiler; ms per call. On the CPU: {}."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    by_class: dict[str, float] = {}
+    kernels = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if not t:
+            continue
+        ms = t / 1e3 / calls
+        cls = classify_kernel(ev.key)
+        by_class[cls] = by_class.get(cls, 0.0) + ms
+        kernels.append((ms, ev.key[:120], cls, ev.count // calls))
+    kernels.sort(reverse=True)
+    total = sum(by_class.values())
+    return {"gpu_ms_per_call": total, "ms_by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"ms": ms, "name": n, "class": c, "launches": k} for ms, n, c, k in kernels[:top]],
+            "launches_per_call": sum(ev.count for ev in prof.key_averages()
+                                     if (getattr(ev, "self_device_time_total", 0) or 0) > 0) // calls}

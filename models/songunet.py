@@ -109,8 +109,8 @@ class Conv2d(nn.Module):
                              padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
-        if b is not None:
-            x = x + b.reshape(1, -1, 1, 1)
+        if b is not None:   # in the convolution's output dtype (bf16 under autocast), as EDM's in-place add_
+            x = x + b.to(x.dtype).reshape(1, -1, 1, 1)
         return x
 
 
@@ -126,6 +126,13 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            # In the activations' dtype as EDM's fp16 mode (statistics are accumulated in float32 by the
+            # kernel): autocast would otherwise upcast to float32 here and the next convolution cast
+            # back, two copies of every activation per norm, forward and backward.
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
+                                    bias=self.bias.to(x.dtype), eps=self.eps)
         return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
                             bias=self.bias.to(x.dtype), eps=self.eps)
 

@@ -174,7 +174,10 @@ class ImageTrainer:
     """Model, EMA, discriminator, optimizers, RNG streams and the training step of one process."""
 
     def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device,
-                 dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None):
+                 dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None,
+                 device_guard: Optional[bool] = None):
+        """``device_guard`` (default: ``train_cfg.cuda_graphs``) runs the step with the non-finite guard on
+        the device; without cuda_graphs it runs eagerly (on any device: how the tests check it on the CPU)."""
         tc = train_cfg
         self.model_cfg, self.cfg, self.device = model_cfg, tc, device
         self.dist = dist_info or DistInfo()
@@ -216,11 +219,21 @@ class ImageTrainer:
                 self.disc = self.disc_pair.module.disc
         if tc.compile:
             # Each U-Net compiled in place (state_dict keys unchanged); the two encoders share one graph.
+            mode = None if tc.compile_mode in (None, "default") else tc.compile_mode
             for unet in (self.model.x0_encoder.unet, self.model.xT_encoder.unet, self.model.decoder.unet):
-                unet.compile()
+                unet.compile(mode=mode)
+        # CUDA-graph modes overwrite the previous step's graph outputs: each step starts a new generation.
+        self._graph_steps = bool(tc.compile and self.cuda and tc.compile_mode in ("reduce-overhead", "max-autotune"))
 
+        # The device-side guard (CUDA graphs) skips optimizer steps through fused Adam's found_inf.
+        self.device_guard = tc.cuda_graphs if device_guard is None else device_guard
+        if tc.cuda_graphs and (not self.cuda or self.dist.enabled or tc.compile):
+            raise KDMError("cuda_graphs=True needs one CUDA device, one process (no torchrun) and compile=False; "
+                           f"got device {device}, {self.dist.world_size} process(es), compile={tc.compile}")
         opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
-        opt_kw.update(fused=True) if self.cuda else opt_kw.update(foreach=True)
+        opt_kw.update(fused=True) if (self.cuda or self.device_guard) else opt_kw.update(foreach=True)
+        if tc.cuda_graphs:
+            opt_kw.update(capturable=True)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=tc.lr, **opt_kw)
@@ -233,9 +246,30 @@ class ImageTrainer:
         self._bn_bufs = list(self.disc.buffers()) if self.disc is not None else []
         self._bn_backup = [b.clone() for b in self._bn_bufs]
 
-        self.nonfinite_steps = 0
+        self._nonfinite = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        # Device-side guard and CUDA graph (cuda_graphs): static inputs, flags, counters, the graph.
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._static: Optional[tuple] = None
+        self._warm_steps = 0
+        self._dev_count = torch.zeros((), device=device)          # finite steps since pop_metrics
+        self._dev_skipped = torch.zeros((), device=device)        # skipped steps not yet in _nonfinite
+        self._d_found_inf = torch.zeros((), device=device)
+        self._g_found_inf = torch.zeros((), device=device)
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped by the non-finite guard (reads the device counter: one sync in graph mode)."""
+        if self.device_guard:
+            self._nonfinite += int(self._dev_skipped.item())
+            self._dev_skipped.zero_()
+        return self._nonfinite
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, n: int) -> None:
+        self._dev_skipped.zero_()
+        self._nonfinite = int(n)
 
     # -- one step -----------------------------------------------------------------------------------
     def _autocast(self):
@@ -262,7 +296,11 @@ class ImageTrainer:
 
     def train_step(self, x_T: torch.Tensor, x_0: torch.Tensor, label: Optional[torch.Tensor] = None) -> bool:
         """One optimisation step on a batch; returns False when the non-finite guard skipped it."""
+        if self._graph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         x0, xT, y = self._prepare(x_T, x_0, label)
+        if self.device_guard:
+            return self._guarded_step(x0, xT, y)
         mc = self.model_cfg
         eps = torch.randn((2, x0.shape[0], self.model.latent_dim), generator=self.noise_gen, device=self.device)
         with self._autocast():
@@ -317,6 +355,118 @@ class ImageTrainer:
         self._count += 1
         return True
 
+    # -- the step with the guard on the device, as one CUDA graph -------------------------------------
+    GRAPH_WARMUP_STEPS = 3
+
+    def _guarded_step(self, x0, xT, y) -> bool:
+        """cuda_graphs: the step of ``_device_step`` on static buffers, run eagerly on a side stream for the
+        first GRAPH_WARMUP_STEPS steps (cuDNN autotuning, optimizer state), then captured once and replayed.
+        A batch of another shape (a short last batch) runs eagerly. Returns True (whether the guard skipped
+        the step is known on the device only; see ``nonfinite_steps``)."""
+        eps_shape = (2, x0.shape[0], self.model.latent_dim)
+        if not self.cfg.cuda_graphs:   # the same step without capture
+            eps = torch.randn(eps_shape, generator=self.noise_gen, device=self.device)
+            self._device_step(x0, xT, y, eps)
+            return True
+        if self._static is None or self._static[0].shape != x0.shape:
+            if self._static is not None:                       # a batch of another shape: eager
+                eps = torch.randn(eps_shape, generator=self.noise_gen, device=self.device)
+                self._device_step(x0, xT, y, eps)
+                return True
+            self._static = (x0.clone(), xT.clone(), None if y is None else y.clone(),
+                            torch.empty(eps_shape, device=self.device))
+        s_x0, s_xT, s_y, s_eps = self._static
+        s_x0.copy_(x0)
+        s_xT.copy_(xT)
+        if s_y is not None:
+            s_y.copy_(y)
+        torch.randn(eps_shape, generator=self.noise_gen, device=self.device, out=s_eps)
+        if self._graph is not None:
+            self._graph.replay()
+            return True
+        if self._warm_steps < self.GRAPH_WARMUP_STEPS:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._device_step(s_x0, s_xT, s_y, s_eps)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._warm_steps += 1
+            return True
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._device_step(s_x0, s_xT, s_y, s_eps)
+        self._graph = graph
+        graph.replay()                                          # capture records; replay runs the step
+        return True
+
+    def _device_step(self, x0, xT, y, eps) -> None:
+        """``train_step``'s semantics without a host sync: the finite checks become device flags that skip
+        the optimizer steps (fused Adam's found_inf), the EMA, the metric sums and restore D's BatchNorm
+        statistics; skipped steps are counted on the device."""
+        mc = self.model_cfg
+        with self._autocast():
+            z0, z_push, x_rec, x_push, spectral = self.forward_module(x0, xT, y, eps[0], eps[1])
+            rec = self.distance(x_rec, x0).mean()
+            pred = self.distance(x_push, x0).mean()
+        lat = F.mse_loss(z_push.float(), z0.float())
+        terms = {"rec": rec, "lat": lat, "pred": pred}
+        if spectral is not None:
+            terms["spectral"] = spectral
+        total = rec + lat + pred + (spectral if spectral is not None else 0.0)
+        ok = torch.isfinite(total.detach())
+        if self.disc is not None:
+            torch._foreach_copy_(self._bn_backup, self._bn_bufs)
+            with self._autocast():
+                d_real, d_fake = self.disc_pair(x0, x_push.detach())
+            d_loss = discriminator_loss(d_real.float(), d_fake.float())
+            ok = ok & torch.isfinite(d_loss.detach())
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self._d_found_inf.copy_(~ok)
+            self.d_opt.found_inf = self._d_found_inf
+            self.d_opt.step()
+            self.disc.requires_grad_(False)
+            with self._autocast():
+                adv = generator_adversarial_loss(self.disc(x_push).float())
+            self.disc.requires_grad_(True)
+            ok_d = ok
+            total = total + mc.adv_weight * adv
+            terms.update(disc=d_loss.detach(), adv=adv)
+            ok = ok & torch.isfinite(total.detach())
+
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.disc is not None:   # a step skipped at the D check leaves no trace in D's statistics
+            for buf, backup in zip(self._bn_bufs, self._bn_backup):
+                buf.copy_(torch.where(ok_d, buf, backup))
+        grads = [p.grad for p in self.params if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        grads_ok = torch.isfinite(gnorm)
+        if self.cfg.sanitize_grads:         # a no-op on finite gradients
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=SANITIZE_INF, neginf=-SANITIZE_INF)
+            gnorm = torch.where(grads_ok, gnorm, torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        else:
+            ok = ok & grads_ok
+        if self.cfg.grad_clip is not None:
+            torch._foreach_mul_(grads, torch.clamp(self.cfg.grad_clip / (gnorm + 1e-6), max=1.0))
+        self._g_found_inf.copy_(~ok)
+        self.opt.found_inf = self._g_found_inf
+        self.opt.step()
+        okf = ok.float()
+        with torch.no_grad():               # EMA: lerp by (1 - decay) on finite steps, by 0 otherwise
+            diff = torch._foreach_sub(self.params, self.ema_params)
+            torch._foreach_mul_(diff, okf * (1.0 - self.cfg.ema_decay))
+            torch._foreach_add_(self.ema_params, diff)
+        terms.update(total=total, grad_norm=gnorm)
+        for k, v in terms.items():
+            v = torch.where(ok, v.detach().float(), 0.0)
+            if k not in self._sums:
+                self._sums[k] = torch.zeros((), device=self.device)
+            self._sums[k].add_(v)
+        self._dev_count.add_(okf)
+        self._dev_skipped.add_(1.0 - okf)
+
     def _skip(self) -> bool:
         self.opt.zero_grad(set_to_none=True)
         if self.d_opt is not None:
@@ -331,6 +481,15 @@ class ImageTrainer:
     def pop_metrics(self) -> dict[str, float]:
         """Means of the loss terms over the finite steps since the last call and over the ranks (one sync;
         collective under DDP)."""
+        if self.device_guard:       # static sums (a captured graph adds into them): read, then zero in place
+            count = float(self._dev_count.item())
+            if not count:
+                return {}
+            keys = list(self._sums)
+            vals = torch.stack([self._sums[k] for k in keys]) / count
+            torch._foreach_zero_(list(self._sums.values()))
+            self._dev_count.zero_()
+            return dict(zip(keys, vals.tolist()))
         if not self._count:
             return {}
         keys = list(self._sums)
@@ -385,6 +544,8 @@ class ImageTrainer:
             self.noise_gen.manual_seed(_derived_seed(self.cfg.seed, "noise", self.dist.rank, state["step"]))
             torch.manual_seed(_derived_seed(self.cfg.seed, "dropout", self.dist.rank, state["step"]))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        if self._graph is not None:     # the optimizers' state tensors were replaced: capture again
+            self._graph = None
         return state
 
 

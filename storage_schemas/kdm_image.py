@@ -113,15 +113,32 @@ class ImageTrainConfig(Strict):
     tf32: bool = Field(True, description="TF32 matmuls/convolutions for the fp32 parts (CUDA)")
     channels_last: bool = Field(True, description="NHWC memory format for the U-Nets and the discriminator")
     compile: bool = Field(False, description="torch.compile the three U-Nets (in place)")
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+        None, description="torch.compile mode when compile=True (None = torch's default); 'reduce-overhead' "
+                          "replays the U-Nets' forward and backward as CUDA graphs")
+    cuda_graphs: bool = Field(
+        False, description="capture the whole training step (forward, backward, both optimizer steps, EMA) as "
+                           "one CUDA graph after 3 eager warm-up steps; the non-finite guard then runs on the "
+                           "GPU (no host sync). One GPU, no torch.compile")
     buffer_chunks: int = Field(8, ge=1, description="pair-store chunks read and shuffled together")
     read_threads: int = Field(8, ge=1, description="threads reading pair-store chunks")
     vgg16_weights: Optional[str] = Field(
         None, description="VGG16 ImageNet weights for distance 'lpips' (default: torch hub's cache file)")
 
+    @model_validator(mode="after")
+    def _graphs_need_cuda(self):
+        if self.cuda_graphs and self.compile:
+            raise ValueError("cuda_graphs=True and compile=True are exclusive: the CUDA graph captures the eager "
+                             "step (for compiled U-Nets with CUDA graphs use compile_mode='reduce-overhead')")
+        if self.cuda_graphs and self.device != "cuda":
+            raise ValueError(f"cuda_graphs=True needs device='cuda', not {self.device!r}")
+        return self
+
 
 # Fields that change speed or bookkeeping, not the trained weights' recipe (left out of run versions).
 IMAGE_TRAIN_RUNTIME_FIELDS = frozenset({"device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
-                                        "compile", "read_threads", "vgg16_weights"})
+                                        "compile", "compile_mode", "cuda_graphs", "read_threads",
+                                        "vgg16_weights"})
 
 
 class ImageStudentManifest(Strict):
