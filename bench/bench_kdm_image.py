@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss  # noqa: E402
 from models.distances import make_distance  # noqa: E402
 from models.kdm_image import KDMImage  # noqa: E402
-from models.songunet import use_fused_attention  # noqa: E402
+from models.songunet import use_float32_bias, use_fused_attention  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from timing import kernel_breakdown, reset_memory, time_steps  # noqa: E402
 from pipeline.image_train import ImageTrainer, set_tf32  # noqa: E402
@@ -109,7 +109,7 @@ def bench_engine(model_cfg, train_cfg, device, data, args, fused_attention: bool
         res["profile"] = kernel_breakdown(lambda: trainer.train_step(xT, x0), device, calls=3)
     res["final_loss"] = trainer.pop_metrics().get("total")
     res["nonfinite_steps"] = trainer.nonfinite_steps
-    res["settings"] = {k: getattr(tc, k) for k in ("precision", "tf32", "channels_last", "compile", "compile_mode",
+    res["settings"] = {k: getattr(tc, k) for k in ("precision", "tf32", "channels_last", "compile",
                                                    "cuda_graphs")}
     del trainer
     return res
@@ -123,12 +123,15 @@ def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_at
     reset_memory(device)
     if device.type == "cuda":
         set_tf32(False)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     model = KDMImage.from_config(model_cfg).to(device).eval()
     if fused_attention:
         use_fused_attention(model)
-    nchw = precision.endswith("-nchw")
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.removesuffix("-nchw"))
+    nchw, f32 = precision.endswith("-nchw"), precision.endswith("-f32bias")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.removesuffix("-nchw").removesuffix("-f32bias"))
+    if f32:
+        use_float32_bias(model)
     if low is not None and not nchw:
         model = model.to(memory_format=torch.channels_last)
     xT = model.sample_noise(batch, device=device)
@@ -148,7 +151,8 @@ def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_at
         res["profile"] = kernel_breakdown(run, device, calls=3)
     res["images_per_s"] = batch / res["step_s"]
     res["batch"] = batch
-    res["settings"] = {"precision": precision, "fused_attention": fused_attention, "compile_mode": compile_mode}
+    res["settings"] = {"precision": precision, "fused_attention": fused_attention, "compile_mode": compile_mode,
+                       "cudnn_benchmark": bool(args.cudnn_benchmark)}
     return res
 
 
@@ -158,6 +162,7 @@ SAMPLING_VARIANTS = {   # name: (precision, fused attention, compile mode)
     "fp16-sdpa-compile": ("fp16", True, "default"), "bf16-sdpa-graphs": ("bf16", True, "reduce-overhead"),
     "fp16-sdpa-graphs": ("fp16", True, "reduce-overhead"), "fp16-sdpa-compile-max": ("fp16", True, "max-autotune"),
     "bf16-sdpa-compile-nchw": ("bf16-nchw", True, "default"),
+    "bf16-sdpa-compile-f32bias": ("bf16-f32bias", True, "default"),
 }
 
 
@@ -169,14 +174,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="default 128 (4 with --tiny)")
     ap.add_argument("--sample-batch", default=None,
                     help="one or more comma-separated batch sizes for sampling; default 1000 (8 with --tiny)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="sampling: let cuDNN time its convolution algorithms (fixed shapes; the engine always does)")
     ap.add_argument("--profile", action="store_true",
                     help="also record each variant's GPU time by kernel class (torch.profiler)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
-    ap.add_argument("--compile-modes", default="default",
-                    help="torch.compile modes of the compiled engine variants (comma-separated; 'reduce-overhead' "
-                         "= CUDA graphs)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--variants", default="fp32,bf16,nchw",
                     help="engine variants besides the reference: any of fp32, bf16, nchw, graphs, graphs-nchw, "
@@ -258,10 +262,7 @@ def main(argv=None) -> dict:
         record("engine_bf16_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
                                                         fused_attention=True))
     if args.compile:
-        for mode in [m.strip() for m in args.compile_modes.split(",") if m.strip()]:
-            name = "engine_bf16_compile" + ("" if mode == "default" else f"_{mode}")
-            record(name, lambda: bench_engine(model_cfg, train_cfg, device, data, args, compile=True,
-                                              compile_mode=mode))
+        record("engine_bf16_compile", lambda: bench_engine(model_cfg, train_cfg, device, data, args, compile=True))
 
     ref = results["train_step"].get("reference_fp32_eager", {})
     speedups = {}

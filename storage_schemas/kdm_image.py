@@ -113,9 +113,6 @@ class ImageTrainConfig(Strict):
     tf32: bool = Field(True, description="TF32 matmuls/convolutions for the fp32 parts (CUDA)")
     channels_last: bool = Field(True, description="NHWC memory format for the U-Nets and the discriminator")
     compile: bool = Field(False, description="torch.compile the three U-Nets (in place)")
-    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
-        None, description="torch.compile mode when compile=True (None = torch's default); 'reduce-overhead' "
-                          "replays the U-Nets' forward and backward as CUDA graphs")
     cuda_graphs: bool = Field(
         False, description="capture the whole training step (forward, backward, both optimizer steps, EMA) as "
                            "one CUDA graph after 3 eager warm-up steps; the non-finite guard then runs on the "
@@ -129,7 +126,7 @@ class ImageTrainConfig(Strict):
     def _graphs_need_cuda(self):
         if self.cuda_graphs and self.compile:
             raise ValueError("cuda_graphs=True and compile=True are exclusive: the CUDA graph captures the eager "
-                             "step (for compiled U-Nets with CUDA graphs use compile_mode='reduce-overhead')")
+                             "step (pick one)")
         if self.cuda_graphs and self.device != "cuda":
             raise ValueError(f"cuda_graphs=True needs device='cuda', not {self.device!r}")
         return self
@@ -137,7 +134,7 @@ class ImageTrainConfig(Strict):
 
 # Fields that change speed or bookkeeping, not the trained weights' recipe (left out of run versions).
 IMAGE_TRAIN_RUNTIME_FIELDS = frozenset({"device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
-                                        "compile", "compile_mode", "cuda_graphs", "read_threads",
+                                        "compile", "cuda_graphs", "read_threads",
                                         "vgg16_weights"})
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from models.songunet import (use_fused_attention, INIT_MODES, AttentionOp, Conv2d, PositionalEmbedding, SongUNet, UNetBlock,
+from models.songunet import (use_float32_bias, use_fused_attention, INIT_MODES, AttentionOp, Conv2d, GroupNorm, PositionalEmbedding, SongUNet, UNetBlock,
                              count_parameters, weight_init)
 
 # EDM's CIFAR-10 DDPM++ (train.py --arch=ddpmpp, dropout 0.13).
@@ -195,3 +195,31 @@ def test_fused_attention_is_the_same_function_and_switches_back():
     assert list(net.state_dict()) == keys
     assert torch.allclose(fused, ref, atol=1e-5) and not torch.equal(fused, ref.mul(1.5))
     assert torch.equal(use_fused_attention(net, False)(x, t), ref)
+
+
+def test_autocast_keeps_activations_in_bf16_unless_float32_bias():
+    """Under bf16 autocast the conv bias is added in the output dtype (EDM's add_), so every GroupNorm
+    sees bf16 (no float32 round trips); use_float32_bias keeps them float32. Without autocast (float32)
+    both are the same function bit for bit."""
+    torch.manual_seed(0)
+    net = SongUNet(**TINY).eval()
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+             for m in net.modules() if isinstance(m, GroupNorm)]
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    ref = net(x, t)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = net(x, t)
+    assert seen and set(seen) == {torch.bfloat16} and low.dtype == torch.bfloat16
+    use_float32_bias(net)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f32 = net(x, t)
+    assert set(seen) == {torch.float32} and f32.dtype == torch.float32
+    assert torch.equal(net(x, t), ref)
+    assert (f32 - ref).abs().max() < 0.1 and (low.float() - ref).abs().max() < 0.1
+    use_float32_bias(net, False)
+    assert all(not m.float32_bias for m in net.modules() if isinstance(m, Conv2d))
+    for h in hooks:
+        h.remove()
