@@ -11,8 +11,8 @@ One training step keeps the official recipe and order (notes Sec. 4.2-4.4):
    L_lat = MSE(z_push, clean z0), d(.,.) of L_rec/L_pred from ``models.distances``; Adam step;
 4. EMA of the generator parameters (multi-tensor lerp), every step.
 
-Speed: bf16 autocast over fp32 master weights (``precision``), TF32, channels_last, fused Adam on CUDA
-(foreach on the CPU), ``torch.compile`` of the three U-Nets (``compile``), batches read by
+Speed: bf16 autocast over fp32 master weights (``precision``), TF32, channels_last, fused Adam,
+``torch.compile`` of the three U-Nets (``compile``), batches read by
 ``pipeline.image_data`` in background threads and copied to the GPU from pinned memory. ``cuda_graphs``
 (one GPU, one process): after 3 eager warm-up steps the whole step (forward, backward, both Adam steps,
 EMA, metric sums) is captured once as a CUDA graph and replayed, so the host launches one graph instead
@@ -24,10 +24,10 @@ of D, G or the EMA), counted, and reported as ``nonfinite_steps`` in the metrics
 the D update (D loss and the generator's reconstruction terms) and after the generator backward (full
 generator loss); a failure at the second check skips the generator update and the EMA only. A finite
 loss with non-finite gradients is handled as the official code does when ``sanitize_grads`` (NaN -> 0,
-+-inf -> +-1e5, then the step), and skipped otherwise. Each check costs one host-device sync per step.
-With ``cuda_graphs`` the same checks are device flags: a failed check skips the Adam steps through fused
-Adam's ``found_inf``, the EMA and metric sums are multiplied by the flag, D's BatchNorm statistics are
-restored, and skipped steps are counted on the GPU (read when the metrics are logged).
++-inf -> +-1e5, then the step), and skipped otherwise. The checks are device flags (agreed across ranks
+by an all-reduce): a failed check skips the Adam steps through fused Adam's ``found_inf``, gates the EMA
+and the metric sums, restores D's BatchNorm statistics and counts the step on the device; the only host
+sync is ``train_step``'s return value (none with ``cuda_graphs``; the count is read when metrics are logged).
 
 Processes: one code path for 1 or N GPUs. Under ``torchrun`` (WORLD_SIZE > 1) each process takes
 ``batch_size / N`` pairs of every step (rank r takes every N-th batch of the shared sample order), the
@@ -181,10 +181,7 @@ class ImageTrainer:
     """Model, EMA, discriminator, optimizers, RNG streams and the training step of one process."""
 
     def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device,
-                 dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None,
-                 device_guard: Optional[bool] = None):
-        """``device_guard`` (default: ``train_cfg.cuda_graphs``) runs the step with the non-finite guard on
-        the device; without cuda_graphs it runs eagerly (on any device: how the tests check it on the CPU)."""
+                 dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None):
         tc = train_cfg
         self.model_cfg, self.cfg, self.device = model_cfg, tc, device
         self.dist = dist_info or DistInfo()
@@ -229,15 +226,12 @@ class ImageTrainer:
             for unet in (self.model.x0_encoder.unet, self.model.xT_encoder.unet, self.model.decoder.unet):
                 unet.compile()
 
-        # The device-side guard (CUDA graphs) skips optimizer steps through fused Adam's found_inf.
-        self.device_guard = tc.cuda_graphs if device_guard is None else device_guard
         if tc.cuda_graphs and (not self.cuda or self.dist.enabled or tc.compile):
             raise KDMError("cuda_graphs=True needs one CUDA device, one process (no torchrun) and compile=False; "
                            f"got device {device}, {self.dist.world_size} process(es), compile={tc.compile}")
-        opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay)
-        opt_kw.update(fused=True) if (self.cuda or self.device_guard) else opt_kw.update(foreach=True)
-        if tc.cuda_graphs:
-            opt_kw.update(capturable=True)
+        # Fused Adam (CPU and CUDA): the non-finite guard skips its steps on the device through found_inf.
+        opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=True,
+                      capturable=tc.cuda_graphs)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=tc.lr, **opt_kw)
@@ -250,41 +244,33 @@ class ImageTrainer:
         self._bn_bufs = list(self.disc.buffers()) if self.disc is not None else []
         self._bn_backup = [b.clone() for b in self._bn_bufs]
 
+        # Metric sums, step counters and guard flags live on the device (updated in place, so a captured
+        # CUDA graph keeps adding into them); ``pop_metrics`` and ``nonfinite_steps`` read them.
         self._nonfinite = 0
         self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
-        # Device-side guard and CUDA graph (cuda_graphs): static inputs, flags, counters, the graph.
-        self._graph: Optional[torch.cuda.CUDAGraph] = None
-        self._static: Optional[tuple] = None
-        self._warm_steps = 0
-        self._dev_count = torch.zeros((), device=device)          # finite steps since pop_metrics
-        self._dev_skipped = torch.zeros((), device=device)        # skipped steps not yet in _nonfinite
+        self._count = torch.zeros((), device=device)              # finite steps since pop_metrics
+        self._skipped = torch.zeros((), device=device)            # skipped steps not yet in _nonfinite
         self._d_found_inf = torch.zeros((), device=device)
         self._g_found_inf = torch.zeros((), device=device)
+        self._graph: Optional[torch.cuda.CUDAGraph] = None        # cuda_graphs: the captured step
+        self._static: Optional[tuple] = None                      # ... and its input buffers
+        self._warm_steps = 0
 
     @property
     def nonfinite_steps(self) -> int:
-        """Steps skipped by the non-finite guard (reads the device counter: one sync in graph mode)."""
-        if self.device_guard:
-            self._nonfinite += int(self._dev_skipped.item())
-            self._dev_skipped.zero_()
+        """Steps skipped by the non-finite guard (reads the device counter: one host sync)."""
+        self._nonfinite += int(self._skipped.item())
+        self._skipped.zero_()
         return self._nonfinite
 
     @nonfinite_steps.setter
     def nonfinite_steps(self, n: int) -> None:
-        self._dev_skipped.zero_()
+        self._skipped.zero_()
         self._nonfinite = int(n)
 
     # -- one step -----------------------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
-
-    def _all_finite(self, *values: torch.Tensor) -> list[bool]:
-        """One flag per value (True = finite), agreed across ranks; one host-device sync."""
-        flags = torch.stack([torch.isfinite(v.detach()).all() for v in values]).to(torch.float32)
-        if self.dist.enabled:
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        return [bool(f) for f in flags.tolist()]
 
     def _prepare(self, x_T, x_0, label):
         kw = dict(device=self.device, non_blocking=True)
@@ -299,112 +285,27 @@ class ImageTrainer:
         return x0, xT, y
 
     def train_step(self, x_T: torch.Tensor, x_0: torch.Tensor, label: Optional[torch.Tensor] = None) -> bool:
-        """One optimisation step on a batch; returns False when the non-finite guard skipped it."""
+        """One optimisation step on a batch; returns False when the non-finite guard skipped it (one host
+        sync). With ``cuda_graphs`` it returns True without a sync: skips show in ``nonfinite_steps``."""
         x0, xT, y = self._prepare(x_T, x_0, label)
-        if self.device_guard:
-            return self._guarded_step(x0, xT, y)
-        mc = self.model_cfg
+        if self.cfg.cuda_graphs:
+            return self._graph_step(x0, xT, y)
         eps = torch.randn((2, x0.shape[0], self.model.latent_dim), generator=self.noise_gen, device=self.device)
-        with self._autocast():
-            z0, z_push, x_rec, x_push, spectral = self.forward_module(x0, xT, y, eps[0], eps[1])
-            rec = self.distance(x_rec, x0).mean()
-            pred = self.distance(x_push, x0).mean()
-        lat = F.mse_loss(z_push.float(), z0.float())
-        terms = {"rec": rec, "lat": lat, "pred": pred}
-        if spectral is not None:
-            terms["spectral"] = spectral
-        total = rec + lat + pred + (spectral if spectral is not None else 0.0)
+        return bool(self._step(x0, xT, y, eps))
 
-        if self.disc is not None:
-            torch._foreach_copy_(self._bn_backup, self._bn_bufs)
-            with self._autocast():
-                d_real, d_fake = self.disc_pair(x0, x_push.detach())
-            d_loss = discriminator_loss(d_real.float(), d_fake.float())
-            if not all(self._all_finite(d_loss, total)):
-                torch._foreach_copy_(self._bn_bufs, self._bn_backup)
-                return self._skip()
-            self.d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.d_opt.step()
-            self.disc.requires_grad_(False)          # generator pass: gradients flow to x_push only
-            with self._autocast():
-                adv = generator_adversarial_loss(self.disc(x_push).float())
-            self.disc.requires_grad_(True)
-            total = total + mc.adv_weight * adv
-            terms.update(disc=d_loss.detach(), adv=adv)
+    def _agree(self, ok: torch.Tensor) -> torch.Tensor:
+        """The guard flag agreed across ranks (all finite on every rank), without a host sync."""
+        if not self.dist.enabled:
+            return ok
+        flag = ok.to(torch.float32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag > 0
 
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        loss_ok, grads_ok = self._all_finite(total, gnorm)
-        if not loss_ok:
-            return self._skip()
-        if not grads_ok:
-            if not self.cfg.sanitize_grads:
-                return self._skip()
-            for g in grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=SANITIZE_INF, neginf=-SANITIZE_INF)
-            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if self.cfg.grad_clip is not None:
-            torch._foreach_mul_(grads, torch.clamp(self.cfg.grad_clip / (gnorm + 1e-6), max=1.0))
-        self.opt.step()
-        self.ema_update()
-        terms.update(total=total, grad_norm=gnorm)
-        for k, v in terms.items():
-            v = v.detach().float()
-            self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
-        self._count += 1
-        return True
-
-    # -- the step with the guard on the device, as one CUDA graph -------------------------------------
-    GRAPH_WARMUP_STEPS = 3
-
-    def _guarded_step(self, x0, xT, y) -> bool:
-        """cuda_graphs: the step of ``_device_step`` on static buffers, run eagerly on a side stream for the
-        first GRAPH_WARMUP_STEPS steps (cuDNN autotuning, optimizer state), then captured once and replayed.
-        A batch of another shape (a short last batch) runs eagerly. Returns True (whether the guard skipped
-        the step is known on the device only; see ``nonfinite_steps``)."""
-        eps_shape = (2, x0.shape[0], self.model.latent_dim)
-        if not self.cfg.cuda_graphs:   # the same step without capture
-            eps = torch.randn(eps_shape, generator=self.noise_gen, device=self.device)
-            self._device_step(x0, xT, y, eps)
-            return True
-        if self._static is None or self._static[0].shape != x0.shape:
-            if self._static is not None:                       # a batch of another shape: eager
-                eps = torch.randn(eps_shape, generator=self.noise_gen, device=self.device)
-                self._device_step(x0, xT, y, eps)
-                return True
-            self._static = (x0.clone(), xT.clone(), None if y is None else y.clone(),
-                            torch.empty(eps_shape, device=self.device))
-        s_x0, s_xT, s_y, s_eps = self._static
-        s_x0.copy_(x0)
-        s_xT.copy_(xT)
-        if s_y is not None:
-            s_y.copy_(y)
-        torch.randn(eps_shape, generator=self.noise_gen, device=self.device, out=s_eps)
-        if self._graph is not None:
-            self._graph.replay()
-            return True
-        if self._warm_steps < self.GRAPH_WARMUP_STEPS:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._device_step(s_x0, s_xT, s_y, s_eps)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._warm_steps += 1
-            return True
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._device_step(s_x0, s_xT, s_y, s_eps)
-        self._graph = graph
-        graph.replay()                                          # capture records; replay runs the step
-        return True
-
-    def _device_step(self, x0, xT, y, eps) -> None:
-        """``train_step``'s semantics without a host sync: the finite checks become device flags that skip
-        the optimizer steps (fused Adam's found_inf), the EMA, the metric sums and restore D's BatchNorm
-        statistics; skipped steps are counted on the device."""
+    def _step(self, x0, xT, y, eps) -> torch.Tensor:
+        """The step; returns the guard flag (a device bool). The finite checks are device flags: a failed
+        check skips the Adam steps (fused Adam's found_inf) and the EMA, keeps the metric sums, restores D's
+        BatchNorm statistics and counts the step as skipped, all without a host sync (so the step can be
+        captured as a CUDA graph)."""
         mc = self.model_cfg
         with self._autocast():
             z0, z_push, x_rec, x_push, spectral = self.forward_module(x0, xT, y, eps[0], eps[1])
@@ -417,89 +318,114 @@ class ImageTrainer:
         total = rec + lat + pred + (spectral if spectral is not None else 0.0)
         ok = torch.isfinite(total.detach())
         if self.disc is not None:
+            # Check 1, before D's update: D loss and the generator's terms so far.
             torch._foreach_copy_(self._bn_backup, self._bn_bufs)
             with self._autocast():
                 d_real, d_fake = self.disc_pair(x0, x_push.detach())
             d_loss = discriminator_loss(d_real.float(), d_fake.float())
-            ok = ok & torch.isfinite(d_loss.detach())
+            ok = ok_d = self._agree(ok & torch.isfinite(d_loss.detach()))
             self.d_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            self._d_found_inf.copy_(~ok)
+            self._d_found_inf.copy_(~ok_d)
             self.d_opt.found_inf = self._d_found_inf
             self.d_opt.step()
-            self.disc.requires_grad_(False)
+            self.disc.requires_grad_(False)          # generator pass: gradients flow to x_push only
             with self._autocast():
                 adv = generator_adversarial_loss(self.disc(x_push).float())
             self.disc.requires_grad_(True)
-            ok_d = ok
             total = total + mc.adv_weight * adv
             terms.update(disc=d_loss.detach(), adv=adv)
-            ok = ok & torch.isfinite(total.detach())
 
         self.opt.zero_grad(set_to_none=True)
         total.backward()
-        if self.disc is not None:   # a step skipped at the D check leaves no trace in D's statistics
+        if self.disc is not None:   # a step skipped at check 1 leaves no trace in D's statistics
             for buf, backup in zip(self._bn_bufs, self._bn_backup):
                 buf.copy_(torch.where(ok_d, buf, backup))
+        # Check 2, after the generator's backward: the full loss, and the gradients unless sanitised.
         grads = [p.grad for p in self.params if p.grad is not None]
         gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         grads_ok = torch.isfinite(gnorm)
-        if self.cfg.sanitize_grads:         # a no-op on finite gradients
+        ok = ok & torch.isfinite(total.detach())
+        if self.cfg.sanitize_grads:         # NaN -> 0, +-inf -> +-1e5 (a no-op on finite gradients)
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=SANITIZE_INF, neginf=-SANITIZE_INF)
             gnorm = torch.where(grads_ok, gnorm, torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         else:
             ok = ok & grads_ok
+        ok = self._agree(ok)
         if self.cfg.grad_clip is not None:
             torch._foreach_mul_(grads, torch.clamp(self.cfg.grad_clip / (gnorm + 1e-6), max=1.0))
         self._g_found_inf.copy_(~ok)
         self.opt.found_inf = self._g_found_inf
         self.opt.step()
-        okf = ok.float()
-        with torch.no_grad():               # EMA: lerp by (1 - decay) on finite steps, by 0 otherwise
-            diff = torch._foreach_sub(self.params, self.ema_params)
-            torch._foreach_mul_(diff, okf * (1.0 - self.cfg.ema_decay))
-            torch._foreach_add_(self.ema_params, diff)
+        okf = ok.to(torch.float32)
+        self.ema_update(weight=okf * (1.0 - self.cfg.ema_decay))
         terms.update(total=total, grad_norm=gnorm)
         for k, v in terms.items():
-            v = torch.where(ok, v.detach().float(), 0.0)
             if k not in self._sums:
                 self._sums[k] = torch.zeros((), device=self.device)
-            self._sums[k].add_(v)
-        self._dev_count.add_(okf)
-        self._dev_skipped.add_(1.0 - okf)
+            self._sums[k].add_(torch.where(ok, v.detach().float(), 0.0))
+        self._count.add_(okf)
+        self._skipped.add_(1.0 - okf)
+        return ok
 
-    def _skip(self) -> bool:
-        self.opt.zero_grad(set_to_none=True)
-        if self.d_opt is not None:
-            self.d_opt.zero_grad(set_to_none=True)
-        self.nonfinite_steps += 1
-        return False
+    # -- cuda_graphs: the step captured once, replayed -------------------------------------------------
+    GRAPH_WARMUP_STEPS = 3
+
+    def _graph_step(self, x0, xT, y) -> bool:
+        """``_step`` on static input buffers: run eagerly on a side stream for the first GRAPH_WARMUP_STEPS
+        steps (cuDNN autotuning, optimizer state), then captured once and replayed. A batch of another
+        shape (a short last batch) runs eagerly."""
+        eps_shape = (2, x0.shape[0], self.model.latent_dim)
+        if self._static is not None and self._static[0].shape != x0.shape:
+            self._step(x0, xT, y, torch.randn(eps_shape, generator=self.noise_gen, device=self.device))
+            return True
+        if self._static is None:
+            self._static = (x0.clone(), xT.clone(), None if y is None else y.clone(),
+                            torch.empty(eps_shape, device=self.device))
+        s_x0, s_xT, s_y, s_eps = self._static
+        s_x0.copy_(x0)
+        s_xT.copy_(xT)
+        if s_y is not None:
+            s_y.copy_(y)
+        torch.randn(eps_shape, generator=self.noise_gen, device=self.device, out=s_eps)
+        if self._graph is None and self._warm_steps < self.GRAPH_WARMUP_STEPS:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step(s_x0, s_xT, s_y, s_eps)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._warm_steps += 1
+            return True
+        if self._graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):       # records only: the step runs at the replay below
+                self._step(s_x0, s_xT, s_y, s_eps)
+            self._graph = graph
+        self._graph.replay()
+        return True
 
     @torch.no_grad()
-    def ema_update(self) -> None:
-        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.cfg.ema_decay)
+    def ema_update(self, weight: torch.Tensor | float | None = None) -> None:
+        """ema += weight * (theta - ema); weight defaults to 1 - ema_decay (a device tensor: 0 skips)."""
+        w = 1.0 - self.cfg.ema_decay if weight is None else weight
+        diff = torch._foreach_sub(self.params, self.ema_params)
+        torch._foreach_mul_(diff, w)
+        torch._foreach_add_(self.ema_params, diff)
 
     def pop_metrics(self) -> dict[str, float]:
         """Means of the loss terms over the finite steps since the last call and over the ranks (one sync;
-        collective under DDP)."""
-        if self.device_guard:       # static sums (a captured graph adds into them): read, then zero in place
-            count = float(self._dev_count.item())
-            if not count:
-                return {}
-            keys = list(self._sums)
-            vals = torch.stack([self._sums[k] for k in keys]) / count
-            torch._foreach_zero_(list(self._sums.values()))
-            self._dev_count.zero_()
-            return dict(zip(keys, vals.tolist()))
-        if not self._count:
+        collective under DDP). The sums are zeroed in place (a captured graph keeps adding into them)."""
+        count = float(self._count.item())
+        if not count:           # the same on every rank (the guard flags are agreed)
             return {}
         keys = list(self._sums)
-        vals = torch.stack([self._sums[k] for k in keys]) / self._count
+        vals = torch.stack([self._sums[k] for k in keys]) / count
         if self.dist.enabled:
             dist.all_reduce(vals)
             vals = vals / self.dist.world_size
-        self._sums, self._count = {}, 0
+        torch._foreach_zero_(list(self._sums.values()))
+        self._count.zero_()
         return dict(zip(keys, vals.tolist()))
 
     # -- state --------------------------------------------------------------------------------------
