@@ -88,7 +88,7 @@ class ImageTrainConfig(Strict):
     """Official optimisation (Adam 3e-4 for both nets, batch 128, 800k steps, EMA 0.9999) plus engine settings.
 
     ``batch_size`` is the global batch: with N processes (torchrun) each takes batch_size / N. The engine
-    settings (precision, tf32, channels_last, compile, data reader) change speed, not the recipe;
+    settings (precision, tf32, channels_last, compile, cuda_graphs, data reader) change speed, not the recipe;
     precision='fp32' with tf32=False and channels_last=False is the official numerics.
     """
 
