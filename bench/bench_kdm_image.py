@@ -24,7 +24,9 @@ import json
 import platform
 import sys
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -115,29 +117,48 @@ def bench_engine(model_cfg, train_cfg, device, data, args, fused_attention: bool
     return res
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """One sampling variant: autocast precision (fp32 = none), torch's fused attention, torch.compile mode
+    (None = eager), channels_last (low precision only) and the conv bias added in float32
+    (models.songunet.use_float32_bias)."""
+    precision: str = "fp32"
+    fused_attention: bool = False
+    compile_mode: Optional[str] = None
+    channels_last: bool = True
+    float32_bias: bool = False
+
+
+SAMPLING_VARIANTS = {
+    "fp32": Sampling(), "bf16": Sampling("bf16"), "bf16-sdpa": Sampling("bf16", True),
+    "bf16-sdpa-compile": Sampling("bf16", True, "default"),
+    "bf16-sdpa-compile-max": Sampling("bf16", True, "max-autotune"),
+    "fp16-sdpa-compile": Sampling("fp16", True, "default"),
+    "bf16-sdpa-graphs": Sampling("bf16", True, "reduce-overhead"),
+    "fp16-sdpa-graphs": Sampling("fp16", True, "reduce-overhead"),
+    "fp16-sdpa-compile-max": Sampling("fp16", True, "max-autotune"),
+    "bf16-sdpa-compile-nchw": Sampling("bf16", True, "default", channels_last=False),
+    "bf16-sdpa-compile-f32bias": Sampling("bf16", True, "default", float32_bias=True),
+}
+
+
 @torch.no_grad()
-def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_attention: bool = False,
-                   compile_mode: str | None = None) -> dict:
-    """One-step sampling (encoder of x_T, Koopman push, decoder) in fp32, bf16 or fp16 autocast; optionally
-    torch's fused attention and torch.compile (mode None = no compile)."""
+def bench_sampling(model_cfg, device, batch: int, v: Sampling, args) -> dict:
+    """One-step sampling (encoder of x_T, Koopman push, decoder) of variant ``v``, images/s at ``batch``."""
     reset_memory(device)
     if device.type == "cuda":
         set_tf32(False)
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     model = KDMImage.from_config(model_cfg).to(device).eval()
-    if fused_attention:
-        use_fused_attention(model)
-    nchw, f32 = precision.endswith("-nchw"), precision.endswith("-f32bias")
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.removesuffix("-nchw").removesuffix("-f32bias"))
-    if f32:
-        use_float32_bias(model)
-    if low is not None and not nchw:
-        model = model.to(memory_format=torch.channels_last)
+    use_fused_attention(model, v.fused_attention)
+    use_float32_bias(model, v.float32_bias)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(v.precision)
     xT = model.sample_noise(batch, device=device)
-    if low is not None and not nchw:
+    if low is not None and v.channels_last:
+        model = model.to(memory_format=torch.channels_last)
         xT = xT.contiguous(memory_format=torch.channels_last)
-    gen = torch.compile(model.generate, mode=compile_mode) if compile_mode else model.generate
+    gen = torch.compile(model.generate, mode=v.compile_mode) if v.compile_mode else model.generate
 
     def run():
         if low is None:
@@ -151,19 +172,8 @@ def bench_sampling(model_cfg, device, batch: int, precision: str, args, fused_at
         res["profile"] = kernel_breakdown(run, device, calls=3)
     res["images_per_s"] = batch / res["step_s"]
     res["batch"] = batch
-    res["settings"] = {"precision": precision, "fused_attention": fused_attention, "compile_mode": compile_mode,
-                       "cudnn_benchmark": bool(args.cudnn_benchmark)}
+    res["settings"] = {**asdict(v), "cudnn_benchmark": bool(args.cudnn_benchmark)}
     return res
-
-
-SAMPLING_VARIANTS = {   # name: (precision, fused attention, compile mode)
-    "fp32": ("fp32", False, None), "bf16": ("bf16", False, None), "bf16-sdpa": ("bf16", True, None),
-    "bf16-sdpa-compile": ("bf16", True, "default"), "bf16-sdpa-compile-max": ("bf16", True, "max-autotune"),
-    "fp16-sdpa-compile": ("fp16", True, "default"), "bf16-sdpa-graphs": ("bf16", True, "reduce-overhead"),
-    "fp16-sdpa-graphs": ("fp16", True, "reduce-overhead"), "fp16-sdpa-compile-max": ("fp16", True, "max-autotune"),
-    "bf16-sdpa-compile-nchw": ("bf16-nchw", True, "default"),
-    "bf16-sdpa-compile-f32bias": ("bf16-f32bias", True, "default"),
-}
 
 
 def main(argv=None) -> dict:
@@ -191,6 +201,9 @@ def main(argv=None) -> dict:
                     help="engine variants with torch's fused attention (models.songunet.use_fused_attention)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
+    unknown = {v.strip() for v in args.sampling.split(",") if v.strip()} - set(SAMPLING_VARIANTS)
+    if unknown:
+        ap.error(f"unknown sampling variants {sorted(unknown)}; valid: {', '.join(SAMPLING_VARIANTS)}")
 
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -274,12 +287,10 @@ def main(argv=None) -> dict:
         print(f"speedup {name:20s} {s:6.2f}x", flush=True)
 
     for name in [v.strip() for v in args.sampling.split(",") if v.strip()]:
-        prec, fused, mode = SAMPLING_VARIANTS[name]
         for sample_batch in sample_batches:
             key = name if len(sample_batches) == 1 else f"{name}@{sample_batch}"
             try:
-                r = bench_sampling(model_cfg, device, sample_batch, prec, args, fused_attention=fused,
-                                   compile_mode=mode)
+                r = bench_sampling(model_cfg, device, sample_batch, SAMPLING_VARIANTS[name], args)
                 prof = r.get("profile") or {}
                 extra = (f"; {prof['gpu_ms_per_call']:.1f} GPU ms, " + ", ".join(
                     f"{k} {ms:.1f}" for k, ms in prof["ms_by_class"].items())) if prof else ""

@@ -66,6 +66,7 @@ def kernel_breakdown(fn, device: torch.device, calls: int = 1, top: int = 12) ->
         sync(device)
     by_class: dict[str, float] = {}
     kernels = []
+    launches = 0
     for ev in prof.key_averages():
         t = getattr(ev, "self_device_time_total", None)
         if t is None:
@@ -76,9 +77,9 @@ def kernel_breakdown(fn, device: torch.device, calls: int = 1, top: int = 12) ->
         cls = classify_kernel(ev.key)
         by_class[cls] = by_class.get(cls, 0.0) + ms
         kernels.append((ms, ev.key[:120], cls, ev.count // calls))
+        launches += ev.count
     kernels.sort(reverse=True)
     total = sum(by_class.values())
     return {"gpu_ms_per_call": total, "ms_by_class": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
             "top_kernels": [{"ms": ms, "name": n, "class": c, "launches": k} for ms, n, c, k in kernels[:top]],
-            "launches_per_call": sum(ev.count for ev in prof.key_averages()
-                                     if (getattr(ev, "self_device_time_total", 0) or 0) > 0) // calls}
+            "launches_per_call": launches // calls}

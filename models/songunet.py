@@ -16,6 +16,8 @@ the teacher backbone.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Sequence
 
@@ -130,15 +132,13 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-            # In the activations' dtype as EDM's fp16 mode (statistics are accumulated in float32 by the
-            # kernel): autocast would otherwise upcast to float32 here and the next convolution cast
-            # back, two copies of every activation per norm, forward and backward.
-            with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                                    bias=self.bias.to(x.dtype), eps=self.eps)
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                            bias=self.bias.to(x.dtype), eps=self.eps)
+        # In the activations' dtype, as EDM's fp16 mode (the kernel accumulates statistics in float32):
+        # autocast would upcast bf16/fp16 to float32 here and the next convolution cast back, two copies
+        # of every activation per norm, forward and backward.
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
+            return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
+                                bias=self.bias.to(x.dtype), eps=self.eps)
 
 
 class AttentionOp(torch.autograd.Function):

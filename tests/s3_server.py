@@ -58,3 +58,22 @@ def moto_s3(bucket: str, secret: Optional[str] = None) -> Iterator:
             else:
                 os.environ[k] = v
         server.stop()
+
+
+def listing(s3, bucket: str, prefix: str) -> dict:
+    """Every object under ``bucket/prefix`` with its details, bypassing s3fs's listing cache."""
+    s3.invalidate_cache()
+    return s3.find(f"{bucket}/{prefix}", detail=True)
+
+
+def committed_files(s3, bucket: str, root: str, results: dict, kinds: dict[str, str]):
+    """Check that each stage of ``results`` (stage -> {"uri", "skipped", ...}) committed a fresh artifact
+    under ``root/<kind>/`` and that no ``.partial`` object is left; returns (the object paths relative to
+    ``root``, rel(stage, name) -> the path of a file of that stage's artifact)."""
+    for stage, kind in kinds.items():
+        assert results[stage]["uri"].startswith(f"{root}/{kind}/"), stage
+        assert results[stage]["skipped"] is False, stage
+    prefix = root.removeprefix(f"s3://{bucket}/")
+    files = {p.removeprefix(f"{bucket}/{prefix}/") for p in listing(s3, bucket, prefix)}
+    assert not any(".partial" in p for p in files), sorted(p for p in files if ".partial" in p)
+    return files, lambda stage, name: f"{results[stage]['uri'].removeprefix(root + '/')}/{name}"

@@ -15,7 +15,7 @@ pytest.importorskip("moto.server")
 
 from image_fixtures import image_folder, single_thread, write_archive  # noqa: E402
 from pipeline import artifacts, image_train, stages_image, teacher_bootstrap  # noqa: E402
-from s3_server import moto_s3  # noqa: E402
+from s3_server import committed_files, listing, moto_s3  # noqa: E402
 from storage_schemas.common import deep_merge  # noqa: E402
 from storage_schemas.distill_image import DistillImageConfig  # noqa: E402
 
@@ -50,11 +50,6 @@ def run(cfg: DistillImageConfig) -> dict:
         return stages_image.run_distill_image(cfg, progress=False, log=lambda m: None)
 
 
-def listing(s3, prefix: str) -> dict:
-    s3.invalidate_cache()
-    return s3.find(f"{BUCKET}/{prefix}", detail=True)
-
-
 @pytest.fixture(scope="module")
 def first(s3, archive) -> dict:
     return run(smoke(archive, f"s3://{BUCKET}/runs"))
@@ -62,13 +57,8 @@ def first(s3, archive) -> dict:
 
 def test_every_stage_commits_to_s3_reruns_skip_and_versions_equal_a_local_run(s3, archive, first, tmp_path):
     root = f"s3://{BUCKET}/runs"
-    for stage, kind in zip(STAGES, KINDS):
-        assert first[stage]["uri"].startswith(f"{root}/{kind}/"), stage
-        assert first[stage]["skipped"] is False, stage
+    files, rel = committed_files(s3, BUCKET, root, first, dict(zip(STAGES, KINDS)))
     assert first["teacher"]["resumed_from_step"] is None and first["student"]["resumed_from_step"] is None
-    files = {p.removeprefix(f"{BUCKET}/runs/") for p in listing(s3, "runs")}
-    assert not any(".partial" in p for p in files), sorted(p for p in files if ".partial" in p)
-    rel = lambda stage, name: f"{first[stage]['uri'].removeprefix(root + '/')}/{name}"   # noqa: E731
     assert {rel("dataset", "zarr.json"), rel("dataset", "train/images/zarr.json"),
             rel("extractor", "manifest.json"), rel("teacher", "manifest.json"), rel("teacher", "weights.safetensors"),
             rel("teacher", "config.json"), rel("teacher", "run.json"), rel("teacher", "metrics.jsonl"),
@@ -87,12 +77,12 @@ def test_every_stage_commits_to_s3_reruns_skip_and_versions_equal_a_local_run(s3
     assert artifacts.read_bytes(artifacts.join(first["evaluation"]["uri"], stages_image.GRID_STUDENT))[:4] \
         == b"\x89PNG"
 
-    before = listing(s3, "runs")
+    before = listing(s3, BUCKET, "runs")
     second = run(smoke(archive, root))
     for stage in STAGES:
         assert second[stage]["skipped"] is True, stage
         assert second[stage]["version"] == first[stage]["version"], stage
-    assert listing(s3, "runs") == before                      # a re-run writes nothing
+    assert listing(s3, BUCKET, "runs") == before                      # a re-run writes nothing
 
     local = run(smoke(archive, str(tmp_path)))
     for stage in STAGES:

@@ -15,7 +15,7 @@ pytest.importorskip("moto.server")
 
 from pipeline import artifacts, presets, stages, train  # noqa: E402
 from pipeline.pairstore import PairStore  # noqa: E402
-from s3_server import moto_s3  # noqa: E402
+from s3_server import committed_files, listing, moto_s3  # noqa: E402
 from storage_schemas import EvaluationReport  # noqa: E402
 
 BUCKET = "kdm-flow"
@@ -31,11 +31,6 @@ def s3():
 
 def smoke(root: str):
     return presets.load("distill", "smoke", sets=[f"root={root}"])
-
-
-def listing(s3, prefix: str) -> dict:
-    s3.invalidate_cache()
-    return s3.find(f"{BUCKET}/{prefix}", detail=True)
 
 
 def _server_text() -> str:
@@ -61,14 +56,9 @@ def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run
     from flows.kdm_flow import kdm
     root = f"s3://{BUCKET}/runs"
     first = kdm(smoke(root))
-    for stage, kind in zip(STAGES, ("teachers", "pairs", "pairs", "students", "evaluations")):
-        assert first[stage]["uri"].startswith(f"{root}/{kind}/"), stage
-        assert first[stage]["skipped"] is False, stage
+    files, rel = committed_files(s3, BUCKET, root, first,
+                                 dict(zip(STAGES, ("teachers", "pairs", "pairs", "students", "evaluations"))))
     assert first["student"]["resumed_from_step"] is None
-
-    files = {p.removeprefix(f"{BUCKET}/runs/") for p in listing(s3, "runs")}
-    assert not any(".partial" in p for p in files), sorted(p for p in files if ".partial" in p)
-    rel = lambda stage, name: f"{first[stage]['uri'].removeprefix(root + '/')}/{name}"   # noqa: E731
     assert {rel("teacher", "manifest.json"), rel("teacher", "weights.safetensors"),
             rel("pairs", "zarr.json"), rel("pairs", "heldout/zarr.json"), rel("filtered", "zarr.json"),
             rel("student", "manifest.json"), rel("student", "student.safetensors"), rel("student", "config.json"),
@@ -96,12 +86,12 @@ def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run
     assert f"report {first['evaluation']['report']} (student {first['student']['version']}" in out
     assert "student (1 NFE)" in out
 
-    before = listing(s3, "runs")
+    before = listing(s3, BUCKET, "runs")
     second = kdm(smoke(root))
     for stage in STAGES:
         assert second[stage]["skipped"] is True, stage
         assert second[stage]["version"] == first[stage]["version"], stage
-    assert listing(s3, "runs") == before                      # a re-run writes nothing
+    assert listing(s3, BUCKET, "runs") == before                      # a re-run writes nothing
 
     local = kdm(smoke(str(tmp_path)))
     for stage in STAGES:
