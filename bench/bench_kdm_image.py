@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss  # noqa: E402
 from models.distances import make_distance  # noqa: E402
 from models.kdm_image import KDMImage  # noqa: E402
-from models.songunet import use_float32_bias, use_fused_attention  # noqa: E402
+from models.songunet import use_box_resampling, use_float32_bias, use_fused_attention  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from timing import kernel_breakdown, reset_memory, time_steps  # noqa: E402
 from pipeline.image_train import ImageTrainer, set_tf32  # noqa: E402
@@ -51,7 +51,8 @@ class ReferenceState:
 
     def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device, seed: int = 0):
         torch.manual_seed(seed)
-        self.model = KDMImage.from_config(model_cfg).to(device).train()
+        # EDM's grouped resampling convolutions, as the official code (the engine pools instead).
+        self.model = use_box_resampling(KDMImage.from_config(model_cfg), False).to(device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.disc = Discriminator(model_cfg.channels).to(device).train()
         kw = dict(betas=tuple(train_cfg.betas), eps=train_cfg.adam_eps, foreach=False, fused=False)
@@ -101,7 +102,7 @@ def bench_reference(model_cfg, train_cfg, device, data, args) -> dict:
 
 def bench_engine(model_cfg, train_cfg, device, data, args, fused_attention: bool = False, **changes) -> dict:
     reset_memory(device)
-    tc = train_cfg.model_copy(update=changes)
+    tc = train_cfg.model_copy(update={"cuda_graphs": False, **changes})      # eager unless a variant asks
     trainer = ImageTrainer(model_cfg, tc, device)
     if fused_attention:
         use_fused_attention(trainer.model)
@@ -131,6 +132,7 @@ class Sampling:
 
 SAMPLING_VARIANTS = {
     "fp32": Sampling(), "bf16": Sampling("bf16"), "bf16-sdpa": Sampling("bf16", True),
+    "bf16-sdpa-nchw": Sampling("bf16", True, channels_last=False),
     "bf16-sdpa-compile": Sampling("bf16", True, "default"),
     "bf16-sdpa-compile-max": Sampling("bf16", True, "max-autotune"),
     "fp16-sdpa-compile": Sampling("fp16", True, "default"),
@@ -158,7 +160,12 @@ def bench_sampling(model_cfg, device, batch: int, v: Sampling, args) -> dict:
     if low is not None and v.channels_last:
         model = model.to(memory_format=torch.channels_last)
         xT = xT.contiguous(memory_format=torch.channels_last)
-    gen = torch.compile(model.generate, mode=v.compile_mode) if v.compile_mode else model.generate
+    if v.compile_mode:
+        # Static shapes, fresh caches: a second batch size would otherwise recompile with a dynamic batch.
+        torch._dynamo.reset()
+        gen = torch.compile(model.generate, mode=v.compile_mode, dynamic=False)
+    else:
+        gen = model.generate
 
     def run():
         if low is None:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from models.edm import FastDenoiser  # noqa: E402
+from models.songunet import use_box_resampling  # noqa: E402
 from models.samplers import edm_heun, edm_latents  # noqa: E402
 from pipeline.devices import resolve_device  # noqa: E402
 from timing import kernel_breakdown, sync  # noqa: E402
@@ -55,6 +56,8 @@ def make(variant: str, build) -> tuple[torch.nn.Module, torch.dtype]:
     torch.backends.cuda.matmul.allow_tf32 = variant == "tf32"          # torch's defaults: False, True
     torch.backends.cudnn.allow_tf32 = variant != "fp32-strict"
     net = build()
+    if variant in ("reference", "fp32-strict"):     # EDM's kernels: grouped resampling convolutions
+        use_box_resampling(net, False)
     if variant in ("reference", "fp32-strict", "tf32"):
         return net, (torch.float32 if variant == "tf32" else torch.float64)
     dtype = torch.float16 if variant.startswith("fp16") else torch.bfloat16

@@ -7,7 +7,8 @@
 Runs (i) 1 process at the global batch, (ii) N processes at the same global batch (strong scaling: each
 takes batch / N) and (iii) N processes at N x the batch (weak scaling), each for ``--steps`` steps on a
 synthetic pair store, and reads pairs/s from the run's metrics log (median of the records after the first,
-which carries the warm-up). Efficiency = pairs/s(N) / (N x pairs/s(1)).
+which carries the warm-up). Efficiency = pairs/s(N) / (N x pairs/s(1)). Every scaling run is eager (DDP
+steps are); on a GPU the 1-process CUDA-graph step (the single-GPU default) is timed beside them.
 """
 from __future__ import annotations
 
@@ -61,11 +62,17 @@ def main(argv=None) -> dict:
     try:
         store = str(tmp / "pairs")
         write_synthetic_store(store, max(20 * a.batch * a.gpus, 4000), chunk_size=1000)
-        plan = {"1 process": (1, a.batch), f"{a.gpus} processes, same global batch": (a.gpus, a.batch),
-                f"{a.gpus} processes, {a.gpus}x batch": (a.gpus, a.batch * a.gpus)}
-        for i, (name, (n, b)) in enumerate(plan.items()):
-            rate = run(store, tmp / f"run{i}", n, b, a.steps, a.device, sets)
-            res["runs"][name] = {"processes": n, "global_batch": b, "pairs_per_s": rate}
+        # The same (eager) engine in every scaling run: DDP steps are eager, so the 1-process baseline is
+        # too; the 1-process CUDA-graph step (the single-GPU default) is reported beside them.
+        eager = ["--set", "train.cuda_graphs=false"]
+        plan = {"1 process": (1, a.batch, eager), f"{a.gpus} processes, same global batch": (a.gpus, a.batch, eager),
+                f"{a.gpus} processes, {a.gpus}x batch": (a.gpus, a.batch * a.gpus, eager)}
+        if a.device == "cuda":
+            plan["1 process, CUDA graph"] = (1, a.batch, [])
+        for i, (name, (n, b, extra)) in enumerate(plan.items()):
+            rate = run(store, tmp / f"run{i}", n, b, a.steps, a.device, sets + extra)
+            res["runs"][name] = {"processes": n, "global_batch": b, "pairs_per_s": rate,
+                                 "cuda_graphs": not extra}
             print(f"{name:36s} batch {b:5d}: {rate:10.1f} pairs/s", flush=True)
         base = res["runs"]["1 process"]["pairs_per_s"]
         for r in res["runs"].values():

@@ -91,14 +91,38 @@ class Conv2d(nn.Module):
         f = torch.as_tensor(list(resample_filter), dtype=torch.float32)
         f = torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square()
         self.register_buffer("resample_filter", f if up or down else None)
+        # A resampling layer with the 2x2 box filter (EDM's resample_filter=[1, 1], DDPM++) resamples by
+        # nearest-neighbour upsampling / 2x2 average pooling instead of grouped convolutions.
+        taps = list(resample_filter)
+        self.box = bool((up or down) and len(taps) == 2 and taps[0] == taps[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
-        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        if self.box:
+            # 2x2 box filter (resample_filter=[1,1], DDPM++): the grouped (transposed) convolution with
+            # weights 1 (up) or 1/4 (down) is nearest-neighbour upsampling or 2x2 average pooling. Same values
+            # (exactly for up, to float rounding of four terms for down), without cuDNN's slow grouped kernels.
+            pool_last = self.fused_resample and w is not None     # EDM's fused path convolves first
+            if self.up:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            if self.down and not pool_last:
+                x = F.avg_pool2d(x, 2)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+            if self.down and pool_last:
+                x = F.avg_pool2d(x, 2)
+        else:
+            x = self._fir_resample_conv(x, w, w_pad)
+        if b is not None:   # in the convolution's output dtype (bf16 under autocast), as EDM's in-place add_
+            x = x + (self.bias.float() if self.float32_bias else b.to(x.dtype)).reshape(1, -1, 1, 1)
+        return x
 
+    def _fir_resample_conv(self, x: torch.Tensor, w: torch.Tensor | None, w_pad: int) -> torch.Tensor:
+        """EDM's general path: FIR up/down-sampling as grouped (transposed) convolutions."""
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
         if self.fused_resample and self.up and w is not None:
             x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels,
                                    stride=2, padding=max(f_pad - w_pad, 0))
@@ -115,8 +139,6 @@ class Conv2d(nn.Module):
                              padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
-        if b is not None:   # in the convolution's output dtype (bf16 under autocast), as EDM's in-place add_
-            x = x + (self.bias.float() if self.float32_bias else b.to(x.dtype)).reshape(1, -1, 1, 1)
         return x
 
 
@@ -231,11 +253,15 @@ class UNetBlock(nn.Module):
 
         if self.num_heads:
             n, c = x.shape[0], x.shape[1]
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1).unbind(2)
-            if self.attn_impl == "sdpa":        # (N, C, L) -> (N, 1, L, C): one head per row of q, k, v
-                a = F.scaled_dot_product_attention(q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
-                                                   v.transpose(1, 2).unsqueeze(1)).squeeze(1).transpose(1, 2)
+            qkv = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, -1)
+            if self.attn_impl == "sdpa":
+                # (N*heads, C/heads, 3, L) -> q, k, v of shape (N*heads, 1, L, C/heads), made contiguous: the
+                # fused kernels need a unit stride in the last dim; without it SDPA falls back to its math
+                # path, which runs bf16/fp16 inputs as float32 matmuls.
+                q, k, v = qkv.permute(2, 0, 3, 1).unsqueeze(2).contiguous().unbind(0)
+                a = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2)
             else:
+                q, k, v = qkv.unbind(2)
                 w = AttentionOp.apply(q, k)
                 a = torch.einsum("nqk,nck->ncq", w, v)
             x = self.proj(a.reshape(*x.shape)) + x
@@ -249,6 +275,17 @@ def use_float32_bias(module: nn.Module, enabled: bool = True) -> nn.Module:
     for m in module.modules():
         if isinstance(m, Conv2d):
             m.float32_bias = enabled
+    return module
+
+
+def use_box_resampling(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Resample every 2x2-box-filter Conv2d inside ``module`` by nearest-neighbour upsampling / average
+    pooling (the default), or by EDM's grouped convolutions (``enabled=False``: the official kernels, e.g.
+    for a reference timing). Same values; other filters always use the convolutions. Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, Conv2d) and m.resample_filter is not None:
+            taps = m.resample_filter[0, 0, 0]
+            m.box = bool(enabled and taps.numel() == 2 and taps[0] == taps[1])
     return module
 
 

@@ -14,10 +14,10 @@ One training step keeps the official recipe and order (notes Sec. 4.2-4.4):
 Speed: bf16 autocast over fp32 master weights (``precision``), TF32, channels_last, fused Adam,
 ``torch.compile`` of the three U-Nets (``compile``), batches read by
 ``pipeline.image_data`` in background threads and copied to the GPU from pinned memory. ``cuda_graphs``
-(one GPU, one process): after 3 eager warm-up steps the whole step (forward, backward, both Adam steps,
-EMA, metric sums) is captured once as a CUDA graph and replayed, so the host launches one graph instead
-of ~13,000 kernels per step; with ``channels_last=False`` this is the fastest configuration measured
-(BENCHMARKS.md: 4.45x the official step on an H200).
+(by default on one GPU in one process without compile): after 3 eager warm-up steps the whole step
+(forward, backward, both Adam steps, EMA, metric sums) is captured once as a CUDA graph and replayed, so
+the host launches one graph instead of ~13,000 kernels per step; with ``channels_last=False`` this is the
+fastest configuration measured (BENCHMARKS.md: 4.4-4.5x the official step on an H200).
 
 Non-finite guard: a step whose discriminator or generator losses are not finite is skipped (no update
 of D, G or the EMA), counted, and reported as ``nonfinite_steps`` in the metrics. The check runs before
@@ -226,12 +226,15 @@ class ImageTrainer:
             for unet in (self.model.x0_encoder.unet, self.model.xT_encoder.unet, self.model.decoder.unet):
                 unet.compile()
 
-        if tc.cuda_graphs and (not self.cuda or self.dist.enabled or tc.compile):
+        graphs_possible = self.cuda and not self.dist.enabled and not tc.compile
+        if tc.cuda_graphs and not graphs_possible:
             raise KDMError("cuda_graphs=True needs one CUDA device, one process (no torchrun) and compile=False; "
                            f"got device {device}, {self.dist.world_size} process(es), compile={tc.compile}")
+        # The whole step as one CUDA graph: asked for, or by default wherever it is possible.
+        self.cuda_graphs = graphs_possible if tc.cuda_graphs is None else tc.cuda_graphs
         # Fused Adam (CPU and CUDA): the non-finite guard skips its steps on the device through found_inf.
         opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=True,
-                      capturable=tc.cuda_graphs)
+                      capturable=self.cuda_graphs)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
         self.opt = torch.optim.Adam(self.params, lr=tc.lr, **opt_kw)
@@ -288,7 +291,7 @@ class ImageTrainer:
         """One optimisation step on a batch; returns False when the non-finite guard skipped it (one host
         sync). With ``cuda_graphs`` it returns True without a sync: skips show in ``nonfinite_steps``."""
         x0, xT, y = self._prepare(x_T, x_0, label)
-        if self.cfg.cuda_graphs:
+        if self.cuda_graphs:
             return self._graph_step(x0, xT, y)
         eps = torch.randn((2, x0.shape[0], self.model.latent_dim), generator=self.noise_gen, device=self.device)
         return bool(self._step(x0, xT, y, eps))
@@ -738,8 +741,8 @@ def add_image_commands(subparsers) -> None:
                     "Several GPUs: torchrun --nproc_per_node N -m pipeline.cli train-image ...",
         epilog="example: kdm train-image --pairs runs/cifar-pairs --preset cifar10-uncond "
                "--set model.distance=pseudo-huber --set train.steps=800000 --out runs/cifar-student\n"
-               "fastest on one GPU (whole-step CUDA graph, NCHW): add --set train.cuda_graphs=true "
-               "--set train.channels_last=false",
+               "one GPU replays the whole step as a CUDA graph by default (--set train.cuda_graphs=false: "
+               "eager); fastest with it: --set train.channels_last=false (the CIFAR-10 distill presets' setting)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sp.set_defaults(fn=cmd_train_image)
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

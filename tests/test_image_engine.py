@@ -280,6 +280,38 @@ def test_cuda_graphs_config_errors_are_precise():
         ImageTrainConfig(cuda_graphs=True, compile=True)
 
 
+def test_cuda_graphs_default_to_one_eager_cpu_process():
+    tr = ImageTrainer(model_cfg(), train_cfg(), CPU)
+    assert train_cfg().cuda_graphs is None and tr.cuda_graphs is False
+    assert ImageTrainer(model_cfg(), train_cfg(cuda_graphs=False), CPU).cuda_graphs is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_training_is_the_default_on_one_gpu_and_resumes(pairs, tmp_path):
+    """A run killed after the captured step resumes from its checkpoint (fresh warm-up, new capture) to
+    the uninterrupted run's result: same version, steps, data cursor, finite losses and close weights
+    (cuDNN autotuning may pick other kernels in another process, so not bit for bit)."""
+    mc, tc = run_cfgs(device="cuda", precision="bf16", channels_last=False)
+    assert tc.cuda_graphs is None and ImageTrainer(mc, tc, torch.device("cuda")).cuda_graphs is True
+    a, b = tmp_path / "a", tmp_path / "b"
+    logs_a, logs_b = [], []
+    va = train_image_student(pairs, mc, tc, str(a), progress=False, on_log=logs_a.append)
+    assert train_image_student(pairs, mc, tc, str(b), progress=False, max_steps=5, on_log=logs_b.append) == va
+    state = json.loads((b / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert state["step"] == 5 and state["data"]["cursor"] == {"epoch": 0, "offset": 20}
+    assert train_image_student(pairs, mc, tc, str(b), progress=False, on_log=logs_b.append) == va
+    assert [r["step"] for r in logs_a] == [r["step"] for r in logs_b] == list(range(1, 8))
+    for ra, rb in zip(logs_a, logs_b):
+        assert rb["nonfinite_steps"] == ra["nonfinite_steps"] == 0
+        assert rb["loss_total"] == pytest.approx(ra["loss_total"], rel=2e-2, abs=1e-4), ra["step"]
+    sa, sb = load_file(str(a / "student.safetensors")), load_file(str(b / "student.safetensors"))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.isfinite(sb[k]).all() and torch.allclose(sa[k], sb[k], rtol=1e-2, atol=1e-3), k
+    m = read_image_student_manifest(str(b))
+    assert m.steps_done == 7 and m.nonfinite_steps == 0 and m.version == va
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_matches_the_eager_device_guarded_step():
     """cuda_graphs: 3 eager warm-up steps, capture at the 4th, replays after; a non-finite batch after the

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from models.songunet import (use_float32_bias, use_fused_attention, INIT_MODES, AttentionOp, Conv2d, GroupNorm, PositionalEmbedding, SongUNet, UNetBlock,
+from models.songunet import (use_box_resampling, use_float32_bias, use_fused_attention, INIT_MODES, AttentionOp, Conv2d, GroupNorm, PositionalEmbedding, SongUNet, UNetBlock,
                              count_parameters, weight_init)
 
 # EDM's CIFAR-10 DDPM++ (train.py --arch=ddpmpp, dropout 0.13).
@@ -223,3 +223,64 @@ def test_autocast_keeps_activations_in_bf16_unless_float32_bias():
     assert all(not m.float32_bias for m in net.modules() if isinstance(m, Conv2d))
     for h in hooks:
         h.remove()
+
+
+@pytest.mark.parametrize("kernel,up,down,fused", [(0, True, False, False), (0, False, True, False),
+                                                  (1, True, False, False), (1, False, True, False),
+                                                  (3, True, False, False), (3, False, True, False),
+                                                  (3, True, False, True), (3, False, True, True)])
+def test_box_resampling_is_edms_grouped_convolution(kernel, up, down, fused):
+    """With resample_filter=[1, 1] the layer upsamples by nearest neighbour / downsamples by 2x2 average
+    pooling: the same values as EDM's grouped (transposed) convolutions, in EDM's order of resampling and
+    convolving (the fused path convolves before pooling)."""
+    torch.manual_seed(0)
+    conv = Conv2d(6, 6 if kernel == 0 else 5, kernel=kernel, up=up, down=down, fused_resample=fused, init_bias=1)
+    assert conv.box and list(conv.state_dict()) == (["weight", "bias"] if kernel else []) + ["resample_filter"]
+    x = torch.randn(2, 6, 8, 8)
+    fast = conv(x)
+    ref = use_box_resampling(conv, False)(x)          # EDM's grouped convolutions
+    assert not conv.box and use_box_resampling(conv).box
+    assert fast.shape == ref.shape == (2, conv.out_channels, 16 if up else 4, 16 if up else 4)
+    if kernel == 0 and up:
+        assert torch.equal(fast, ref)
+    assert torch.allclose(fast, ref, atol=1e-6) and not torch.allclose(fast, ref + 1e-3)
+
+
+def test_songunet_with_box_resampling_is_the_same_function():
+    torch.manual_seed(0)
+    net = SongUNet(**TINY).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t = torch.randn(3, 3, 16, 16), torch.rand(3)
+    assert sum(m.box for m in net.modules() if isinstance(m, Conv2d)) == 4    # conv0 + skip, down and up
+    keys = list(net.state_dict())
+    fast = net(x, t)
+    ref = use_box_resampling(net, False)(x, t)
+    assert list(net.state_dict()) == keys
+    assert torch.allclose(fast, ref, atol=1e-5) and not torch.allclose(fast, ref.mul(1.01), atol=1e-5)
+
+
+def test_non_box_filters_keep_the_grouped_convolution():
+    conv = Conv2d(4, 4, kernel=0, down=True, resample_filter=[1, 3, 3, 1])
+    assert not conv.box and not Conv2d(4, 4, kernel=3).box and not use_box_resampling(conv).box
+    x = torch.randn(1, 4, 8, 8)
+    f = torch.tensor([1., 3, 3, 1])
+    f = torch.outer(f, f)[None, None] / f.sum() ** 2
+    assert torch.allclose(conv(x), torch.nn.functional.conv2d(x, f.tile(4, 1, 1, 1), groups=4, stride=2, padding=1))
+
+
+def test_fused_attention_gets_unit_stride_inputs(monkeypatch):
+    """SDPA's fused kernels need a unit stride in q, k, v's last dim (else its math path runs them as
+    float32 matmuls): the block hands it contiguous (N*heads, 1, L, C/heads) tensors."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append([(t.shape, t.stride(-1), t.is_contiguous()) for t in (q, k, v)])
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    block = use_fused_attention(UNetBlock(16, 16, emb_channels=8, attention=True, channels_per_head=8))
+    block(torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(2, 8))
+    assert seen == [[(torch.Size([4, 1, 16, 8]), 1, True)] * 3]
