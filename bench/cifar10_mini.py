@@ -4,10 +4,11 @@
     python bench/cifar10_mini.py --out runs/bench-cifar10-mini --teacher-seconds 200 --student-seconds 150
     python bench/cifar10_mini.py --out runs/x --stages dataset,extractor      # the offline metric alone
 
-Stages: dataset (`kdm data prepare`), extractor (the offline Frechet-distance network, trained here), teacher
-(EDM bootstrap, preset cifar10-mini), pairs (EDM Heun, 35 NFE, train + held-out seeds), student (a budgeted
-cifar10-uncond KDM), evaluation (FD-<extractor id> and KID of teacher and student vs the train split, their
-ratio, student-vs-teacher MSE on held-out seeds, grids, the local-structure figure). ``--teacher-seconds`` /
+Stages: the product's stage functions (pipeline/stages_image.py: dataset, extractor, teacher = EDM bootstrap
+of preset cifar10-mini, pairs = EDM Heun, 35 NFE, train + held-out seeds, student = a budgeted cifar10-uncond
+KDM, evaluation = FD-<extractor id> and KID of teacher and student vs the train split, their ratio,
+student-vs-teacher MSE on held-out seeds, grids), with what a benchmark adds around them: time budgets,
+the extractor's validation, preview grids during the student's run, the local-structure figure. ``--teacher-seconds`` /
 ``--student-seconds`` time a short run of the same config first and then fix the number of steps to fit the
 budget (the steps are recorded; the result is an ordinary content-addressed artifact).
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -39,7 +39,6 @@ sys.path.insert(0, str(REPO))
 BUDGET_S = 600
 
 
-from storage_schemas import stable_hash  # noqa: E402
 
 
 class StageUnavailable(RuntimeError):
@@ -77,48 +76,58 @@ class Bench:
         if missing:
             raise StageUnavailable(f"skipped: needs the output of {', '.join(missing)}")
 
-    # ------------------------------------------------------------------------- 1. dataset (ready)
-    def dataset(self) -> dict:
-        from pipeline.datasets import open_image_dataset as open_ds, prepare_image_dataset as prepare
-        url = os.path.join(self.root, "datasets", "cifar10")
-        m = prepare(self.a.archive, url, progress=not self.a.quiet)
-        ds = open_ds(url)
-        self.ctx.update(dataset_url=url, dataset_id=ds.version, train=ds.load("train"), test=ds.load("test"))
-        return {"version": ds.version, "train": len(self.ctx["train"][0]), "test": len(self.ctx["test"][0]),
-                "classes": len(m.class_names)}
+    @property
+    def device_kind(self) -> str:
+        return "cuda" if str(self.a.device).startswith("cuda") else "cpu"
 
-    # ------------------------------------------------------------------------- 2. offline extractor (ready)
+    # ------------------------------------------------------------------------- 1. dataset
+    def dataset(self) -> dict:
+        from pipeline.datasets import open_image_dataset
+        from pipeline.stages_image import stage_dataset
+        from storage_schemas.distill_image import ImageDatasetStageConfig
+        r = stage_dataset(self.root, ImageDatasetStageConfig(archive=self.a.archive), progress=not self.a.quiet)
+        ds = open_image_dataset(r["uri"])
+        self.ctx.update(dataset_url=r["uri"], dataset_id=ds.version, train=ds.load("train"), test=ds.load("test"))
+        return {"version": ds.version, "skipped": r["skipped"], "train": len(self.ctx["train"][0]),
+                "test": len(self.ctx["test"][0]), "classes": r["classes"]}
+
+    # ------------------------------------------------------------------------- 2. offline extractor
     def extractor(self) -> dict:
-        self.requires("train", "test")
+        """The extractor stage, then the offline metric's own validation (test vs train, noise vs train)."""
+        self.requires("dataset_url", "train", "test")
         import torch
         from pipeline import features, image_metrics as im
+        from pipeline.stages_image import evenly_spaced, stage_extractor
+        from storage_schemas.distill_image import ExtractorStageConfig
         from storage_schemas.protocol import ExtractorTrainConfig
-        (x, y), (xt, yt) = self.ctx["train"], self.ctx["test"]
-        cfg = ExtractorTrainConfig(epochs=self.a.extractor_epochs, seed=self.a.seed)
-        url = os.path.join(self.root, "extractors", f"resnet9-e{cfg.epochs}-s{cfg.seed}")
+        (x, y), (xt, _) = self.ctx["train"], self.ctx["test"]
+        train = ExtractorTrainConfig(epochs=self.a.extractor_epochs, seed=self.a.seed,
+                                     **({"width": self.a.extractor_width} if self.a.extractor_width else {}))
+        cfg = ExtractorStageConfig(train=train, train_images=self.a.extractor_images, device=self.device_kind)
         t = time.time()
-        m = features.train_extractor(x, y, cfg, url, test_images=xt, test_labels=yt,
-                                     dataset_id=self.ctx["dataset_id"], device=self.a.device, progress=not self.a.quiet)
+        r = stage_extractor(self.root, self.ctx["dataset_url"], cfg, progress=not self.a.quiet)
         train_s = time.time() - t
-        fx = features.load_extractor(url, self.a.device)
-        ref = im.reference_stats(x, dataset_id=self.ctx["dataset_id"], split="train", extractor=fx, root=self.root)
+        m = features.read_extractor_manifest(r["uri"])
+        fx = features.load_extractor(r["uri"], self.a.device)
+        x_ref = x[evenly_spaced(len(x), self.a.reference_images)]      # the evaluation stage's reference set
+        ref = im.reference_stats(x_ref, dataset_id=self.ctx["dataset_id"], split="train", extractor=fx, root=self.root)
         n = len(xt)
         noise = np.random.default_rng(self.a.seed).integers(0, 256, xt.shape, dtype=np.uint8)
-        kid = dict(kid_subsets=self.a.kid_subsets, kid_subset_size=min(1000, n))
+        kid = dict(kid_subsets=self.a.kid_subsets, kid_subset_size=min(1000, n, len(x_ref)))
         test_ms = im.distribution_metrics(xt, fx, ref, subject="cifar10-test", model_version=self.ctx["dataset_id"],
                                           **kid)
         noise_ms = im.distribution_metrics(noise, fx, ref, subject=f"uniform-noise(seed={self.a.seed})", **kid)
         self.metrics += test_ms + noise_ms
-        self.ctx.update(extractor=fx, reference=ref)
+        self.ctx.update(extractor_url=r["uri"])
         info = {"id": m.id, "weights_sha256": m.weights_sha256, "test_accuracy": m.test_accuracy,
                 "train_seconds": round(m.train_seconds, 1), "stage_train_seconds": round(train_s, 1),
-                "device": m.device, "fd_test_vs_train": test_ms[0].value, "fd_noise_vs_train": noise_ms[0].value,
-                "kid_test_vs_train": test_ms[1].value, "kid_noise_vs_train": noise_ms[1].value,
-                "reference": ref.manifest.id, "n": n}
+                "skipped": r["skipped"], "device": m.device, "fd_test_vs_train": test_ms[0].value,
+                "fd_noise_vs_train": noise_ms[0].value, "kid_test_vs_train": test_ms[1].value,
+                "kid_noise_vs_train": noise_ms[1].value, "reference": ref.manifest.id, "n": n}
         if m.test_accuracy is not None and m.test_accuracy < 0.90:
             info["warning"] = f"test accuracy {m.test_accuracy:.4f} is below the 0.90 target"
         if self.a.determinism_check:
-            net, _ = features.train_network(x, y, cfg, device=self.a.device, progress=False)
+            net, _ = features.train_network(x, y, train, device=self.a.device, progress=False)
             sha = features.weights_sha256(net)
             info["determinism_check"] = "identical weights" if sha == m.weights_sha256 else \
                 f"DIFFERENT weights: {sha[:16]} vs {m.weights_sha256[:16]}"
@@ -126,21 +135,22 @@ class Bench:
         if self.a.inception:
             try:
                 inc = im.load_inception(device=self.a.device)
-                iref = im.reference_stats(x, dataset_id=self.ctx["dataset_id"], split="train", extractor=inc,
+                iref = im.reference_stats(x_ref, dataset_id=self.ctx["dataset_id"], split="train", extractor=inc,
                                           root=self.root)
                 self.metrics += im.distribution_metrics(xt, inc, iref, subject="cifar10-test", with_is=True, **kid)
             except im.MetricUnavailable as e:
                 info["inception"] = str(e)
-        if str(self.a.device).startswith("cuda"):
+        if self.device_kind == "cuda":
             torch.cuda.empty_cache()
         return info
 
     # ------------------------------------------------------------------------- 3. teacher
     def teacher(self) -> dict:
         self.requires("dataset_url")
+        from pipeline.stages_image import stage_image_teacher
         from pipeline.teacher_bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher
-        device = "cuda" if self.a.device.startswith("cuda") else "cpu"
-        cfg = load_edm_teacher_config("cifar10-mini", sets=[f"device={device}", f"seed={self.a.seed}",
+        from storage_schemas.distill_image import ImageTeacherStageConfig
+        cfg = load_edm_teacher_config("cifar10-mini", sets=[f"device={self.device_kind}", f"seed={self.a.seed}",
                                                              *self.a.teacher_set])
         info: dict[str, Any] = {}
         if self.a.teacher_seconds:
@@ -151,40 +161,42 @@ class Bench:
             steps = max(100, int(self.a.teacher_seconds * rate / cfg.batch_size) // 100 * 100)
             cfg = cfg.model_copy(update={"steps": steps, "checkpoint_every": steps})
             info["calibrated_images_per_s"] = round(rate, 1)
-        url = os.path.join(self.root, "teachers", f"cifar10-mini-{stable_hash(cfg, length=10)}")
         t = time.time()
-        m = train_edm_teacher(self.ctx["dataset_url"], cfg, url, progress=not self.a.quiet)
+        r = stage_image_teacher(self.root, self.ctx["dataset_url"], ImageTeacherStageConfig(bootstrap=cfg),
+                                self.a.device, progress=not self.a.quiet)
         train_s = time.time() - t
-        self.ctx.update(teacher_url=url, teacher_id=m.id)
-        copy_if_exists(Path(url) / PREVIEW, self.out / "teacher_samples.png")
-        return {**info, "id": m.id, "steps": cfg.steps, "batch_size": cfg.batch_size, "images": cfg.steps * cfg.batch_size,
-                "train_seconds": round(train_s, 1), "final_loss": m.final_loss}
+        self.ctx.update(teacher_url=r["uri"], teacher_id=r["version"])
+        copy_if_exists(Path(r["uri"]) / PREVIEW, self.out / "teacher_samples.png")
+        return {**info, "id": r["version"], "skipped": r["skipped"], "steps": cfg.steps, "batch_size": cfg.batch_size,
+                "images": cfg.steps * cfg.batch_size, "train_seconds": round(train_s, 1), "final_loss": r["final_loss"]}
 
     # ------------------------------------------------------------------------- 4. pairs
     def pairs(self) -> dict:
         self.requires("teacher_url")
-        from pipeline.generate import generate_pairs
-        from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange
+        from pipeline.stages_image import stage_image_pairs
+        from storage_schemas import SamplerSettings, SeedRange
+        from storage_schemas.distill_image import ImagePairsStageConfig
         n, h = self.a.train_pairs, self.a.heldout_pairs
-        cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=n), heldout_seeds=SeedRange(start=n, stop=n + h),
-                                  sampler=SamplerSettings(kind="edm-heun", method="heun", steps=self.a.teacher_steps,
-                                                          noise_scale=80.0),
-                                  chunk_size=min(10_000, n), device="cuda" if self.a.device.startswith("cuda") else "cpu")
-        url = os.path.join(self.root, "pairs", f"cifar10-mini-{stable_hash(self.ctx['teacher_id'], cfg, length=10)}")
+        cfg = ImagePairsStageConfig(seeds=SeedRange(start=0, stop=n), heldout_seeds=SeedRange(start=n, stop=n + h),
+                                    sampler=SamplerSettings(kind="edm-heun", method="heun", steps=self.a.teacher_steps,
+                                                            noise_scale=80.0),
+                                    chunk_size=min(10_000, n))
         t = time.time()
-        version = generate_pairs(self.ctx["teacher_url"], cfg, url, progress=not self.a.quiet)
+        r = stage_image_pairs(self.root, self.ctx["teacher_url"], cfg, self.a.device, progress=not self.a.quiet)
         secs = time.time() - t
-        self.ctx.update(pairs_url=url)
-        return {"version": version, "train": n, "heldout": h, "pairs_per_s": round((n + h) / secs, 1),
-                "nfe": 2 * self.a.teacher_steps - 1}
+        self.ctx.update(pairs_url=r["uri"])
+        return {"version": r["version"], "skipped": r["skipped"], "train": r["count"], "heldout": r["heldout_count"],
+                "pairs_per_s": round((n + h) / secs, 1), "nfe": r["nfe"]}
 
     # ------------------------------------------------------------------------- 5. student
     def student(self) -> dict:
         self.requires("pairs_url")
         from pipeline.image_metrics import save_grid
-        from pipeline.sample import generate_images
         from pipeline.image_train import train_image_student
         from pipeline.pairstore import PairStore
+        from pipeline.sample import generate_images
+        from pipeline.stages_image import stage_image_student
+        from storage_schemas.distill_image import ImageStudentStageConfig
         from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset
         base = image_preset("cifar10-uncond").model_dump()
         # Budgeted cifar10-uncond: narrower/shallower U-Nets, pseudo-Huber distance (LPIPS needs VGG16
@@ -194,7 +206,7 @@ class Bench:
         model_cfg = KDMImageConfig.model_validate(base)
         train_cfg = ImageTrainConfig(steps=self.a.student_steps, batch_size=self.a.student_batch, lr=self.a.student_lr,
                                      checkpoint_every=self.a.student_steps, log_every=100, seed=self.a.seed,
-                                     precision=self.a.student_precision)
+                                     precision=self.a.student_precision, device=self.device_kind)
         info: dict[str, Any] = {}
         if self.a.student_seconds:
             # Time both memory layouts (GroupNorm has no channels_last kernel: NHWC costs copies around every
@@ -213,6 +225,8 @@ class Bench:
             train_cfg = train_cfg.model_copy(update={"steps": steps, "log_every": max(steps // 50, 10),
                                                      "channels_last": layouts[best]})
             info["calibrated_pairs_per_s"] = {k: round(v, 1) for k, v in rates.items()}
+        elif self.a.student_layout != "auto":
+            train_cfg = train_cfg.model_copy(update={"channels_last": self.a.student_layout == "nhwc"})
         # EMA averaging over about a tenth of the run (a fixed 0.9999 would keep a short run at its initial
         # weights); sample grids of the EMA model on fixed held-out noise at four points of the run.
         ema = self.a.student_ema or min(0.999, max(0.9, 1 - 10 / train_cfg.steps))
@@ -227,64 +241,47 @@ class Bench:
                 save_grid(generate_images(ema, fixed), self.out / name, nrow=8)
                 previews.append(name)
 
-        url = os.path.join(self.root, "students",
-                           f"cifar10-mini-{stable_hash(self.ctx['pairs_url'], model_cfg, train_cfg, length=10)}")
         logs: list[dict] = []
         t = time.time()
-        version = train_image_student(self.ctx["pairs_url"], model_cfg, train_cfg, url, device=self.a.device,
-                                      preset="cifar10-mini", progress=not self.a.quiet, on_log=logs.append,
-                                      on_checkpoint=preview)
-        self.ctx.update(student_url=url)
-        curve = [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()
-                  if k in ("step", "loss_total", "loss_rec", "loss_lat", "loss_pred", "pairs_per_s")} for r in logs]
-        return {**info, "version": version, "steps": train_cfg.steps, "batch_size": train_cfg.batch_size,
-                "precision": train_cfg.precision, "ema_decay": ema, "lr": train_cfg.lr, "train_seconds": round(time.time() - t, 1),
-                "loss_first": curve[0] if curve else None, "loss_last": curve[-1] if curve else None,
-                "loss_curve": curve, "previews": previews}
+        r = stage_image_student(self.root, self.ctx["pairs_url"],
+                                ImageStudentStageConfig(preset="cifar10-mini", model=model_cfg, train=train_cfg),
+                                self.a.device, progress=not self.a.quiet, on_log=logs.append, on_checkpoint=preview)
+        self.ctx.update(student_url=r["uri"])
+        curve = [{k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()
+                  if k in ("step", "loss_total", "loss_rec", "loss_lat", "loss_pred", "pairs_per_s")} for rec in logs]
+        return {**info, "version": r["version"], "skipped": r["skipped"], "steps": train_cfg.steps,
+                "batch_size": train_cfg.batch_size, "precision": train_cfg.precision,
+                "channels_last": train_cfg.channels_last, "ema_decay": ema, "lr": train_cfg.lr,
+                "train_seconds": round(time.time() - t, 1), "loss_first": curve[0] if curve else None,
+                "loss_last": curve[-1] if curve else None, "loss_curve": curve, "previews": previews}
 
-    # ------------------------------------------------------------------------- 6. evaluation (ready)
+    # ------------------------------------------------------------------------- 6. evaluation
     def evaluation(self) -> dict:
-        self.requires("pairs_url", "student_url", "extractor", "reference")
+        """The evaluation stage (FD/KID of teacher and student, MSE, LPIPS when possible, grids), then the
+        local-structure figure (paper Sec. 6.1)."""
+        self.requires("dataset_url", "extractor_url", "pairs_url", "student_url", "teacher_url")
         import torch
-        from pipeline import image_metrics as im
-        from pipeline.pairstore import PairStore
-        fx, ref = self.ctx["extractor"], self.ctx["reference"]
-        held = PairStore.open(self.ctx["pairs_url"]).heldout()
-        if held is None:
-            raise StageUnavailable("skipped: the pair store has no held-out split")
-        hd = held.load(("x_T", "x_0"))
-        from pipeline.sample import generate_images, load_image_student
-        student, manifest = load_image_student(self.ctx["student_url"], self.a.device)
-        s_x0 = generate_images(student, hd["x_T"])
-        t_x0 = hd["x_0"].astype(np.float32)
-        seeds = held.manifest.seeds
-        kid = dict(kid_subsets=self.a.kid_subsets, kid_subset_size=min(1000, len(t_x0)))
-        t_ms = im.distribution_metrics(im.quantize_uint8(t_x0), fx, ref, subject="teacher", seeds=seeds,
-                                       model_version=self.ctx.get("teacher_id"), **kid)
-        s_ms = im.distribution_metrics(im.quantize_uint8(s_x0), fx, ref, subject="student", seeds=seeds,
-                                       model_version=manifest.version, **kid)
-        lpips, lpips_note = None, None
-        try:
-            lpips = im.load_lpips("vgg", device=self.a.device)
-        except im.MetricUnavailable as e:
-            lpips_note = str(e)
-        p_ms = im.paired_metrics(s_x0, t_x0, seeds=seeds, pairs_version=held.version, lpips=lpips,
-                                 model_version=manifest.version)
-        self.metrics += t_ms + s_ms + p_ms
-        plots = {"teacher_student": im.save_teacher_student_grid(t_x0[:64], s_x0[:64], self.out / "teacher_student.png"),
-                 "student_samples": im.save_grid(s_x0[:100], self.out / "student_samples.png", nrow=10)}
-        info = {"fd_ratio_student_over_teacher": im.ratio(s_ms[0], t_ms[0]),
-                "kid_teacher": t_ms[1].value, "kid_student": s_ms[1].value, "mse": p_ms[0].value,
-                "plots": {k: Path(v).name for k, v in plots.items()}}
-        if lpips_note:
-            info["lpips"] = lpips_note
-        # Local structure (paper Sec. 6.1): the teacher as a denoiser (pipeline.teacher.load_denoiser,
-        # being written alongside teacher_bootstrap) under EDM's Heun sampler, the student in one step.
-        from pipeline.teacher import load_denoiser
         from models.samplers import edm_heun
+        from pipeline import artifacts, image_metrics as im
+        from pipeline.pairstore import PairStore
+        from pipeline.sample import load_image_student
+        from pipeline.stages_image import stage_image_evaluate
+        from pipeline.teacher import load_denoiser
+        from storage_schemas.distill_image import ImageEvalStageConfig
+        cfg = ImageEvalStageConfig(kid_subsets=self.a.kid_subsets, reference_images=self.a.reference_images)
+        r = stage_image_evaluate(self.root, self.ctx["dataset_url"], self.ctx["extractor_url"], self.ctx["pairs_url"],
+                                 self.ctx["student_url"], cfg, self.a.device)
+        self.metrics += list(im.read_report(artifacts.join(r["uri"], im.REPORT)).metrics)
+        for f in r["plots"].values():
+            copy_if_exists(Path(r["uri"]) / f, self.out / f)
+        info = {"evaluation": r["uri"], "skipped": r["skipped"], "fd_ratio_student_over_teacher": r["fd_ratio"],
+                "kid_teacher": r["kid_teacher"], "kid_student": r["kid_student"], "mse": r["mse"],
+                "plots": dict(r["plots"]), **({"lpips": r["notes"]["lpips"]} if "lpips" in r["notes"] else {})}
+        # Local structure: the teacher as a denoiser under EDM's Heun sampler, the student in one step.
+        student, _ = load_image_student(self.ctx["student_url"], self.a.device)
         den, _ = load_denoiser(self.ctx["teacher_url"], self.a.device)
         dev = torch.device(self.a.device)
-        x_T = torch.from_numpy(hd["x_T"][0] / 80.0)
+        x_T = torch.from_numpy(PairStore.open(self.ctx["pairs_url"]).heldout().load(("x_T",))["x_T"][0] / 80.0)
         res = im.local_structure(lambda z: student.generate(z.to(dev)),
                                  lambda z: edm_heun(den, z.to(dev), num_steps=self.a.teacher_steps),
                                  x_T, seed=self.a.seed, per_sigma=8, noise_scale=80.0,
@@ -360,6 +357,10 @@ def parse(argv=None):
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extractor-epochs", type=int, default=24)
+    p.add_argument("--extractor-width", type=int, default=None, help="ResNet-9 base width (default: the recipe's 64)")
+    p.add_argument("--extractor-images", type=int, default=None, help="train the extractor on N train images (all)")
+    p.add_argument("--reference-images", type=int, default=None,
+                   help="reference statistics from N train images (all; the evaluation spaces them evenly)")
     p.add_argument("--determinism-check", action="store_true", help="retrain the extractor and compare weights")
     p.add_argument("--inception", action="store_true", help="also FID/KID/IS of the test split when the weights exist")
     p.add_argument("--kid-subsets", type=int, default=100)

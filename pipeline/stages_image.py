@@ -39,7 +39,7 @@ def _out(root: str, kind: str, version: str) -> str:
     return artifacts.join(root, kind, version)
 
 
-def _subset(n: int, k: Optional[int]) -> np.ndarray:
+def evenly_spaced(n: int, k: Optional[int]) -> np.ndarray:
     """Indices of an evenly spaced subset of k of n items (all of them when k is None or >= n)."""
     if k is None or k >= n:
         return np.arange(n)
@@ -116,7 +116,7 @@ def stage_extractor(root: str, dataset_uri: str, cfg: ExtractorStageConfig, prog
     else:
         _require_device(cfg.device, "extractor")
         x, y = ds.load("train")
-        idx = _subset(len(x), cfg.train_images)
+        idx = evenly_spaced(len(x), cfg.train_images)
         xt, yt = ds.load("test") if "test" in ds.manifest.splits else (None, None)
         m = features.train_extractor(x[idx], y[idx], cfg.train, out, test_images=xt, test_labels=yt,
                                      dataset_id=ds.version, device=cfg.device, progress=progress)
@@ -212,10 +212,12 @@ def stage_image_pairs(root: str, teacher_uri: str, cfg: ImagePairsStageConfig, d
 
 
 def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig, device: str, progress: bool = False,
-                        on_log: Optional[Callable[[dict], None]] = None, gpus: int = 1) -> dict:
+                        on_log: Optional[Callable[[dict], None]] = None, gpus: int = 1,
+                        on_checkpoint: Optional[Callable[[int, object], None]] = None) -> dict:
     """The image KDM student at ``<root>/students/<version>``. ``gpus`` > 1: ``kdm train-image`` under torchrun
     (DDP, each process ``train.batch_size / gpus`` pairs per step; the version is the same whatever the
-    count; ``on_log`` is not called then, the command's output is forwarded instead)."""
+    count; ``on_log`` is not called then, the command's output is forwarded instead). ``on_checkpoint(step,
+    ema)`` (one process only) sees the EMA model after every checkpoint, e.g. for preview grids."""
     from .image_train import read_image_student_manifest, train_image_student
     from .pairstore import PairStore
     store = PairStore.open(pairs_uri)
@@ -231,9 +233,12 @@ def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig,
         train_cfg = cfg.train.model_copy(update={"device": device})
         if gpus == 1:
             train_image_student(pairs_uri, cfg.model, train_cfg, out, device=device, preset=cfg.preset,
-                                progress=progress, on_log=on_log, on_resume=resumed.append)
+                                progress=progress, on_log=on_log, on_resume=resumed.append,
+                                on_checkpoint=on_checkpoint)
         else:
             from .torchrun import check_processes, run_torchrun
+            if on_checkpoint is not None:
+                raise KDMError("student stage: on_checkpoint needs gpus=1 (the torchrun processes train elsewhere)")
             if train_cfg.batch_size % gpus:
                 raise KDMError(f"student stage: train.batch_size {train_cfg.batch_size} is not divisible by "
                                f"gpus={gpus} (each process takes batch_size / gpus pairs per step)")
@@ -311,7 +316,7 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     seeds = SeedRange(start=held.manifest.seeds.start, stop=held.manifest.seeds.start + n)
 
     x_train, _ = ds.load("train")
-    x_ref = x_train[_subset(len(x_train), cfg.reference_images)]
+    x_ref = x_train[evenly_spaced(len(x_train), cfg.reference_images)]
     fx = features.load_extractor(extractor_uri, device)
     ref = im.reference_stats(x_ref, dataset_id=ds.version, split="train", extractor=fx, root=reference_root)
     student, _ = load_image_student(student_uri, device)
