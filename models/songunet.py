@@ -93,8 +93,7 @@ class Conv2d(nn.Module):
         self.register_buffer("resample_filter", f if up or down else None)
         # A resampling layer with the 2x2 box filter (EDM's resample_filter=[1, 1], DDPM++) resamples by
         # nearest-neighbour upsampling / 2x2 average pooling instead of grouped convolutions.
-        taps = list(resample_filter)
-        self.box = bool((up or down) and len(taps) == 2 and taps[0] == taps[1])
+        self.box = bool((up or down) and _is_box(list(resample_filter)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
@@ -284,9 +283,13 @@ def use_box_resampling(module: nn.Module, enabled: bool = True) -> nn.Module:
     for a reference timing). Same values; other filters always use the convolutions. Returns ``module``."""
     for m in module.modules():
         if isinstance(m, Conv2d) and m.resample_filter is not None:
-            taps = m.resample_filter[0, 0, 0]
-            m.box = bool(enabled and taps.numel() == 2 and taps[0] == taps[1])
+            m.box = enabled and _is_box(m.resample_filter[0, 0, 0].tolist())
     return module
+
+
+def _is_box(taps: Sequence[float]) -> bool:
+    """Whether a 1-D resampling filter is the 2-tap box (any [a, a]: normalised, all weights 1/4)."""
+    return len(taps) == 2 and taps[0] == taps[1]
 
 
 def use_fused_attention(module: nn.Module, enabled: bool = True) -> nn.Module:
