@@ -97,25 +97,25 @@ class Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
         w_pad = w.shape[-1] // 2 if w is not None else 0
-        if self.box:
-            # 2x2 box filter (resample_filter=[1,1], DDPM++): the grouped (transposed) convolution with
-            # weights 1 (up) or 1/4 (down) is nearest-neighbour upsampling or 2x2 average pooling. Same values
-            # (exactly for up, to float rounding of four terms for down), without cuDNN's slow grouped kernels.
-            pool_last = self.fused_resample and w is not None     # EDM's fused path convolves first
-            if self.up:
-                x = F.interpolate(x, scale_factor=2, mode="nearest")
-            if self.down and not pool_last:
-                x = F.avg_pool2d(x, 2)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
-            if self.down and pool_last:
-                x = F.avg_pool2d(x, 2)
-        else:
-            x = self._fir_resample_conv(x, w, w_pad)
-        if b is not None:   # in the convolution's output dtype (bf16 under autocast), as EDM's in-place add_
-            x = x + (self.bias.float() if self.float32_bias else b.to(x.dtype)).reshape(1, -1, 1, 1)
+        x = self._box_resample_conv(x, w, w_pad) if self.box else self._fir_resample_conv(x, w, w_pad)
+        if self.bias is not None:   # in the convolution's output dtype (bf16 under autocast), as EDM's add_
+            x = x + (self.bias.float() if self.float32_bias else self.bias.to(x.dtype)).reshape(1, -1, 1, 1)
+        return x
+
+    def _box_resample_conv(self, x: torch.Tensor, w: torch.Tensor | None, w_pad: int) -> torch.Tensor:
+        """2x2 box filter (resample_filter=[1, 1], DDPM++): EDM's grouped (transposed) convolution with
+        weights 1 (up) or 1/4 (down) is nearest-neighbour upsampling or 2x2 average pooling. Same values
+        (exactly for up, to float rounding of four terms for down), without cuDNN's slow grouped kernels."""
+        pool_last = self.fused_resample and w is not None     # EDM's fused path convolves first
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.down and not pool_last:
+            x = F.avg_pool2d(x, 2)
+        if w is not None:
+            x = F.conv2d(x, w, padding=w_pad)
+        if self.down and pool_last:
+            x = F.avg_pool2d(x, 2)
         return x
 
     def _fir_resample_conv(self, x: torch.Tensor, w: torch.Tensor | None, w_pad: int) -> torch.Tensor:
