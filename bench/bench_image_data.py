@@ -1,4 +1,4 @@
-"""Throughput of the chunk-shuffled pair sampler (pipeline.image_data) on a CIFAR-shaped local store.
+"""Throughput of the chunk-shuffled pair sampler (pipeline.training.image_data) on a CIFAR-shaped local store.
 
     python bench/bench_image_data.py                        # builds /tmp/kdm-bench-pairs (50k pairs, chunk 1000)
     python bench/bench_image_data.py --store PATH --epochs 2 --buffer-chunks 8 --read-threads 16
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.errors import ArtifactMissing  # noqa: E402
-from pipeline.image_data import ChunkShuffleSampler, write_synthetic_store  # noqa: E402
-from pipeline.pairstore import PairStore  # noqa: E402
+from pipeline.errors import ArtifactMissing
+from pipeline.training.image_data import ChunkShuffleSampler, write_synthetic_store  # noqa: E402
+from pipeline.storage.pairstore import PairStore  # noqa: E402
 
 
 def get_store(path: str, n: int, chunk: int, shape: tuple[int, ...]) -> PairStore:

@@ -10,7 +10,7 @@ Measures, on random data of the right shapes (x_T = 80 * eps, x_0 uniform in [-1
 'pseudo-huber' (LPIPS needs VGG16 weights that are not assumed here):
   (a) ``reference_step``: the official semantics, eager fp32, no TF32, no channels_last, plain
       (for-loop) Adam, per-parameter EMA loop, decoder run twice, discriminator step first;
-  (b) the engine step (``pipeline.image_train.ImageTrainer``): bf16 autocast, TF32, channels_last, fused
+  (b) the engine step (``pipeline.training.image_train.ImageTrainer``): bf16 autocast, TF32, channels_last, fused
       Adam, multi-tensor EMA, one decoder pass; also in fp32 (+TF32) and, with --compile, compiled;
   peak GPU memory of each, speedup (a)/(b), and one-step sampling images/s at batch --sample-batch
   (bf16 and fp32). Prints the GPU name and the date; writes everything as JSON to --out.
@@ -36,9 +36,9 @@ from models.discriminator import Discriminator, discriminator_loss, generator_ad
 from models.distances import make_distance  # noqa: E402
 from models.kdm_image import KDMImage  # noqa: E402
 from models.songunet import use_box_resampling, use_float32_bias, use_fused_attention  # noqa: E402
-from pipeline.devices import resolve_device  # noqa: E402
+from pipeline.devices import resolve_device
 from timing import kernel_breakdown, reset_memory, time_steps  # noqa: E402
-from pipeline.image_train import ImageTrainer, set_tf32  # noqa: E402
+from pipeline.training.image_train import ImageTrainer, set_tf32  # noqa: E402
 from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig, image_preset  # noqa: E402
 
 TINY_UNET = SongUNetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,))

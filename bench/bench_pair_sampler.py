@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from models.edm import FastDenoiser  # noqa: E402
 from models.songunet import use_box_resampling  # noqa: E402
 from models.samplers import edm_heun, edm_latents  # noqa: E402
-from pipeline.devices import resolve_device  # noqa: E402
+from pipeline.devices import resolve_device
 from timing import kernel_breakdown, sync  # noqa: E402
 
 VARIANTS = ("reference", "fp32-strict", "tf32", "bf16", "bf16-compile", "fp16", "fp16-compile", "fp16-compile-max",
@@ -45,7 +45,7 @@ COMPILE_MODES = {"-compile": None, "-compile-max": "max-autotune-no-cudagraphs",
 
 def edm_cifar10_denoiser(device: torch.device) -> torch.nn.Module:
     """EDM's CIFAR-10 DDPM++ network (the cifar10-edm preset's architecture), freshly initialised."""
-    from pipeline.teacher_bootstrap import build_edm_network, load_edm_teacher_config, net_config
+    from pipeline.teachers.bootstrap import build_edm_network, load_edm_teacher_config, net_config
     cfg = load_edm_teacher_config("cifar10-edm")
     torch.manual_seed(0)
     return build_edm_network(net_config(cfg, (3, 32, 32), 0)).to(device).eval().requires_grad_(False)
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
         res["speedup_vs_reference"] = {v: r["pairs_per_s"] / ref["pairs_per_s"] for v, r in res["throughput"].items()}
 
     if a.teacher:
-        from pipeline.teacher import load_denoiser
+        from pipeline.teachers.flow_matching import load_denoiser
         drift_seeds = list(range(10**6, 10**6 + a.drift_seeds))
         load = lambda: load_denoiser(a.teacher, str(device))[0]  # noqa: E731
         den, sd = make("reference", load)

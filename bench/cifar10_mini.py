@@ -82,7 +82,7 @@ class Bench:
 
     # ------------------------------------------------------------------------- 1. dataset
     def dataset(self) -> dict:
-        from pipeline.datasets import open_image_dataset
+        from pipeline.data.datasets import open_image_dataset
         from pipeline.stages_image import stage_dataset
         from storage_schemas.distill_image import ImageDatasetStageConfig
         r = stage_dataset(self.root, ImageDatasetStageConfig(archive=self.a.archive), progress=not self.a.quiet)
@@ -96,7 +96,8 @@ class Bench:
         """The extractor stage, then the offline metric's own validation (test vs train, noise vs train)."""
         self.requires("dataset_url", "train", "test")
         import torch
-        from pipeline import features, image_metrics as im
+        from pipeline.evaluation import features
+        from pipeline.evaluation import image_metrics as im
         from pipeline.stages_image import evenly_spaced, stage_extractor
         from storage_schemas.distill_image import ExtractorStageConfig
         from storage_schemas.protocol import ExtractorTrainConfig
@@ -148,7 +149,7 @@ class Bench:
     def teacher(self) -> dict:
         self.requires("dataset_url")
         from pipeline.stages_image import stage_image_teacher
-        from pipeline.teacher_bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher
+        from pipeline.teachers.bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher
         from storage_schemas.distill_image import ImageTeacherStageConfig
         cfg = load_edm_teacher_config("cifar10-mini", sets=[f"device={self.device_kind}", f"seed={self.a.seed}",
                                                              *self.a.teacher_set])
@@ -191,10 +192,10 @@ class Bench:
     # ------------------------------------------------------------------------- 5. student
     def student(self) -> dict:
         self.requires("pairs_url")
-        from pipeline.image_metrics import save_grid
-        from pipeline.image_train import train_image_student
-        from pipeline.pairstore import PairStore
-        from pipeline.sample import generate_images
+        from pipeline.evaluation.image_metrics import save_grid
+        from pipeline.training.image_train import train_image_student
+        from pipeline.storage.pairstore import PairStore
+        from pipeline.evaluation.sample import generate_images
         from pipeline.stages_image import stage_image_student
         from storage_schemas.distill_image import ImageStudentStageConfig
         from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset
@@ -262,11 +263,12 @@ class Bench:
         self.requires("dataset_url", "extractor_url", "pairs_url", "student_url", "teacher_url")
         import torch
         from models.samplers import edm_heun
-        from pipeline import artifacts, image_metrics as im
-        from pipeline.pairstore import PairStore
-        from pipeline.sample import load_image_student
+        from pipeline.storage import artifacts
+        from pipeline.evaluation import image_metrics as im
+        from pipeline.storage.pairstore import PairStore
+        from pipeline.evaluation.sample import load_image_student
         from pipeline.stages_image import stage_image_evaluate
-        from pipeline.teacher import load_denoiser
+        from pipeline.teachers.flow_matching import load_denoiser
         from storage_schemas.distill_image import ImageEvalStageConfig
         cfg = ImageEvalStageConfig(kid_subsets=self.a.kid_subsets, reference_images=self.a.reference_images)
         r = stage_image_evaluate(self.root, self.ctx["dataset_url"], self.ctx["extractor_url"], self.ctx["pairs_url"],
@@ -291,7 +293,7 @@ class Bench:
 
     # ------------------------------------------------------------------------- output
     def finish(self) -> int:
-        from pipeline import image_metrics as im
+        from pipeline.evaluation import image_metrics as im
         total = time.time() - self.t0
         report = im.make_report(self.metrics, notes={"stages": self.stages, "total_seconds": round(total, 1)})
         im.write_report(report, str(self.out))

@@ -24,11 +24,11 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import generate  # noqa: E402
-from pipeline.datasets import prepare_image_dataset  # noqa: E402
-from pipeline.pairstore import PairStore  # noqa: E402
-from pipeline.image_metrics import save_grid  # noqa: E402
-from pipeline.teacher_bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher  # noqa: E402
+from pipeline.pairs import generate
+from pipeline.data.datasets import prepare_image_dataset  # noqa: E402
+from pipeline.storage.pairstore import PairStore  # noqa: E402
+from pipeline.evaluation.image_metrics import save_grid  # noqa: E402
+from pipeline.teachers.bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher  # noqa: E402
 from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange, stable_hash  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
                                    heldout_seeds=SeedRange(start=n, stop=n + h) if h else None,
                                    sampler=SamplerSettings(kind="edm-heun", steps=a.steps), chunk_size=a.chunk_size,
                                    device="cuda" if a.device.startswith("cuda") else "cpu")
-        from pipeline.teacher import read_teacher_manifest
+        from pipeline.teachers.flow_matching import read_teacher_manifest
         pairs_url = str(root / "pairs" / generate.pairs_version(read_teacher_manifest(teacher_url).id, pcfg))
         t0 = time.time()
         v = generate.generate_pairs(teacher_url, pcfg, pairs_url, progress=not a.quiet, batch_size=a.batch)

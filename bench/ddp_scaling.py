@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny U-Nets (smoke test)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    from pipeline.image_data import write_synthetic_store
+    from pipeline.training.image_data import write_synthetic_store
     sets = ["--set", f"train.device={'cuda' if a.device == 'cuda' else 'cpu'}"]
     if a.tiny:
         sets += ["--set", "model.unet.model_channels=8", "--set", "model.unet.num_blocks=1",

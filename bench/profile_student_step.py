@@ -5,7 +5,7 @@ and the top operators of a profiled step (CPU and CUDA time).
     python bench/profile_student_step.py --out runs/profile.json                  # the CIFAR-10 mini student
     python bench/profile_student_step.py --preset-size --batch 128 --out ...      # the full cifar10-uncond
 
-Data: a synthetic pair store (pipeline.image_data.write_synthetic_store) on local disk.
+Data: a synthetic pair store (pipeline.training.image_data.write_synthetic_store) on local disk.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline.devices import resolve_device  # noqa: E402
+from pipeline.devices import resolve_device
 from timing import sync, time_steps  # noqa: E402
-from pipeline.image_data import ChunkShuffleSampler, write_synthetic_store  # noqa: E402
-from pipeline.image_train import ImageTrainer  # noqa: E402
+from pipeline.training.image_data import ChunkShuffleSampler, write_synthetic_store  # noqa: E402
+from pipeline.training.image_train import ImageTrainer  # noqa: E402
 from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset  # noqa: E402
 
 

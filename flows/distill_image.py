@@ -17,7 +17,7 @@ run of the deployment ``gpu-stage/gpu-stage`` (flow ``gpu-stage``: the stage nam
 its input URIs as one StageRequest) on pool ``kdm-gpu``, started with ``run_deployment`` as a subflow and
 awaited; give ``kdm-gpu`` a concurrency limit equal to its number of GPUs (with ``gpus=N``: to its number
 of N-GPU workers; the pairs and student stages then run their ``kdm`` command in N processes under
-torchrun inside the stage, pipeline/torchrun.py, and their progress shows in the log). A GPU stage whose output
+torchrun inside the stage, pipeline/training/torchrun.py, and their progress shows in the log). A GPU stage whose output
 already exists is not dispatched. When that deployment does not exist on the server (e.g. a plain
 ``python -c`` call of the flow) the GPU stages run as tasks in this process, on ``config.device``.
 Artifacts live under ``root``, which both pools must see (a shared file system or object storage);
@@ -33,7 +33,9 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
                                create_progress_artifact, create_table_artifact, update_progress_artifact)
 from pydantic import TypeAdapter, ValidationError
 
-from pipeline import artifacts, image_metrics, stages_image
+from pipeline.storage import artifacts
+from pipeline.evaluation import image_metrics
+from pipeline import stages_image
 from pipeline.errors import KDMError
 from storage_schemas import format_validation_error
 from storage_schemas.distill_image import (Device, DistillImageConfig, EvaluationStageRequest,

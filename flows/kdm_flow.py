@@ -14,7 +14,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact, update_progress_artifact)
 
-from pipeline import artifacts, evaluate, stages
+from pipeline.storage import artifacts
+from pipeline.evaluation import evaluate2d as evaluate
+from pipeline import stages
 from storage_schemas import (CheckerboardSpec, DistillCheckerboardConfig, Eval2DConfig, FilterConfig,
                              PairsGenerateConfig, PairsImportConfig, StudentRunConfig, TeacherTrainConfig)
 

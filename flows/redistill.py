@@ -1,7 +1,7 @@
 """The ``redistill`` flow: start one distillation per registered teacher that has no finished student.
 
 Deployment ``redistill/redistill`` (prefect.yaml) runs it on a schedule. Each tick lists the registry
-(pipeline.registry), plans the distillation each CIFAR-10-shaped teacher would get under ``preset`` and
+(pipeline.teachers.registry), plans the distillation each CIFAR-10-shaped teacher would get under ``preset`` and
 the current recipe version, and for every teacher with a missing stage starts the distillation
 deployment with ``run_deployment(..., timeout=0, idempotency_key=f"{teacher_id}-{recipe_version}-{preset}")``.
 Prefect returns the existing flow run for a key it has seen, so later ticks start nothing new while a
@@ -30,7 +30,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from pipeline import artifacts, registry
+from pipeline.storage import artifacts
+from pipeline.teachers import registry
 from storage_schemas import recipe_version
 from storage_schemas.common import deep_merge
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import KDMError
+from pipeline.errors import KDMError
 
 
 def resolve_device(name: str) -> torch.device:

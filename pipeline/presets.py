@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from storage_schemas import DistillCheckerboardConfig, StudentRunConfig, TeacherTrainConfig, format_validation_error
 from storage_schemas.common import deep_merge
 
-from .errors import KDMError
+from pipeline.errors import KDMError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES: dict[str, Type[BaseModel]] = {"teacher": TeacherTrainConfig, "student": StudentRunConfig,
@@ -111,5 +111,5 @@ def load(family: str, preset: str | None = None, config_file: str | None = None,
     data, source = raw_config(family, preset, config_file)
     if family == "teacher" and data.get("kind") == "edm-teacher":
         raise KDMError(f"{source} is an EDM image teacher: train it with `kdm teacher bootstrap --preset NAME "
-                       f"--dataset DATASET --out DIR` (pipeline.teacher_bootstrap), not `kdm teacher train`")
+                       f"--dataset DATASET --out DIR` (pipeline.teachers.bootstrap), not `kdm teacher train`")
     return validate_with_sets(FAMILIES[family], data, source, sets)

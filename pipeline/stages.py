@@ -17,8 +17,14 @@ from storage_schemas import (CheckerboardSpec, DistillCheckerboardConfig, Eval2D
                              PairsGenerateConfig, PairsImportConfig, StudentRunConfig, TeacherTrainConfig,
                              recipe_version, stable_hash)
 
-from . import artifacts, evaluate, filter as filt, generate, importer, teacher, train
-from .pairstore import PairStore
+from pipeline.storage import artifacts
+from pipeline.evaluation import evaluate2d as evaluate
+from pipeline.pairs import filter as filt
+from pipeline.pairs import generate
+from pipeline.pairs import importer
+from pipeline.teachers import flow_matching as teacher
+from pipeline.training import train2d as train
+from pipeline.storage.pairstore import PairStore
 
 
 def _out(root: str, kind: str, version: str) -> str:

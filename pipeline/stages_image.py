@@ -27,9 +27,9 @@ from storage_schemas.distill_image import (DistillImageConfig, EvaluationStageRe
                                            ImageTeacherStageConfig, PairsStageRequest, StudentStageRequest,
                                            TeacherStageRequest)
 
-from . import artifacts
-from .devices import resolve_device
-from .errors import KDMError
+from pipeline.storage import artifacts
+from pipeline.devices import resolve_device
+from pipeline.errors import KDMError
 
 CPU_POOL, GPU_POOL = "kdm-cpu", "kdm-gpu"
 GRID_TEACHER_STUDENT, GRID_STUDENT = "teacher_student.png", "student_samples.png"
@@ -56,7 +56,7 @@ def _require_device(device: str, stage: str) -> None:
 # ----------------------------------------------------------------------------- versions (no work done)
 
 def dataset_version(cfg: ImageDatasetStageConfig) -> str:
-    from .datasets import dataset_version as version_of
+    from pipeline.data.datasets import dataset_version as version_of
     try:
         sha = artifacts.sha256_file(cfg.archive)
     except FileNotFoundError:
@@ -70,17 +70,17 @@ def extractor_version(dataset_content_hash: str, cfg: ExtractorStageConfig) -> s
 
 
 def teacher_version(dataset_content_hash: str, cfg: ImageTeacherStageConfig) -> str:
-    from .teacher_bootstrap import bootstrap_version
+    from pipeline.teachers.bootstrap import bootstrap_version
     return bootstrap_version(dataset_content_hash, cfg.bootstrap)
 
 
 def pairs_version(teacher_id: str, cfg: ImagePairsStageConfig) -> str:
-    from .generate import pairs_version as version_of
+    from pipeline.pairs.generate import pairs_version as version_of
     return version_of(teacher_id, cfg.generate_config("cpu"))   # the device is not part of the version
 
 
 def student_version(pairs_version_: str, cfg: ImageStudentStageConfig) -> str:
-    from .image_train import image_run_version
+    from pipeline.training.image_train import image_run_version
     return image_run_version(pairs_version_, cfg.model, cfg.train)
 
 
@@ -94,7 +94,7 @@ def evaluation_version(dataset_content_hash: str, extractor_version_: str, pairs
 # ----------------------------------------------------------------------------- stages
 
 def stage_dataset(root: str, cfg: ImageDatasetStageConfig, progress: bool = False) -> dict:
-    from .datasets import prepare_image_dataset
+    from pipeline.data.datasets import prepare_image_dataset
     version = dataset_version(cfg)
     out = _out(root, "datasets", version)
     skipped = artifacts.exists(out)
@@ -105,8 +105,8 @@ def stage_dataset(root: str, cfg: ImageDatasetStageConfig, progress: bool = Fals
 
 
 def stage_extractor(root: str, dataset_uri: str, cfg: ExtractorStageConfig, progress: bool = False) -> dict:
-    from . import features
-    from .datasets import open_image_dataset
+    from pipeline.evaluation import features
+    from pipeline.data.datasets import open_image_dataset
     ds = open_image_dataset(dataset_uri)
     version = extractor_version(ds.manifest.content_hash, cfg)
     out = _out(root, "extractors", version)
@@ -126,7 +126,7 @@ def stage_extractor(root: str, dataset_uri: str, cfg: ExtractorStageConfig, prog
 
 
 def _check_teacher(uri: str, conditional: bool):
-    from .teacher import read_teacher_manifest
+    from pipeline.teachers.flow_matching import read_teacher_manifest
     try:
         m = read_teacher_manifest(uri)
     except KDMError as e:
@@ -149,9 +149,9 @@ def stage_image_teacher(root: str, dataset_uri: str, cfg: ImageTeacherStageConfi
         artifacts.read_verified(artifacts.join(cfg.teacher_uri, m.weights_file), m.weights_sha256, "teacher")
         return {"uri": cfg.teacher_uri, "version": m.id, "sha256": m.weights_sha256, "skipped": True, "given": True,
                 "label_dim": m.model.label_dim, "final_loss": m.final_loss}
-    from .datasets import open_image_dataset
-    from .teacher import read_teacher_manifest
-    from .teacher_bootstrap import train_edm_teacher
+    from pipeline.data.datasets import open_image_dataset
+    from pipeline.teachers.flow_matching import read_teacher_manifest
+    from pipeline.teachers.bootstrap import train_edm_teacher
     dm = open_image_dataset(dataset_uri).manifest
     version = teacher_version(dm.content_hash, cfg)
     out = _out(root, "teachers", version)
@@ -182,9 +182,9 @@ def stage_image_pairs(root: str, teacher_uri: str, cfg: ImagePairsStageConfig, d
     """EDM Heun pairs of the teacher at ``<root>/pairs/<version>``. ``gpus`` > 1: ``kdm pairs generate-images``
     in that many processes under torchrun (the shards split over them; the store is the same whatever the
     count; ``on_shard`` is not called then, the command's output is forwarded instead)."""
-    from . import generate
-    from .pairstore import PairStore
-    from .teacher import read_teacher_manifest
+    from pipeline.pairs import generate
+    from pipeline.storage.pairstore import PairStore
+    from pipeline.teachers.flow_matching import read_teacher_manifest
     tm = read_teacher_manifest(teacher_uri)
     version = pairs_version(tm.id, cfg)
     out = _out(root, "pairs", version)
@@ -195,7 +195,7 @@ def stage_image_pairs(root: str, teacher_uri: str, cfg: ImagePairsStageConfig, d
             generate.generate_pairs(teacher_uri, cfg.generate_config(device), out, progress=progress,
                                     on_shard=on_shard, batch_size=cfg.batch_size)
         else:
-            from .torchrun import check_processes, run_torchrun
+            from pipeline.training.torchrun import check_processes, run_torchrun
             check_processes(gpus, device, "pairs stage")
             with tempfile.TemporaryDirectory(prefix="kdm-pairs-") as d:
                 args = ["pairs", "generate-images", "--teacher", teacher_uri, "--out", out,
@@ -218,8 +218,8 @@ def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig,
     (DDP, each process ``train.batch_size / gpus`` pairs per step; the version is the same whatever the
     count; ``on_log`` is not called then, the command's output is forwarded instead). ``on_checkpoint(step,
     ema)`` (one process only) sees the EMA model after every checkpoint, e.g. for preview grids."""
-    from .image_train import read_image_student_manifest, train_image_student
-    from .pairstore import PairStore
+    from pipeline.training.image_train import read_image_student_manifest, train_image_student
+    from pipeline.storage.pairstore import PairStore
     store = PairStore.open(pairs_uri)
     if store.manifest.num_classes and not cfg.model.label_dim:
         raise KDMError(f"pairs {pairs_uri} come from a class-conditional teacher ({store.manifest.num_classes} "
@@ -236,7 +236,7 @@ def stage_image_student(root: str, pairs_uri: str, cfg: ImageStudentStageConfig,
                                 progress=progress, on_log=on_log, on_resume=resumed.append,
                                 on_checkpoint=on_checkpoint)
         else:
-            from .torchrun import check_processes, run_torchrun
+            from pipeline.training.torchrun import check_processes, run_torchrun
             if on_checkpoint is not None:
                 raise KDMError("student stage: on_checkpoint needs gpus=1 (the torchrun processes train elsewhere)")
             if train_cfg.batch_size % gpus:
@@ -280,9 +280,9 @@ def stage_image_evaluate(root: str, dataset_uri: str, extractor_uri: str, pairs_
 
 def _evaluation_version_of(dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
                            cfg: ImageEvalStageConfig) -> str:
-    from .datasets import open_image_dataset
-    from .image_train import read_image_student_manifest
-    from .pairstore import PairStore
+    from pipeline.data.datasets import open_image_dataset
+    from pipeline.training.image_train import read_image_student_manifest
+    from pipeline.storage.pairstore import PairStore
     return evaluation_version(open_image_dataset(dataset_uri).manifest.content_hash,
                               Path(str(extractor_uri).rstrip("/")).name, PairStore.open(pairs_uri).version,
                               read_image_student_manifest(student_uri).version, cfg)
@@ -293,11 +293,12 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     """Evaluate an image student into the directory artifact ``out`` (``kdm evaluate`` and the stage);
     returns (its manifest, whether it already held this evaluation). Reference statistics are cached
     under ``reference_root``."""
-    from . import features, image_metrics as im
-    from .datasets import open_image_dataset
-    from .image_train import read_image_student_manifest
-    from .pairstore import PairStore
-    from .sample import generate_images, load_image_student
+    from pipeline.evaluation import features
+    from pipeline.evaluation import image_metrics as im
+    from pipeline.data.datasets import open_image_dataset
+    from pipeline.training.image_train import read_image_student_manifest
+    from pipeline.storage.pairstore import PairStore
+    from pipeline.evaluation.sample import generate_images, load_image_student
     version = _evaluation_version_of(dataset_uri, extractor_uri, pairs_uri, student_uri, cfg)
     if artifacts.check_target(out, version, read_evaluation_manifest):
         return read_evaluation_manifest(out), True
@@ -388,9 +389,9 @@ def stage_output(req) -> tuple[str, bool]:
     """(output URI, whether it is committed) of the stage a StageRequest describes, computed from its inputs'
     manifests without running anything (the flow uses it to skip finished GPU stages and to check that a
     GPU worker's output is visible from here)."""
-    from .datasets import open_image_dataset
-    from .pairstore import PairStore
-    from .teacher import read_teacher_manifest
+    from pipeline.data.datasets import open_image_dataset
+    from pipeline.storage.pairstore import PairStore
+    from pipeline.teachers.flow_matching import read_teacher_manifest
     if isinstance(req, ExtractorStageRequest):
         v = extractor_version(open_image_dataset(req.dataset_uri).manifest.content_hash, req.config)
         out = _out(req.root, "extractors", v)
@@ -443,7 +444,7 @@ def plan_distill_image(cfg: DistillImageConfig) -> dict:
     verified to be a readable EDM teacher of the right conditioning, and pairs and student versions are
     known at once: ``plan["stages"]["student"]["exists"]`` says whether that teacher already has its student.
     """
-    from .datasets import open_image_dataset
+    from pipeline.data.datasets import open_image_dataset
     root = cfg.root
     stages: dict[str, dict] = {}
 

@@ -10,7 +10,7 @@ Metric names say which network made them:
 * ``FID``, ``KID``, ``IS``: the standard Inception-v3 (``inception-2015-12-05``, clean-fid's "clean"
   mode: PIL bicubic resize to 299x299) only.
 * ``FD-<extractor id>``, ``KID-<extractor id>``: Frechet distance / kernel inception-style distance on
-  the features of any other network (e.g. the offline classifier trained by ``pipeline.features``).
+  the features of any other network (e.g. the offline classifier trained by ``pipeline.evaluation.features``).
   Such numbers are *not* FIDs and are never named so; extractor ids may not contain "fid".
 * ``MSE``, ``LPIPS-vgg``, ``LPIPS-alex``: student vs teacher on the same noise (paired protocol).
 

@@ -36,7 +36,7 @@ class PairsGenerateConfig(Strict):
 
 
 class PairsImportConfig(Strict):
-    """Import of external pairs (pipeline/importer.py describes the formats).
+    """Import of external pairs (pipeline/pairs/importer.py describes the formats).
 
     ``order`` (kdm-npz only, required there): which end of ``arr_0`` / ``endpoints`` is x_T: 'xT-first'
     (the official CIFAR-10 unconditional training set) or 'x0-first' (every other official set).

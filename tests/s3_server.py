@@ -33,7 +33,7 @@ def moto_s3(bucket: str, secret: Optional[str] = None) -> Iterator:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from pipeline import artifacts
+    from pipeline.storage import artifacts
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.pairstore import PairStore
+from pipeline.storage.pairstore import PairStore
 
 
 def data_files(root: str) -> dict[str, bytes]:
@@ -30,7 +30,9 @@ def assert_same_store(a: str, b: str) -> None:
 
 def smoke_pairs(root: Path, count: int, chunk_size: int) -> str:
     """A 2-D pair store of ``count`` train pairs (no held-out split) from the smoke teacher, trained under ``root``."""
-    from pipeline import generate, presets, teacher
+    from pipeline.pairs import generate
+    from pipeline import presets
+    from pipeline.teachers import flow_matching as teacher
     from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange
     t = str(root / "teacher")
     teacher.train_teacher(presets.load("teacher", "smoke"), t, progress=False)

@@ -7,7 +7,7 @@ import pytest
 
 from models.samplers import seeded_noise
 from pipeline.cli import main
-from pipeline.pairstore import PairStore
+from pipeline.storage.pairstore import PairStore
 from storage_schemas import EvaluationReport
 
 

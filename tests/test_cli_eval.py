@@ -8,8 +8,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as plain `pytest`
 
-from pipeline import cli_eval, image_metrics as im  # noqa: E402
-from pipeline.errors import KDMError  # noqa: E402
+from pipeline.cli import metrics as cli_eval
+from pipeline.evaluation import image_metrics as im
+from pipeline.errors import KDMError
 from storage_schemas import SeedRange  # noqa: E402
 from storage_schemas.protocol import ExtractorRef  # noqa: E402
 

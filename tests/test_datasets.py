@@ -6,8 +6,8 @@ import pytest
 import zarr
 
 from image_fixtures import image_folder, png_bytes, random_image, write_archive
-from pipeline import artifacts
-from pipeline.datasets import open_image_dataset, prepare_image_dataset
+from pipeline.storage import artifacts
+from pipeline.data.datasets import open_image_dataset, prepare_image_dataset
 from pipeline.errors import ArtifactMissing, KDMError
 from storage_schemas import DatasetManifest
 

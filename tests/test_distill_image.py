@@ -10,10 +10,11 @@ import torch
 from pydantic import ValidationError
 
 from image_fixtures import image_folder, single_thread, write_archive
-from pipeline import artifacts, stages_image
+from pipeline.storage import artifacts
+from pipeline import stages_image
 from pipeline.cli import main
 from pipeline.errors import KDMError
-from pipeline.teacher_bootstrap import load_edm_teacher_config
+from pipeline.teachers.bootstrap import load_edm_teacher_config
 from storage_schemas import format_validation_error
 from storage_schemas.common import deep_merge
 from storage_schemas.distill_image import (DistillImageConfig, ImageStudentStageConfig, 
@@ -188,8 +189,8 @@ def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
     assert mse.protocol.seeds.text() == "32-47" and mse.protocol.pairs_version == first["pairs"]["version"] + "-heldout"
     assert report.get(fd, "teacher").protocol == report.get(fd, "student").protocol
     # the MSE is the student's one-step outputs against the teacher's x_0 on the held-out seeds
-    from pipeline.pairstore import PairStore
-    from pipeline.sample import load_image_student
+    from pipeline.storage.pairstore import PairStore
+    from pipeline.evaluation.sample import load_image_student
     held = PairStore.open(first["pairs"]["uri"]).heldout().load(("x_T", "x_0"))
     model, _ = load_image_student(first["student"]["uri"])
     with torch.no_grad():

@@ -14,7 +14,10 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 from image_fixtures import image_folder, single_thread, write_archive  # noqa: E402
-from pipeline import artifacts, image_train, stages_image, teacher_bootstrap  # noqa: E402
+from pipeline.storage import artifacts
+from pipeline.training import image_train
+from pipeline import stages_image
+from pipeline.teachers import bootstrap as teacher_bootstrap
 from s3_server import committed_files, listing, moto_s3  # noqa: E402
 from storage_schemas.common import deep_merge  # noqa: E402
 from storage_schemas.distill_image import DistillImageConfig  # noqa: E402

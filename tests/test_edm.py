@@ -18,12 +18,12 @@ from edm_persistence import make_pickles, write_fake_edm
 from image_fixtures import TINY_UNET, image_folder, write_archive
 from models.edm import FastDenoiser, EDMLoss, EDMPrecond, FlowMatchingDenoiser, VELoss, VEPrecond, VPLoss, VPPrecond, Denoiser
 from models.samplers import edm_heun, edm_latents, edm_time_steps, integrate_ode, seeded_noise
-from pipeline import artifacts
-from pipeline.datasets import prepare_image_dataset
-from pipeline.edm_pickle import import_edm_pickle, read_edm_pickle
+from pipeline.storage import artifacts
+from pipeline.data.datasets import prepare_image_dataset
+from pipeline.teachers.edm_pickle import import_edm_pickle, read_edm_pickle
 from pipeline.errors import ArtifactExists, KDMError
-from pipeline.teacher import load_denoiser, read_teacher_manifest
-from pipeline.teacher_bootstrap import load_edm_teacher_config, train_edm_teacher
+from pipeline.teachers.flow_matching import load_denoiser, read_teacher_manifest
+from pipeline.teachers.bootstrap import load_edm_teacher_config, train_edm_teacher
 
 TINY = dict(img_resolution=8, img_channels=3, **TINY_UNET)
 

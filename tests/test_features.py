@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as plain `pytest`
 
-from pipeline import features  # noqa: E402
-from pipeline.errors import KDMError  # noqa: E402
+from pipeline.evaluation import features
+from pipeline.errors import KDMError
 from storage_schemas.protocol import ExtractorTrainConfig  # noqa: E402
 
 torch.set_num_threads(1)

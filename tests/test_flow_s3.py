@@ -13,8 +13,11 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from pipeline import artifacts, presets, stages, train  # noqa: E402
-from pipeline.pairstore import PairStore  # noqa: E402
+from pipeline.storage import artifacts
+from pipeline import presets
+from pipeline import stages
+from pipeline.training import train2d as train
+from pipeline.storage.pairstore import PairStore  # noqa: E402
 from s3_server import committed_files, listing, moto_s3  # noqa: E402
 from storage_schemas import EvaluationReport  # noqa: E402
 
@@ -110,7 +113,7 @@ def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run
 
 
 def evaluate_rows(res: dict) -> list[dict]:
-    from pipeline import evaluate
+    from pipeline.evaluation import evaluate2d as evaluate
     return evaluate.metrics_table(evaluate.read_report(res["evaluation"]["uri"]))
 
 
@@ -158,8 +161,9 @@ def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_che
 
 def _student_uri(cfg) -> str:
     """The student run URL of ``cfg``, from the versions alone (nothing is read)."""
-    from pipeline import filter as filt
-    from pipeline import generate, teacher
+    from pipeline.pairs import filter as filt
+    from pipeline.pairs import generate
+    from pipeline.teachers import flow_matching as teacher
     pairs = generate.pairs_version(teacher.teacher_version(cfg.teacher), cfg.pairs)
     filtered = filt.filter_version(pairs, cfg.filter, None)
     return artifacts.join(cfg.root, "students", train.run_version(filtered, cfg.student))

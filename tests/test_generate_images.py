@@ -16,12 +16,15 @@ from pydantic import ValidationError
 
 from image_fixtures import image_folder, single_thread, write_archive
 from models.samplers import edm_heun, edm_latents, integrate_ode, seeded_noise
-from pipeline import artifacts, generate, presets, teacher
-from pipeline.datasets import prepare_image_dataset
+from pipeline.storage import artifacts
+from pipeline.pairs import generate
+from pipeline import presets
+from pipeline.teachers import flow_matching as teacher
+from pipeline.data.datasets import prepare_image_dataset
 from pipeline.errors import KDMError
-from pipeline.pairstore import PairStore
-from pipeline.teacher import load_denoiser
-from pipeline.teacher_bootstrap import load_edm_teacher_config, train_edm_teacher
+from pipeline.storage.pairstore import PairStore
+from pipeline.teachers.flow_matching import load_denoiser
+from pipeline.teachers.bootstrap import load_edm_teacher_config, train_edm_teacher
 from storage_schemas import PairsGenerateConfig, PairStoreManifest, SamplerSettings, SeedRange
 from store_checks import assert_same_store
 
@@ -191,7 +194,7 @@ DRIVER = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-from pipeline import generate
+from pipeline.pairs import generate
 from storage_schemas import PairsGenerateConfig
 teacher, cfg, out, delay = sys.argv[1], PairsGenerateConfig.model_validate_json(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 generate.generate_pairs(teacher, cfg, out, progress=False, on_shard=lambda i, n: time.sleep(delay), poll_s=0.05,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import KDMError
-from pipeline.image_data import ChunkShuffleSampler, Cursor, write_synthetic_store
+from pipeline.training.image_data import ChunkShuffleSampler, Cursor, write_synthetic_store
 
 N, CHUNK = 230, 20          # 12 chunks, the last one short
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import KDMError
-from pipeline.image_data import write_synthetic_store
-from pipeline.image_train import ImageTrainer, read_image_student_manifest, train_image_student
+from pipeline.training.image_data import write_synthetic_store
+from pipeline.training.image_train import ImageTrainer, read_image_student_manifest, train_image_student
 from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from test_image_engine import RUN_MODEL, model_cfg, train_cfg
-from pipeline.image_train import train_image_student
+from pipeline.training.image_train import train_image_student
 max_steps = int(sys.argv[3]) if len(sys.argv) > 3 else None
 train_image_student(sys.argv[2], model_cfg(**RUN_MODEL), train_cfg(steps=4, batch_size=8, buffer_chunks=2),
                     sys.argv[1], progress=False, max_steps=max_steps)

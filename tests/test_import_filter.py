@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import artifacts, importer, pairstore
-from pipeline import filter as filt
+from pipeline.storage import artifacts
+from pipeline.pairs import importer
+from pipeline.storage import pairstore
+from pipeline.pairs import filter as filt
 from pipeline.errors import ArtifactExists, KDMError
-from pipeline.pairstore import PairStore
+from pipeline.storage.pairstore import PairStore
 from storage_schemas import FilterConfig, ImportInfo, PairsImportConfig
 
 
@@ -271,7 +273,7 @@ def test_blocklist_shape_must_match(dirty_store, tmp_path):
 
 
 def test_duplicate_seed_keeps_the_first_surviving_row():
-    from pipeline.filter import select
+    from pipeline.pairs.filter import select
     from storage_schemas import FilterConfig
     data = {"x_T": np.zeros((3, 2), np.float32), "x_0": np.array([[np.nan, 0], [1, 1], [2, 2]], np.float32),
             "seed": np.array([5, 5, 6]), "label": -np.ones(3, np.int32)}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline import importer
+from pipeline.pairs import importer
 from pipeline.errors import ArtifactExists, KDMError
-from pipeline.pairstore import PairStore
+from pipeline.storage.pairstore import PairStore
 from storage_schemas import PairsImportConfig, recipe_version, stable_hash
 
 SHAPE = (3, 4, 4)

@@ -12,7 +12,7 @@ from models.kdm2d import KDMForward
 from models.kdm_image import KDMImage
 from models.koopman import FactorizedKoopman, LinearKoopman
 from models.losses import kdm_losses
-from pipeline.model_info import format_model_info, model_info
+from pipeline.cli.model_info import format_model_info, model_info
 from storage_schemas.kdm_image import (IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNetConfig,
                                        image_preset)
 

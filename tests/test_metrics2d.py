@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as plain `pytest`
 
 from models.checkerboard import in_cell, sample_checkerboard  # noqa: E402
-from pipeline.metrics2d import (  # noqa: E402
+from pipeline.evaluation.metrics2d import (  # noqa: E402
     cell_index,
     checkerboard_metrics,
     in_cell_fraction,

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from image_fixtures import TINY_UNET, image_folder, single_thread, write_archive
-from pipeline import stages_image, torchrun
-from pipeline.datasets import prepare_image_dataset
+from pipeline import stages_image
+from pipeline.training import torchrun
+from pipeline.data.datasets import prepare_image_dataset
 from pipeline.errors import KDMError
-from pipeline.image_train import read_image_student_manifest
-from pipeline.teacher_bootstrap import load_edm_teacher_config, train_edm_teacher
+from pipeline.training.image_train import read_image_student_manifest
+from pipeline.teachers.bootstrap import load_edm_teacher_config, train_edm_teacher
 from storage_schemas import SamplerSettings, SeedRange
 from storage_schemas.distill_image import (DistillImageConfig, ImagePairsStageConfig, ImageStudentStageConfig,
                                            PairsStageRequest, StudentStageRequest)
@@ -150,7 +151,7 @@ def test_flow_and_command_line_take_gpus(capsys):
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import validate
     from flows.distill_image import distill_cifar10
-    from pipeline.cli_distill_image import load_config
+    from pipeline.cli.distill import load_config
     from storage_schemas.distill_image import config_from_parameters
     assert "gpus" in inspect.signature(distill_cifar10.fn).parameters
     validate({"preset": "mini", "gpus": 2}, parameter_schema(distill_cifar10.fn).model_dump_for_openapi(),

@@ -10,9 +10,13 @@ import torch
 import zarr
 
 from models.samplers import integrate_ode, seeded_noise
-from pipeline import artifacts, generate, pairstore, presets, teacher
+from pipeline.storage import artifacts
+from pipeline.pairs import generate
+from pipeline.storage import pairstore
+from pipeline import presets
+from pipeline.teachers import flow_matching as teacher
 from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
-from pipeline.pairstore import PairStore
+from pipeline.storage.pairstore import PairStore
 from storage_schemas import PairsGenerateConfig, PairStoreManifest, SamplerSettings, SeedRange
 from store_checks import assert_same_store
 

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipeline import artifacts, registry
+from pipeline.storage import artifacts
+from pipeline.teachers import registry
 from pipeline.cli import main
 from pipeline.errors import KDMError
 from storage_schemas import (CheckerboardSpec, EDMNetConfig, FlowMatchingMLPConfig, TeacherManifest,
@@ -151,7 +152,7 @@ def test_edm_pickle_needs_its_sha256_pinned_and_is_imported_once(edm_pickle, tmp
     reg = registry.register_teacher(str(root), str(edm_pickle), sha256=sha)
     r = reg.record
     assert reg.created and r.kind == "edm-pkl" and r.sha256 == sha and r.sha256_of == "pickle"
-    from pipeline.edm_pickle import edm_teacher_id
+    from pipeline.teachers.edm_pickle import edm_teacher_id
     assert r.teacher_uri == str(root.resolve() / "teachers" / edm_teacher_id(sha, "ema"))
     m = TeacherManifest.model_validate_json((Path(r.teacher_uri) / "manifest.json").read_text())
     assert m.source.sha256 == sha and r.teacher_id == m.id
@@ -440,7 +441,7 @@ def _prefect_yaml() -> dict:
 
 def _registration_event(rec_fields: dict):
     from prefect.server.events.schemas.events import ReceivedEvent
-    from pipeline.teacher_events import event_fields
+    from pipeline.teachers.events import event_fields
     rec = RegisteredTeacher(**{
         "id": "kdm-0123456789abcdef", "uri": "/data/t", "kind": "kdm", "sha256": "a" * 64, "sha256_of": "weights",
         "teacher_uri": "/data/t", "teacher_id": "edm-x", "model_kind": "edm", "img_resolution": 32,

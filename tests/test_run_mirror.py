@@ -9,8 +9,10 @@ import torch
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from pipeline import artifacts, presets, train  # noqa: E402
-from pipeline.run_mirror import RunMirror  # noqa: E402
+from pipeline.storage import artifacts
+from pipeline import presets
+from pipeline.training import train2d as train
+from pipeline.storage.run_mirror import RunMirror  # noqa: E402
 from s3_server import moto_s3  # noqa: E402
 
 BUCKET = "kdm-runs"

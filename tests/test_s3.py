@@ -12,10 +12,14 @@ pytest.importorskip("moto.server")
 
 import zarr  # noqa: E402
 
-from pipeline import artifacts, generate, importer, presets, teacher  # noqa: E402
-from pipeline import filter as filt  # noqa: E402
-from pipeline.errors import ArtifactMissing  # noqa: E402
-from pipeline.pairstore import PairStore  # noqa: E402
+from pipeline.storage import artifacts
+from pipeline.pairs import generate
+from pipeline.pairs import importer
+from pipeline import presets
+from pipeline.teachers import flow_matching as teacher
+from pipeline.pairs import filter as filt
+from pipeline.errors import ArtifactMissing
+from pipeline.storage.pairstore import PairStore  # noqa: E402
 from s3_server import moto_s3  # noqa: E402
 from storage_schemas import (FilterConfig, PairsGenerateConfig, PairsImportConfig, SamplerSettings,  # noqa: E402
                              SeedRange)

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from models.checkerboard import sample_checkerboard
-from pipeline import presets, stages, train
-from pipeline.evaluate import read_report
-from pipeline.pairstore import PairStore
+from pipeline import presets
+from pipeline import stages
+from pipeline.training import train2d as train
+from pipeline.evaluation.evaluate2d import read_report
+from pipeline.storage.pairstore import PairStore
 from storage_schemas import EvaluationReport
 
 STAGE_DIRS = {"teacher": "teachers", "pairs": "pairs", "filtered": "pairs", "student": "students",

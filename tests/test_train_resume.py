@@ -13,7 +13,8 @@ from store_checks import smoke_pairs
 import torch
 from safetensors.torch import load_file
 
-from pipeline import presets, train
+from pipeline import presets
+from pipeline.training import train2d as train
 from pipeline.errors import ArtifactExists, KDMError
 from storage_schemas import StudentManifest
 
@@ -70,7 +71,7 @@ def assert_same_result(a: Path, b: Path) -> None:
 # --- the reference run -------------------------------------------------------------------------------
 
 def test_finished_run_layout_and_manifest(run_a, pairs):
-    from pipeline.pairstore import PairStore
+    from pipeline.storage.pairstore import PairStore
     m = train.read_student_manifest(str(run_a))
     assert isinstance(m, StudentManifest)
     store = PairStore.open(pairs)

@@ -1,0 +1,312 @@
+"""The ``kdm`` command line. Every command prints a one-line summary; errors exit non-zero with a
+message that says what to fix."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from pipeline.cli.common import add_command as add
+from pipeline.cli.common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
+                                 summary)
+from pipeline.errors import KDMError
+
+EXAMPLES = """\
+examples (the whole checkerboard pipeline, step by step):
+  kdm teacher train --preset checkerboard --out runs/teacher
+  kdm pairs generate --teacher runs/teacher --seeds 0-49999 --heldout-seeds 50000-59999 --out runs/pairs
+  kdm pairs import ../shared/data/checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official
+  kdm pairs filter --pairs runs/pairs --near-duplicate-radius 0.0005 --out runs/pairs-filtered
+  kdm train --pairs runs/pairs-filtered --preset checkerboard --set train.steps=4000 --out runs/student
+  kdm sample --student runs/student --num 1000 --seed 0 --out samples.npy
+  kdm evaluate --student runs/student --pairs runs/pairs-filtered --out runs/report.json
+or all stages at once, without Prefect:
+  kdm distill --preset checkerboard --root artifacts
+"""
+
+
+def cmd_teacher_train(a) -> None:
+    from pipeline import presets
+    from pipeline.teachers import flow_matching as teacher
+    cfg = presets.load("teacher", a.preset, a.config, a.set)
+    if a.dry_run:
+        summary(f"dry run: would train teacher {teacher.teacher_version(cfg)} -> {a.out}\n{cfg.model_dump_json(indent=2)}")
+        return
+    m = teacher.train_teacher(cfg, a.out, progress=not a.quiet)
+    summary(f"teacher {m.id} ({m.kind}, final loss {m.final_loss:.4f}) at {a.out} sha256 {m.weights_sha256[:16]}")
+
+
+def cmd_pairs_generate(a) -> None:
+    from pipeline.pairs import generate
+    cfg = pairs_generate_config(a, {"method": a.method, "steps": a.steps}, "pairs generate options")
+    if a.dry_run:
+        from pipeline.teachers.flow_matching import read_teacher_manifest
+        pairs_dry_run(cfg, generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg), a.out)
+        return
+    v = generate.generate_pairs(a.teacher, cfg, a.out, progress=not a.quiet)
+    summary(f"pairs {v}: {len(cfg.seeds)} train + {heldout_count(cfg)} held out at {a.out}")
+
+
+def cmd_pairs_import(a) -> None:
+    from pipeline.pairs import importer
+    cfg = pairs_import_config(a, "pairs import options")
+    v = importer.import_pairs(a.src, cfg, a.out)
+    s, held = open_pairs(a.out)
+    summary(f"imported {v}: {len(s)} train + {held} held out from {a.src} at {a.out}")
+
+
+def cmd_pairs_filter(a) -> None:
+    from storage_schemas import FilterConfig
+    from pipeline.pairs import filter as filt
+    from pipeline import presets
+    cfg = presets.validate(FilterConfig, {"near_duplicate_radius": a.near_duplicate_radius,
+                                          "blocklist_uri": a.blocklist, "blocklist_radius": a.blocklist_radius,
+                                          "drop_nonfinite": not a.keep_nonfinite},
+                           "pairs filter options")
+    v, counts = filt.filter_pairs(a.pairs, cfg, a.out)
+    summary(f"filtered {v}: kept {counts['kept']}, dropped " +
+            ", ".join(f"{k}={n}" for k, n in counts.items() if k != "kept") + f" -> {a.out}")
+
+
+def cmd_pairs_info(a) -> None:
+    from pipeline.storage.pairstore import PairStore
+    s = PairStore.open(a.store)
+    if a.verify:
+        s.verify()
+    print(s.manifest.model_dump_json(indent=2))
+    held = s.heldout()
+    summary(f"{a.store}: {s.manifest.split} {len(s)} pairs, version {s.version}"
+            + (f", held out {len(held)}" if held else "") + (", content hash verified" if a.verify else ""))
+
+
+def cmd_train(a) -> None:
+    from pipeline import presets
+    from pipeline.training import train2d as train
+    from pipeline.storage.pairstore import PairStore
+    if not (a.preset or a.config):
+        raise KDMError("give --preset NAME or --config FILE (presets: " + ", ".join(presets.available("student")) + ")")
+    cfg = presets.load("student", a.preset, a.config, a.set)
+    if a.device:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": a.device})})
+    store = PairStore.open(a.pairs)
+    version = train.run_version(store.version, cfg)
+    if a.dry_run:
+        summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")
+        return
+    train.train_student(a.pairs, cfg, a.out, progress=not a.quiet)
+    m = train.read_student_manifest(a.out)
+    summary(f"student {m.version}: {m.steps_done} steps, {m.trainable_parameters} parameters, final losses "
+            + ", ".join(f"{k}={v:.4g}" for k, v in m.final_losses.items()) + f" at {a.out}")
+
+
+def cmd_sample(a) -> None:
+    import numpy as np
+    from pipeline.evaluation import sample
+    x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    np.save(a.out, x0)
+    summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {a.out}")
+
+
+def cmd_evaluate(a) -> None:
+    from pipeline.cli.distill import cmd_evaluate_image, is_image_student
+    if is_image_student(a.student):
+        return cmd_evaluate_image(a)
+    from storage_schemas import Eval2DConfig
+    from pipeline.storage import artifacts
+    from pipeline.evaluation import evaluate2d as evaluate
+    from pipeline import presets
+    cfg = presets.validate(Eval2DConfig, presets.apply_sets({}, a.set), "evaluation options")
+    out = a.out
+    out_dir = str(Path(out).parent) if out.endswith(".json") else out
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    report = evaluate.evaluate_student(a.student, a.pairs, cfg, out_dir)
+    if out.endswith(".json") and Path(out).name != evaluate.REPORT:
+        artifacts.write_json(out, report)
+        Path(out_dir, evaluate.REPORT).unlink()
+    print(evaluate.format_table(evaluate.metrics_table(report)))
+    s, t = report.student, report.teacher_reference
+    summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
+            f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
+            f"pair MSE {s.pair_mse:.3g} -> {out}")
+
+
+def cmd_distill(a) -> None:
+    from pipeline import presets
+    from pipeline import stages
+    sets = list(a.set) + ([f"root={a.root}"] if a.root else [])
+    cfg = presets.load("distill", a.preset, a.config, sets)
+    if a.dry_run:
+        summary(f"dry run: config is valid\n{cfg.model_dump_json(indent=2)}")
+        return
+    res = stages.run_distill(cfg, progress=not a.quiet)
+    from pipeline.evaluation.evaluate2d import format_table
+    print(format_table(res["evaluation"]["table"]))
+    summary(f"distilled: student {res['student']['version']}, report {res['evaluation']['report']}")
+
+
+def cmd_report(a) -> None:
+    from pipeline.storage import artifacts
+    from pipeline.evaluation import evaluate2d as evaluate
+    if a.report:
+        rep = evaluate.read_report(a.report)
+        where = a.report
+    else:
+        found = evaluate.find_reports(a.root)
+        if not found:
+            raise KDMError(f"no evaluation reports under {artifacts.join(a.root, 'evaluations')}; run `kdm distill` "
+                           f"or the flow first")
+        where, rep = found[-1]
+    print(evaluate.format_table(evaluate.metrics_table(rep)))
+    summary(f"report {where} (student {rep.student_version}, pairs {rep.pairs_version})")
+
+
+def cmd_model_info(a) -> None:
+    from pipeline.cli.model_info import format_model_info, model_info
+    try:
+        info = model_info(a.preset)
+    except ValueError as e:
+        raise KDMError(str(e)) from None
+    print(format_model_info(info))
+
+
+def cmd_presets(a) -> None:
+    from pipeline import presets
+    for fam in presets.FAMILIES:
+        print(f"{fam}: {', '.join(presets.available(fam))}")
+    summary(f"presets in {presets.CONFIG_DIR}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdm", description="Distill a diffusion / flow-matching teacher into a "
+                                "one-step Koopman Distillation Model (KDM) student.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("teacher", help="teacher artifacts").add_subparsers(dest="sub", metavar="SUBCOMMAND")
+    sp = add(t, "train", cmd_teacher_train, "train a flow-matching teacher on the checkerboard",
+             "example: kdm teacher train --preset checkerboard --out runs/teacher")
+    sp.add_argument("--preset", default=None)
+    sp.add_argument("--config", default=None, help="YAML file of TeacherTrainConfig fields")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--out", required=True, help="teacher directory (any fsspec URL)")
+    sp.add_argument("--dry-run", action="store_true")
+    from pipeline.cli import registry as cli_registry
+    cli_registry.add_commands(t)
+
+    pr = sub.add_parser("pairs", help="pair stores: generate, import, filter, info").add_subparsers(
+        dest="sub", metavar="SUBCOMMAND")
+    sp = add(pr, "generate", cmd_pairs_generate, "integrate the teacher ODE from per-seed noise into a pair store",
+             "example: kdm pairs generate --teacher runs/teacher --seeds 0-49999 --heldout-seeds 50000-59999 --out runs/pairs")
+    sp.add_argument("--teacher", required=True)
+    sp.add_argument("--seeds", required=True, help="inclusive range START-END, e.g. 0-49999")
+    sp.add_argument("--heldout-seeds", default=None, help="inclusive range kept for evaluation (child group 'heldout')")
+    sp.add_argument("--method", default="midpoint", help="euler | midpoint | heun (default midpoint)")
+    sp.add_argument("--steps", type=int, default=20, help="ODE steps (default 20: 40 NFE with midpoint)")
+    sp.add_argument("--chunk-size", type=int, default=10000)
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--out", required=True, help="the Zarr group to write (arrays at its root)")
+    sp.add_argument("--dry-run", action="store_true")
+    sp = add(pr, "import", cmd_pairs_import, "import external pairs into a pair store",
+             "example: kdm pairs import ../shared/data/checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official")
+    sp.add_argument("src")
+    sp.add_argument("--format", required=True, help="kdm-trajectories: float32 (T, N, D), x_T=[0], x_0=[-1]")
+    sp.add_argument("--holdout", type=float, required=True, help="fraction held out for evaluation (may be 0)")
+    sp.add_argument("--split-seed", type=int, default=0)
+    sp.add_argument("--chunk-size", type=int, default=10000)
+    sp.add_argument("--out", required=True)
+    sp = add(pr, "filter", cmd_pairs_filter, "drop non-finite, duplicate-seed, blocklisted and near-duplicate pairs",
+             "example: kdm pairs filter --pairs runs/pairs --blocklist secret.npy --out runs/pairs-filtered")
+    sp.add_argument("--pairs", required=True)
+    sp.add_argument("--near-duplicate-radius", type=float, default=0.0)
+    sp.add_argument("--blocklist", default=None, help=".npy of points (M, *sample_shape)")
+    sp.add_argument("--blocklist-radius", type=float, default=0.05)
+    sp.add_argument("--keep-nonfinite", action="store_true")
+    sp.add_argument("--out", required=True)
+    sp = add(pr, "info", cmd_pairs_info, "print a pair store's manifest", "example: kdm pairs info runs/pairs --verify")
+    sp.add_argument("store")
+    sp.add_argument("--verify", action="store_true", help="recompute the content hash")
+
+    sp = add(sub, "train", cmd_train, "train a KDM student on a pair store (resumes an interrupted run)",
+             "example: kdm train --pairs runs/pairs --preset checkerboard --set train.steps=2000 --out runs/student")
+    sp.add_argument("--pairs", required=True)
+    sp.add_argument("--preset", default=None)
+    sp.add_argument("--config", default=None, help="YAML file of StudentRunConfig fields")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--device", default=None, help="cpu | cuda (default from the config)")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--dry-run", action="store_true")
+
+    sp = add(sub, "sample", cmd_sample, "one-step samples from a student",
+             "examples: kdm sample --student runs/student --num 1000 --seed 0 --out x0.npy\n"
+             "          kdm sample --student runs/student --noise xT.npy --out x0.npy")
+    sp.add_argument("--student", required=True)
+    sp.add_argument("--num", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--noise", help=".npy of x_T (N, D)")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--out", required=True)
+
+    from pipeline.cli import distill as cli_distill_image
+    sp = add(sub, "evaluate", cmd_evaluate, "evaluate a student against the held-out split of its pairs",
+             "example: kdm evaluate --student runs/student --pairs runs/pairs --out runs/eval/report.json\n"
+             "image student: kdm evaluate --student runs/student --pairs runs/pairs --dataset runs/cifar10 "
+             "--extractor runs/extractor --out runs/eval")
+    sp.add_argument("--student", required=True)
+    sp.add_argument("--pairs", required=True)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Eval2DConfig field (image students: ImageEvalStageConfig field)")
+    sp.add_argument("--out", required=True, help="REPORT.json (plots beside it) or a directory (image students: "
+                                                 "a directory)")
+    cli_distill_image.add_evaluate_options(sp)
+
+    sp = add(sub, "distill", cmd_distill, "run every stage (teacher/import, pairs, filter, train, evaluate) without Prefect",
+             "example: kdm distill --preset checkerboard --root artifacts")
+    sp.add_argument("--preset", default="checkerboard")
+    sp.add_argument("--config", default=None)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--root", default=None, help="artifact root URL (default from the preset: artifacts)")
+    sp.add_argument("--dry-run", action="store_true")
+
+    sp = add(sub, "report", cmd_report, "print the metrics table of an evaluation report",
+             "example: kdm report --root artifacts")
+    sp.add_argument("--root", default="artifacts")
+    sp.add_argument("--report", default=None)
+
+    mi = sub.add_parser("model", help="model presets").add_subparsers(dest="sub", metavar="SUBCOMMAND")
+    sp = add(mi, "info", cmd_model_info, "parameter counts of an image KDM preset",
+             "example: kdm model info --preset cifar10-uncond")
+    sp.add_argument("--preset", required=True)
+
+    add(sub, "presets", cmd_presets, "list the presets under configs/")
+    from pipeline.cli import metrics as cli_eval
+    from pipeline.cli import images as cli_images
+    from pipeline.training import image_train
+    cli_distill_image.add_commands(sub)
+    cli_images.add_commands(sub)
+    cli_eval.add_commands(sub)
+    image_train.add_image_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        a.fn(a)
+    except KDMError as e:
+        print(f"kdm {a.command}: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:   # argument parsing of typed values (e.g. seed ranges)
+        print(f"kdm {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

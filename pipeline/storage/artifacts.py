@@ -1,0 +1,195 @@
+"""Artifact directories at any fsspec URL: atomic commit (manifest written last), JSON I/O, hashing.
+
+A directory artifact is written under ``<url>.partial`` and committed by writing ``manifest.json``
+(or, for Zarr stores, the ``kdm`` group attribute) and renaming it to ``<url>``. Readers only trust
+an artifact whose manifest exists, so a killed writer never leaves a readable half-version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Type, TypeVar
+
+import fsspec
+from pydantic import BaseModel, ValidationError
+
+from storage_schemas import format_validation_error
+
+from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
+
+M = TypeVar("M", bound=BaseModel)
+MANIFEST = "manifest.json"
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The file system and path of ``url``. Remote credentials and endpoints come from the environment
+    (for s3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL[_S3], read by botocore)."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url).rstrip("/")
+    return "/".join([url, *[p.strip("/") for p in parts]])
+
+
+def partial_url(url: str) -> str:
+    return str(url).rstrip("/") + ".partial"
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    if not is_local(url):
+        fs.invalidate_cache(path)   # other writers (Zarr's own file system instance, other processes)
+    return fs.exists(path)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_json(url: str, obj: Any) -> None:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def read_model(url: str, model: Type[M]) -> M:
+    try:
+        raw = read_json(url)
+    except FileNotFoundError:
+        raise ArtifactMissing(f"{url} does not exist") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise KDMError(format_validation_error(e, url)) from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(url: str, block: int = 1 << 22) -> str:
+    fs, path = url_to_fs(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_verified(url: str, sha256: str, what: str) -> bytes:
+    """The bytes at ``url``, refused unless their sha256 equals the one a manifest recorded."""
+    data = read_bytes(url)
+    digest = sha256_bytes(data)
+    if digest != sha256:
+        raise KDMError(f"{url}: sha256 {digest[:16]} does not match the manifest ({sha256[:16]}); the {what} "
+                       f"is corrupt or was modified")
+    return data
+
+
+def committed(url: str) -> bool:
+    """A directory artifact is committed once its manifest exists at the final URL."""
+    return exists(join(url, MANIFEST))
+
+
+def begin(url: str, fresh: bool = False) -> str:
+    """Prepare the temporary location of a directory artifact; returns its URL.
+
+    An existing ``.partial`` directory is kept (resumable writers pick up from it) unless ``fresh``.
+    """
+    tmp = partial_url(url)
+    fs, path = url_to_fs(tmp)
+    if not is_local(tmp):
+        fs.invalidate_cache(path)
+    if fresh and fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)   # a no-op on object stores, where empty "directories" don't exist
+    return tmp
+
+
+# Files that make a directory readable as a committed artifact: copied last by a non-atomic commit.
+_MARKERS = (MANIFEST, "zarr.json")
+
+
+def commit(url: str, markers: tuple[str, ...] = ()) -> None:
+    """Move ``<url>.partial`` to ``<url>``.
+
+    An atomic rename on local file systems. Object stores have no rename: the files are copied with the
+    markers (``manifest.json``, Zarr metadata holding the ``kdm`` attribute, and the file names given in
+    ``markers``, e.g. an evaluation's ``report.json``) last, the root's at the very end, so a reader never
+    sees a committed manifest before the data; then ``.partial`` is deleted.
+    """
+    tmp = partial_url(url)
+    fs, src = url_to_fs(tmp)
+    _, dst = url_to_fs(url)
+    if is_local(url):
+        if fs.exists(dst):
+            raise ArtifactExists(f"{url} appeared while it was being written; refusing to overwrite it")
+        os.replace(src, dst)
+        return
+    fs.invalidate_cache()
+    if fs.exists(dst):
+        raise ArtifactExists(f"{url} appeared while it was being written; refusing to overwrite it")
+    src = src.rstrip("/")
+    rels = [f[len(src) + 1:] for f in fs.find(src)]
+
+    names = set(_MARKERS) | set(markers)
+
+    def order(rel: str) -> tuple[bool, int]:
+        return rel.rsplit("/", 1)[-1] in names, -rel.count("/")   # data first; markers deepest first
+
+    rels.sort(key=order)
+    data = [r for r in rels if not order(r)[0]]
+    if data:
+        fs.copy([f"{src}/{r}" for r in data], [f"{dst}/{r}" for r in data])
+    for r in rels[len(data):]:
+        fs.copy(f"{src}/{r}", f"{dst}/{r}")
+    fs.rm(src, recursive=True)
+    fs.invalidate_cache()
+
+
+def check_target(url: str, version: str, manifest_reader) -> bool:
+    """Returns True when ``url`` already holds this version (the stage is a no-op).
+
+    Raises when it holds another version: artifacts are immutable.
+    """
+    if not exists(url):
+        return False
+    try:
+        existing = manifest_reader(url)
+    except ArtifactMissing:
+        raise ArtifactExists(f"{url} exists but is not a committed kdm artifact; remove it or choose "
+                             f"another output location") from None
+    other = getattr(existing, "version", None) or getattr(existing, "id", None)
+    if other == version:
+        return True
+    raise ArtifactExists(f"{url} already holds version {other}, not {version}; artifacts are immutable: "
+                         f"choose another output location or delete the old one")
+
+
+def local_path(url: str) -> Path:
+    if not is_local(url):
+        raise KDMError(f"{url} must be a local path here")
+    return Path(str(url).removeprefix("file://"))

@@ -1,0 +1,160 @@
+"""Resumable training runs: atomic checkpoint directories, the metrics log, the run-directory claim.
+
+Shared by the 2-D student trainer (pipeline.training.train2d), the image engine (pipeline.training.image_train) and the EDM
+teacher trainer (pipeline.teachers.bootstrap). Inside a run directory:
+
+  <config file>                  the run's version and config, written by the first session (``claim_run``)
+  metrics.jsonl                  one JSON record per logged step (``read_metrics``, ``truncate_metrics``)
+  checkpoints/step-NNNNNNNN/     ``<name>.safetensors`` per module, ``<name>.pt`` per torch-saved object
+                                 (optimizer and RNG states), and ``state.json`` (the step and any extras)
+
+A checkpoint is written under ``checkpoints/.tmp-step-NNNNNNNN``, ``state.json`` last, and renamed into
+place, so a kill never leaves a torn checkpoint; only a ``step-*`` directory holding ``state.json`` counts
+as complete. The newest ``keep`` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.errors import ArtifactExists
+
+CKPT_DIR = "checkpoints"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+# --- checkpoint directories ----------------------------------------------------------------------
+
+def checkpoint_path(run: Path, step: int) -> Path:
+    return run / CKPT_DIR / f"step-{step:08d}"
+
+
+def pending_path(run: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is renamed into place."""
+    return run / CKPT_DIR / f".tmp-step-{step:08d}"
+
+
+def latest_checkpoint(run: Path) -> Optional[Path]:
+    """The newest complete checkpoint of ``run``, or None."""
+    ck = run / CKPT_DIR
+    if not ck.is_dir():
+        return None
+    done = sorted(p for p in ck.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def save_weights(module: nn.Module, path: Path) -> None:
+    """A module's state dict as safetensors (CPU, contiguous)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def begin_checkpoint(run: Path, step: int) -> Path:
+    """An empty pending directory for the checkpoint of ``step`` (a leftover one is cleared)."""
+    tmp = pending_path(run, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_checkpoint_files(path: Path, state: dict, modules: Mapping[str, nn.Module] = {},
+                           objects: Mapping[str, Any] = {}) -> None:
+    """``<name>.safetensors`` per module, ``<name>.pt`` per object, then ``state.json``, which marks the
+    directory complete."""
+    for name, module in modules.items():
+        save_weights(module, path / f"{name}.safetensors")
+    for name, obj in objects.items():
+        torch.save(obj, path / f"{name}.pt")
+    (path / STATE_FILE).write_text(json.dumps(state))
+
+
+def commit_checkpoint(run: Path, step: int, keep: int) -> Path:
+    """Rename the pending checkpoint of ``step`` into place and remove all but the newest ``keep``."""
+    final = checkpoint_path(run, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(pending_path(run, step), final)
+    olds = sorted(p for p in (run / CKPT_DIR).iterdir() if p.name.startswith("step-"))
+    for p in olds[:-keep]:
+        shutil.rmtree(p)
+    return final
+
+
+def save_checkpoint(run: Path, step: int, keep: int, modules: Mapping[str, nn.Module],
+                    objects: Mapping[str, Any] = {}, state: Optional[dict] = None) -> Path:
+    """Write the checkpoint of ``step`` atomically (one process): modules, objects, and
+    ``state.json`` = {"step": step, **state}."""
+    tmp = begin_checkpoint(run, step)
+    write_checkpoint_files(tmp, {"step": step, **(state or {})}, modules, objects)
+    return commit_checkpoint(run, step, keep)
+
+
+def load_modules(ck: Path, modules: Mapping[str, nn.Module], device) -> None:
+    """Load ``<name>.safetensors`` of checkpoint ``ck`` into each module, onto ``device``."""
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(ck / f"{name}.safetensors"), device=str(device)))
+
+
+def load_object(ck: Path, name: str, map_location=None) -> Any:
+    """The torch-saved ``<name>.pt`` of checkpoint ``ck`` (tensors and plain containers only)."""
+    return torch.load(ck / f"{name}.pt", map_location=map_location, weights_only=True)
+
+
+def read_state(ck: Path) -> dict:
+    """``state.json`` of checkpoint ``ck``: the step and the trainer's extras."""
+    return json.loads((ck / STATE_FILE).read_text())
+
+
+# --- metrics log ---------------------------------------------------------------------------------
+
+def read_metrics(path: Path) -> list[dict]:
+    """The complete records of a metrics file; a line torn by a kill mid-write is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (logged after the checkpoint a run resumes from) and torn lines."""
+    if not path.exists():
+        return
+    path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step))
+
+
+def last_losses(path: Path) -> dict[str, float]:
+    """The ``loss_*`` values of the last record (prefix removed); {} when nothing was logged."""
+    records = read_metrics(path)
+    if not records:
+        return {}
+    return {k.removeprefix("loss_"): v for k, v in records[-1].items() if k.startswith("loss_")}
+
+
+# --- run directory -------------------------------------------------------------------------------
+
+def claim_run(config_file: Path, version: str, config: dict, holds: str,
+              hint: str = "choose another --out to start a new run") -> None:
+    """Write ``{"version": version, **config}`` to ``config_file`` on the first call; later calls check
+    that the run there is of ``version`` and raise ArtifactExists ("<holds> (version ..., this is ...);
+    <hint>") when it is not."""
+    if config_file.exists():
+        old = json.loads(config_file.read_text())
+        if old.get("version") != version:
+            raise ArtifactExists(f"{holds} (version {old.get('version')}, this is {version}); {hint}")
+    else:
+        config_file.write_text(json.dumps({"version": version, **config}, indent=2) + "\n")

@@ -1,0 +1,201 @@
+"""Training loop for 2-D KDM students: Adam, EMA, atomic resumable checkpoints, metrics JSONL.
+
+Run directory (``--out RUN``):
+  config.json                      the run config and the pair store it trains on (written first)
+  metrics.jsonl                    one JSON line per logged step
+  checkpoints/step-NNNNNNNN/       model + EMA (safetensors), optimizer + RNG state, step; written under
+                                   a temporary name and renamed, so a kill never leaves a torn checkpoint
+  student.safetensors, manifest.json   the EMA weights and the manifest, written when training ends
+A killed run restarted with the same command resumes from its newest checkpoint and ends with the same
+weights as an uninterrupted run (same device and thread count). At a remote URL (``s3://...``) the run
+trains in a local temporary directory mirrored to ``<url>.partial`` (pipeline.storage.run_mirror) and resumes
+from the checkpoints stored there.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.kdm2d import KDM2D
+from models.losses import kdm_losses
+from storage_schemas import (StudentManifest, StudentRunConfig, code_version, recipe_version, stable_hash,
+                             utc_now)
+
+from pipeline.storage import artifacts
+from pipeline.storage import checkpoints
+from pipeline.devices import resolve_device
+from pipeline.errors import KDMError
+from pipeline.storage.pairstore import PairStore
+from pipeline.storage.run_mirror import RunMirror
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "student.safetensors"
+
+
+def run_version(pairs_version: str, cfg: StudentRunConfig) -> str:
+    return "kdm-" + stable_hash(recipe_version(), "train", pairs_version,
+                                cfg.model_dump(mode="json", exclude={"preset": True, "train": {"device", "threads", "log_every"}}))
+
+
+def read_student_manifest(url: str) -> StudentManifest:
+    return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), StudentManifest)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    e, m = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def _rng_states(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    return {name: g.get_state() for name, g in gens.items()} | {"torch_cpu": torch.get_rng_state()}
+
+
+def _set_rng_states(gens: dict[str, torch.Generator], rng: dict[str, torch.Tensor]) -> None:
+    for name, g in gens.items():
+        g.set_state(rng[name])
+    torch.set_rng_state(rng["torch_cpu"])
+
+
+def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: bool = True,
+                  on_log: Optional[Callable[[dict], None]] = None, stop_after: Optional[int] = None,
+                  on_resume: Optional[Callable[[int], None]] = None) -> str:
+    """Train (or resume, or find finished) a KDM student on the train split of ``pairs_url``.
+
+    A local ``out`` is the run directory itself. A remote ``out`` (``s3://...``) is trained in a fresh
+    local temporary directory (under ``TMPDIR``) mirrored to ``<out>.partial`` (pipeline.storage.run_mirror):
+    checkpoints are pushed as they are written, a restarted run resumes from the newest remote one, and
+    the finished run is committed to ``out`` with its manifest last.
+
+    ``stop_after`` ends the process-local loop early (used to simulate an interruption in tests);
+    ``on_resume(step)`` is called when training continues from a checkpoint. Returns the run version.
+    """
+    store = PairStore.open(pairs_url)
+    m = store.manifest
+    if len(m.sample_shape) != 1 or m.sample_shape[0] != cfg.model.dim:
+        raise KDMError(f"pairs {pairs_url} have sample shape {m.sample_shape}; model.dim={cfg.model.dim} "
+                       f"expects ({cfg.model.dim},)")
+    version = run_version(m.version, cfg)
+    if artifacts.check_target(out, version, read_student_manifest) if artifacts.committed(out) else False:
+        return version
+    args = dict(store=store, pairs_url=pairs_url, cfg=cfg, version=version, progress=progress, on_log=on_log,
+                stop_after=stop_after, on_resume=on_resume)
+    if artifacts.is_local(out):
+        _train_run(artifacts.local_path(out), out, **args)
+        return version
+    mirror = RunMirror(out, run_files=(CONFIG_FILE, checkpoints.METRICS_FILE))
+    with tempfile.TemporaryDirectory(prefix="kdm-student-") as work:
+        run = Path(work)
+        mirror.pull(run)
+        if _train_run(run, out, on_checkpoint=mirror.push_checkpoint, **args):
+            mirror.commit(run, final_files=(WEIGHTS_FILE, artifacts.MANIFEST))
+    return version
+
+
+def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: StudentRunConfig, version: str,
+               progress: bool, on_log: Optional[Callable[[dict], None]], stop_after: Optional[int],
+               on_resume: Optional[Callable[[int], None]],
+               on_checkpoint: Optional[Callable[[Path, Path, int], None]] = None) -> bool:
+    """Train in the local run directory ``run``; True once its manifest is written, False when
+    ``stop_after`` ended the loop first. ``on_checkpoint(run, checkpoint, keep)`` follows every
+    checkpoint."""
+    m = store.manifest
+    run.mkdir(parents=True, exist_ok=True)
+    checkpoints.claim_run(run / CONFIG_FILE, version,
+                          {"pairs": pairs_url, "pairs_version": m.version, "pairs_content_hash": m.content_hash,
+                           "config": cfg.model_dump(mode="json")},
+                          holds=f"{out} holds a run of another config/pairs")
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    model = KDM2D.from_config(cfg.model).to(device)
+    ema = KDM2D.from_config(cfg.model).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    gens = {"data": torch.Generator().manual_seed(tc.seed + 1),
+            "noise": torch.Generator(device=device).manual_seed(tc.seed + 2)}
+    step = 0
+    ck = checkpoints.latest_checkpoint(run)
+    if ck is not None:
+        checkpoints.load_modules(ck, {"model": model, "ema": ema}, device)
+        opt.load_state_dict(checkpoints.load_object(ck, "optimizer", map_location=device))
+        _set_rng_states(gens, checkpoints.load_object(ck, "rng"))
+        step = checkpoints.read_state(ck)["step"]
+        if on_resume is not None:
+            on_resume(step)
+    metrics_path = run / checkpoints.METRICS_FILE
+    checkpoints.truncate_metrics(metrics_path, step)
+
+    data = store.load(("x_T", "x_0"))
+    x_T = torch.from_numpy(data["x_T"]).to(device)
+    x_0 = torch.from_numpy(data["x_0"]).to(device)
+    n = x_0.shape[0]
+    model.train()
+    t_start, t_last, last_step = time.time(), time.time(), step
+    losses: dict[str, float] = {}
+    bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not progress, mininterval=1.0)
+    with metrics_path.open("a") as log:
+        while step < tc.steps:
+            if stop_after is not None and step >= stop_after:
+                return False
+            idx = torch.randint(0, n, (tc.batch_size,), generator=gens["data"]).to(device)
+            logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
+            # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
+            # by the decoder, so the run is the same either way).
+            out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
+                         generator=gens["noise"])
+            spectral = model.koopman.spectral_loss(cfg.model.spectral_loss) if cfg.model.spectral_loss != "none" else None
+            terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss, spectral=spectral)
+            opt.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            opt.step()
+            ema_update(ema, model, tc.ema_decay)
+            step += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                losses = {k: float(v.detach()) for k, v in terms.items()}
+                if not np.isfinite(losses["total"]):
+                    raise KDMError(f"training diverged at step {step}: losses {losses}; lower train.lr "
+                                   f"(now {tc.lr}) or resume from an earlier checkpoint")
+                now = time.time()
+                rec = {"step": step, **{f"loss_{k}": v for k, v in losses.items()},
+                       "pairs_per_s": (step - last_step) * tc.batch_size / max(now - t_last, 1e-9),
+                       "elapsed_s": now - t_start}
+                t_last, last_step = now, step
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{losses['total']:.4f}")
+                if on_log is not None:
+                    on_log(rec)
+            bar.update(1)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                ck = checkpoints.save_checkpoint(run, step, tc.keep_checkpoints, modules={"model": model, "ema": ema},
+                                                 objects={"optimizer": opt.state_dict(), "rng": _rng_states(gens)})
+                if on_checkpoint is not None:
+                    on_checkpoint(run, ck, tc.keep_checkpoints)
+    bar.close()
+    if not losses:   # resumed from the final checkpoint: the last logged losses are the final ones
+        losses = checkpoints.last_losses(metrics_path)
+    weights = run / WEIGHTS_FILE
+    checkpoints.save_weights(ema, weights)
+    manifest = StudentManifest(
+        version=version, model=cfg.model, train=cfg.train, preset=cfg.preset, pairs_version=m.version,
+        pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,
+        weights_sha256=artifacts.sha256_file(str(weights)), trainable_parameters=count_parameters(model),
+        final_losses=losses, train_seconds=time.time() - t_start, code_version=code_version(), created=utc_now())
+    artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
+    return True
