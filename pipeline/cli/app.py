@@ -23,7 +23,8 @@ examples (the whole checkerboard pipeline, step by step):
   kdm sample --student runs/student --num 1000 --seed 0 --out samples.npy
   kdm evaluate --student runs/student --pairs runs/pairs-filtered --out runs/report.json
 or all stages at once, without Prefect:
-  kdm distill --preset checkerboard --root artifacts
+  kdm distill --recipe checkerboard --preset checkerboard --root artifacts
+  kdm distill --recipe cifar10 --preset smoke --root runs/cifar10-smoke
 """
 
 
@@ -131,20 +132,6 @@ def cmd_evaluate(a) -> None:
     summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
             f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
             f"pair MSE {s.pair_mse:.3g} -> {out}")
-
-
-def cmd_distill(a) -> None:
-    from pipeline import presets
-    from pipeline import stages
-    sets = list(a.set) + ([f"root={a.root}"] if a.root else [])
-    cfg = presets.load("distill", a.preset, a.config, sets)
-    if a.dry_run:
-        summary(f"dry run: config is valid\n{cfg.model_dump_json(indent=2)}")
-        return
-    res = stages.run_distill(cfg, progress=not a.quiet)
-    from pipeline.evaluation.evaluate2d import format_table
-    print(format_table(res["evaluation"]["table"]))
-    summary(f"distilled: student {res['student']['version']}, report {res['evaluation']['report']}")
 
 
 def cmd_report(a) -> None:
@@ -261,14 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="REPORT.json (plots beside it) or a directory (image students: "
                                                  "a directory)")
     cli_distill_image.add_evaluate_options(sp)
-
-    sp = add(sub, "distill", cmd_distill, "run every stage (teacher/import, pairs, filter, train, evaluate) without Prefect",
-             "example: kdm distill --preset checkerboard --root artifacts")
-    sp.add_argument("--preset", default="checkerboard")
-    sp.add_argument("--config", default=None)
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--root", default=None, help="artifact root URL (default from the preset: artifacts)")
-    sp.add_argument("--dry-run", action="store_true")
 
     sp = add(sub, "report", cmd_report, "print the metrics table of an evaluation report",
              "example: kdm report --root artifacts")

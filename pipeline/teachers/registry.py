@@ -16,7 +16,7 @@ Nothing here needs Prefect; pipeline.teachers.events emits the ``kdm.teacher.reg
 
 ``pending_teachers`` lists registered teachers that have no finished student under the current recipe
 version: for each it builds the config a distillation would run with and asks a planner (by default
-``pipeline.stages_image.plan_distill_image``) whether every stage's output already exists.
+``pipeline.stages.plan`` of the cifar10 recipe) whether every stage's output already exists.
 """
 from __future__ import annotations
 
@@ -207,12 +207,17 @@ def default_config_model() -> type[BaseModel]:
     return DistillImageConfig
 
 
+def plan_repo_relative(cfg) -> dict:
+    """The plan of ``cfg`` with relative paths taken relative to the repository (the redistill flow's planner)."""
+    return default_planner()(cfg)
+
+
 def default_planner() -> Planner:
-    """``plan_distill_image`` of the config with its relative paths taken relative to the repository (as the
-    distill-cifar10 flow does)."""
-    from pipeline.stages_image import plan_distill_image, resolve_paths
+    """``pipeline.stages.plan`` of the config with its relative paths taken relative to the repository (as the
+    kdm flow does)."""
+    from pipeline.stages import plan, resolve_paths
     repo = Path(__file__).resolve().parents[2]
-    return lambda cfg: plan_distill_image(resolve_paths(cfg, repo))
+    return lambda cfg: plan(resolve_paths(cfg, repo))
 
 
 def distill_config(rec: RegisteredTeacher, root: str, preset: str, config_model: type[BaseModel],
