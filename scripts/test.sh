@@ -6,4 +6,7 @@ cd "$REPO"
 export PREFECT_HOME="$(mktemp -d)/prefect"
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 unset PREFECT_API_URL
-exec .venv/bin/python -m pytest -q tests "$@"
+# With test paths among the arguments, run just those; otherwise the whole suite.
+targets=(tests)
+for arg in "$@"; do [[ "$arg" == tests/* || "$arg" == tests ]] && targets=(); done
+exec .venv/bin/python -m pytest -q "${targets[@]}" "$@"
