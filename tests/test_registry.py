@@ -218,7 +218,6 @@ def test_pending_teachers_are_cifar10_shaped_registrations_without_a_finished_st
 
 
 def test_pending_with_the_image_pipeline_planner_and_a_broken_registration(tmp_path):
-    pytest.importorskip("pipeline.stages_image")
     from storage_schemas.distill_image import DistillImageConfig
     root = str(tmp_path / "root")
     archive = tmp_path / "cifar10.tar.gz"
@@ -484,15 +483,14 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
         rendered = hydrate(rendered, HydrationContext(render_jinja=True, jinja_context={"event": ev},
                                                       raise_on_error=True))
         assert rendered == {"teacher_uri": rec.teacher_uri, "root": "/data/root"}
-        sc = pytest.importorskip("storage_schemas.distill_image")
+        from pipeline.recipes import build_config
         # Prefect merges the trigger's parameters onto the deployment's (here: preset mini, conditional).
-        cfg = sc.config_from_parameters(None, **{"preset": "mini", "conditional": cond, **rendered})
+        cfg = build_config(None, **{"recipe": "cifar10", "preset": "mini", "conditional": cond, **rendered})
         assert (cfg.teacher_uri, cfg.root, cfg.conditional, cfg.preset) == (rec.teacher_uri, "/data/root", cond, "mini")
     assert seen == {False, True}
     by_name = {d["name"]: d for d in doc["deployments"]}
     for name, cond in (("distill-cifar10", False), ("distill-cifar10-cond", True)):
-        if name not in by_name:
-            continue
+        assert by_name[name]["entrypoint"] == "flows/kdm.py:kdm" and by_name[name]["parameters"]["recipe"] == "cifar10"
         [t] = [t for t in by_name[name].get("triggers") or [] if "kdm.teacher.registered" in t["expect"]]
         assert t["match"]["kdm.teacher.conditional"] == str(cond).lower(), name
         assert (by_name[name].get("parameters") or {}).get("conditional", False) is cond, name

@@ -43,8 +43,8 @@ def flow_run(ui_server, tmp_path_factory):
     """A smoke-sized `kdm` flow run reported to the UI server: (flow run id, its name, its artifacts)."""
     base, env = ui_server
     root = tmp_path_factory.mktemp("ui-artifacts")
-    code = ("import json\nfrom flows.kdm_flow import kdm\nfrom pipeline import presets\n"
-            f"state = kdm(presets.load('distill', 'smoke', sets=['root={root}']), return_state=True)\n"
+    code = ("import json\nfrom flows.kdm import kdm\n"
+            f"state = kdm(recipe='checkerboard', preset='smoke', root='{root}', return_state=True)\n"
             "assert state.is_completed(), state\n"
             "print('KDM_FLOW_RUN=' + json.dumps({'id': str(state.state_details.flow_run_id), "
             "'student': state.result()['student']['version']}))\n")
@@ -144,7 +144,7 @@ def test_report_artifact_renders_lineage_metrics_and_plots(ui_server, flow_run, 
 # --- "Retry" of a failed run ----------------------------------------------------------------------
 
 SERVE = """
-from flows.kdm_flow import kdm
+from flows.kdm import kdm
 kdm.serve(name="retry-check", print_starting_message=False)
 """
 
@@ -204,7 +204,7 @@ def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, t
         failed = _wait_state(api, fr["id"], {"FAILED", "CRASHED", "COMPLETED"})
         assert failed["state"]["type"] == "FAILED", f"{failed['state']}\n{_tail(log)}"
         first_logs = _wait_logs(api, fr["id"], lambda m: m.startswith("Finished in state Failed"))
-        assert any(m.startswith("teacher ") and m.endswith(" trained") for m in first_logs), first_logs
+        assert any(m.startswith("teacher ") and m.endswith(" done") for m in first_logs), first_logs
         assert not any(m.endswith("(exists, skipped)") for m in first_logs), first_logs
 
         (root / "evaluations").unlink()                         # the cause of the failure is fixed
@@ -216,7 +216,7 @@ def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, t
         assert done["parameters"] == params and done["run_count"] == 2
         logs = _wait_logs(api, fr["id"], lambda m: m.startswith("student ") and m.endswith("(exists, skipped)"))
         skipped = [m for m in logs if m.endswith("(exists, skipped)")]
-        assert any(m.startswith("teacher ") for m in skipped) and any(m.startswith("student ") for m in skipped), logs
+        assert {m.split()[0] for m in skipped} == {"teacher", "pairs", "filter", "student"}, logs
         assert len(list((root / "evaluations").glob("eval-*/report.json"))) == 1
     finally:
         if served.poll() is None:
