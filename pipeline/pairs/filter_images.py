@@ -14,8 +14,8 @@ dataset's own test -> train nearest-neighbour distances). A cheap pooled-pixel d
 decides, so a descriptor never drops a pair by itself. All search is blocked torch matrix products, on
 the GPU when the stage runs with ``device='cuda'``. The output records its source version, the kept
 indices (array ``source_index``) and a count per reason (FilterRecord), a report (group attribute
-``kdm_filter_report`` and the side file ``filter_report.json`` with the dropped pairs and their nearest
-match) and a grid of the closest generated -> training matches (``filter_grid.png``); the held-out
+``kdm_filter_report``, and ``filter_report/report.json`` with every dropped pair and its nearest match)
+and a grid of the closest generated -> training matches (``filter_report/grid.png``); the held-out
 split is copied unchanged.
 """
 from __future__ import annotations
@@ -41,8 +41,9 @@ from pipeline.storage.pairstore import PairStore
 
 REASONS = IMAGE_FILTER_REASONS
 REPORT_KEY = "kdm_filter_report"
-REPORT_FILE = "filter_report.json"
-GRID_FILE = "filter_grid.png"
+REPORT_GROUP = "filter_report"       # child group; its directory also holds the two files below
+REPORT_FILE = "filter_report/report.json"
+GRID_FILE = "filter_report/grid.png"
 HIST_BINS = 40
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -708,6 +709,10 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
         pairstore.finalize(child, **(hm.model_dump(exclude={"content_hash", "arrays", "count", "sample_shape",
                                                             "code_version", "created"})
                                      | {"code_version": code_version(), "created": utc_now()}))
+    rg = root.create_group(REPORT_GROUP)
+    rg.attrs.update({"description": "image filter report: report.json (counts, thresholds, calibration, "
+                                    "histogram, grid entries, every dropped pair with its nearest match) and "
+                                    "grid.png (closest generated | training pairs, 8 per row, grid order)"})
     artifacts.write_json(artifacts.join(tmp, REPORT_FILE), {**report, "dropped": dropped})
     if grid_rows:
         artifacts.write_bytes(artifacts.join(tmp, GRID_FILE), _grid_png(grid_rows, train_u8))
