@@ -236,3 +236,40 @@ def test_blocklist_folder_of_images(world, tmp_path):
     res, out = run(world, "bdir", CFG.model_copy(update={"blocklist_uri": str(folder)}), blocklist_uri=True)
     assert dropped_by_reason(out) == world["expect"]
     assert res["version"] != run(world, "f2")[0]["version"]
+
+
+def test_cli_filters_an_image_store(world, capsys):
+    from pipeline.cli import main
+    out = str(world["tmp"] / "cli")
+    code = main(["pairs", "filter", "--pairs", world["pairs"], "--dataset", world["ds"], "--blocklist", world["block"],
+                 "--calibration-samples", "30", "--out", out, "-q"])
+    text = capsys.readouterr().out
+    assert code in (0, None), text
+    assert "memorised=4" in text and "blocklist=1" in text and "near_duplicate=2" in text
+    assert dropped_by_reason(out) == world["expect"]
+    assert PairStore.open(out).group["source_index"].shape[0] == len(world["data"]["seed"]) - len(world["expect"])
+    assert main(["pairs", "filter", "--pairs", world["pairs"], "--near-duplicate-radius", "0.1", "--dataset",
+                 world["ds"], "--out", str(world["tmp"] / "cli2")]) != 0
+    assert "2-D filter" in capsys.readouterr().err
+    assert main(["pairs", "filter", "--pairs", world["pairs"], "--ratio-threshold", "2", "--dataset", world["ds"],
+                 "--out", str(world["tmp"] / "cli3")]) != 0
+    assert "ratio_threshold" in capsys.readouterr().err
+
+
+def test_cli_keeps_the_2d_filter(tmp_path, capsys):
+    from pipeline.cli import main
+    info = ImportInfo(format="kdm-trajectories", source_uri="test://src", source_sha256="0" * 64,
+                      holdout_fraction=0.1, split_seed=0)
+    pts = np.array([[0, 0], [0, 0.0001], [5, 5], [np.nan, 1]], np.float32)
+    data = {"x_0": pts, "x_T": np.arange(8, dtype=np.float32).reshape(4, 2), "label": np.full(4, -1, np.int32),
+            "seed": np.arange(4, dtype=np.int64)}
+    url = str(tmp_path / "p2")
+    root = pairstore.create_arrays(url, 4, (2,), 4)
+    pairstore.write_region(root, 0, data)
+    pairstore.finalize(root, version="twod-0001", split="train", origin="import", chunk_size=4, import_info=info,
+                       code_version="test", created="now")
+    assert main(["pairs", "filter", "--pairs", url, "--near-duplicate-radius", "0.001", "--out",
+                 str(tmp_path / "o")]) in (0, None)
+    assert "kept 2" in capsys.readouterr().out
+    assert main(["pairs", "filter", "--pairs", url, "--dataset", "x", "--out", str(tmp_path / "o2")]) != 0
+    assert "--dataset" in capsys.readouterr().err
