@@ -50,6 +50,9 @@ class Stage:
     inputs: tuple[str, ...] = ()        # names of the stages whose output URIs it reads
     progress_label: str = ""            # a progress bar in the UI when set
 
+    def check(self, cfg: Any) -> None:
+        """Checks of the config that need no input (e.g. a given artifact); raises KDMError."""
+
     def output(self, cfg: Any, uris: dict[str, str]) -> str:
         """The output URI (``<root>/<kind>/<version>``) from the inputs and the config; no work."""
         raise NotImplementedError
@@ -99,6 +102,7 @@ def run_stage(stage: Stage, cfg: Any, uris: dict[str, str], ctx: Optional[StageC
     ctx = ctx or StageContext()
     ctx.stage = stage.name
     ins = {k: uris[k] for k in stage.inputs}
+    stage.check(cfg)
     out = stage.output(cfg, ins)
     if stage.done(out):
         return {**stage.summary(cfg, ins, out), "skipped": True}
@@ -139,17 +143,26 @@ def plan(cfg: Any) -> dict:
 
     Returns ``{"recipe", "preset", "root", "stages": {name: {"uri", "version", "exists", "pool"}}, "todo",
     "complete"}``. A version that depends on an output not yet made (e.g. the pairs of a teacher still to
-    train) is None, with ``"after": <first missing input>``."""
+    train) is None, with ``"after": <first missing input>``; a version computable from its inputs' versions
+    alone (they are the last part of the inputs' URIs) is known before they exist."""
     from pipeline.recipes import stages_of
     stages: dict[str, dict] = {}
     uris: dict[str, str] = {}
     for stage in stages_of(cfg):
+        unknown = [k for k in stage.inputs if k not in uris]
         missing = [k for k in stage.inputs if not stages[k]["exists"]]
-        if missing:
+        stage.check(cfg)
+        out = None
+        if not unknown:
+            try:
+                out = stage.output(cfg, {k: uris[k] for k in stage.inputs})
+            except Exception:
+                if not missing:
+                    raise            # every input exists: the error is the config's, not the plan's
+        if out is None:
             stages[stage.name] = {"uri": None, "version": None, "exists": False, "pool": stage.pool(cfg),
-                                  "after": missing[0]}
+                                  "after": (unknown or missing)[0]}
             continue
-        out = stage.output(cfg, {k: uris[k] for k in stage.inputs})
         uris[stage.name] = out
         stages[stage.name] = {"uri": out, "version": stage.version(out), "exists": stage.done(out),
                               "pool": stage.pool(cfg)}

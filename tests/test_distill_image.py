@@ -188,7 +188,8 @@ def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
     report = ImageMetricReport.model_validate(json.loads(Path(ev["report"]).read_text()))
     assert {(m.name, m.subject) for m in report.metrics} >= {(fd, "teacher"), (fd, "student"), ("MSE", "student")}
     mse = report.get("MSE", "student")
-    assert mse.protocol.seeds.text() == "32-47" and mse.protocol.pairs_version == first["filter"]["version"] + "-heldout"
+    assert mse.protocol.seeds.text() == "32-47" and mse.protocol.pairs_version == first["pairs"]["version"] + "-heldout"
+    # the filter passes the held-out split through unchanged (same version); the student trains on its output
     assert first["filter"]["counts"]["kept"] == 32 and first["filter"]["source_version"] == first["pairs"]["version"]
     assert report.get(fd, "teacher").protocol == report.get(fd, "student").protocol
     # the MSE is the student's one-step outputs against the teacher's x_0 on the held-out seeds
@@ -256,7 +257,9 @@ def test_kdm_distill_recipe_cifar10_dry_run_and_rerun(done, archive, capsys):
     assert "student.trian: unknown field" in capsys.readouterr().err
     assert main(["distill", "--recipe", "cifar10", "--preset", "checkerboard", "--dry-run"]) == 1
     assert "recipe cifar10 has no preset 'checkerboard'; valid: smoke, mini, full" in capsys.readouterr().err
-    assert main(["distill-image", "--preset", "smoke"]) == 2            # the old command is gone
+    with pytest.raises(SystemExit):                                    # the old command is gone
+        main(["distill-image", "--preset", "smoke"])
+    assert "invalid choice: 'distill-image'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the Prefect flow

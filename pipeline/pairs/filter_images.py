@@ -53,11 +53,12 @@ __all__ = ["ImageFilterConfig", "REASONS", "image_filter_version", "filter_image
 
 # ----------------------------------------------------------------------------- versions and inputs
 
-def image_filter_version(source_version: str, cfg: ImageFilterConfig, dataset_content_hash: Optional[str],
+def image_filter_version(source_version: str, cfg: ImageFilterConfig, dataset_version: Optional[str],
                          blocklist_sha256: Optional[str]) -> str:
-    """Content-addressed id of the filtered store: source, thresholds, descriptor, dataset and blocklist."""
+    """Content-addressed id of the filtered store: source, thresholds, descriptor, dataset and blocklist.
+    Versions only (the dataset's is a hash of its archive), so it is known before its inputs exist."""
     return "filtered-" + stable_hash(recipe_version(), "filter-images", source_version, cfg.version_fields(),
-                                     dataset_content_hash, blocklist_sha256)
+                                     dataset_version, blocklist_sha256)
 
 
 def is_image_store(url: str) -> bool:
@@ -504,7 +505,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     if ds is None and cfg.rule == "absolute" and cfg.absolute_threshold is None:
         raise KDMError("rule 'absolute' without a dataset needs absolute_threshold (nothing to calibrate on)")
     block_sha = blocklist_digest(cfg.blocklist_uri) if cfg.blocklist_uri else None
-    version = image_filter_version(m.version, cfg, ds.manifest.content_hash if ds else None, block_sha)
+    version = image_filter_version(m.version, cfg, ds.version if ds else None, block_sha)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         report = read_filter_report(out)
         return {**report.get("counts", dict(PairStore.open(out).manifest.filter.counts)), "version": version,
@@ -696,7 +697,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
 
     record = FilterRecord(source_version=m.version, source_content_hash=m.content_hash,
                           config_hash=stable_hash(cfg.version_fields(), block_sha,
-                                                  ds.manifest.content_hash if ds else None), counts=counts)
+                                                  ds.version if ds else None), counts=counts)
     tmp = artifacts.begin(out, fresh=True)
     root = pairstore.create_arrays(tmp, len(kept), shape, m.chunk_size, extra=("source_index",))
     _copy_rows(source.group, root, kept, m.chunk_size, cfg.chunk_size)

@@ -118,10 +118,13 @@ class EDMTeacher(Stage):
     name, kind, inputs = "teacher", "teachers", ("dataset",)
     progress_label = "EDM teacher bootstrap"
 
-    def output(self, cfg, uris):
+    def check(self, cfg):
         if cfg.teacher_uri:
             m = check_teacher(cfg.teacher_uri, cfg.conditional)
             artifacts.read_verified(artifacts.join(cfg.teacher_uri, m.weights_file), m.weights_sha256, "teacher")
+
+    def output(self, cfg, uris):
+        if cfg.teacher_uri:
             return cfg.teacher_uri
         from pipeline.teachers.bootstrap import bootstrap_version
         return artifacts.join(cfg.root, "teachers", bootstrap_version(_dataset_hash(uris["dataset"]), cfg.teacher))
@@ -167,12 +170,12 @@ class ImageFilter(Stage):
     name, kind, inputs = "filter", "pairs", ("pairs", "dataset")
 
     def output(self, cfg, uris):
-        from pipeline.pairs.filter_images import image_filter_version
-        from pipeline.storage.pairstore import PairStore
+        from pipeline.pairs.filter_images import blocklist_digest, image_filter_version
         f = cfg.filter
-        block_sha = artifacts.sha256_file(f.blocklist_uri) if f.blocklist_uri else None
+        block_sha = blocklist_digest(f.blocklist_uri) if f.blocklist_uri else None
+        # the inputs' versions are their URIs' last parts: the plan knows this one before they exist
         return artifacts.join(cfg.root, "pairs", image_filter_version(
-            PairStore.open(uris["pairs"]).version, f, _dataset_hash(uris["dataset"]), block_sha))
+            self.version(uris["pairs"]), f, self.version(uris["dataset"]), block_sha))
 
     def done(self, out):
         return artifacts.exists(out)
@@ -209,13 +212,14 @@ class ImageStudent(Stage):
     def output(self, cfg, uris):
         from pipeline.storage.pairstore import PairStore
         from pipeline.training.image_train import image_run_version
-        store = PairStore.open(uris["filter"])
-        if store.manifest.num_classes and not cfg.student.model.label_dim:
-            raise KDMError(f"pairs {uris['filter']} come from a class-conditional teacher "
-                           f"({store.manifest.num_classes} classes) but the student is unconditional: set "
-                           f"conditional=true")
+        if artifacts.exists(uris["filter"]):
+            store = PairStore.open(uris["filter"])
+            if store.manifest.num_classes and not cfg.student.model.label_dim:
+                raise KDMError(f"pairs {uris['filter']} come from a class-conditional teacher "
+                               f"({store.manifest.num_classes} classes) but the student is unconditional: set "
+                               f"conditional=true")
         return artifacts.join(cfg.root, "students",
-                              image_run_version(store.version, cfg.student.model, cfg.student.train))
+                              image_run_version(self.version(uris["filter"]), cfg.student.model, cfg.student.train))
 
     def pool(self, cfg):
         return GPU_POOL
