@@ -23,12 +23,12 @@ else
 fi
 
 prefect work-pool inspect kdm-cpu >/dev/null 2>&1 || prefect work-pool create kdm-cpu --type process >/dev/null
-# kdm-gpu runs the GPU stages of distill-cifar10 (deployment gpu-stage): one at a time per GPU, 1 without GPU.
+# kdm-gpu runs the GPU stages of kdm runs (deployment gpu-stage): one at a time per GPU, 1 without GPU.
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); [[ "${gpus:-0}" -ge 1 ]] || gpus=1
 prefect work-pool inspect kdm-gpu >/dev/null 2>&1 || prefect work-pool create kdm-gpu --type process >/dev/null
 prefect work-pool set-concurrency-limit kdm-gpu "$gpus" >/dev/null
 prefect --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; exit 1; }
-echo "deployments registered: $(COLUMNS=250 prefect deployment ls 2>/dev/null | grep -oE '(kdm|distill-cifar10|gpu-stage|redistill)/[a-z0-9-]*' | sort -u | tr '\n' ' ')"
+echo "deployments registered: $(COLUMNS=250 prefect deployment ls 2>/dev/null | grep -oE '(kdm|gpu-stage|redistill)/[a-z0-9-]*' | sort -u | tr '\n' ' ')"
 
 if ! alive "$STATE/worker.pid"; then
   setsid nohup prefect worker start --pool kdm-cpu --limit 1 >"$STATE/worker.log" 2>&1 &
