@@ -1,6 +1,6 @@
 """Running a ``kdm`` command in N processes under torchrun, from inside a stage.
 
-The pairs and student stages of the CIFAR-10 distillation (pipeline/stages_image.py) run in the
+The pairs and student stages of the cifar10 recipe (pipeline/recipes/) run in the
 stage's own process when one process is asked for; with N > 1 they start
 
     python -m torch.distributed.run --standalone --nproc_per_node=N -m pipeline.cli <command> ...
