@@ -253,31 +253,6 @@ def distill_image_preset(name: str, conditional: bool = False) -> DistillImageCo
     return DistillImageConfig.model_validate({"preset": name, "conditional": conditional})
 
 
-def config_from_parameters(config: Any = None, **fields: Any) -> DistillImageConfig:
-    """The run config from the flow's parameters: ``config`` (a mapping, or a complete DistillImageConfig)
-    with the top-level ``fields`` (preset, conditional, root, student, ...; None = not given) merged onto
-    it, then validated once, so the preset fills what neither sets. A nested model given as a field
-    contributes only the keys that were set in it. Raises pydantic.ValidationError or ValueError."""
-    if isinstance(config, DistillImageConfig):
-        for key in ("preset", "conditional"):
-            if fields.get(key) is not None and fields[key] != getattr(config, key):
-                raise ValueError(f"{key}={fields[key]!r} contradicts the given config's {key}="
-                                 f"{getattr(config, key)!r}: pass the config as a mapping to rebase it on a preset")
-        raw: dict = config.model_dump(mode="json")
-    elif isinstance(config, dict):
-        raw = dict(config)
-    elif config is None:
-        raw = {}
-    else:
-        raise ValueError(f"config must be a mapping of DistillImageConfig fields, got {type(config).__name__}")
-    unknown = sorted(set(fields) - set(DistillImageConfig.model_fields))
-    if unknown:
-        raise ValueError(f"unknown parameters {unknown}; valid: {', '.join(DistillImageConfig.model_fields)}")
-    over = {k: (v.model_dump(mode="json", exclude_unset=True) if isinstance(v, BaseModel) else v)
-            for k, v in fields.items() if v is not None}
-    return DistillImageConfig.model_validate(deep_merge(raw, over))
-
-
 class ImageEvaluationManifest(Strict):
     """``<root>/evaluations/<version>/manifest.json`` (written last) of an image evaluation: what was
     evaluated, the report file (storage_schemas.protocol.ImageMetricReport), the plots and headline numbers."""

@@ -19,7 +19,7 @@ from pipeline.teachers.bootstrap import load_edm_teacher_config
 from storage_schemas import format_validation_error
 from storage_schemas.common import deep_merge
 from storage_schemas.distill_image import (DistillImageConfig, ImageStudentStageConfig, 
-                                           config_from_parameters, distill_image_preset)
+                                           distill_image_preset)
 from storage_schemas.kdm_image import image_preset
 from storage_schemas.protocol import ImageMetricReport
 from prefect_helpers import read_prefect_artifacts
@@ -89,14 +89,14 @@ def test_preset_override_semantics():
     assert cfg.student.model == mini.student.model and cfg.teacher == mini.teacher
     assert DistillImageConfig.model_validate({"preset": "smoke", "conditional": True}) == distill_image_preset("smoke", True)
     # flow parameters: the cond deployment's {"conditional": true} + a caller's config mapping
-    c = config_from_parameters({"preset": "mini", "teacher_uri": "t"}, conditional=True)
+    c = recipes.build_config({"preset": "mini", "teacher_uri": "t"}, recipe="cifar10", conditional=True)
     assert c.conditional and c.teacher_uri == "t" and c.student.model.label_dim == 10 and c.preset == "mini"
     # a top-level section given as a model contributes only the keys set in it
-    c = config_from_parameters(None, preset="smoke",
-                               student=ImageStudentStageConfig.model_validate({"train": {"steps": 5}}))
+    c = recipes.build_config(None, recipe="cifar10", preset="smoke",
+                             student=ImageStudentStageConfig.model_validate({"train": {"steps": 5}}))
     assert c.student.train.steps == 5 and c.student.model == distill_image_preset("smoke").student.model
-    with pytest.raises(ValueError, match="contradicts the given config's preset='smoke'"):
-        config_from_parameters(distill_image_preset("smoke"), preset="mini")
+    with pytest.raises(KDMError, match="contradicts the given config's preset='smoke'"):
+        recipes.build_config(distill_image_preset("smoke"), preset="mini")
 
 
 def test_validation_errors_name_the_field_and_the_fix():

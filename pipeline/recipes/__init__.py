@@ -58,6 +58,10 @@ def build_config(config: Any = None, sets: Iterable[str] = (), **fields: Any):
     ``recipe`` (field or config), default checkerboard. Raises KDMError with the field's path."""
     from pipeline import presets
     if isinstance(config, BaseModel):
+        for key in ("recipe", "preset", "conditional"):
+            if fields.get(key) is not None and fields[key] != getattr(config, key, fields[key]):
+                raise KDMError(f"{key}={fields[key]!r} contradicts the given config's {key}={getattr(config, key)!r}: "
+                               f"pass the config as a mapping to rebase it on a preset")
         raw = config.model_dump(mode="json")
     elif isinstance(config, dict):
         raw = dict(config)

@@ -6,7 +6,7 @@ student loop and the 2-D metrics (in-cell fraction, sliced Wasserstein-1, outlie
 """
 from __future__ import annotations
 
-from pipeline.recipes.common import PairsStage, pairs_lineage, pairs_summary
+from pipeline.recipes.common import PairsStage, PairStoreStage
 from pipeline.stages import Stage, StageContext
 from pipeline.storage import artifacts
 from storage_schemas import recipe_version, stable_hash
@@ -35,35 +35,26 @@ class FlowMatchingTeacher(Stage):
         return f"teacher `{s['version']}` (sha256 `{s['sha256'][:16]}`)"
 
 
-class ImportedPairs(Stage):
+class ImportedPairs(PairStoreStage):
     """Pairs imported from an external file (the official KDM trajectories), ``<root>/pairs/<version>``."""
 
-    name, kind, inputs = "pairs", "pairs", ()
+    name, inputs, lineage_name = "pairs", (), "pairs (imported)"
 
     def output(self, cfg, uris):
         from pipeline.pairs.importer import import_version
         return artifacts.join(cfg.root, "pairs", import_version(cfg.import_uri, cfg.import_config))
-
-    def done(self, out):
-        return artifacts.exists(out)
 
     def run(self, cfg, uris, out, ctx):
         from pipeline.pairs.importer import import_pairs
         import_pairs(cfg.import_uri, cfg.import_config, out)
         return {}
 
-    def summary(self, cfg, uris, out):
-        return pairs_summary(out)
 
-    def lineage(self, s):
-        return pairs_lineage("pairs (imported)", s)
-
-
-class Filter2D(Stage):
+class Filter2D(PairStoreStage):
     """Privacy filter + dedup of 2-D pairs: non-finite, duplicate seeds, blocklisted and near-duplicate x_0
     (k-d tree); a new pair-store version with a count per reason."""
 
-    name, kind, inputs = "filter", "pairs", ("pairs",)
+    name, inputs, lineage_name = "filter", ("pairs",), "filtered"
 
     def output(self, cfg, uris):
         from pipeline.pairs.filter import filter_version
@@ -72,19 +63,10 @@ class Filter2D(Stage):
         return artifacts.join(cfg.root, "pairs",
                               filter_version(PairStore.open(uris["pairs"]).version, cfg.filter, block_sha))
 
-    def done(self, out):
-        return artifacts.exists(out)
-
     def run(self, cfg, uris, out, ctx):
         from pipeline.pairs.filter import filter_pairs
         filter_pairs(uris["pairs"], cfg.filter, out)
         return {}
-
-    def summary(self, cfg, uris, out):
-        return pairs_summary(out)
-
-    def lineage(self, s):
-        return pairs_lineage("filtered", s)
 
 
 class Student2D(Stage):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import KDMError
-from pipeline.recipes.common import PairsStage, pairs_lineage, pairs_summary
+from pipeline.recipes.common import PairsStage, PairStoreStage
 from pipeline.stages import CPU_POOL, GPU_POOL, Stage, StageContext
 from pipeline.storage import artifacts
 from storage_schemas import recipe_version, stable_hash
@@ -162,12 +162,12 @@ class EDMTeacher(Stage):
                 f"sha256 `{s['sha256'][:16]}`)")
 
 
-class ImageFilter(Stage):
+class ImageFilter(PairStoreStage):
     """Privacy filter + dedup of image pairs (pipeline.pairs.filter_images): non-finite, duplicate seeds,
     exact duplicates, copies of training images, blocklisted images, near duplicates; a new pair-store
     version with a count per reason."""
 
-    name, kind, inputs = "filter", "pairs", ("pairs", "dataset")
+    name, inputs, lineage_name = "filter", ("pairs", "dataset"), "filtered"
 
     def output(self, cfg, uris):
         from pipeline.pairs.filter_images import blocklist_digest, image_filter_version
@@ -176,9 +176,6 @@ class ImageFilter(Stage):
         # the inputs' versions are their URIs' last parts: the plan knows this one before they exist
         return artifacts.join(cfg.root, "pairs", image_filter_version(
             self.version(uris["pairs"]), f, self.version(uris["dataset"]), block_sha))
-
-    def done(self, out):
-        return artifacts.exists(out)
 
     def pool(self, cfg):
         return GPU_POOL if cfg.filter.device == "cuda" else CPU_POOL
@@ -191,12 +188,6 @@ class ImageFilter(Stage):
         filter_image_pairs(uris["pairs"], cfg.filter, out, dataset_uri=uris["dataset"], progress=ctx.progress_bars,
                            device=cfg.filter.device)
         return {}
-
-    def summary(self, cfg, uris, out):
-        return pairs_summary(out)
-
-    def lineage(self, s):
-        return pairs_lineage("filtered", s)
 
 
 class ImageStudent(Stage):

@@ -32,12 +32,28 @@ def pairs_lineage(name: str, s: dict) -> str:
     return text
 
 
-class PairsStage(Stage):
+class PairStoreStage(Stage):
+    """A stage whose output is a pair store (committed when its group exists: the manifest is its attribute)."""
+
+    kind = "pairs"
+    lineage_name = "pairs"
+
+    def done(self, out):
+        return artifacts.exists(out)
+
+    def summary(self, cfg, uris, out):
+        return pairs_summary(out)
+
+    def lineage(self, s):
+        return pairs_lineage(self.lineage_name, s)
+
+
+class PairsStage(PairStoreStage):
     """Teacher pairs: per-seed noise through the teacher's deterministic ODE (2-D: midpoint/Euler/Heun;
     images: EDM Heun), train and held-out seeds, at ``<root>/pairs/<version>``. On the GPU pool for image
     recipes; ``gpus`` > 1 runs ``kdm pairs generate`` in that many processes under torchrun."""
 
-    name, kind, inputs = "pairs", "pairs", ("teacher",)
+    name, inputs = "pairs", ("teacher",)
     progress_label = "teacher pair generation (shards of the split in progress)"
 
     def generate_config(self, cfg):
@@ -48,9 +64,6 @@ class PairsStage(Stage):
         from pipeline.teachers.flow_matching import read_teacher_manifest
         gen = self.generate_config(cfg).model_copy(update={"device": "cpu"})   # the device enters no version
         return artifacts.join(cfg.root, "pairs", pairs_version(read_teacher_manifest(uris["teacher"]).id, gen))
-
-    def done(self, out):
-        return artifacts.exists(out)
 
     def pool(self, cfg):
         return GPU_POOL if cfg.recipe == "cifar10" else CPU_POOL
@@ -73,9 +86,3 @@ class PairsStage(Stage):
         run_kdm_command(gpus, self.device(cfg), args, self.generate_config(cfg).model_dump(mode="json"),
                         "pairs stage", quiet=not ctx.progress_bars)
         return {}
-
-    def summary(self, cfg, uris, out):
-        return pairs_summary(out)
-
-    def lineage(self, s):
-        return pairs_lineage("pairs", s)
