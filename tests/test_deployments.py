@@ -225,12 +225,12 @@ def test_bad_parameters_are_refused_before_a_run_is_created(first):
     res = cli(env, "deployment", "run", DEPLOYMENT, "--param", "preset=huge")
     assert res.returncode == 1, res.stdout
     assert "Validation failed for field 'preset'" in res.stdout and \
-        "'huge' is not one of ['smoke', 'mini', 'full']" in res.stdout, res.stdout + res.stderr
+        "'huge' is not one of ['smoke', 'mini', 'full'," in res.stdout, res.stdout + res.stderr
     # the same request straight to the API: refused by the server itself
     r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"preset": "huge"}},
                    timeout=30)
     assert r.status_code == 409 and "'huge' is not one of" in r.text, (r.status_code, r.text)
     r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"student": {"trian": {}}}},
                    timeout=30)
-    assert r.status_code == 409 and "'trian' was unexpected" in r.text, (r.status_code, r.text)
+    assert r.status_code == 409 and "trian" in r.text, (r.status_code, r.text)
     assert {r["id"] for r in flow_runs(api, deployment_id={"any_": [dep["id"]]})} == before
