@@ -168,8 +168,8 @@ def verify_trigger_teacher(root: str, teacher_uri: str, *, expected_root: Option
     manifest, and that the record names exactly this artifact: same URI, manifest id, and sha256 (of the
     weights, or for an imported EDM pickle of the source pickle). ``sha256`` / ``teacher_id`` (e.g. from the
     event payload) must match too when given. KDMError otherwise."""
-    from pipeline.teachers.flow_matching import read_teacher_manifest
     from pipeline.teachers.registry import absolute_uri, read_record, registry_id
+    from storage_schemas import TeacherManifest
     from storage_schemas.registry import record_path
 
     if not teacher_uri:
@@ -182,16 +182,16 @@ def verify_trigger_teacher(root: str, teacher_uri: str, *, expected_root: Option
     root_abs, uri_abs = absolute_uri(root), absolute_uri(teacher_uri)
     hint = f"register it with `kdm teacher register {uri_abs} --root {root_abs}`"
     try:
-        m = read_teacher_manifest(uri_abs)
+        m = artifacts.read_model(artifacts.join(uri_abs, artifacts.MANIFEST), TeacherManifest)
     except KDMError as e:
         raise KDMError(f"teacher_uri {uri_abs} is not a readable kdm teacher artifact ({e}); nothing is "
                        f"distilled") from None
     except Exception as e:   # malformed JSON, permissions, transport errors
         raise KDMError(f"teacher_uri {uri_abs}: cannot read its manifest ({type(e).__name__}: {e}); nothing is "
                        f"distilled") from None
-    weights = artifacts.join(uri_abs, m.weights_file)
-    if "/" in m.weights_file.strip("/") or m.weights_file in (".", ".."):
+    if "/" in m.weights_file or "\\" in m.weights_file or m.weights_file in ("", ".", ".."):
         raise KDMError(f"{uri_abs}: manifest weights_file {m.weights_file!r} is not a plain file name")
+    weights = artifacts.join(uri_abs, m.weights_file)
     if not artifacts.exists(weights):
         raise KDMError(f"{weights} is missing; the teacher artifact is incomplete")
     actual = artifacts.sha256_file(weights)
