@@ -253,10 +253,16 @@ def triggered_by_automation(flow_run: Any = None) -> bool:
 def deployment_root(default: str, parameters: Optional[Mapping[str, Any]] = None) -> str:
     """The artifact root of the current run's deployment: its top-level ``root`` parameter, else its
     ``config.root``, else ``default`` (the config's default). ``parameters``: the deployment's parameters
-    (default: read from prefect.runtime)."""
+    (default: the current run's deployment, read from the Prefect API; not ``prefect.runtime.deployment.
+    parameters``, which are the run's own, i.e. what the event sent)."""
     if parameters is None:
         from prefect.runtime import deployment
-        parameters = deployment.parameters or {}
+        dep_id = deployment.get_id()
+        if not dep_id:
+            return str(default)
+        from prefect.client.orchestration import get_client
+        with get_client(sync_client=True) as client:
+            parameters = client.read_deployment(dep_id).parameters or {}
     root = parameters.get("root")
     if not root and isinstance(parameters.get("config"), Mapping):
         root = parameters["config"].get("root")
