@@ -25,6 +25,11 @@ def cmd_teacher_register(a) -> None:
     what = (f"{r.model_kind} {r.img_channels}x{r.img_resolution}x{r.img_resolution}, "
             f"{'conditional (' + str(r.label_dim) + ' classes)' if r.conditional else 'unconditional'}"
             if r.model_kind == "edm" else r.model_kind)
+    if reg.created and r.kind == "edm-pkl":
+        from pipeline.teachers.flow_matching import read_teacher_manifest
+        src = read_teacher_manifest(r.teacher_uri).source
+        for w in (src.source_warnings if src else []):
+            print(f"warning: {w}", file=sys.stderr)
     head = (f"registered teacher {r.id} ({r.kind}: {what}) sha256 {r.sha256[:16]}, distills {r.teacher_uri}"
             if reg.created else f"teacher {r.id} was registered at {r.registered_at}; nothing changed")
     if a.no_event:
