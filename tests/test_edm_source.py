@@ -67,7 +67,7 @@ def test_the_shipped_table_matches_edm_when_available():
         assert layout in edm_source.KNOWN_LAYOUTS and warnings == [], (p, warnings)
 
 
-def test_the_importer_records_the_check(tmp_path, monkeypatch):
+def test_the_importer_records_the_check(tmp_path, monkeypatch, capsys):
     code = write_fake_edm(tmp_path / "edm")
     fork = write_fake_edm(tmp_path / "fork")
     net = fork / "training" / "networks.py"
@@ -94,8 +94,13 @@ def test_the_importer_records_the_check(tmp_path, monkeypatch):
 
     from pipeline.cli import main
     from pipeline.teachers import registry
+    sha = artifacts.sha256_file(str(fork_pkl))
+    assert main(["teacher", "import-edm", str(fork_pkl), "--allow-pickle", "--sha256", sha,
+                 "--out", str(tmp_path / "t3")]) == 0
+    out, err = capsys.readouterr()
+    assert "network source: modified" in out and "warning: the embedded network source differs" in err
     root = tmp_path / "root"
-    assert main(["teacher", "register", str(fork_pkl), "--root", str(root), "--sha256",
-                 artifacts.sha256_file(str(fork_pkl)), "--no-event"]) == 0
+    assert main(["teacher", "register", str(fork_pkl), "--root", str(root), "--sha256", sha, "--no-event"]) == 0
+    assert "warning: the embedded network source differs" in capsys.readouterr().err
     [rec] = registry.list_teachers(str(root))
     assert "WARNING: the embedded network source differs" in rec.source
