@@ -332,3 +332,12 @@ def test_guard_run(registered, tmp_path):
     with pytest.raises(KDMError, match="^dataset.archive /etc/x is outside"):
         access.guard_run(dict(cfg, dataset={"archive": "/etc/x"}), triggered=False, environ=e, log=logged.append)
     assert len(logged) == 3 and all(m.startswith("refused before any work: ") for m in logged)
+
+
+def test_redistill_refuses_a_root_outside_the_allowed_roots(harness, tmp_path, monkeypatch):
+    from flows.redistill import redistill
+    root = tmp_path / "root"
+    registry.register_teacher(str(root), str(kdm_teacher(tmp_path / "t", seed=5)))
+    monkeypatch.setenv(access.ENV, str(tmp_path / "elsewhere"))
+    with pytest.raises(KDMError, match=f"^root {root} is outside the artifact roots"):
+        redistill(root=str(root), deployment="no/such-deployment", conditional_deployment=None)

@@ -14,7 +14,8 @@ examples:
 
 The record is <root>/registry/teachers/<id>.json; registering the same teacher again changes nothing.
 A new registration emits the Prefect event kdm.teacher.registered when PREFECT_API_URL is set (the
-distill-cifar10 deployment is triggered by it); the output says whether it was emitted.
+distill-cifar10 deployment is triggered by it); the output says whether it was emitted. A server with
+authentication needs PREFECT_API_AUTH_STRING (user:password) here too.
 """
 
 
