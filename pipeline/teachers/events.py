@@ -4,8 +4,9 @@ Kept apart from the registry so that registering never depends on Prefect: prefe
 here, only when an event is to be sent, and only when a Prefect API is configured (PREFECT_API_URL);
 without one no event is sent (Prefect would otherwise start a temporary local server for it). A server
 with an auth string (PREFECT_SERVER_API_AUTH_STRING) needs PREFECT_API_AUTH_STRING here: Prefect's
-client sends it with every request and in the events websocket's handshake; credentials it refuses are
-reported before the event is sent (the websocket would drop the event silently).
+client sends it with every request and in the events websocket's handshake. Credentials the server
+refuses are reported before the event is sent (its health check answers without credentials, and the
+events websocket fails in a background worker, after ``emit_event`` has returned).
 
 Resource labels let automations select teachers: ``kdm.teacher.kind``, ``kdm.teacher.model``
 (``edm`` | ``flow-matching-mlp``), ``kdm.teacher.resolution`` (image size, '' for 2-D teachers) and
@@ -52,9 +53,8 @@ def configured_api_url() -> Optional[str]:
 
 
 def credentials_problem(client) -> Optional[str]:
-    """Why the API refuses this client's credentials, or None. The health check is unauthenticated on a
-    server with an auth string, and the events websocket drops events it refuses without telling the
-    sender: ask an authenticated endpoint first."""
+    """Why the API refuses this client's credentials, or None: asks an endpoint that needs them (the health
+    check answers without)."""
     import httpx
     try:
         client.hello()
