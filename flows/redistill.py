@@ -30,6 +30,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
+from pipeline import access
 from pipeline.storage import artifacts
 from pipeline.teachers import registry
 from storage_schemas import recipe_version
@@ -112,6 +113,7 @@ def redistill(root: str = "artifacts", preset: str = "full", deployment: str = D
     ``planner`` and ``config_model`` are 'module:attribute' references (the image pipeline's by default)."""
     logger = get_run_logger()
     root = resolve_root(root)
+    access.check_root_allowed(root, "root")   # KDM_ALLOWED_ROOTS of this worker, before reading the registry
     records = [r for r in registry.list_teachers(root) if registry.cifar10_shaped(r)]
     if conditional_deployment is None:
         groups = {deployment: records}

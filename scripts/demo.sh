@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start a local Prefect server (SQLite under .kdm/), register the deployments, start a worker, run
 # kdm/distill-checkerboard, wait for it, print the metrics; the server stays up for the UI.
+# The demo server has no authentication and listens on 127.0.0.1 only: it is reachable from this machine
+# alone. Never publish it; a shared server is docker/compose.yaml (basic auth + CSRF, docker/README.md).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO"
@@ -16,6 +18,7 @@ else
     exit 1
   fi
   echo "starting Prefect server on 127.0.0.1:$KDM_PORT (log: .kdm/server.log)"
+  echo "  unauthenticated, bound to 127.0.0.1: only this machine can reach it (shared servers: docker/README.md)"
   setsid nohup prefect server start --host 127.0.0.1 --port "$KDM_PORT" >"$STATE/server.log" 2>&1 &
   echo $! >"$STATE/server.pid"
   for _ in $(seq 1 120); do healthy && break; sleep 1; done
@@ -63,4 +66,5 @@ echo
 kdm report --root "$REPO/artifacts"
 echo
 echo "Prefect UI: http://127.0.0.1:$KDM_PORT  (flow runs -> the latest kdm run -> Artifacts)"
+echo "  local demo server: no authentication, listening on 127.0.0.1 only (do not expose it)"
 echo "make stop   stops the worker and the server"

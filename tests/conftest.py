@@ -9,6 +9,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
+# Nor from a developer's production credentials or worker settings (pipeline.access reads both).
+for _name in ("PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING", "KDM_ALLOWED_ROOTS"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture

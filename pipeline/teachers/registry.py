@@ -177,6 +177,8 @@ def register_teacher(root: str, uri: str, kind: Optional[str] = None, sha256: Op
         teacher_uri = artifacts.join(root, "teachers", edm_teacher_id(actual, "ema"))
         m = import_edm_pickle(uri, teacher_uri, allow_pickle=True, sha256=actual)
         default_source = f"EDM network pickle {uri} (sha256 pinned), imported to {teacher_uri}"
+        if m.source is not None and m.source.source_warnings:
+            default_source += "; WARNING: " + " ".join(m.source.source_warnings)
     else:
         teacher_uri = uri
         m, _ = _artifact_facts(uri, kind, actual)
