@@ -17,6 +17,10 @@ pool a concurrency limit equal to its GPUs, or with ``gpus=N`` to its N-GPU work
 output exists is neither run nor dispatched. Without a registered ``gpu-stage`` deployment (the flow
 called from Python) GPU stages run as tasks here. Both pools must see the artifact ``root``. Tasks and
 stage runs pass URIs and configs, never arrays. One publisher makes the report of every recipe.
+
+Access (pipeline.access): before any stage, every location of the config must lie under the worker's
+allowed roots (``KDM_ALLOWED_ROOTS``), and a run created by the ``kdm.teacher.registered`` trigger
+distills only a teacher the registry under the deployment's own root holds with that URI and sha256.
 """
 
 import base64
@@ -27,7 +31,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact, update_progress_artifact)
 
-from pipeline import recipes, stages
+from pipeline import access, recipes, stages
 from pipeline.errors import KDMError
 from pipeline.storage import artifacts
 from storage_schemas import (DistillCheckerboardConfig, Eval2DConfig, FilterConfig, PairsGenerateConfig,
@@ -40,6 +44,13 @@ from storage_schemas.teacher import EDMTeacherTrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_DEPLOYMENT = "gpu-stage/gpu-stage"
+
+
+def _resolve_root(root: str) -> str:
+    """A relative local root as the flow resolves it (against the repository)."""
+    if artifacts.is_local(root) and not Path(root).expanduser().is_absolute():
+        return str((REPO / root).resolve())
+    return root
 
 
 def _link(uri: str) -> str:
@@ -78,7 +89,9 @@ def stage_task(request: StageRequest) -> dict:
 
 @flow(name="gpu-stage", log_prints=True)
 def gpu_stage(request: StageRequest) -> dict:
-    """One GPU stage of a ``kdm`` run (deployment ``gpu-stage/gpu-stage``, pool kdm-gpu)."""
+    """One GPU stage of a ``kdm`` run (deployment ``gpu-stage/gpu-stage``, pool kdm-gpu). It can be started
+    directly, so it checks its locations against this worker's allowed roots (KDM_ALLOWED_ROOTS) first."""
+    access.check_locations_allowed(request)
     return run_in_process(recipes.stage_named(request.config, request.stage), request.config, request.inputs)
 
 
@@ -150,6 +163,10 @@ def kdm(recipe: Optional[RecipeName] = None,
                                evaluation=evaluation)
     cfg = stages.resolve_paths(cfg, REPO)
     logger = get_run_logger()
+    # Before any work: every location under this worker's allowed roots; a run started by the
+    # kdm.teacher.registered trigger distills only a teacher registered under the deployment's own root.
+    access.guard_run(cfg, default_root=type(cfg).model_fields["root"].default, resolve=_resolve_root,
+                     log=logger.error)
     dispatch = _dispatch if cfg.recipe == "cifar10" and _gpu_deployment_exists() else None
     results: dict = {}
     uris: dict = {}
