@@ -173,6 +173,7 @@ def test_resume_is_bitwise_equal_and_saves_the_ema(pairs, tmp_path):
     assert train_image_student(pairs, mc, tc, str(a), progress=False) == va
 
 
+@pytest.mark.gpu
 def test_requesting_cuda_without_a_gpu_is_an_error(pairs, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -286,6 +287,7 @@ def test_cuda_graphs_default_to_one_eager_cpu_process():
     assert ImageTrainer(model_cfg(), train_cfg(cuda_graphs=False), CPU).cuda_graphs is False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_training_is_the_default_on_one_gpu_and_resumes(pairs, tmp_path):
     """A run killed after the captured step resumes from its checkpoint (fresh warm-up, new capture) to
@@ -312,6 +314,7 @@ def test_cuda_graph_training_is_the_default_on_one_gpu_and_resumes(pairs, tmp_pa
     assert m.steps_done == 7 and m.nonfinite_steps == 0 and m.version == va
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_matches_the_eager_device_guarded_step():
     """cuda_graphs: 3 eager warm-up steps, capture at the 4th, replays after; a non-finite batch after the
