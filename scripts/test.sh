@@ -21,4 +21,5 @@ fi
 export PREFECT_HOME="$(mktemp -d)/prefect"
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 unset PREFECT_API_URL
-exec .venv/bin/python -m pytest -q tests "$@"
+# pyproject.toml's testpaths make it the whole suite when no path is given
+exec .venv/bin/python -m pytest -q "$@"
