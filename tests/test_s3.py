@@ -159,3 +159,57 @@ def test_commit_copies_the_root_manifest_last(traj, s3):
     assert depths == sorted(depths, reverse=True), [rels[i] for i in markers]
     assert rels[-1] == "zarr.json" and {"heldout/zarr.json", "x_0/zarr.json"} <= set(rels)
     assert PairStore.open(url("pairs", "ordered")).manifest.content_hash
+
+
+# --- commit order of every artifact kind, as the server stored the objects --------------------------
+
+def assert_markers_last(rels: list[str], last: str) -> None:
+    """``rels`` (write order): every object once, each data object before every marker, ``last`` at the end."""
+    from pipeline.storage.artifacts import MANIFEST
+    marker = {MANIFEST, "zarr.json", "report.json"}
+    kinds = [r.rsplit("/", 1)[-1] in marker for r in rels]
+    assert len(rels) == len(set(rels)) and rels[-1] == last, rels
+    assert kinds == sorted(kinds), rels                           # data, data, ..., marker, marker
+
+
+def test_teacher_student_and_evaluation_commit_their_data_before_the_manifest_or_report(s3, tmp_path):
+    from pipeline import stages
+    from pipeline.storage.checkpoints import STATE_FILE
+    from pipeline.training import train2d
+    from storage_schemas import Eval2DConfig
+    t, student = url("teachers", "order"), url("students", "order")
+    cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=200), heldout_seeds=SeedRange(start=1000, stop=1050),
+                              sampler=SamplerSettings(method="euler", steps=2), chunk_size=100)
+    with object_writes(BUCKET) as keys:
+        teacher.train_teacher(presets.load("teacher", "smoke"), t, progress=False)
+        generate.generate_pairs(t, cfg, url("pairs", "order"), progress=False)
+        train2d.train_student(url("pairs", "order"), presets.load("student", "smoke", sets=[
+            "train.steps=30", "train.checkpoint_every=10", "train.keep_checkpoints=2", "train.threads=1"]),
+            student, progress=False)
+        ev = stages.stage_evaluate(url("root"), student, url("pairs", "order"),
+                                   Eval2DConfig(num_samples=50, swd_projections=8, plots=True))
+
+    rels = commit_order(keys, "teachers/order")
+    assert "weights.safetensors" in rels
+    assert_markers_last(rels, "manifest.json")
+    assert_markers_last(commit_order(keys, "pairs/order"), "zarr.json")
+
+    # the student's run mirror: each checkpoint's state.json after its other files, the metrics log before
+    # the checkpoint it reaches; the weights before the manifest
+    partial = commit_order(keys, "students/order.partial")
+    for step in (10, 20, 30):
+        ck = f"checkpoints/step-{step:08d}/"
+        files = [i for i, r in enumerate(partial) if r.startswith(ck)]
+        assert [partial[i] for i in files][-1] == ck + STATE_FILE and len(files) == 5, partial
+        assert "metrics.jsonl" in partial[:files[0]]
+    assert partial.index("student.safetensors") < partial.index("manifest.json") == len(partial) - 1
+    rels = commit_order(keys, "students/order")
+    assert {"student.safetensors", "checkpoints/step-00000030/state.json"} <= set(rels)
+    assert_markers_last(rels, "manifest.json")
+    assert not any(p.startswith("checkpoints/step-00000010/") for p in rels)     # pruned, keep_checkpoints=2
+
+    # the evaluation: plots first, report.json (what marks it done) last
+    rels = commit_order(keys, ev["uri"].removeprefix(f"s3://{BUCKET}/"))
+    assert any(r.endswith(".png") for r in rels)
+    assert_markers_last(rels, "report.json")
+    assert ev["report"] == ev["uri"] + "/report.json" and ev["skipped"] is False
