@@ -11,7 +11,8 @@ if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "test.sh: installing Debian's chromium for the headless-browser UI tests"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+        { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } ||
+            echo "test.sh: installing chromium failed: the UI tests will skip (under CI=true: fail)" >&2
     else
         echo "test.sh: chromium is not installed: the UI tests (tests/test_ui.py) will skip" \
              "(under CI=true: fail). Install it with: sudo apt-get install chromium" >&2
