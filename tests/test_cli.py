@@ -287,3 +287,16 @@ def test_teacher_bootstrap_dry_run_prints_the_version_the_real_run_writes(capsys
     assert run(capsys, *args)[0] == 0
     from pipeline.teachers.flow_matching import read_teacher_manifest
     assert first.split()[6] == read_teacher_manifest(str(empty_cwd / "runs" / "teacher")).id
+
+
+def test_distill_dry_run_validates_and_writes_nothing(capsys, empty_cwd):
+    code, out, err = run(capsys, "distill", "--preset", "smoke", "--root", "runs", "--set", "student.train.steps=9",
+                         "--dry-run")
+    assert code == 0, err
+    plan = plan_json(out)
+    assert out.startswith("dry run: config is valid\n") and plan["root"] == "runs"
+    assert plan["student"]["train"]["steps"] == 9
+    code, _, err = run(capsys, "distill", "--preset", "smoke", "--root", "runs", "--set", "student.train.steps=0",
+                       "--dry-run")
+    assert code != 0 and "student.train.steps" in err                   # validated: refused before any stage
+    assert list(empty_cwd.iterdir()) == []
