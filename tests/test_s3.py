@@ -213,3 +213,47 @@ def test_teacher_student_and_evaluation_commit_their_data_before_the_manifest_or
     assert any(r.endswith(".png") for r in rels)
     assert_markers_last(rels, "report.json")
     assert ev["report"] == ev["uri"] + "/report.json" and ev["skipped"] is False
+
+
+def assert_checkpoints_end_with_state(partial: list[str], steps: list[int], files: int) -> None:
+    """Each mirrored checkpoint: ``files`` objects, ``state.json`` the last of them."""
+    for step in steps:
+        ck = f"checkpoints/step-{step:08d}/"
+        mine = [r for r in partial if r.startswith(ck)]
+        assert len(mine) == files and mine[-1] == ck + "state.json", partial
+
+
+def test_image_dataset_edm_teacher_and_image_student_commit_their_data_before_the_manifest(s3, tmp_path):
+    from image_fixtures import image_folder, write_archive
+    from pipeline.data.datasets import prepare_image_dataset
+    from pipeline.teachers.bootstrap import load_edm_teacher_config, train_edm_teacher
+    from pipeline.training.image_data import write_synthetic_store
+    from pipeline.training.image_train import train_image_student
+    from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, SongUNetConfig
+    members, _ = image_folder(np.random.default_rng(0), per_class={"train": 4, "test": 1})
+    archive = write_archive(tmp_path / "a.tgz", members)
+    tcfg = load_edm_teacher_config("cifar10-mini", sets=[
+        "unet.model_channels=8", "unet.channel_mult=[1]", "unet.num_blocks=1", "unet.attn_resolutions=[]",
+        "batch_size=4", "steps=4", "checkpoint_every=2", "preview_samples=1", "device=cpu"])
+    pairs = write_synthetic_store(str(tmp_path / "pairs"), 16, (3, 16, 16), chunk_size=8, seed=1).url
+    mcfg = KDMImageConfig(img_resolution=16, distance="mse", adv_weight=0.0,
+                          unet=SongUNetConfig(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=()))
+    scfg = ImageTrainConfig(device="cpu", precision="fp32", batch_size=4, threads=1, steps=4, checkpoint_every=2,
+                            keep_checkpoints=1)
+    with object_writes(BUCKET) as keys:
+        prepare_image_dataset(str(archive), url("datasets", "img"), chunk_size=4, progress=False)
+        train_edm_teacher(url("datasets", "img"), tcfg, url("teachers", "edm"), progress=False)
+        train_image_student(pairs, mcfg, scfg, url("students", "img"), progress=False)
+
+    assert_markers_last(commit_order(keys, "datasets/img"), "zarr.json")
+    partial = commit_order(keys, "teachers/edm.partial")
+    assert_checkpoints_end_with_state(partial, [2, 4], files=4)
+    rels = commit_order(keys, "teachers/edm")
+    assert {"weights.safetensors", "preview.png"} <= set(rels) and not any("checkpoints/" in r for r in rels)
+    assert_markers_last(rels, "manifest.json")
+    partial = commit_order(keys, "students/img.partial")
+    assert_checkpoints_end_with_state(partial, [2, 4], files=5)
+    assert partial[-2:] == ["student.safetensors", "manifest.json"]
+    rels = commit_order(keys, "students/img")
+    assert "checkpoints/step-00000004/state.json" in rels and "student.safetensors" in rels
+    assert_markers_last(rels, "manifest.json")
