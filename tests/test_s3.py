@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-pytest.importorskip("s3fs")
+import s3fs  # noqa: E402,F401  (a dependency: a missing one is an error, not a skip)
 pytest.importorskip("moto.server")
 
 import zarr  # noqa: E402
