@@ -223,7 +223,7 @@ def assert_checkpoints_end_with_state(partial: list[str], steps: list[int], file
         assert len(mine) == files and mine[-1] == ck + "state.json", partial
 
 
-def test_image_dataset_edm_teacher_and_image_student_commit_their_data_before_the_manifest(s3, tmp_path):
+def test_image_artifacts_commit_their_data_before_the_manifest(s3, tmp_path):
     from image_fixtures import image_folder, write_archive
     from pipeline.data.datasets import prepare_image_dataset
     from pipeline.teachers.bootstrap import load_edm_teacher_config, train_edm_teacher
@@ -240,11 +240,25 @@ def test_image_dataset_edm_teacher_and_image_student_commit_their_data_before_th
                           unet=SongUNetConfig(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=()))
     scfg = ImageTrainConfig(device="cpu", precision="fp32", batch_size=4, threads=1, steps=4, checkpoint_every=2,
                             keep_checkpoints=1)
+    from pipeline.evaluation import features
+    from pipeline.evaluation.image_metrics import reference_stats
+    from storage_schemas.protocol import ExtractorTrainConfig
+    x = np.random.default_rng(2).integers(0, 256, (24, 3, 8, 8), dtype=np.uint8)
     with object_writes(BUCKET) as keys:
+        features.train_extractor(x, np.arange(24) % 3, ExtractorTrainConfig(
+            width=4, num_classes=3, epochs=1, batch_size=8, precision="fp32"), url("extractors", "fx"), progress=False)
+        ref = reference_stats(x, dataset_id="toy", split="train", extractor=features.load_extractor(
+            url("extractors", "fx")), root=url("root"))
         prepare_image_dataset(str(archive), url("datasets", "img"), chunk_size=4, progress=False)
         train_edm_teacher(url("datasets", "img"), tcfg, url("teachers", "edm"), progress=False)
         train_image_student(pairs, mcfg, scfg, url("students", "img"), progress=False)
 
+    rels = commit_order(keys, "extractors/fx")
+    assert len(rels) == 3 and rels[:-1] != []
+    assert_markers_last(rels, "manifest.json")
+    rels = commit_order(keys, ref.url.removeprefix(f"s3://{BUCKET}/"))
+    assert len(rels) == 3
+    assert_markers_last(rels, "manifest.json")
     assert_markers_last(commit_order(keys, "datasets/img"), "zarr.json")
     partial = commit_order(keys, "teachers/edm.partial")
     assert_checkpoints_end_with_state(partial, [2, 4], files=4)
