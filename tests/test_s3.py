@@ -83,7 +83,9 @@ def test_filter_s3_to_s3(traj, tmp_path):
     _, s3_src = traj
     importer.import_pairs(s3_src, IMPORT, url("pairs", "a"))
     cfg = FilterConfig(near_duplicate_radius=0.001, blocklist_radius=0.0)
-    v, counts = filt.filter_pairs(url("pairs", "a"), cfg, url("pairs", "a-filtered"))
+    with object_writes(BUCKET) as keys:
+        v, counts = filt.filter_pairs(url("pairs", "a"), cfg, url("pairs", "a-filtered"))
+    assert_markers_last(commit_order(keys, "pairs/a-filtered"), "zarr.json")
     out = PairStore.open(url("pairs", "a-filtered"))
     out.verify()
     src = PairStore.open(url("pairs", "a"))
