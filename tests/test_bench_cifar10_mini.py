@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from shared_data import shared_data
+
 REPO = Path(__file__).resolve().parents[1]
-CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR = shared_data("cifar10-jpeg.tar.gz")
 
 TOY = ["--device", "cpu", "--extractor-epochs", "1", "--extractor-width", "8", "--extractor-images", "2000",
        "--reference-images", "2000", "--teacher-set", "steps=10", "--teacher-set", "batch_size=16",

@@ -141,9 +141,12 @@ def test_a_failing_torchrun_command_names_the_command_and_its_exit_code(tmp_path
     assert str(tmp_path / "missing") in msg and any("missing" in ln for ln in lines)   # the workers' error, forwarded
 
 
-def test_commands_read_the_stage_configs_from_a_file(one_process, teacher, tmp_path, capsys):
+def test_commands_read_the_stage_configs_from_a_file(one_process, teacher, tmp_path, capsys, monkeypatch):
     """What the stage hands to torchrun: the typed config as JSON (--config), read back unchanged."""
     from pipeline.cli import main
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)                       # the dry runs' relative --out "u" must not appear here
     pairs_file = str(tmp_path / "pairs.json")
     (tmp_path / "pairs.json").write_text(PAIRS.generate_config("cpu").model_dump_json())
     assert main(["pairs", "generate-images", "--teacher", teacher, "--config", pairs_file, "--out", "u",
@@ -165,6 +168,7 @@ def test_commands_read_the_stage_configs_from_a_file(one_process, teacher, tmp_p
     assert main(["train-image", "--pairs", one_process["pairs"]["uri"], "--config", student_file,
                  "--preset", "cifar10-uncond", "--out", "u"]) == 1
     assert "give either --preset NAME or --config FILE" in capsys.readouterr().err
+    assert list(cwd.iterdir()) == []
 
 
 def test_flow_and_command_line_take_gpus(capsys):

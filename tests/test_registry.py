@@ -24,6 +24,7 @@ from pipeline.cli import main
 from pipeline.errors import KDMError
 from storage_schemas import (CheckerboardSpec, EDMNetConfig, FlowMatchingMLPConfig, TeacherManifest,
                              recipe_version, utc_now)
+from storage_schemas.distill_image import config_from_parameters
 from storage_schemas.kdm_image import SongUNetConfig
 from storage_schemas.registry import RegisteredTeacher, record_path
 
@@ -162,8 +163,6 @@ def test_edm_pickle_needs_its_sha256_pinned_and_is_imported_once(edm_pickle, tmp
 
 
 def test_register_at_s3_urls(tmp_path):
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
     from s3_server import moto_s3
     local = kdm_teacher(tmp_path / "t", seed=5)
     with moto_s3("kdm-registry") as fs:
@@ -465,8 +464,7 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
     for where, spec in specs.items():
         trig = DeploymentTriggerAdapter.validate_python(json.loads(json.dumps(spec)))
         assert isinstance(trig, DeploymentEventTrigger), where
-        if "kdm.teacher.registered" not in trig.expect:
-            continue
+        assert trig.expect == {"kdm.teacher.registered"}, where          # prefect.yaml's only triggers
         trig.set_deployment_id(uuid.uuid4())
         server_trigger = Automation.model_validate(trig.as_automation().model_dump(mode="json")).trigger
         params = trig.parameters
@@ -490,6 +488,7 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
     assert seen == {False, True}
     by_name = {d["name"]: d for d in doc["deployments"]}
     for name, cond in (("distill-cifar10", False), ("distill-cifar10-cond", True)):
+        assert name in by_name, f"prefect.yaml has no deployment {name!r}"
         assert by_name[name]["entrypoint"] == "flows/kdm.py:kdm" and by_name[name]["parameters"]["recipe"] == "cifar10"
         [t] = [t for t in by_name[name].get("triggers") or [] if "kdm.teacher.registered" in t["expect"]]
         assert t["match"]["kdm.teacher.conditional"] == str(cond).lower(), name

@@ -134,7 +134,8 @@ def test_stop_after_then_resume_matches_the_uninterrupted_run(run_a, pairs, tmp_
 
 CHILD = """
 import pathlib, sys, time
-from pipeline import presets, train
+from pipeline import presets
+from pipeline.training import train2d as train
 pairs, out, sentinel = sys.argv[1:4]
 cfg = presets.load("student", "smoke", sets={sets!r})
 def on_log(rec):
@@ -171,7 +172,12 @@ def test_sigkilled_run_resumes_to_bitwise_equal_weights(run_a, pairs, tmp_path):
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"torn")
 
-    train.train_student(pairs, student_cfg(), str(b), progress=False)
+    # the same run through `kdm train`: it says where it resumed
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--pairs", pairs, "--preset", "smoke",
+                          *[a for s in SETS for a in ("--set", s)], "--out", str(b), "-q"], cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[0] == f"resumed from its step-20 checkpoint in {b}"
     assert_same_result(run_a, b)
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-00000040", "step-00000060"]
 

@@ -132,7 +132,8 @@ def cmd_train(a) -> None:
     if a.dry_run:
         summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")
         return
-    train.train_student(a.pairs, cfg, a.out, progress=not a.quiet)
+    train.train_student(a.pairs, cfg, a.out, progress=not a.quiet,
+                        on_resume=lambda step: summary(f"resumed from its step-{step} checkpoint in {a.out}"))
     m = train.read_student_manifest(a.out)
     summary(f"student {m.version}: {m.steps_done} steps, {m.trainable_parameters} parameters, final losses "
             + ", ".join(f"{k}={v:.4g}" for k, v in m.final_losses.items()) + f" at {a.out}")

@@ -721,7 +721,9 @@ def cmd_train_image(a) -> None:
               f"{train_cfg.model_dump_json(indent=2)}", flush=True)
         return
     v = train_image_student(a.pairs, model_cfg, train_cfg, a.out, a.device, preset=preset,
-                            progress=not a.quiet, max_steps=a.max_steps)
+                            progress=not a.quiet, max_steps=a.max_steps,
+                            on_resume=lambda step: print(f"resumed from its step-{step} checkpoint in {a.out}",
+                                                         flush=True))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if artifacts.committed(a.out):
