@@ -206,6 +206,7 @@ def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
             assert im.format == "PNG" and im.width > 32
 
 
+@pytest.mark.gpu
 def test_gpu_stage_on_a_machine_without_gpu_is_a_clear_error(done, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")

@@ -24,7 +24,6 @@ from pipeline.cli import main
 from pipeline.errors import KDMError
 from storage_schemas import (CheckerboardSpec, EDMNetConfig, FlowMatchingMLPConfig, TeacherManifest,
                              recipe_version, utc_now)
-from storage_schemas.distill_image import config_from_parameters
 from storage_schemas.kdm_image import SongUNetConfig
 from storage_schemas.registry import RegisteredTeacher, record_path
 

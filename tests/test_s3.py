@@ -176,6 +176,7 @@ def assert_markers_last(rels: list[str], last: str) -> None:
 
 def test_teacher_student_and_evaluation_commit_their_data_before_the_manifest_or_report(s3, tmp_path):
     from pipeline import stages
+    from pipeline.recipes.checkerboard import Evaluation2D
     from pipeline.storage.checkpoints import STATE_FILE
     from pipeline.training import train2d
     from storage_schemas import Eval2DConfig
@@ -188,8 +189,10 @@ def test_teacher_student_and_evaluation_commit_their_data_before_the_manifest_or
         train2d.train_student(url("pairs", "order"), presets.load("student", "smoke", sets=[
             "train.steps=30", "train.checkpoint_every=10", "train.keep_checkpoints=2", "train.threads=1"]),
             student, progress=False)
-        ev = stages.stage_evaluate(url("root"), student, url("pairs", "order"),
-                                   Eval2DConfig(num_samples=50, swd_projections=8, plots=True))
+        cfg2d = presets.load("distill", "smoke", sets=[f"root={url('root')}"]).model_copy(
+            update={"evaluation": Eval2DConfig(num_samples=50, swd_projections=8, plots=True)})
+        ev = stages.run_stage(Evaluation2D(), cfg2d, {"student": student, "filter": url("pairs", "order")},
+                              stages.StageContext(progress_bars=False))
 
     rels = commit_order(keys, "teachers/order")
     assert "weights.safetensors" in rels
