@@ -158,9 +158,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
             # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
             # by the decoder, so the run is the same either way).
             out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
-                         generator=gens["noise"])
-            spectral = model.koopman.spectral_loss(cfg.model.spectral_loss) if cfg.model.spectral_loss != "none" else None
-            terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss, spectral=spectral)
+                         generator=gens["noise"], spectral=cfg.model.spectral_loss)
+            terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
