@@ -54,7 +54,6 @@ committed to ``<url>`` with its manifest last.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -584,18 +583,13 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
         if on_resume is not None and di.is_main:
             on_resume(step)
     metrics_path = run / checkpoints.METRICS_FILE
-    if di.is_main:
-        checkpoints.truncate_metrics(metrics_path, step)
-
     stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
-    t_start = t_last = time.time()
-    last_step = step
+    log = checkpoints.MetricsLog(metrics_path, step, tc.batch_size, write=di.is_main)
     final: dict[str, float] = {}
     bar = None
     if progress and di.is_main:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=step, desc="train-image", mininterval=1.0)
-    log = metrics_path.open("a") if di.is_main else None
     batches = iter(sampler)
     try:
         while step < stop:
@@ -604,17 +598,13 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             step += 1
             if step % tc.log_every == 0 or step == tc.steps:
                 losses = trainer.pop_metrics()
-                now = time.time()
-                rec = {"step": step, **{f"loss_{k}": v for k, v in losses.items() if k != "grad_norm"},
-                       "grad_norm": losses.get("grad_norm"), "nonfinite_steps": trainer.nonfinite_steps,
-                       "epoch": sampler.cursor.epoch,
-                       "pairs_per_s": (step - last_step) * tc.batch_size / max(now - t_last, 1e-9),
-                       "elapsed_s": now - t_start}
-                t_last, last_step = now, step
+                rec = log.record(step, {**{f"loss_{k}": v for k, v in losses.items() if k != "grad_norm"},
+                                        "grad_norm": losses.get("grad_norm"),
+                                        "nonfinite_steps": trainer.nonfinite_steps,
+                                        "epoch": sampler.cursor.epoch})
                 final = {k.removeprefix("loss_"): v for k, v in rec.items() if k.startswith("loss_")}
-                if log is not None:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+                if di.is_main:
+                    log.write(rec)
                     if on_log is not None:
                         on_log(rec)
                 if bar is not None and "total" in losses:
@@ -630,8 +620,7 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
         sampler.close()
         if bar is not None:
             bar.close()
-        if log is not None:
-            log.close()
+        log.close()
     if step < tc.steps:        # stopped by max_steps: resumable, not finished
         return version
 
@@ -647,7 +636,7 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             trainable_parameters=sum(p.numel() for p in trainer.params),
             discriminator_parameters=sum(p.numel() for p in trainer.disc.parameters()) if trainer.disc else 0,
             world_size=di.world_size, final_losses={k: float(v) for k, v in final.items()},
-            train_seconds=time.time() - t_start, code_version=code_version(), created=utc_now())
+            train_seconds=time.time() - log.t_start, code_version=code_version(), created=utc_now())
         artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
         if mirror is not None:
             mirror.commit(run, final_files=(weights.name, artifacts.MANIFEST))
