@@ -134,7 +134,8 @@ def test_stop_after_then_resume_matches_the_uninterrupted_run(run_a, pairs, tmp_
 
 CHILD = """
 import pathlib, sys, time
-from pipeline import presets, train
+from pipeline import presets
+from pipeline.training import train2d as train
 pairs, out, sentinel = sys.argv[1:4]
 cfg = presets.load("student", "smoke", sets={sets!r})
 def on_log(rec):
