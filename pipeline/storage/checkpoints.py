@@ -110,6 +110,16 @@ def load_object(ck: Path, name: str, map_location=None) -> Any:
     return torch.load(ck / f"{name}.pt", map_location=map_location, weights_only=True)
 
 
+def load_checkpoint(ck: Path, device, modules: Mapping[str, nn.Module],
+                    optimizers: Mapping[str, torch.optim.Optimizer] = {}) -> dict:
+    """Restore a trainer from checkpoint ``ck`` (the counterpart of ``save_checkpoint``): each module from
+    ``<name>.safetensors`` and each optimizer from ``<name>.pt``, onto ``device``; returns ``state.json``."""
+    load_modules(ck, modules, device)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(load_object(ck, name, map_location=device))
+    return read_state(ck)
+
+
 def read_state(ck: Path) -> dict:
     """``state.json`` of checkpoint ``ck``: the step and the trainer's extras."""
     return json.loads((ck / STATE_FILE).read_text())

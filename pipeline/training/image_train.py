@@ -440,12 +440,10 @@ class ImageTrainer:
         checkpoints.write_checkpoint_files(path, state, modules, objects)
 
     def load(self, path: Path) -> dict:
-        checkpoints.load_modules(path, {"model": self.model, "ema": self.ema}, self.device)
-        self.opt.load_state_dict(checkpoints.load_object(path, "optimizer", map_location=self.device))
+        modules, optimizers = {"model": self.model, "ema": self.ema}, {"optimizer": self.opt}
         if self.disc is not None:
-            checkpoints.load_modules(path, {"disc": self.disc}, self.device)
-            self.d_opt.load_state_dict(checkpoints.load_object(path, "disc_optimizer", map_location=self.device))
-        state = checkpoints.read_state(path)
+            modules["disc"], optimizers["disc_optimizer"] = self.disc, self.d_opt
+        state = checkpoints.load_checkpoint(path, self.device, modules, optimizers)
         rngs = checkpoints.load_object(path, "rng")["ranks"]
         if len(rngs) == self.dist.world_size:
             self.set_rng_state(rngs[self.dist.rank])

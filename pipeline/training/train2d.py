@@ -131,10 +131,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     step = 0
     ck = checkpoints.latest_checkpoint(run)
     if ck is not None:
-        checkpoints.load_modules(ck, {"model": model, "ema": ema}, device)
-        opt.load_state_dict(checkpoints.load_object(ck, "optimizer", map_location=device))
+        step = checkpoints.load_checkpoint(ck, device, {"model": model, "ema": ema}, {"optimizer": opt})["step"]
         _set_rng_states(gens, checkpoints.load_object(ck, "rng"))
-        step = checkpoints.read_state(ck)["step"]
         if on_resume is not None:
             on_resume(step)
     data = store.load(("x_T", "x_0"))
