@@ -58,6 +58,29 @@ def test_loss_decreases_on_a_tiny_overfit_problem():
     assert tr.nonfinite_steps == 0
 
 
+def test_the_step_runs_the_models_training_pass():
+    """The engine has no copy of the pass: its forward module is the model, and a step's losses are the
+    model's forward with the engine's noise draws (bitwise, in fp32 on the CPU)."""
+    import copy
+    import torch.nn.functional as F
+    unet = TINY.model_copy(update={"dropout": 0.0})
+    mc = model_cfg(unet=unet, distance="mse", label_dim=3, operator="factorized", spectral_loss="inverse",
+                   latent_proj_dim=16)
+    tr = ImageTrainer(mc, train_cfg(), CPU)
+    assert tr.forward_module is tr.model
+    model, gen = copy.deepcopy(tr.model), torch.Generator().set_state(tr.noise_gen.get_state())
+    xT, x0 = batch()
+    labels = torch.tensor([0, 1, 2, 1])
+    assert tr.train_step(xT, x0, labels)
+    eps = torch.randn((2, 4, model.latent_dim), generator=gen)
+    out = model(x0, xT, labels, eps0=eps[0], epsT=eps[1], spectral="inverse")
+    want = {"rec": F.mse_loss(out.x0_rec, x0), "lat": F.mse_loss(out.z_push, out.z0),
+            "pred": F.mse_loss(out.x0_push, x0), "spectral": out.spectral}
+    got = tr.pop_metrics()
+    for k, v in want.items():
+        assert got[k] == v.item(), k
+
+
 def test_bf16_step_conditional_and_kdm_f():
     cfg = model_cfg(label_dim=3, operator="factorized", spectral_loss="unit-disk-uniform", latent_proj_dim=16)
     tr = ImageTrainer(cfg, train_cfg(precision="bf16", channels_last=True), CPU)

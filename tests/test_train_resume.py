@@ -226,3 +226,17 @@ def test_pairs_of_another_dimension_are_refused(pairs, tmp_path):
     with pytest.raises(KDMError, match=r"model.dim=3 expects \(3,\)"):
         train.train_student(pairs, student_cfg("model.dim=3"), str(tmp_path / "d"), progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def test_metrics_log_truncates_at_the_resumed_step_and_appends_rate_and_time(tmp_path):
+    from pipeline.storage import checkpoints
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')   # torn last line
+    assert checkpoints.MetricsLog(path, 1, 8, write=False).record(2, {"x": 1})["step"] == 2
+    assert len(path.read_text().splitlines()) == 3                     # a non-writing process leaves it alone
+    with checkpoints.MetricsLog(path, 1, 8) as log:
+        rec = log.record(3, {"loss_total": 0.5, "epoch": 0})
+        log.write(rec)
+    assert list(rec) == ["step", "loss_total", "epoch", "pairs_per_s", "elapsed_s"]
+    assert rec["pairs_per_s"] > 0 and rec["elapsed_s"] >= 0
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 3]
