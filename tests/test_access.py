@@ -176,7 +176,6 @@ def test_every_location_field_of_a_config_is_checked(tmp_path):
 
 
 def test_the_image_distillation_config_fields_are_found():
-    pytest.importorskip("storage_schemas.distill_image")
     from storage_schemas.distill_image import DistillImageConfig
     fields = access.location_fields(DistillImageConfig(teacher_uri="/t"))
     assert {"root", "teacher_uri", "dataset.archive"} <= set(fields)
@@ -276,8 +275,6 @@ def test_an_imported_edm_pickle_and_a_flow_matching_teacher_verify(edm_pickle, t
 
 
 def test_verify_at_s3_urls(tmp_path):
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
     from s3_server import moto_s3
     local = kdm_teacher(tmp_path / "t", seed=9)
     with moto_s3("kdm-access") as fs:

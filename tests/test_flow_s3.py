@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
+import moto.server  # noqa: E402,F401  (test dependencies: make test installs them)
+import s3fs  # noqa: E402,F401
 
 from pipeline.storage import artifacts
 from pipeline import presets
