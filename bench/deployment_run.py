@@ -31,6 +31,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+STAGE_NAMES = {"dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation", "publish"}
 
 
 def free_port() -> int:
@@ -140,9 +141,12 @@ def main() -> int:
             "command": f"prefect deployment run {a.deployment} --params '{params}' --watch",
             "state": (parent.get("state") or {}).get("type"), "run_seconds": run_s,
             "setup_seconds": round(t_run - t0, 1),
-            "stages": {**{t["name"]: {"pool": "kdm-cpu (task)", "seconds": seconds(t)} for t in tasks},
-                       **{c["name"]: {"pool": c.get("work_pool_name"), "seconds": seconds(c),
-                                      "state": (c.get("state") or {}).get("type")} for c in children}},
+            # the parent's own stage tasks (named <stage>-<id>; the tasks that track subflow runs are left
+            # out) and the gpu-stage runs (named <stage>-<version>), in the order they started
+            "stages": {x["name"]: {"pool": x.get("work_pool_name") or "kdm-cpu (task of the flow)",
+                                   "seconds": seconds(x), "state": (x.get("state") or {}).get("type")}
+                       for x in sorted([t for t in tasks if t["name"].split("-")[0] in STAGE_NAMES] + children,
+                                       key=lambda x: x.get("start_time") or "")},
             "metrics": result,
             "artifacts": sorted({f"{x['type']}:{x.get('key') or '-'}" for x in arts}),
             "deployments": [ln.strip() for ln in deployments.splitlines() if "/" in ln],
