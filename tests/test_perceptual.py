@@ -191,3 +191,28 @@ def test_student_trains_with_it_and_names_it(trained, tmp_path):
     pv = PairStore.open(pairs).version
     assert image_run_version(pv, mc, tc.model_copy(update={"perceptual_net": str(moved)})) == v
     assert image_run_version(pv, mc.model_copy(update={"distance": "pseudo-huber"}), tc) != v
+
+
+def test_evaluation_notes_name_the_distance_and_refuse_the_extractor(trained):
+    from pipeline.evaluation import image_metrics as im
+    from storage_schemas.kdm_image import distance_label
+
+    class Student:                                    # the fields of an ImageStudentManifest the check reads
+        version = "kdm-img-test"
+        model = KDMImageConfig(distance="lpips-own")
+        distance_net = trained["manifest"].ref()
+        distance_name = None
+
+    fxm = trained["extractor_manifest"]
+    notes = im.training_distance_notes(Student, fxm)
+    assert notes == {"training_distance": f"lpips-own:{trained['manifest'].id}",
+                     "training_distance_net": trained["manifest"].ref().model_dump(mode="json")}
+    Student.distance_net = PerceptualNetRef(id=fxm.id, sha256=fxm.weights_sha256)
+    with pytest.raises(KDMError, match="metric's own features"):
+        im.training_distance_notes(Student, fxm)
+    Student.distance_net = None
+    with pytest.raises(KDMError, match="does not name the network"):
+        im.training_distance_notes(Student, fxm)
+    Student.model = KDMImageConfig(distance="pseudo-huber", pseudo_huber_c=0.03)
+    assert im.training_distance_notes(Student, fxm) == {"training_distance": "pseudo-huber(c=0.03)"}
+    assert distance_label(KDMImageConfig(distance="lpips")) == "lpips-vgg16"

@@ -645,6 +645,28 @@ def ratio(a: ImageMetric, b: ImageMetric) -> float:
     return a.value / b.value
 
 
+def training_distance_notes(student_manifest: Any, extractor: Any) -> dict[str, Any]:
+    """Report notes naming the student's training distance; refuses (KDMError) a student whose distance
+    ran on the evaluation extractor's network (``extractor``: its manifest, ExtractorRef or loaded extractor).
+
+    ``student_manifest``: an ``ImageStudentManifest``. Returns ``{"training_distance": name}`` plus, for
+    'lpips-own', ``{"training_distance_net": {"id", "sha256"}}``.
+    """
+    from storage_schemas.kdm_image import distance_label
+    net = getattr(student_manifest, "distance_net", None)
+    name = getattr(student_manifest, "distance_name", None) or distance_label(student_manifest.model, net)
+    notes: dict[str, Any] = {"training_distance": name}
+    if net is not None:
+        from pipeline.training.perceptual import check_independent
+        check_independent(net, extractor)
+        notes["training_distance_net"] = net.model_dump(mode="json")
+    elif student_manifest.model.distance == "lpips-own":
+        raise KDMError(f"student {student_manifest.version} was trained with distance 'lpips-own' but its manifest "
+                       f"does not name the network (distance_net): its independence from the evaluation extractor "
+                       f"cannot be checked")
+    return notes
+
+
 def make_report(metrics: Sequence[ImageMetric], plots: Optional[dict[str, str]] = None,
                 notes: Optional[dict[str, Any]] = None) -> ImageMetricReport:
     return ImageMetricReport(metrics=list(metrics), plots=plots or {}, notes=notes or {},
