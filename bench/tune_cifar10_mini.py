@@ -191,18 +191,19 @@ class Tuner:
 
     def perceptual(self) -> str:
         if self.perceptual_url is None:
-            from pipeline.training.perceptual import train_perceptual_net
-            from storage_schemas.perceptual import PerceptualNetTrainConfig
-            cfg = PerceptualNetTrainConfig(width=self.a.pnet_width, epochs=self.a.pnet_epochs, seed=self.a.pnet_seed)
-            url = str(Path(self.bench.root) / "perceptual-nets" / f"w{cfg.width}-e{cfg.epochs}-s{cfg.seed}")
+            from pipeline.training.perceptual import read_perceptual_manifest, stage_perceptual_net
+            from storage_schemas.perceptual import PerceptualNetTrainConfig, PerceptualStageConfig
+            cfg = PerceptualStageConfig(train=PerceptualNetTrainConfig(width=self.a.pnet_width,
+                                                                       epochs=self.a.pnet_epochs, seed=self.a.pnet_seed),
+                                        device=self.bench.device_kind)
             t = time.time()
-            m = train_perceptual_net(self.bench.ctx["dataset_url"], cfg, url,
-                                     extractor_uri=self.bench.ctx["extractor_url"], device=self.a.device,
-                                     progress=not self.a.quiet)
+            r = stage_perceptual_net(self.bench.root, self.bench.ctx["dataset_url"], cfg,
+                                     extractor_uri=self.bench.ctx["extractor_url"], progress=not self.a.quiet)
             self.perceptual_seconds = time.time() - t
+            m = read_perceptual_manifest(r["uri"])
             print(f"perceptual network {m.id}: test accuracy {m.test_accuracy}, trained in {m.train_seconds:.1f} s "
-                  f"on {m.device} ({self.perceptual_seconds:.1f} s this call)", flush=True)
-            self.perceptual_url = url
+                  f"on {m.device} ({self.perceptual_seconds:.1f} s this call, found: {r['skipped']})", flush=True)
+            self.perceptual_url = r["uri"]
         return self.perceptual_url
 
     def done(self) -> dict[str, dict]:

@@ -56,6 +56,15 @@ class PerceptualNetTrainConfig(Strict):
         return (w, 2 * w, 4 * w, 8 * w)
 
 
+class PerceptualStageConfig(Strict):
+    """The perceptual-network stage: trained on the dataset's train split (like the extractor stage)."""
+
+    train: PerceptualNetTrainConfig = PerceptualNetTrainConfig()
+    train_images: Optional[int] = Field(None, ge=2, description="evenly spaced subset of the train split "
+                                                                "(None: all of it)")
+    device: Literal["cpu", "cuda"] = Field("cuda", description="where it trains")
+
+
 class PerceptualNetRef(Strict):
     """The network a student's ``lpips-own`` distance ran on, pinned by the sha256 of its weights file."""
 

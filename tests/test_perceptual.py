@@ -216,3 +216,23 @@ def test_evaluation_notes_name_the_distance_and_refuse_the_extractor(trained):
     Student.model = KDMImageConfig(distance="pseudo-huber", pseudo_huber_c=0.03)
     assert im.training_distance_notes(Student, fxm) == {"training_distance": "pseudo-huber(c=0.03)"}
     assert distance_label(KDMImageConfig(distance="lpips")) == "lpips-vgg16"
+
+
+def test_stage_trains_once_on_a_prepared_dataset(tmp_path, trained):
+    from image_fixtures import image_folder, write_archive
+    from pipeline.data.datasets import prepare_image_dataset
+    from storage_schemas.perceptual import PerceptualStageConfig
+    members, _ = image_folder(np.random.default_rng(0), classes=("a", "b"), per_class={"train": 8, "test": 2},
+                              size=8)
+    ds = str(tmp_path / "ds")
+    prepare_image_dataset(str(write_archive(tmp_path / "a.tar.gz", members)), ds, chunk_size=8, progress=False)
+    cfg = PerceptualStageConfig(train=TINY.model_copy(update={"epochs": 1, "batch_size": 8}), device="cpu")
+    r = pt.stage_perceptual_net(str(tmp_path / "root"), ds, cfg, progress=False)
+    assert not r["skipped"] and r["uri"].endswith(r["version"]) and "perceptual-nets" in r["uri"]
+    assert r["train_images"] == 16 and r["id"].startswith("pnet-")
+    again = pt.stage_perceptual_net(str(tmp_path / "root"), ds, cfg, progress=False)
+    assert again["skipped"] and again["id"] == r["id"]
+    assert pt.load_perceptual_distance(r["uri"]).net_id == r["id"]
+    with pytest.raises(KDMError, match="another seed|seed 0"):   # checked against the extractor when named
+        pt.stage_perceptual_net(str(tmp_path / "root"), ds, cfg.model_copy(update={"train": TINY.model_copy(
+            update={"seed": 0, "epochs": 1, "batch_size": 8})}), extractor_uri=trained["extractor"])

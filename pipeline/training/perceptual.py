@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from models.perceptual import OwnLPIPS, PerceptualConvNet
 from storage_schemas import code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.perceptual import (PERCEPTUAL_FORMAT, PerceptualNetManifest, PerceptualNetRef,
-                                        PerceptualNetTrainConfig)
+                                        PerceptualNetTrainConfig, PerceptualStageConfig)
 from storage_schemas.protocol import ExtractorRef, FeatureExtractorManifest
 
 from pipeline.devices import resolve_device
@@ -172,6 +172,43 @@ def train_perceptual_net(dataset_uri: str, cfg: PerceptualNetTrainConfig, out: s
     return train_perceptual_net_arrays(x, y, cfg, out, test_images=xt, test_labels=yt,
                                        dataset_id=fx.dataset_id_of(ds, dataset_uri), extractor=ext, device=device,
                                        progress=progress)
+
+
+# ----------------------------------------------------------------------------- stage
+
+def perceptual_stage_version(dataset_content_hash: str, cfg: PerceptualStageConfig) -> str:
+    """Where the stage keeps the network: ``<root>/perceptual-nets/<this>`` (no work done to compute it)."""
+    return "pnet-" + stable_hash(recipe_version(), "perceptual-net-stage", dataset_content_hash, cfg.train,
+                                 cfg.train_images)
+
+
+def stage_perceptual_net(root: str, dataset_uri: str, cfg: PerceptualStageConfig, extractor_uri: Optional[str] = None,
+                         progress: bool = False) -> dict:
+    """The perceptual network at ``<root>/perceptual-nets/<version>`` (found again when it exists), trained
+    on the train split of the prepared dataset at ``dataset_uri`` and checked against the evaluation
+    extractor at ``extractor_uri``. Returns what the recipe passes on: ``uri`` (-> the student stage's
+    ``train.perceptual_net``), ``id``, ``sha256``, ``skipped``, ``test_accuracy``, ``trained_on``."""
+    from pipeline.data.datasets import open_image_dataset
+    ds = open_image_dataset(dataset_uri)
+    version = perceptual_stage_version(ds.manifest.content_hash, cfg)
+    out = artifacts.join(root, "perceptual-nets", version)
+    ext = fx.read_extractor_manifest(extractor_uri) if extractor_uri else None
+    skipped = artifacts.committed(out)
+    if skipped:
+        m = read_perceptual_manifest(out)
+        if ext is not None:
+            check_independent(m, ext)
+    else:
+        resolve_device(cfg.device)
+        x, y = ds.load("train")
+        n = len(x)
+        idx = (np.arange(n) if cfg.train_images is None or cfg.train_images >= n
+               else np.linspace(0, n - 1, cfg.train_images).round().astype(np.int64))
+        xt, yt = ds.load("test") if "test" in ds.manifest.splits else (None, None)
+        m = train_perceptual_net_arrays(x[idx], y[idx], cfg.train, out, test_images=xt, test_labels=yt,
+                                        dataset_id=ds.version, extractor=ext, device=cfg.device, progress=progress)
+    return {"uri": out, "version": version, "id": m.id, "sha256": m.weights_sha256, "skipped": skipped,
+            "test_accuracy": m.test_accuracy, "train_images": m.train_images, "trained_on": m.device}
 
 
 # ----------------------------------------------------------------------------- loading
