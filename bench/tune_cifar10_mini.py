@@ -253,10 +253,7 @@ class Tuner:
         row.update(evaluation_seconds=time.time() - t, evaluation=ev["uri"], fd_ratio=ev["fd_ratio"], mse=ev["mse"],
                    fd_teacher=ev.get("fd_teacher"), fd_student=ev.get("fd_student"))
         report = im.read_report(artifacts.join(ev["uri"], im.REPORT))
-        for m in report.metrics:
-            for kind in ("Precision", "Recall"):
-                if m.name.startswith(f"{kind}-") and m.subject in ("teacher", "student"):
-                    row[f"{kind.lower()}_{m.subject}"] = m.value
+        row.update(im.precision_recall_summary(report.metrics))
         row["status"] = "ok"
         return row
 

@@ -190,6 +190,8 @@ def test_precision_recall_in_the_report_with_their_protocol(tmp_path):
     with pytest.raises(ProtocolMismatch, match="pr_k"):
         im.ratio(s[1], k5[1])
     assert "Precision-meancolour-v1" in im.metrics_markdown(t)
+    assert im.precision_recall_summary(t + s) == {"precision_teacher": tp, "recall_teacher": tr,
+                                                  "precision_student": sp, "recall_student": s[2].value}
     assert im.metric_names("x")["recall"] == "Recall-x"
     with pytest.raises(ValueError, match="names extractor"):
         im.ImageMetric(name="Precision-other", value=1.0, subject="s", protocol=t[1].protocol)

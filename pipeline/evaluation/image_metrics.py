@@ -645,6 +645,17 @@ def ratio(a: ImageMetric, b: ImageMetric) -> float:
     return a.value / b.value
 
 
+def precision_recall_summary(metrics: Iterable[ImageMetric]) -> dict[str, float]:
+    """``{"precision_<subject>": value, "recall_<subject>": value}`` of the Precision-* / Recall-* metrics
+    (e.g. for an evaluation manifest's summary beside fd_teacher / fd_student)."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        for kind in ("Precision", "Recall"):
+            if m.name.startswith(f"{kind}-"):
+                out[f"{kind.lower()}_{m.subject}"] = m.value
+    return out
+
+
 def training_distance_notes(student_manifest: Any, extractor: Any) -> dict[str, Any]:
     """Report notes naming the student's training distance; refuses (KDMError) a student whose distance
     ran on the evaluation extractor's network (``extractor``: its manifest, ExtractorRef or loaded extractor).

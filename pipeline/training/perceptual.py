@@ -158,15 +158,26 @@ def train_perceptual_net_arrays(images: np.ndarray, labels: np.ndarray, cfg: Per
     return manifest
 
 
+def evenly_spaced(n: int, k: Optional[int]) -> np.ndarray:
+    """Indices of an evenly spaced subset of k of n items (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.linspace(0, n - 1, k).round().astype(np.int64)
+
+
 def train_perceptual_net(dataset_uri: str, cfg: PerceptualNetTrainConfig, out: str, *,
                          extractor_uri: Optional[str] = None, device: str = "cuda", test_split: Optional[str] = "test",
-                         progress: bool = True) -> PerceptualNetManifest:
-    """``train_perceptual_net_arrays`` on the 'train' split of a prepared dataset (``pipeline.data.datasets``),
-    tested on ``test_split``, checked against the evaluation extractor at ``extractor_uri`` when given."""
+                         train_images: Optional[int] = None, progress: bool = True) -> PerceptualNetManifest:
+    """``train_perceptual_net_arrays`` on the 'train' split of a prepared dataset (``pipeline.data.datasets``;
+    an evenly spaced subset of ``train_images`` when given), tested on ``test_split`` when the dataset has
+    it, checked against the evaluation extractor at ``extractor_uri`` when given."""
     ds = fx._open_image_dataset(dataset_uri)
     x, y = fx.dataset_split_arrays(ds, "train")
+    idx = evenly_spaced(len(x), train_images)
+    x, y = x[idx], y[idx]
     xt = yt = None
-    if test_split:
+    splits = getattr(getattr(ds, "manifest", None), "splits", None)
+    if test_split and (splits is None or test_split in splits):
         xt, yt = fx.dataset_split_arrays(ds, test_split)
     ext = fx.read_extractor_manifest(extractor_uri) if extractor_uri else None
     return train_perceptual_net_arrays(x, y, cfg, out, test_images=xt, test_labels=yt,
@@ -192,23 +203,22 @@ def stage_perceptual_net(root: str, dataset_uri: str, cfg: PerceptualStageConfig
     ds = open_image_dataset(dataset_uri)
     version = perceptual_stage_version(ds.manifest.content_hash, cfg)
     out = artifacts.join(root, "perceptual-nets", version)
-    ext = fx.read_extractor_manifest(extractor_uri) if extractor_uri else None
     skipped = artifacts.committed(out)
     if skipped:
-        m = read_perceptual_manifest(out)
-        if ext is not None:
-            check_independent(m, ext)
+        if extractor_uri:
+            check_independent(read_perceptual_manifest(out), fx.read_extractor_manifest(extractor_uri))
     else:
         resolve_device(cfg.device)
-        x, y = ds.load("train")
-        n = len(x)
-        idx = (np.arange(n) if cfg.train_images is None or cfg.train_images >= n
-               else np.linspace(0, n - 1, cfg.train_images).round().astype(np.int64))
-        xt, yt = ds.load("test") if "test" in ds.manifest.splits else (None, None)
-        m = train_perceptual_net_arrays(x[idx], y[idx], cfg.train, out, test_images=xt, test_labels=yt,
-                                        dataset_id=ds.version, extractor=ext, device=cfg.device, progress=progress)
-    return {"uri": out, "version": version, "id": m.id, "sha256": m.weights_sha256, "skipped": skipped,
-            "test_accuracy": m.test_accuracy, "train_images": m.train_images, "trained_on": m.device}
+        train_perceptual_net(dataset_uri, cfg.train, out, extractor_uri=extractor_uri, device=cfg.device,
+                             train_images=cfg.train_images, progress=progress)
+    return {**perceptual_summary(out), "version": version, "skipped": skipped}
+
+
+def perceptual_summary(out: str) -> dict:
+    """Small dict of a committed perceptual network: uri, id, sha256, test accuracy, training images, device."""
+    m = read_perceptual_manifest(out)
+    return {"uri": out, "id": m.id, "sha256": m.weights_sha256, "test_accuracy": m.test_accuracy,
+            "train_images": m.train_images, "trained_on": m.device}
 
 
 # ----------------------------------------------------------------------------- loading
