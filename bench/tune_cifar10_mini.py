@@ -195,7 +195,7 @@ class Tuner:
             from storage_schemas.perceptual import PerceptualNetTrainConfig, PerceptualStageConfig
             cfg = PerceptualStageConfig(train=PerceptualNetTrainConfig(width=self.a.pnet_width,
                                                                        epochs=self.a.pnet_epochs, seed=self.a.pnet_seed),
-                                        device=self.bench.device_kind)
+                                        train_images=self.a.pnet_images, device=self.bench.device_kind)
             t = time.time()
             r = stage_perceptual_net(self.bench.root, self.bench.ctx["dataset_url"], cfg,
                                      extractor_uri=self.bench.ctx["extractor_url"], progress=not self.a.quiet)
@@ -312,6 +312,7 @@ def parse(argv=None):
     p.add_argument("--pnet-width", type=int, default=32)
     p.add_argument("--pnet-epochs", type=int, default=16)
     p.add_argument("--pnet-seed", type=int, default=1, help="must differ from the extractor's seed (--seed)")
+    p.add_argument("--pnet-images", type=int, default=None, help="train it on N train images (default: all)")
     p.add_argument("--mini-arg", action="append", default=[], metavar="ARG",
                    help="passed on to bench/cifar10_mini.py's options (e.g. --mini-arg=--extractor-epochs=1)")
     p.add_argument("--dry-run", action="store_true", help="validate every configuration and print them")
