@@ -14,8 +14,9 @@ artifacts are shared with a mini run at the same ``--root`` and found again inst
 2. once, when a configuration uses ``lpips-own``: the perceptual network
    (``pipeline.training.perceptual.train_perceptual_net``, checked against the extractor: another
    architecture, seed and weights);
-3. per configuration: a student (``stage_image_student``; sized to ``--student-seconds`` by timing 80 steps
-   first, like the mini benchmark, or ``--student-steps``) and its evaluation (``stage_image_evaluate``:
+3. per configuration: a student (``train_image_student`` at the student stage's content-addressed location;
+   sized to ``--student-seconds`` by timing 80 steps first, like the mini benchmark, or ``--student-steps``)
+   and its evaluation (the evaluation stage's ``evaluate_image``:
    FD-<extractor id> of teacher and student on the held-out seeds vs the train split, their ratio, MSE,
    precision / recall with k = 3), then one row appended to ``OUT/tune.jsonl`` and ``OUT/tune.md``.
 
@@ -132,6 +133,21 @@ def model_and_train(c: Config, steps: int, seed: int, device_kind: str, perceptu
     return model, train
 
 
+def _evaluation_functions():
+    """(evaluate_image, evaluation_version_of) wherever the evaluation stage's code lives."""
+    try:
+        from pipeline.evaluation.evaluate_image import evaluate_image, evaluation_version_of
+    except ImportError:
+        from pipeline.stages_image import _evaluation_version_of as evaluation_version_of
+        from pipeline.stages_image import evaluate_image
+    return evaluate_image, evaluation_version_of
+
+
+def _extractor_manifest(url: str):
+    from pipeline.evaluation import features
+    return features.read_extractor_manifest(url)
+
+
 def gpu_name() -> str:
     try:
         import torch
@@ -226,34 +242,44 @@ class Tuner:
     def run_config(self, c: Config) -> dict:
         from pipeline.evaluation import image_metrics as im
         from pipeline.storage import artifacts
-        from pipeline.stages_image import stage_image_evaluate, stage_image_student
-        from pipeline.training.image_train import read_image_student_manifest
-        from storage_schemas.distill_image import ImageEvalStageConfig, ImageStudentStageConfig
+        from pipeline.storage.pairstore import PairStore
+        from pipeline.training.image_train import image_run_version, read_image_student_manifest, train_image_student
+        from storage_schemas.distill_image import ImageEvalStageConfig
+        evaluate_image, evaluation_version_of = _evaluation_functions()
         ctx = self.bench.ctx
         row: dict[str, Any] = {"name": c.name, "config": c.settings(), "gpu": gpu_name(),
                                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
         pnet = self.perceptual() if c.distance == "lpips-own" else None
         steps, rate = self.steps_for(c, pnet)
         model, train = model_and_train(c, steps, self.a.seed, self.bench.device_kind, pnet)
+        # The student and evaluation stages' own functions and artifact locations (content-addressed).
+        pairs = ctx["pairs_url"]
+        student = artifacts.join(self.bench.root, "students",
+                                 image_run_version(PairStore.open(pairs).version, model, train))
+        skipped = artifacts.committed(student)
         t = time.time()
         logs: list[dict] = []
-        r = stage_image_student(self.bench.root, ctx["pairs_url"],
-                                ImageStudentStageConfig(preset=f"cifar10-mini-tune-{c.name}", model=model, train=train),
-                                self.a.device, progress=not self.a.quiet, on_log=logs.append)
+        train_image_student(pairs, model, train, student, device=self.a.device, preset=f"cifar10-mini-tune-{c.name}",
+                            progress=not self.a.quiet, on_log=logs.append)
         row.update(steps=steps, calibrated_pairs_per_s=rate, ema_decay=train.ema_decay,
-                   student_seconds=time.time() - t, student=r["uri"], student_skipped=r["skipped"],
+                   student_seconds=time.time() - t, student=student, student_skipped=skipped,
                    perceptual_seconds=self.perceptual_seconds if pnet else None,
                    loss_last=logs[-1] if logs else None)
-        sm = read_image_student_manifest(r["uri"])
+        sm = read_image_student_manifest(student)
         row["distance_name"] = sm.distance_name
         t = time.time()
         cfg = ImageEvalStageConfig(kid_subsets=self.a.kid_subsets, reference_images=self.a.reference_images)
-        ev = stage_image_evaluate(self.bench.root, ctx["dataset_url"], ctx["extractor_url"], ctx["pairs_url"],
-                                  r["uri"], cfg, self.a.device)
-        row.update(evaluation_seconds=time.time() - t, evaluation=ev["uri"], fd_ratio=ev["fd_ratio"], mse=ev["mse"],
-                   fd_teacher=ev.get("fd_teacher"), fd_student=ev.get("fd_student"))
-        report = im.read_report(artifacts.join(ev["uri"], im.REPORT))
+        ev_out = artifacts.join(self.bench.root, "evaluations", evaluation_version_of(
+            ctx["dataset_url"], ctx["extractor_url"], pairs, student, cfg))
+        m, _ = evaluate_image(ev_out, ctx["dataset_url"], ctx["extractor_url"], pairs, student, cfg, self.a.device,
+                              self.bench.root)
+        row.update(evaluation_seconds=time.time() - t, evaluation=ev_out, fd_ratio=m.summary["fd_ratio"],
+                   mse=m.summary["mse"], fd_teacher=m.summary.get("fd_teacher"),
+                   fd_student=m.summary.get("fd_student"))
+        report = im.read_report(artifacts.join(ev_out, im.REPORT))
         row.update(im.precision_recall_summary(report.metrics))
+        fxm = _extractor_manifest(ctx["extractor_url"])
+        row["training_distance"] = im.training_distance_notes(sm, fxm)     # refuses the extractor's own network
         row["status"] = "ok"
         return row
 
