@@ -18,6 +18,13 @@ LPIPS never downloads anything and never runs with random trunk weights: the tor
 ImageNet weights are read from ``vgg16_weights`` (argument), else ``$KDM_VGG16_WEIGHTS``, else torch
 hub's cache file ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``; a missing file or package raises
 ``DistanceUnavailable`` naming what to provide. The linear heads ship inside the ``lpips`` package.
+
+* ``lpips-own``: LPIPS's structure (unit-normalised features of 4 layers, squared differences summed
+  over channels, spatial mean; *uniform* heads, mean over layers) on a small VGG-style CIFAR network the
+  pipeline trains itself (``models.perceptual.OwnLPIPS``; ``pipeline.training.perceptual`` trains and
+  loads it). Needs no download: the weights are an artifact whose URI is ``train.perceptual_net``. It
+  is another network (architecture, seed, weights) than the evaluation's FD/KID extractor, so that a
+  student is never trained on the metric's own features; reports name it ``lpips-own:<network id>``.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-DISTANCES = ("mse", "pseudo-huber", "lpips")
+DISTANCES = ("mse", "pseudo-huber", "lpips", "lpips-own")
 PSEUDO_HUBER_C = 0.03
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
@@ -159,10 +166,13 @@ def load_trunk_weights(trunk: nn.Module, state: dict, source: Path, n_convs: int
 
 
 def make_distance(name: str, pseudo_huber_c: float = PSEUDO_HUBER_C,
-                  vgg16_weights: Optional[str | os.PathLike] = None) -> Distance:
+                  vgg16_weights: Optional[str | os.PathLike] = None,
+                  perceptual_net: Optional[nn.Module] = None) -> Distance:
     """The distance called ``name`` (one of DISTANCES) as a callable (x, y) -> (B,).
 
-    'lpips' returns an ``nn.Module`` (move it to the training device); the others are plain functions.
+    'lpips' and 'lpips-own' return an ``nn.Module`` (move it to the training device); the others are
+    plain functions. 'lpips-own' needs ``perceptual_net``: an ``OwnLPIPS`` (as
+    ``pipeline.training.perceptual.load_perceptual_distance`` returns) or a bare ``PerceptualConvNet``.
     """
     if name == "mse":
         return mse
@@ -173,4 +183,13 @@ def make_distance(name: str, pseudo_huber_c: float = PSEUDO_HUBER_C,
         return lambda x, y: pseudo_huber(x, y, c)
     if name == "lpips":
         return LPIPSDistance(vgg16_weights)
+    if name == "lpips-own":
+        from models.perceptual import OwnLPIPS
+        if perceptual_net is None:
+            raise DistanceUnavailable(
+                "distance 'lpips-own' needs the pipeline's perceptual network: train it with "
+                "pipeline.training.perceptual.train_perceptual_net(dataset_uri, cfg, out) (or `python -m "
+                "pipeline.training.perceptual --dataset DATASET --out URI`) and set train.perceptual_net to that "
+                "URI, or choose distance 'pseudo-huber'")
+        return perceptual_net if isinstance(perceptual_net, OwnLPIPS) else OwnLPIPS(perceptual_net)
     raise ValueError(f"unknown distance {name!r}; valid: {', '.join(DISTANCES)}")

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from .common import SCHEMA_VERSION, Strict
+from .perceptual import PerceptualNetRef
 
 
 class SongUNetConfig(Strict):
@@ -64,8 +65,10 @@ class KDMImageConfig(Strict):
     latent_noise: float = Field(0.4, ge=0, description="std of the Gaussian noise added to z_0 and z_T in training")
     noise_scale: float = Field(80.0, gt=0, description="x_T = noise_scale * eps (EDM sigma_max)")
     time_T: float = Field(1.0, description="constant time input of E_varphi (E_phi and D_psi get 0)")
-    distance: Literal["pseudo-huber", "lpips", "mse"] = Field(
-        "lpips", description="d(x_0, x_hat) of L_rec and L_pred; L_lat is always MSE")
+    distance: Literal["pseudo-huber", "lpips", "mse", "lpips-own"] = Field(
+        "lpips", description="d(x_0, x_hat) of L_rec and L_pred; L_lat is always MSE. 'lpips' is LPIPS-VGG16 "
+                             "(ImageNet weights needed); 'lpips-own' the LPIPS-style distance on the pipeline's own "
+                             "perceptual network (train.perceptual_net), never the evaluation's FD extractor")
     pseudo_huber_c: float = Field(0.03, gt=0)
     adv_weight: float = Field(0.01, ge=0, description="weight of the generator's adversarial term; 0 disables D")
 
@@ -123,6 +126,10 @@ class ImageTrainConfig(Strict):
     read_threads: int = Field(8, ge=1, description="threads reading pair-store chunks")
     vgg16_weights: Optional[str] = Field(
         None, description="VGG16 ImageNet weights for distance 'lpips' (default: torch hub's cache file)")
+    perceptual_net: Optional[str] = Field(
+        None, description="URI of the perceptual network artifact for distance 'lpips-own' "
+                          "(pipeline.training.perceptual.train_perceptual_net); the run version pins the network "
+                          "by its id and weights sha256, not by this location")
 
     @model_validator(mode="after")
     def _graphs_need_cuda(self):
@@ -137,7 +144,7 @@ class ImageTrainConfig(Strict):
 # Fields that change speed or bookkeeping, not the trained weights' recipe (left out of run versions).
 IMAGE_TRAIN_RUNTIME_FIELDS = frozenset({"device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
                                         "compile", "cuda_graphs", "read_threads",
-                                        "vgg16_weights"})
+                                        "vgg16_weights", "perceptual_net"})
 
 
 class ImageStudentManifest(Strict):
@@ -159,11 +166,27 @@ class ImageStudentManifest(Strict):
     weights_are_ema: bool = True
     trainable_parameters: int
     discriminator_parameters: int = 0
+    distance_name: Optional[str] = Field(
+        None, description="the training distance as reports name it, e.g. 'pseudo-huber(c=0.03)', 'lpips-vgg16', "
+                          "'lpips-own:<network id>'")
+    distance_net: Optional[PerceptualNetRef] = Field(
+        None, description="distance 'lpips-own': the perceptual network (id, weights sha256) it ran on")
     world_size: int = 1
     final_losses: dict[str, float]
     train_seconds: float
     code_version: str
     created: str
+
+
+def distance_label(model: KDMImageConfig, net: Optional[PerceptualNetRef] = None) -> str:
+    """The training distance as manifests and reports name it ('lpips-own:<network id>' for the own network)."""
+    if model.distance == "pseudo-huber":
+        return f"pseudo-huber(c={model.pseudo_huber_c:g})"
+    if model.distance == "lpips":
+        return "lpips-vgg16"
+    if model.distance == "lpips-own":
+        return f"lpips-own:{net.id if net is not None else '?'}"
+    return model.distance
 
 
 def _variant(base: KDMImageConfig, **changes) -> KDMImageConfig:

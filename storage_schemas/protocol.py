@@ -12,6 +12,9 @@ Metric names say which network made them:
 * ``FD-<extractor id>``, ``KID-<extractor id>``: Frechet distance / kernel inception-style distance on
   the features of any other network (e.g. the offline classifier trained by ``pipeline.evaluation.features``).
   Such numbers are *not* FIDs and are never named so; extractor ids may not contain "fid".
+* ``Precision-<extractor id>``, ``Recall-<extractor id>``: improved precision and recall (Kynkaanniemi et
+  al. 2019) with ``pr_k`` nearest neighbours (3) on the same features, under the same distribution protocol
+  (the reference split's features are the real set, the generated images the fake set).
 * ``MSE``, ``LPIPS-vgg``, ``LPIPS-alex``: student vs teacher on the same noise (paired protocol).
 
 Quantisation is EDM's (``generate.py`` / ``fid.py``): ``uint8(clip(x * 127.5 + 128, 0, 255))``; the
@@ -120,6 +123,7 @@ class EvalProtocol(Strict):
     kid_subset_size: int = Field(1000, ge=2)
     kid_seed: int = 0
     is_splits: int = Field(10, ge=1)
+    pr_k: int = Field(3, ge=1, description="precision / recall: k of the k-NN radii (Kynkaanniemi et al.: 3)")
 
     @model_validator(mode="before")
     @classmethod
@@ -152,7 +156,9 @@ class EvalProtocol(Strict):
 
 def _fields_for(name: str) -> set[str]:
     """Protocol fields that cannot change a value of the metric called ``name`` (ignored when comparing)."""
-    ignore = {"kid_subsets", "kid_subset_size", "kid_seed", "is_splits"}
+    ignore = {"kid_subsets", "kid_subset_size", "kid_seed", "is_splits", "pr_k"}
+    if name.startswith(("Precision-", "Recall-")):
+        ignore -= {"pr_k"}
     if name == "KID" or name.startswith("KID-"):
         ignore -= {"kid_subsets", "kid_subset_size", "kid_seed"}
     if name == "IS":
@@ -181,13 +187,13 @@ class ImageMetric(Strict):
                                  f"protocol; features of {fx.id if fx else 'no extractor'!r} are reported as "
                                  f"FD-<extractor id> / KID-<extractor id>")
             return self
-        m = re.fullmatch(r"(FD|KID)-(.+)", n)
+        m = re.fullmatch(r"(FD|KID|Precision|Recall)-(.+)", n)
         if m:
             if p.kind != "distribution" or fx is None:
                 raise ValueError(f"{n} needs a distribution protocol with a feature extractor")
             if m.group(2) != fx.id:
                 raise ValueError(f"metric {n} names extractor {m.group(2)!r} but the protocol's extractor is {fx.id!r}")
-            if fx.is_inception:
+            if fx.is_inception and m.group(1) in ("FD", "KID"):
                 raise ValueError(f"Inception features are reported as {'FID' if m.group(1) == 'FD' else 'KID'}, not {n}")
             return self
         if n in PAIRED_METRICS:
@@ -200,7 +206,7 @@ class ImageMetric(Strict):
                                  f"'lpips-{n.split('-', 1)[1]}-...'")
             return self
         raise ValueError(f"unknown metric name {n!r}: use FID, KID, IS, FD-<extractor id>, KID-<extractor id>, "
-                         f"MSE, LPIPS-vgg or LPIPS-alex")
+                         f"Precision-<extractor id>, Recall-<extractor id>, MSE, LPIPS-vgg or LPIPS-alex")
 
 
 class ImageMetricReport(Strict):

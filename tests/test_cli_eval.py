@@ -46,11 +46,11 @@ def test_metrics_compare_refuses_other_protocols(tmp_path, capsys):
     args = p.parse_args(["metrics", "compare", a, b])
     args.fn(args)
     out = capsys.readouterr().out
-    assert "| FD-means-v1 |" in out and "0 refused" in out
+    assert "| FD-means-v1 |" in out and "| Precision-means-v1 |" in out and "0 refused" in out
     args = p.parse_args(["metrics", "compare", a, c])
     args.fn(args)
     out = capsys.readouterr().out
-    assert "not comparable" in out and "seeds.start" in out and "1 refused" in out
+    assert "not comparable" in out and "seeds.start" in out and "3 refused" in out   # FD, precision, recall
     args = p.parse_args(["metrics", "show", str(tmp_path / "a")])
     args.fn(args)
     assert "FD-means-v1" in capsys.readouterr().out

@@ -38,7 +38,7 @@ def test_mse_and_pseudo_huber_exact_values():
         make_distance("l1")
     with pytest.raises(ValueError, match="shape"):
         mse(x, y[:1])
-    assert set(DISTANCES) == {"mse", "pseudo-huber", "lpips"}
+    assert set(DISTANCES) == {"mse", "pseudo-huber", "lpips", "lpips-own"}
 
 
 def test_distances_are_differentiable():

@@ -130,7 +130,7 @@ def test_offline_metric_names_never_say_fid(tmp_path):
     ref = im.reference_stats(images(200), dataset_id="toy", split="train", extractor=fx, root=str(tmp_path))
     ms = im.distribution_metrics(images(100, seed=1), fx, ref, subject="student", kid_subsets=5, kid_subset_size=50)
     names = [m.name for m in ms]
-    assert names == ["FD-meancolour-v1", "KID-meancolour-v1"]
+    assert names == ["FD-meancolour-v1", "KID-meancolour-v1", "Precision-meancolour-v1", "Recall-meancolour-v1"]
     assert not any("FID" in n.upper() for n in names)
     report = im.make_report(ms)
     path = im.write_report(report, str(tmp_path / "eval"))
@@ -141,6 +141,60 @@ def test_offline_metric_names_never_say_fid(tmp_path):
     p = ms[0].protocol
     assert p.reference.id == ref.manifest.id and p.reference.sha256 == ref.manifest.stats_sha256
     assert p.feature_extractor == fx.ref and p.num_samples == 100 and p.seeds == SeedRange(start=0, stop=100)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _blob(n, centre, seed, d=8):
+    return np.random.default_rng(seed).normal(size=(n, d)) + centre
+
+
+def test_precision_recall_known_answers():
+    a = _blob(60, 0.0, 0)
+    # identical sets: every point lies on (inside) its own sphere
+    assert im.precision_recall(a, a.copy(), k=3) == (1.0, 1.0)
+    # disjoint sets far apart: no fake point near any real sphere and vice versa
+    assert im.precision_recall(a, _blob(50, 1000.0, 1), k=3) == (0.0, 0.0)
+    # fake = a subset of real (one of two far clusters): precision 1, recall about one half
+    b = _blob(60, 500.0, 2)
+    real = np.concatenate([a, b])
+    p, r = im.precision_recall(real, a[:40], k=3)
+    assert p == 1.0 and r < 1.0 and r == pytest.approx(0.5, abs=0.1)
+    # the real radii can be passed in (cached per reference) with the same answer
+    radii = im.knn_sq_radii(real, 3)
+    assert radii.shape == (120,) and (radii > 0).all()
+    assert im.precision_recall(real, a[:40], k=3, real_sq_radii=radii) == (p, r)
+    # k-th neighbour excludes the point itself: 4 collinear points at 0, 1, 3, 7 with k=1 -> 1, 1, 2, 4
+    line = np.array([[0.0], [1.0], [3.0], [7.0]])
+    assert np.allclose(im.knn_sq_radii(line, 1), [1.0, 1.0, 4.0, 16.0])
+    with pytest.raises(ValueError, match="more than 3 points"):
+        im.knn_sq_radii(a[:3], 3)
+    with pytest.raises(ValueError, match="equal D"):
+        im.precision_recall(a, a[:, :4])
+
+
+def test_precision_recall_in_the_report_with_their_protocol(tmp_path):
+    fx = MeanColour()
+    ref = im.reference_stats(images(200), dataset_id="toy", split="train", extractor=fx, root=str(tmp_path))
+    t = im.distribution_metrics(images(100, 1), fx, ref, subject="teacher", with_kid=False)
+    s = im.distribution_metrics(images(100, 2, shift=60), fx, ref, subject="student", with_kid=False)
+    assert [m.name for m in t] == ["FD-meancolour-v1", "Precision-meancolour-v1", "Recall-meancolour-v1"]
+    tp, tr, sp = t[1].value, t[2].value, s[1].value
+    assert 0.5 < tp <= 1.0 and 0.5 < tr <= 1.0 and sp < tp     # shifted images fall off the real manifold
+    assert t[1].protocol.pr_k == 3 and t[1].protocol == t[0].protocol
+    assert 3 in ref.knn_radii                                 # real radii computed once per reference
+    assert im.ratio(s[1], t[1]) == pytest.approx(sp / tp)
+    k5 = im.distribution_metrics(images(100, 1), fx, ref, subject="teacher", with_kid=False, pr_k=5)
+    im.ratio(s[0], k5[0])                                     # FD does not depend on pr_k
+    with pytest.raises(ProtocolMismatch, match="pr_k"):
+        im.ratio(s[1], k5[1])
+    assert "Precision-meancolour-v1" in im.metrics_markdown(t)
+    assert im.precision_recall_summary(t + s) == {"precision_teacher": tp, "recall_teacher": tr,
+                                                  "precision_student": sp, "recall_student": s[2].value}
+    assert im.metric_names("x")["recall"] == "Recall-x"
+    with pytest.raises(ValueError, match="names extractor"):
+        im.ImageMetric(name="Precision-other", value=1.0, subject="s", protocol=t[1].protocol)
 
 
 def test_fd_ratio_requires_the_same_protocol(tmp_path):
@@ -219,7 +273,8 @@ def test_fid_kid_is_with_inception_file_present(tmp_path, monkeypatch):
     ref = im.reference_stats(images(12), dataset_id="toy", split="train", extractor=inc, root=str(tmp_path / "a"))
     ms = im.distribution_metrics(images(10, 1), inc, ref, subject="student", kid_subsets=2, kid_subset_size=5,
                                  is_splits=2, batch_size=4)
-    assert [m.name for m in ms] == ["FID", "KID", "IS"]
+    assert [m.name for m in ms] == ["FID", "KID", "IS", "Precision-inception-2015-12-05",
+                                    "Recall-inception-2015-12-05"]
     assert all(np.isfinite(m.value) for m in ms) and ms[2].value >= 1.0
 
 

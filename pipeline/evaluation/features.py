@@ -200,8 +200,14 @@ def read_extractor_manifest(url: str) -> FeatureExtractorManifest:
 
 
 def train_network(images: np.ndarray, labels: np.ndarray, cfg: ExtractorTrainConfig, device: str = "cpu",
-                  progress: bool = True) -> tuple[ResNet9, dict]:
-    """Train the classifier in memory; returns (network on ``device`` in eval mode, info dict)."""
+                  progress: bool = True, build: Optional[Any] = None,
+                  desc: str = "feature extractor") -> tuple[ResNet9, dict]:
+    """Train the classifier in memory; returns (network on ``device`` in eval mode, info dict).
+
+    ``build(cfg, channels)`` makes the initial network (default ``build_network``: the ResNet-9); any
+    classifier with ``mean`` / ``std`` buffers and float [0, 255] inputs trains with the same recipe
+    (``pipeline.training.perceptual`` trains the perceptual network this way, from its own config).
+    """
     images, labels = _check_images(images, labels, cfg.num_classes, "training")
     n, c, h, w = images.shape
     if n < 2:
@@ -210,7 +216,7 @@ def train_network(images: np.ndarray, labels: np.ndarray, cfg: ExtractorTrainCon
     mean = images.mean(axis=(0, 2, 3), dtype=np.float64) / 255.0
     std = images.std(axis=(0, 2, 3), dtype=np.float64) / 255.0
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg, c)
+    net = (build or build_network)(cfg, c)
     with torch.no_grad():
         net.mean.copy_(torch.tensor(mean * 255.0, dtype=torch.float32).view(1, c, 1, 1))
         net.std.copy_(torch.tensor(np.maximum(std, 1e-3) * 255.0, dtype=torch.float32).view(1, c, 1, 1))
@@ -228,7 +234,7 @@ def train_network(images: np.ndarray, labels: np.ndarray, cfg: ExtractorTrainCon
     step, last_loss = 0, float("nan")
     net.train()
     with _deterministic_cudnn():
-        bar = tqdm(range(cfg.epochs), desc="feature extractor", disable=not progress, mininterval=1.0)
+        bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, mininterval=1.0)
         for epoch in bar:
             g = _epoch_generator(cfg.seed, epoch)
             perm = torch.randperm(n, generator=g)
@@ -250,7 +256,7 @@ def train_network(images: np.ndarray, labels: np.ndarray, cfg: ExtractorTrainCon
                 step += 1
             last_loss = float(loss_sum) / steps_per_epoch
             if not math.isfinite(last_loss):
-                raise KDMError(f"feature extractor training diverged in epoch {epoch} (loss {last_loss}); "
+                raise KDMError(f"{desc} training diverged in epoch {epoch} (loss {last_loss}); "
                                f"lower lr={cfg.lr}")
             bar.set_postfix(loss=f"{last_loss:.4f}")
     net.eval()

@@ -25,6 +25,18 @@ KID (``kid``)
     clean-fid's ``kernel_distance`` estimator but with a seeded ``numpy.random.default_rng(seed)``
     (clean-fid draws from the global, unseeded NumPy RNG). Returns mean and std over subsets.
 
+Precision and recall (``precision_recall``)
+    Improved precision / recall (Kynkaanniemi et al. 2019): each feature vector of a set gets the radius of
+    the hypersphere reaching its k-th nearest neighbour in its own set (k = ``pr_k`` = 3, self excluded);
+    precision is the fraction of generated (fake) vectors inside at least one real hypersphere, recall the
+    fraction of real vectors inside at least one fake hypersphere. Squared Euclidean distances in float64
+    (``|a|^2 + |b|^2 - 2 a.b`` clipped at 0, in row blocks on the extractor's device); a point on a sphere's
+    boundary counts as inside. The real set is the reference split's stored features (all of them: with
+    fewer generated than reference images the real spheres are smaller than the fake ones, so compare values
+    under one protocol only, which ``check_comparable`` enforces); the real radii are computed once per
+    reference and k and cached on the ``ReferenceStats`` object. Reported as ``Precision-<extractor id>`` /
+    ``Recall-<extractor id>`` by ``distribution_metrics`` (``with_pr``, on by default).
+
 Offline vs standard
     Features of the offline extractor (``pipeline.evaluation.features``) give ``FD-<extractor id>`` and
     ``KID-<extractor id>``; only the Inception network (``inception-2015-12-05.pt``, the file clean-fid
@@ -60,7 +72,7 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -199,6 +211,75 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, subsets: int = 100, subs
     return float(values.mean()), float(values.std())
 
 
+# ----------------------------------------------------------------------------- precision and recall
+
+PR_BLOCK = 1024
+
+
+def _pr_tensor(f: Array, device: Optional[str | torch.device]) -> torch.Tensor:
+    t = f.detach() if isinstance(f, torch.Tensor) else torch.from_numpy(np.asarray(f))
+    if t.ndim != 2:
+        raise ValueError(f"features must be (N, D), got {tuple(t.shape)}")
+    return t.to(device=device or "cpu", dtype=torch.float64)
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    return ((a * a).sum(1, keepdim=True) + b_sq[None, :] - 2.0 * (a @ b.T)).clamp_min_(0.0)
+
+
+def knn_sq_radii(features: Array, k: int = 3, device: Optional[str | torch.device] = None,
+                 block: int = PR_BLOCK) -> np.ndarray:
+    """Squared distance of every row to its k-th nearest other row (N,), float64."""
+    x = _pr_tensor(features, device)
+    if len(x) <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {len(x)}")
+    x_sq = (x * x).sum(1)
+    out = []
+    for i in range(0, len(x), block):
+        d = _sq_dists(x[i:i + block], x, x_sq)
+        rows = torch.arange(len(d), device=d.device)
+        d[rows, rows + i] = -1.0                      # self: always the smallest, never a neighbour
+        out.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(out).cpu().numpy()
+
+
+def _coverage(points: torch.Tensor, centers: torch.Tensor, sq_radii: torch.Tensor, block: int) -> float:
+    """Fraction of ``points`` within (<=) the sphere of at least one of ``centers``."""
+    c_sq = (centers * centers).sum(1)
+    inside = 0
+    for i in range(0, len(points), block):
+        d = _sq_dists(points[i:i + block], centers, c_sq)
+        inside += int((d <= sq_radii[None, :]).any(dim=1).sum())
+    return inside / len(points)
+
+
+def precision_recall(real: Array, fake: Array, k: int = 3, device: Optional[str | torch.device] = None,
+                     real_sq_radii: Optional[np.ndarray] = None, block: int = PR_BLOCK) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of ``fake`` features against ``real``.
+
+    ``real_sq_radii``: the real set's squared k-NN radii when already known (``knn_sq_radii``).
+    """
+    r, f = _pr_tensor(real, device), _pr_tensor(fake, device)
+    if r.shape[1] != f.shape[1]:
+        raise ValueError(f"feature sets must have equal D, got {tuple(r.shape)} and {tuple(f.shape)}")
+    if real_sq_radii is None:
+        real_sq_radii = knn_sq_radii(r, k, device, block)
+    r_rad = torch.as_tensor(np.asarray(real_sq_radii, np.float64), device=r.device)
+    if r_rad.shape != (len(r),):
+        raise ValueError(f"real_sq_radii must have shape ({len(r)},), got {tuple(r_rad.shape)}")
+    f_rad = torch.as_tensor(knn_sq_radii(f, k, device, block), device=f.device)
+    return _coverage(f, r, r_rad, block), _coverage(r, f, f_rad, block)
+
+
+def _module_device(module: Any) -> torch.device:
+    for getter in ("parameters", "buffers"):
+        fn = getattr(module, getter, None)
+        if callable(fn):
+            for t in fn():
+                return t.device
+    return torch.device("cpu")
+
+
 # ----------------------------------------------------------------------------- feature extraction
 
 def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor], images: Array, batch_size: int = 500,
@@ -313,6 +394,7 @@ class ReferenceStats:
     sigma: np.ndarray
     features: np.ndarray
     url: str
+    knn_radii: dict = field(default_factory=dict, repr=False)   # k -> squared k-NN radii of ``features``
 
     @property
     def ref(self):
@@ -398,20 +480,24 @@ def distribution_protocol(extractor: Any, reference: ReferenceStats, num_samples
 
 
 def metric_names(extractor_id: str) -> dict[str, str]:
-    """{'fd': ..., 'kid': ...}: 'FID'/'KID' for the Inception network, else 'FD-<id>'/'KID-<id>'."""
+    """{'fd', 'kid', 'precision', 'recall'}: 'FID'/'KID' for the Inception network, else 'FD-<id>'/'KID-<id>';
+    'Precision-<id>' / 'Recall-<id>' for every network."""
+    pr = {"precision": f"Precision-{extractor_id}", "recall": f"Recall-{extractor_id}"}
     if extractor_id == INCEPTION_ID:
-        return {"fd": "FID", "kid": "KID"}
-    return {"fd": f"FD-{extractor_id}", "kid": f"KID-{extractor_id}"}
+        return {"fd": "FID", "kid": "KID", **pr}
+    return {"fd": f"FD-{extractor_id}", "kid": f"KID-{extractor_id}", **pr}
 
 
 def distribution_metrics(images: Array, extractor: Any, reference: ReferenceStats, *, subject: str,
                          seeds: Optional[SeedRange] = None, model_version: Optional[str] = None,
-                         with_kid: bool = True, with_is: Optional[bool] = None, batch_size: int = 500,
-                         **knobs) -> list[ImageMetric]:
-    """FD (+ KID) of uint8 ``images`` against ``reference``; with the Inception network FID, KID and IS.
+                         with_kid: bool = True, with_is: Optional[bool] = None, with_pr: bool = True,
+                         batch_size: int = 500, **knobs) -> list[ImageMetric]:
+    """FD (+ KID) of uint8 ``images`` against ``reference``; with the Inception network FID, KID and IS;
+    then (``with_pr``) precision and recall with ``pr_k`` neighbours. The order is FD, KID, IS, precision,
+    recall (those computed).
 
     ``seeds`` are the per-sample seeds the images came from (default 0..N-1); ``knobs`` are further
-    EvalProtocol fields (kid_subsets, kid_subset_size, kid_seed, is_splits).
+    EvalProtocol fields (kid_subsets, kid_subset_size, kid_seed, is_splits, pr_k).
     """
     images = _as_uint8_images(images)
     protocol = distribution_protocol(extractor, reference, len(images), seeds, **knobs)
@@ -439,6 +525,14 @@ def distribution_metrics(images: Array, extractor: Any, reference: ReferenceStat
     if with_is:
         v, s = inception_score(probs_np, protocol.is_splits)
         out.append(ImageMetric(name="IS", value=v, std=s, **common))
+    if with_pr:
+        k = protocol.pr_k
+        dev = _module_device(extractor)
+        if k not in reference.knn_radii:
+            reference.knn_radii[k] = knn_sq_radii(reference.features, k, dev)
+        p, r = precision_recall(reference.features, feats_np, k, dev, real_sq_radii=reference.knn_radii[k])
+        out.append(ImageMetric(name=names["precision"], value=p, **common))
+        out.append(ImageMetric(name=names["recall"], value=r, **common))
     return out
 
 
@@ -549,6 +643,39 @@ def ratio(a: ImageMetric, b: ImageMetric) -> float:
     """a.value / b.value, refused (ProtocolMismatch) unless both were made under the same protocol."""
     check_comparable(a, b)
     return a.value / b.value
+
+
+def precision_recall_summary(metrics: Iterable[ImageMetric]) -> dict[str, float]:
+    """``{"precision_<subject>": value, "recall_<subject>": value}`` of the Precision-* / Recall-* metrics
+    (e.g. for an evaluation manifest's summary beside fd_teacher / fd_student)."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        for kind in ("Precision", "Recall"):
+            if m.name.startswith(f"{kind}-"):
+                out[f"{kind.lower()}_{m.subject}"] = m.value
+    return out
+
+
+def training_distance_notes(student_manifest: Any, extractor: Any) -> dict[str, Any]:
+    """Report notes naming the student's training distance; refuses (KDMError) a student whose distance
+    ran on the evaluation extractor's network (``extractor``: its manifest, ExtractorRef or loaded extractor).
+
+    ``student_manifest``: an ``ImageStudentManifest``. Returns ``{"training_distance": name}`` plus, for
+    'lpips-own', ``{"training_distance_net": {"id", "sha256"}}``.
+    """
+    from storage_schemas.kdm_image import distance_label
+    net = getattr(student_manifest, "distance_net", None)
+    name = getattr(student_manifest, "distance_name", None) or distance_label(student_manifest.model, net)
+    notes: dict[str, Any] = {"training_distance": name}
+    if net is not None:
+        from pipeline.training.perceptual import check_independent
+        check_independent(net, extractor)
+        notes["training_distance_net"] = net.model_dump(mode="json")
+    elif student_manifest.model.distance == "lpips-own":
+        raise KDMError(f"student {student_manifest.version} was trained with distance 'lpips-own' but its manifest "
+                       f"does not name the network (distance_net): its independence from the evaluation extractor "
+                       f"cannot be checked")
+    return notes
 
 
 def make_report(metrics: Sequence[ImageMetric], plots: Optional[dict[str, str]] = None,

@@ -73,7 +73,8 @@ from models.distances import DistanceUnavailable, make_distance
 from models.kdm_image import KDMImage
 from storage_schemas import code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.kdm_image import (IMAGE_PRESETS, IMAGE_TRAIN_RUNTIME_FIELDS, ImageStudentManifest,
-                                       ImageTrainConfig, KDMImageConfig)
+                                       ImageTrainConfig, KDMImageConfig, distance_label)
+from storage_schemas.perceptual import PerceptualNetRef
 
 from pipeline.storage import artifacts
 from pipeline.storage import checkpoints
@@ -175,12 +176,21 @@ class ImageTrainer:
         self.disc = (Discriminator(model_cfg.channels).to(device=device, memory_format=fmt)
                      if model_cfg.adv_weight > 0 else None)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.distance_net: Optional[PerceptualNetRef] = None
+        own = None
+        if model_cfg.distance == "lpips-own":
+            from pipeline.training.perceptual import load_perceptual_distance
+            own = load_perceptual_distance(tc.perceptual_net, device)
+            self.distance_net = PerceptualNetRef(id=own.net_id, sha256=own.sha256)
         try:
             dist_fn = make_distance(model_cfg.distance, model_cfg.pseudo_huber_c,
-                                    vgg16_weights or tc.vgg16_weights)
+                                    vgg16_weights or tc.vgg16_weights, perceptual_net=own)
         except DistanceUnavailable as e:
             raise KDMError(str(e)) from None
-        self.distance = dist_fn.to(device) if isinstance(dist_fn, nn.Module) else dist_fn
+        if isinstance(dist_fn, nn.Module):
+            dist_fn = dist_fn.to(device) if own is None else dist_fn.to(device=device, memory_format=fmt)
+        self.distance = dist_fn
+        self.distance_name = distance_label(model_cfg, self.distance_net)
 
         # Per-rank random streams: latent noise (own generator), dropout (the default generators).
         self.noise_gen = torch.Generator(device=device).manual_seed(_derived_seed(tc.seed, "noise", self.dist.rank))
@@ -290,8 +300,11 @@ class ImageTrainer:
         with self._autocast():
             out = self.forward_module(x0, xT, y, eps0=eps[0], epsT=eps[1], spectral=mc.spectral_loss)
             x_push, spectral = out.x0_push, out.spectral
-            rec = self.distance(out.x0_rec, x0).mean()
-            pred = self.distance(x_push, x0).mean()
+            if hasattr(self.distance, "against"):       # lpips-own: x0's features computed once
+                rec, pred = (d.mean() for d in self.distance.against(x0, out.x0_rec, x_push))
+            else:
+                rec = self.distance(out.x0_rec, x0).mean()
+                pred = self.distance(x_push, x0).mean()
         lat = F.mse_loss(out.z_push.float(), out.z0.float())
         terms = {"rec": rec, "lat": lat, "pred": pred}
         if spectral is not None:
@@ -459,8 +472,14 @@ class ImageTrainer:
 # -- runs -----------------------------------------------------------------------------------------
 
 def image_run_version(pairs_version: str, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig) -> str:
-    return "kdm-img-" + stable_hash(recipe_version(), "train-image", pairs_version, model_cfg.model_dump(mode="json"),
-                                    train_cfg.model_dump(mode="json", exclude=set(IMAGE_TRAIN_RUNTIME_FIELDS)))
+    """Content-addressed run version. With distance 'lpips-own' it also hashes the perceptual network's id
+    and weights sha256 (read from the manifest at ``train.perceptual_net``; the location itself does not count)."""
+    parts = [recipe_version(), "train-image", pairs_version, model_cfg.model_dump(mode="json"),
+             train_cfg.model_dump(mode="json", exclude=set(IMAGE_TRAIN_RUNTIME_FIELDS))]
+    if model_cfg.distance == "lpips-own":
+        from pipeline.training.perceptual import perceptual_net_ref
+        parts.append(perceptual_net_ref(train_cfg.perceptual_net).model_dump(mode="json"))
+    return "kdm-img-" + stable_hash(*parts)
 
 
 def read_image_student_manifest(url: str) -> ImageStudentManifest:
@@ -633,6 +652,7 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             nonfinite_steps=trainer.nonfinite_steps, weights_sha256=artifacts.sha256_file(str(weights)),
             trainable_parameters=sum(p.numel() for p in trainer.params),
             discriminator_parameters=sum(p.numel() for p in trainer.disc.parameters()) if trainer.disc else 0,
+            distance_name=trainer.distance_name, distance_net=trainer.distance_net,
             world_size=di.world_size, final_losses={k: float(v) for k, v in final.items()},
             train_seconds=time.time() - log.t_start, code_version=code_version(), created=utc_now())
         artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
