@@ -10,13 +10,12 @@ What it does, through the product's stage functions (``bench/cifar10_mini.py``'s
 artifacts are shared with a mini run at the same ``--root`` and found again instead of recomputed):
 
 1. dataset, offline extractor (the evaluation's FD / KID / precision / recall network), the ``cifar10-mini``
-   EDM teacher and its pairs (20,000 train + 5,000 held-out by default), as ``bench/cifar10_mini.py``;
-2. once, when a configuration uses ``lpips-own``: the perceptual network
-   (``pipeline.training.perceptual.train_perceptual_net``, checked against the extractor: another
-   architecture, seed and weights);
-3. per configuration: a student (``train_image_student`` at the student stage's content-addressed location;
-   sized to ``--student-seconds`` by timing 80 steps first, like the mini benchmark, or ``--student-steps``)
-   and its evaluation (the evaluation stage's ``evaluate_image``:
+   EDM teacher, its pairs (20,000 train + 5,000 held-out by default) and the filter, as ``bench/cifar10_mini.py``;
+2. once, when a configuration uses ``lpips-own``: the recipe's perceptual stage (its network checked against
+   the extractor: another architecture, seed and weights);
+3. per configuration: the recipe's student stage on that configuration's student section (sized to
+   ``--student-seconds`` by timing 80 steps first, like the mini benchmark, or ``--student-steps``)
+   and its evaluation stage (
    FD-<extractor id> of teacher and student on the held-out seeds vs the train split, their ratio, MSE,
    precision / recall with k = 3), then one row appended to ``OUT/tune.jsonl`` and ``OUT/tune.md``.
 
@@ -133,16 +132,6 @@ def model_and_train(c: Config, steps: int, seed: int, device_kind: str, perceptu
     return model, train
 
 
-def _evaluation_functions():
-    """(evaluate_image, evaluation_version_of) wherever the evaluation stage's code lives."""
-    try:
-        from pipeline.evaluation.evaluate_image import evaluate_image, evaluation_version_of
-    except ImportError:
-        from pipeline.stages_image import _evaluation_version_of as evaluation_version_of
-        from pipeline.stages_image import evaluate_image
-    return evaluate_image, evaluation_version_of
-
-
 def _extractor_manifest(url: str):
     from pipeline.evaluation import features
     return features.read_extractor_manifest(url)
@@ -199,22 +188,24 @@ class Tuner:
 
     def prepare(self) -> dict:
         b = self.bench
-        for name in ("dataset", "extractor", "teacher", "pairs"):
+        for name in ("dataset", "extractor", "teacher", "pairs", "filter"):
             b.run(name, getattr(b, name))
             if b.stages[name]["status"] != "ok":
                 raise SystemExit(f"stage {name} failed: {b.stages[name]['status']}")
-        return {n: b.stages[n].get("seconds") for n in ("dataset", "extractor", "teacher", "pairs")}
+        return {n: b.stages[n].get("seconds") for n in ("dataset", "extractor", "teacher", "pairs", "filter")}
 
     def perceptual(self) -> str:
         if self.perceptual_url is None:
-            from pipeline.training.perceptual import read_perceptual_manifest, stage_perceptual_net
+            from pipeline import stages
+            from pipeline.recipes.cifar10 import PerceptualNet
+            from pipeline.training.perceptual import read_perceptual_manifest
             from storage_schemas.perceptual import PerceptualNetTrainConfig, PerceptualStageConfig
-            cfg = PerceptualStageConfig(train=PerceptualNetTrainConfig(width=self.a.pnet_width,
-                                                                       epochs=self.a.pnet_epochs, seed=self.a.pnet_seed),
-                                        train_images=self.a.pnet_images, device=self.bench.device_kind)
+            pcfg = PerceptualStageConfig(train=PerceptualNetTrainConfig(width=self.a.pnet_width,
+                                                                        epochs=self.a.pnet_epochs, seed=self.a.pnet_seed),
+                                         train_images=self.a.pnet_images, device=self.bench.device_kind)
             t = time.time()
-            r = stage_perceptual_net(self.bench.root, self.bench.ctx["dataset_url"], cfg,
-                                     extractor_uri=self.bench.ctx["extractor_url"], progress=not self.a.quiet)
+            r = stages.run_stage(PerceptualNet(), self.bench.cfg.model_copy(update={"perceptual": pcfg}),
+                                 self.bench.uris, stages.StageContext(progress_bars=not self.a.quiet))
             self.perceptual_seconds = time.time() - t
             m = read_perceptual_manifest(r["uri"])
             print(f"perceptual network {m.id}: test accuracy {m.test_accuracy}, trained in {m.train_seconds:.1f} s "
@@ -235,50 +226,48 @@ class Tuner:
         model, train = model_and_train(c, 10**7, self.a.seed, self.bench.device_kind, pnet)
         train = train.model_copy(update={"log_every": 20, "checkpoint_every": 10**7})
         rate = self.calibrate(lambda cb, url: train_image_student(
-            self.bench.ctx["pairs_url"], model, train, str(url), device=self.a.device, progress=False, on_log=cb,
+            self.bench.uris["filter"], model, train, str(url), device=self.a.device, progress=False, on_log=cb,
             max_steps=80), self.out / f"calibrate-{c.name}", "pairs_per_s")
         return max(100, int(self.a.student_seconds * rate / c.batch) // 100 * 100), rate
 
     def run_config(self, c: Config) -> dict:
+        from pipeline import stages
         from pipeline.evaluation import image_metrics as im
+        from pipeline.recipes.cifar10 import ImageEvaluation, ImageStudent
         from pipeline.storage import artifacts
-        from pipeline.storage.pairstore import PairStore
-        from pipeline.training.image_train import image_run_version, read_image_student_manifest, train_image_student
-        from storage_schemas.distill_image import ImageEvalStageConfig
-        evaluate_image, evaluation_version_of = _evaluation_functions()
-        ctx = self.bench.ctx
+        from pipeline.training.image_train import read_image_student_manifest
+        from storage_schemas.distill_image import ImageEvalStageConfig, ImageStudentStageConfig
+        uris = dict(self.bench.uris)
         row: dict[str, Any] = {"name": c.name, "config": c.settings(), "gpu": gpu_name(),
                                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
         pnet = self.perceptual() if c.distance == "lpips-own" else None
         steps, rate = self.steps_for(c, pnet)
         model, train = model_and_train(c, steps, self.a.seed, self.bench.device_kind, pnet)
-        # The student and evaluation stages' own functions and artifact locations (content-addressed).
-        pairs = ctx["pairs_url"]
-        student = artifacts.join(self.bench.root, "students",
-                                 image_run_version(PairStore.open(pairs).version, model, train))
-        skipped = artifacts.committed(student)
+        # The recipe's student and evaluation stages, on this configuration's student section.
+        cfg = self.bench.cfg.model_copy(update={
+            "student": ImageStudentStageConfig(preset=f"cifar10-mini-tune-{c.name}", model=model, train=train),
+            "evaluation": ImageEvalStageConfig(kid_subsets=self.a.kid_subsets,
+                                               reference_images=self.a.reference_images)})
+        ctx = stages.StageContext(progress_bars=not self.a.quiet)
         t = time.time()
-        logs: list[dict] = []
-        train_image_student(pairs, model, train, student, device=self.a.device, preset=f"cifar10-mini-tune-{c.name}",
-                            progress=not self.a.quiet, on_log=logs.append)
+        r = stages.run_stage(ImageStudent(), cfg, uris, ctx)        # train.perceptual_net is set by model_and_train
+        student, skipped = r["uri"], r["skipped"]
+        uris["student"] = student
+        lines = artifacts.read_bytes(artifacts.join(student, "metrics.jsonl")).decode().splitlines()
         row.update(steps=steps, calibrated_pairs_per_s=rate, ema_decay=train.ema_decay,
                    student_seconds=time.time() - t, student=student, student_skipped=skipped,
                    perceptual_seconds=self.perceptual_seconds if pnet else None,
-                   loss_last=logs[-1] if logs else None)
+                   loss_last=json.loads(lines[-1]) if lines else None)
         sm = read_image_student_manifest(student)
         row["distance_name"] = sm.distance_name
         t = time.time()
-        cfg = ImageEvalStageConfig(kid_subsets=self.a.kid_subsets, reference_images=self.a.reference_images)
-        ev_out = artifacts.join(self.bench.root, "evaluations", evaluation_version_of(
-            ctx["dataset_url"], ctx["extractor_url"], pairs, student, cfg))
-        m, _ = evaluate_image(ev_out, ctx["dataset_url"], ctx["extractor_url"], pairs, student, cfg, self.a.device,
-                              self.bench.root)
-        row.update(evaluation_seconds=time.time() - t, evaluation=ev_out, fd_ratio=m.summary["fd_ratio"],
-                   mse=m.summary["mse"], fd_teacher=m.summary.get("fd_teacher"),
-                   fd_student=m.summary.get("fd_student"))
+        ev = stages.run_stage(ImageEvaluation(), cfg, uris, ctx)
+        ev_out = ev["uri"]
+        row.update(evaluation_seconds=time.time() - t, evaluation=ev_out, fd_ratio=ev["fd_ratio"],
+                   mse=ev["mse"], fd_teacher=ev.get("fd_teacher"), fd_student=ev.get("fd_student"))
         report = im.read_report(artifacts.join(ev_out, im.REPORT))
         row.update(im.precision_recall_summary(report.metrics))
-        fxm = _extractor_manifest(ctx["extractor_url"])
+        fxm = _extractor_manifest(uris["extractor"])
         row["training_distance"] = im.training_distance_notes(sm, fxm)     # refuses the extractor's own network
         row["status"] = "ok"
         return row

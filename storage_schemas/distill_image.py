@@ -32,6 +32,7 @@ from .pairs import SamplerSettings
 from .stages import PairsGenerateConfig
 from .protocol import ExtractorTrainConfig
 from .filter_images import ImageFilterConfig
+from .perceptual import PerceptualStageConfig
 from .teacher import EDMTeacherTrainConfig
 
 PresetName = Literal["smoke", "mini", "full"]
@@ -212,6 +213,8 @@ class DistillImageConfig(Strict):
     teacher: EDMTeacherTrainConfig = TEACHER_FULL
     pairs: ImagePairsStageConfig = ImagePairsStageConfig()
     filter: ImageFilterConfig = ImageFilterConfig(device="cuda")
+    perceptual: PerceptualStageConfig = Field(PerceptualStageConfig(), description="the lpips-own distance's "
+                                              "network (a stage only when student.model.distance is lpips-own)")
     student: ImageStudentStageConfig = ImageStudentStageConfig()
     evaluation: ImageEvalStageConfig = ImageEvalStageConfig()
 

@@ -59,6 +59,9 @@ def test_recipes_are_stage_lists_over_one_skeleton():
         for stage in recipes.stages_of(cfg):
             assert isinstance(stage, stages.Stage) and set(stage.inputs) <= seen, stage.name
             seen.add(stage.name)
+    own = recipes.build_config(recipe="cifar10", preset="smoke", sets=["student.model.distance=lpips-own"])
+    assert recipes.stage_names(own)[:3] == ["dataset", "extractor", "perceptual"]
+    assert recipes.stage_named(own, "student").inputs == ("filter", "perceptual")
     # the pairs stage is one class for both data kinds
     assert type(recipes.stage_named(cifar, "pairs")) is type(recipes.stage_named(board, "pairs"))
 

@@ -226,13 +226,20 @@ def test_stage_trains_once_on_a_prepared_dataset(tmp_path, trained):
                               size=8)
     ds = str(tmp_path / "ds")
     prepare_image_dataset(str(write_archive(tmp_path / "a.tar.gz", members)), ds, chunk_size=8, progress=False)
-    cfg = PerceptualStageConfig(train=TINY.model_copy(update={"epochs": 1, "batch_size": 8}), device="cpu")
-    r = pt.stage_perceptual_net(str(tmp_path / "root"), ds, cfg, progress=False)
+    from pipeline import stages
+    from pipeline.recipes.cifar10 import PerceptualNet
+    from storage_schemas.distill_image import DistillImageConfig
+    pcfg = PerceptualStageConfig(train=TINY.model_copy(update={"epochs": 1, "batch_size": 8}), device="cpu")
+    cfg = DistillImageConfig.model_validate({"preset": "smoke", "root": str(tmp_path / "root"),
+                                             "perceptual": pcfg.model_dump(mode="json")})
+    ins = {"dataset": ds, "extractor": trained["extractor"]}
+    quiet = stages.StageContext(progress_bars=False)
+    r = stages.run_stage(PerceptualNet(), cfg, ins, quiet)
     assert not r["skipped"] and r["uri"].endswith(r["version"]) and "perceptual-nets" in r["uri"]
     assert r["train_images"] == 16 and r["id"].startswith("pnet-")
-    again = pt.stage_perceptual_net(str(tmp_path / "root"), ds, cfg, progress=False)
+    again = stages.run_stage(PerceptualNet(), cfg, ins, quiet)
     assert again["skipped"] and again["id"] == r["id"]
     assert pt.load_perceptual_distance(r["uri"]).net_id == r["id"]
-    with pytest.raises(KDMError, match="another seed|seed 0"):   # checked against the extractor when named
-        pt.stage_perceptual_net(str(tmp_path / "root"), ds, cfg.model_copy(update={"train": TINY.model_copy(
-            update={"seed": 0, "epochs": 1, "batch_size": 8})}), extractor_uri=trained["extractor"])
+    with pytest.raises(KDMError, match="another seed|seed 0"):   # checked against the extractor
+        bad = pcfg.model_copy(update={"train": TINY.model_copy(update={"seed": 0, "epochs": 1, "batch_size": 8})})
+        stages.run_stage(PerceptualNet(), cfg.model_copy(update={"perceptual": bad}), ins, quiet)

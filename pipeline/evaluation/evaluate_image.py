@@ -92,7 +92,10 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
                                    model_version=teacher_id, batch_size=cfg.batch_size, **knobs)
     s_ms = im.distribution_metrics(im.quantize_uint8(s_x0), fx, ref, subject="student", seeds=seeds,
                                    model_version=sm.version, batch_size=cfg.batch_size, **knobs)
-    lpips, notes = None, {}
+    # the student's training distance, named; refused when it ran on this evaluation's extractor network
+    notes = {k: (f"{v['id']} (sha256 {v['sha256'][:16]})" if isinstance(v, dict) else str(v))
+             for k, v in im.training_distance_notes(sm, fxm).items()}
+    lpips = None
     if cfg.lpips:
         try:
             lpips = im.load_lpips("vgg", device=device)
@@ -106,7 +109,7 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     plots = {"teacher_student": GRID_TEACHER_STUDENT, "student_samples": GRID_STUDENT}
     summary = {"fd_teacher": t_ms[0].value, "fd_student": s_ms[0].value, "fd_ratio": im.ratio(s_ms[0], t_ms[0]),
                "kid_teacher": t_ms[1].value, "kid_student": s_ms[1].value, "mse": p_ms[0].value,
-               "lpips": p_ms[1].value if len(p_ms) > 1 else None}
+               "lpips": p_ms[1].value if len(p_ms) > 1 else None, **im.precision_recall_summary(t_ms + s_ms)}
     names = im.metric_names(fx.id)
     report = im.make_report(t_ms + s_ms + p_ms, plots=plots,
                             notes={"fd_ratio_student_over_teacher": summary["fd_ratio"], "student": sm.version,

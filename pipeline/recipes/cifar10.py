@@ -162,6 +162,41 @@ class EDMTeacher(Stage):
                 f"sha256 `{s['sha256'][:16]}`)")
 
 
+class PerceptualNet(Stage):
+    """The CIFAR network of the ``lpips-own`` training distance (pipeline.training.perceptual), trained on the
+    dataset's train split and checked to be independent of the evaluation's extractor (a stage of the
+    recipe only when the student trains with ``lpips-own``)."""
+
+    name, kind, inputs = "perceptual", "perceptual-nets", ("dataset", "extractor")
+
+    def output(self, cfg, uris):
+        from pipeline.training.perceptual import perceptual_stage_version
+        return artifacts.join(cfg.root, "perceptual-nets",
+                              perceptual_stage_version(self.version(uris["dataset"]), cfg.perceptual))
+
+    def pool(self, cfg):
+        return GPU_POOL if cfg.perceptual.device == "cuda" else CPU_POOL
+
+    def device(self, cfg):
+        return cfg.perceptual.device
+
+    def run(self, cfg, uris, out, ctx):
+        from pipeline.training.perceptual import train_perceptual_net
+        p = cfg.perceptual
+        train_perceptual_net(uris["dataset"], p.train, out, extractor_uri=uris["extractor"], device=p.device,
+                             train_images=p.train_images, progress=ctx.progress_bars)
+        return {}
+
+    def summary(self, cfg, uris, out):
+        from pipeline.evaluation import features
+        from pipeline.training.perceptual import check_independent, perceptual_summary, read_perceptual_manifest
+        check_independent(read_perceptual_manifest(out), features.read_extractor_manifest(uris["extractor"]))
+        return {**perceptual_summary(out), "version": self.version(out)}
+
+    def lineage(self, s):
+        return f"perceptual network `{s['id']}` (test accuracy {s['test_accuracy']}, sha256 `{s['sha256'][:16]}`)"
+
+
 class ImageFilter(PairStoreStage):
     """Privacy filter + dedup of image pairs (pipeline.pairs.filter_images): non-finite, duplicate seeds,
     exact duplicates, copies of training images, blocklisted images, near duplicates; a new pair-store
@@ -197,8 +232,18 @@ class ImageStudent(Stage):
     name, kind, inputs = "student", "students", ("filter",)
     progress_label = "KDM student training"
 
-    def __init__(self, on_checkpoint=None):
+    def __init__(self, on_checkpoint=None, perceptual: bool = False):
         self.on_checkpoint = on_checkpoint     # (step, ema model): e.g. preview grids (one process only)
+        if perceptual:                         # lpips-own: the perceptual stage's network is an input
+            self.inputs = ("filter", "perceptual")
+
+    @staticmethod
+    def student_config(cfg, uris):
+        """The student section, with the perceptual stage's network as ``train.perceptual_net`` (lpips-own)."""
+        if "perceptual" not in uris:
+            return cfg.student
+        train = cfg.student.train.model_copy(update={"perceptual_net": uris["perceptual"]})
+        return cfg.student.model_copy(update={"train": train})
 
     def output(self, cfg, uris):
         from pipeline.storage.pairstore import PairStore
@@ -209,8 +254,8 @@ class ImageStudent(Stage):
                 raise KDMError(f"pairs {uris['filter']} come from a class-conditional teacher "
                                f"({store.manifest.num_classes} classes) but the student is unconditional: set "
                                f"conditional=true")
-        return artifacts.join(cfg.root, "students",
-                              image_run_version(self.version(uris["filter"]), cfg.student.model, cfg.student.train))
+        s = self.student_config(cfg, uris)
+        return artifacts.join(cfg.root, "students", image_run_version(self.version(uris["filter"]), s.model, s.train))
 
     def pool(self, cfg):
         return GPU_POOL
@@ -220,7 +265,7 @@ class ImageStudent(Stage):
 
     def run(self, cfg, uris, out, ctx: StageContext):
         from pipeline.training.image_train import train_image_student
-        s, device, gpus = cfg.student, cfg.device, cfg.gpus
+        s, device, gpus = self.student_config(cfg, uris), cfg.device, cfg.gpus
         train_cfg = s.train.model_copy(update={"device": device})
         if gpus == 1:
             steps = train_cfg.steps
@@ -319,4 +364,6 @@ def report_parts(cfg, results: dict) -> dict:
 
 
 def stages(cfg) -> list[Stage]:
-    return [Dataset(), Extractor(), EDMTeacher(), PairsStage(), ImageFilter(), ImageStudent(), ImageEvaluation()]
+    own = cfg.student.model.distance == "lpips-own"
+    return [Dataset(), Extractor(), *([PerceptualNet()] if own else []), EDMTeacher(), PairsStage(), ImageFilter(),
+            ImageStudent(perceptual=own), ImageEvaluation()]

@@ -193,27 +193,6 @@ def perceptual_stage_version(dataset_content_hash: str, cfg: PerceptualStageConf
                                  cfg.train_images)
 
 
-def stage_perceptual_net(root: str, dataset_uri: str, cfg: PerceptualStageConfig, extractor_uri: Optional[str] = None,
-                         progress: bool = False) -> dict:
-    """The perceptual network at ``<root>/perceptual-nets/<version>`` (found again when it exists), trained
-    on the train split of the prepared dataset at ``dataset_uri`` and checked against the evaluation
-    extractor at ``extractor_uri``. Returns what the recipe passes on: ``uri`` (-> the student stage's
-    ``train.perceptual_net``), ``id``, ``sha256``, ``skipped``, ``test_accuracy``, ``trained_on``."""
-    from pipeline.data.datasets import open_image_dataset
-    ds = open_image_dataset(dataset_uri)
-    version = perceptual_stage_version(ds.manifest.content_hash, cfg)
-    out = artifacts.join(root, "perceptual-nets", version)
-    skipped = artifacts.committed(out)
-    if skipped:
-        if extractor_uri:
-            check_independent(read_perceptual_manifest(out), fx.read_extractor_manifest(extractor_uri))
-    else:
-        resolve_device(cfg.device)
-        train_perceptual_net(dataset_uri, cfg.train, out, extractor_uri=extractor_uri, device=cfg.device,
-                             train_images=cfg.train_images, progress=progress)
-    return {**perceptual_summary(out), "version": version, "skipped": skipped}
-
-
 def perceptual_summary(out: str) -> dict:
     """Small dict of a committed perceptual network: uri, id, sha256, test accuracy, training images, device."""
     m = read_perceptual_manifest(out)
