@@ -147,6 +147,10 @@ def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_che
     for stage in ("teacher", "pairs", "filter"):
         assert again[stage]["skipped"] is True, stage
     assert again["student"]["skipped"] is False and again["student"]["resumed_from_step"] == 20
+    shipped = _server_text()           # the log lines the README tells users to look for
+    assert f"student {again['student']['version']} resumed from its step-20 checkpoint" in shipped
+    for stage in ("teacher", "pairs", "filter"):
+        assert f"{stage} {again[stage]['version']} (exists, skipped)" in shipped, stage
     assert again["student"]["uri"] == student_uri and again["student"]["steps"] == 40
     assert again["evaluation"]["skipped"] is False
     metrics = [json.loads(ln) for ln in artifacts.read_bytes(artifacts.join(student_uri, "metrics.jsonl"))
