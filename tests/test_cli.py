@@ -26,7 +26,8 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for cmd in ("teacher", "pairs", "train", "sample", "evaluate", "distill"):
         assert cmd in out
-    assert "kdm distill --preset checkerboard" in out   # the examples epilog
+    assert "kdm distill --recipe checkerboard --preset checkerboard" in out   # the examples epilog
+    assert "kdm distill --recipe cifar10 --preset smoke" in out
 
 
 def test_subcommand_help(capsys):
@@ -293,9 +294,17 @@ def test_distill_dry_run_validates_and_writes_nothing(capsys, empty_cwd):
     code, out, err = run(capsys, "distill", "--preset", "smoke", "--root", "runs", "--set", "student.train.steps=9",
                          "--dry-run")
     assert code == 0, err
-    plan = plan_json(out)
-    assert out.startswith("dry run: config is valid\n") and plan["root"] == "runs"
-    assert plan["student"]["train"]["steps"] == 9
+    from pipeline import presets
+    from pipeline.teachers.flow_matching import teacher_version
+    root = empty_cwd / "runs"
+    lines = out.splitlines()
+    assert lines[0].split() == ["stage", "state", "pool", "version", "/", "uri"]
+    rows = {ln.split()[0]: ln for ln in lines[1:6]}
+    assert list(rows) == ["teacher", "pairs", "filter", "student", "evaluation"]
+    teacher = teacher_version(presets.load("distill", "smoke").teacher)
+    assert rows["teacher"].split()[1:] == ["to", "do", "kdm-cpu", str(root / "teachers" / teacher)]
+    assert "(known after the teacher stage)" in rows["pairs"] and "(known after the pairs stage)" in rows["filter"]
+    assert f"dry run: recipe checkerboard, preset smoke, 5 of 5 stages to do under {root}" in out
     code, _, err = run(capsys, "distill", "--preset", "smoke", "--root", "runs", "--set", "student.train.steps=0",
                        "--dry-run")
     assert code != 0 and "student.train.steps" in err                   # validated: refused before any stage
