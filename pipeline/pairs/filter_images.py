@@ -45,6 +45,7 @@ REPORT_GROUP = "filter_report"       # child group; its directory also holds the
 REPORT_FILE = "filter_report/report.json"
 GRID_FILE = "filter_report/grid.png"
 HIST_BINS = 40
+TIMING_KEYS = ("thresholds", "calibration", "seconds", "setup_seconds", "search_seconds", "pairs_per_second")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 __all__ = ["ImageFilterConfig", "REASONS", "image_filter_version", "filter_image_pairs", "blocklist_digest",
@@ -151,7 +152,7 @@ def _normalise(x: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def _descriptor(x: torch.Tensor, version: str) -> torch.Tensor:
-    """pool8-v1: overlapping average pooling (windows of 2 cells) to an 8x8 grid, flattened."""
+    """Overlapping average pooling (windows of 2 cells) to an 8x8 grid, flattened (both descriptor versions)."""
     h = x.shape[-1]
     cell = max(1, h // 8)
     if h % 8 == 0 and cell >= 2:
@@ -159,6 +160,24 @@ def _descriptor(x: torch.Tensor, version: str) -> torch.Tensor:
     else:
         d = F.adaptive_avg_pool2d(x, (min(8, x.shape[-2]), min(8, h)))
     return d.flatten(1)
+
+
+def _probes(version: str, max_shift: int) -> list[tuple[int, int]]:
+    """Query shifts whose descriptors are searched: pool8-v1 the image as is; pool8-p4-v1 the four diagonal
+    moves by max_shift // 2 pixels (so a shift of up to max_shift is at most max_shift // 2 + 1 from a probe)."""
+    p = max_shift // 2
+    if version == "pool8-v1" or p == 0:
+        return [(0, 0)]
+    return [(p, p), (p, -p), (-p, p), (-p, -p)]
+
+
+def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    if dy == 0 and dx == 0:
+        return x
+    p = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (p, p, p, p), mode="replicate")
+    return xp[:, :, p + dy:p + dy + h, p + dx:p + dx + w]
 
 
 def _crop(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -307,10 +326,9 @@ class Searcher:
     def _candidates(self, q, qv, qsq, crops, desc, k, lim):
         b, V, _ = qv.shape
         K = min(self.cfg.candidates, len(crops))
-        qd = [_descriptor(q, self.cfg.descriptor)]
-        if self.cfg.flip:
-            qd.append(_descriptor(q.flip(-1), self.cfg.descriptor))
-        qd = torch.stack(qd, 1)                                          # (b, F, d)
+        views = [q, q.flip(-1)] if self.cfg.flip else [q]
+        qd = torch.stack([_descriptor(_shifted(v, dy, dx), self.cfg.descriptor) for v in views
+                          for dy, dx in _probes(self.cfg.descriptor, self.s)], 1)   # (b, probes, d)
         dsq = desc.square().sum(1)
         best_d = torch.full((b, 0), float("inf"), device=self.dev)
         best_i = torch.zeros((b, 0), dtype=torch.long, device=self.dev)
@@ -477,7 +495,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     ``dataset_uri``: the teacher's prepared dataset (``kdm dataset prepare``); needed for ``memorised``,
     for the ratio rules' scale and for calibration. ``device``: 'cuda' (or ``cfg.device='cuda'``) runs the
     search on the GPU. Returns the counts per reason (``kept`` first, then REASONS in order) plus
-    ``version``, ``thresholds``, ``calibration``, ``seconds``, ``pairs_per_second`` and ``report_uri``.
+    ``version``, ``thresholds``, ``calibration``, ``seconds`` (all), ``setup_seconds`` (training references and
+    calibration), ``search_seconds`` and ``pairs_per_second`` (the decision pass over the store) and ``report_uri``.
     """
     t0 = time.time()
     dev = resolve_device(device if device != "cpu" else cfg.device)
@@ -508,7 +527,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         report = read_filter_report(out)
         return {**report.get("counts", dict(PairStore.open(out).manifest.filter.counts)), "version": version,
-                **{k: report.get(k) for k in ("thresholds", "calibration", "seconds", "pairs_per_second")},
+                **{k: report.get(k) for k in TIMING_KEYS},
                 "report_uri": artifacts.join(out, REPORT_FILE), "noop": True}
     blocklist = load_blocklist(cfg.blocklist_uri, shape) if cfg.blocklist_uri else None
 
@@ -554,6 +573,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
         raise KDMError(f"rule 'absolute' needs absolute_threshold or a dataset with a 'test' split and "
                        f"calibration_samples > 0 (dataset {dataset_uri})")
     rule = Rule(cfg, absolute)
+    t_setup = time.time() - t0
 
     block_refs = None
     if blocklist is not None:
@@ -673,6 +693,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
             _bank_keep(bank, m0, ~near)
         bar.update(len(rows))
     bar.close()
+    t_pass = time.time() - t0 - t_setup
 
     counts = {"kept": int(keep.sum()), **counts}
     kept = np.flatnonzero(keep)
@@ -690,7 +711,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     grid_rows = grid.ordered()
     report = {"version": version, "source_version": m.version, "counts": counts, "thresholds": thresholds,
               "calibration": calibration, "generated_d1_quantiles": _quantiles(gd), "histogram": hist,
-              "seconds": round(seconds, 3), "pairs_per_second": round(n / max(seconds, 1e-9), 1),
+              "seconds": round(seconds, 3), "setup_seconds": round(t_setup, 3), "search_seconds": round(t_pass, 3),
+              "pairs_per_second": round(n / max(t_pass, 1e-9), 1),
               "device": str(dev), "dataset": dataset_uri, "blocklist_sha256": block_sha,
               "grid": [r[2] for r in grid_rows]}
 
@@ -722,7 +744,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
                        filter=record, code_version=code_version(), created=utc_now(), **inherited)
     artifacts.commit(out)
     return {**counts, "version": version, "thresholds": thresholds, "calibration": calibration,
-            "seconds": report["seconds"], "pairs_per_second": report["pairs_per_second"],
+            **{k: report[k] for k in TIMING_KEYS},
             "report_uri": artifacts.join(out, REPORT_FILE), "noop": False}
 
 
