@@ -77,7 +77,7 @@ def build_store(url: str, ds_url: str, per_edit: int, natural: int, seed: int, s
                 chunk: int) -> tuple[list[str], np.ndarray]:
     ds = open_image_dataset(ds_url)
     rng = np.random.default_rng(seed)
-    train = ds.split("train").images
+    train = ds.split("train").images[:]
     test = ds.split("test").images
     n_test = min(natural, test.shape[0])
     nat = test[:n_test].astype(np.float32) / 255

@@ -45,6 +45,7 @@ REPORT_GROUP = "filter_report"       # child group; its directory also holds the
 REPORT_FILE = "filter_report/report.json"
 GRID_FILE = "filter_report/grid.png"
 HIST_BINS = 40
+BANK_CANDIDATES = 64     # candidates from the near-duplicate bank when cfg.candidates is 0
 TIMING_KEYS = ("thresholds", "calibration", "seconds", "setup_seconds", "search_seconds", "pairs_per_second")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -274,7 +275,9 @@ class Searcher:
     def search(self, x01: np.ndarray, refs: RefSet, k: int, limit: Optional[np.ndarray] = None) -> Matches:
         """The k nearest references of each query image (float [0, 1], (n, C, H, W)) under the copy distance.
 
-        ``limit[i]``: only references at positions < limit[i] count for query i (the near-duplicate bank)."""
+        ``limit[i]``: only references at positions < limit[i] count for query i (the near-duplicate bank, which
+        is always searched through candidates: ``cfg.candidates``, or 64 when that is 0, since an exhaustive
+        search of a growing bank is quadratic in the store size)."""
         crops, desc, ids, rsq = refs.arrays()
         n, m = len(x01), len(ids)
         out_d = np.full((n, k), np.inf)
@@ -289,10 +292,11 @@ class Searcher:
             lim = None if limit is None else torch.as_tensor(limit[a:a + b], device=self.dev)
             qv = _variants(q, self.s, self.cfg.flip)                     # (b, V, D)
             qsq = qv.square().sum(-1)                                    # (b, V)
-            if self.cfg.candidates == 0 or self.cfg.candidates >= m:
+            K = self.cfg.candidates or (BANK_CANDIDATES if limit is not None else 0)
+            if K == 0 or K >= m:
                 d2, vi, ri = self._exhaustive(qv, qsq, crops, rsq, k, lim)
             else:
-                d2, vi, ri = self._candidates(q, qv, qsq, crops, desc, k, lim)
+                d2, vi, ri = self._candidates(q, qv, qsq, crops, desc, k, lim, K)
             kk = d2.shape[1]
             dist = (d2.clamp_min(0) / D).sqrt().double().cpu().numpy()
             ri_np = ri.cpu().numpy()
@@ -323,9 +327,9 @@ class Searcher:
             best_i, best_v = ci.gather(1, o), cv.gather(1, o)
         return best_d, best_v[:, 0], best_i
 
-    def _candidates(self, q, qv, qsq, crops, desc, k, lim):
+    def _candidates(self, q, qv, qsq, crops, desc, k, lim, K):
         b, V, _ = qv.shape
-        K = min(self.cfg.candidates, len(crops))
+        K = min(K, len(crops))
         views = [q, q.flip(-1)] if self.cfg.flip else [q]
         qd = torch.stack([_descriptor(_shifted(v, dy, dx), self.cfg.descriptor) for v in views
                           for dy, dx in _probes(self.cfg.descriptor, self.s)], 1)   # (b, probes, d)
@@ -424,6 +428,9 @@ class _Grid:
     size: int
     heap: list = field(default_factory=list)   # (-d1, counter, entry dict, uint8 image)
     count: int = 0
+
+    def wants(self, d1: float) -> bool:
+        return self.size > 0 and np.isfinite(d1) and (len(self.heap) < self.size or -d1 > self.heap[0][0])
 
     def offer(self, d1: float, entry: dict, img01: np.ndarray) -> None:
         if self.size == 0 or not np.isfinite(d1):
@@ -642,6 +649,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
             gen_d1[rows[idx]] = nb.d1
             ratio = nb.ratio(cfg.rule if cfg.rule != "absolute" else "carlini")
             for j in range(len(idx)):
+                if not grid.wants(float(nb.d1[j])):
+                    continue
                 dy, dx, fl = meta[nb.variant[j]]
                 grid.offer(float(nb.d1[j]), {"source_index": int(rows[idx[j]]), "seed": int(seeds_all[idx[j]]),
                                              "train_index": int(nb.ref[j]), "distance": round(float(nb.d1[j]), 6),
