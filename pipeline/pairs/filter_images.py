@@ -314,8 +314,9 @@ class Searcher:
         flat = qv.reshape(b * V, -1)
         for s0 in range(0, len(crops), self.rblock):
             r = crops[s0:s0 + self.rblock].float()
-            d2 = (qsq.reshape(-1, 1) + rsq[s0:s0 + len(r)][None, :] - 2 * flat @ r.T).reshape(b, V, len(r))
+            d2 = torch.addmm(qsq.reshape(-1, 1), flat, r.T, alpha=-2).view(b, V, len(r))
             d2, v = d2.min(1)                                            # (b, m_blk)
+            d2 += rsq[s0:s0 + len(r)][None, :]
             idx = torch.arange(s0, s0 + len(r), device=self.dev)
             if lim is not None:
                 d2 = d2.masked_fill(idx[None, :] >= lim[:, None], float("inf"))
@@ -334,12 +335,15 @@ class Searcher:
         qd = torch.stack([_descriptor(_shifted(v, dy, dx), self.cfg.descriptor) for v in views
                           for dy, dx in _probes(self.cfg.descriptor, self.s)], 1)   # (b, probes, d)
         dsq = desc.square().sum(1)
+        P = qd.shape[1]
+        qflat = qd.reshape(b * P, -1)
+        qn = qflat.square().sum(1, keepdim=True)
         best_d = torch.full((b, 0), float("inf"), device=self.dev)
         best_i = torch.zeros((b, 0), dtype=torch.long, device=self.dev)
         for s0 in range(0, len(desc), self.rblock * 4):
             r = desc[s0:s0 + self.rblock * 4]
-            d2 = (qd.square().sum(-1, keepdim=True) + dsq[s0:s0 + len(r)][None, None, :]
-                  - 2 * qd @ r.T).min(1).values                          # (b, m_blk)
+            d2 = torch.addmm(qn, qflat, r.T, alpha=-2).view(b, P, len(r)).amin(1)
+            d2 += dsq[s0:s0 + len(r)][None, :]                           # (b, m_blk)
             idx = torch.arange(s0, s0 + len(r), device=self.dev)
             if lim is not None:
                 d2 = d2.masked_fill(idx[None, :] >= lim[:, None], float("inf"))
@@ -349,8 +353,8 @@ class Searcher:
             best_i = ci.gather(1, o)
         cand = best_i                                                    # (b, K)
         rc = crops[cand].float()                                         # (b, K, D)
-        d2 = qsq[:, :, None] + rc.square().sum(-1)[:, None, :] - 2 * torch.bmm(qv, rc.transpose(1, 2))
-        d2, v = d2.min(1)                                                # (b, K)
+        d2, v = torch.baddbmm(qsq[:, :, None], qv, rc.transpose(1, 2), alpha=-2).min(1)   # (b, K)
+        d2 += rc.square().sum(-1)
         d2 = d2.masked_fill(~torch.isfinite(best_d), float("inf"))       # masked-out candidates stay out
         kk = min(k, K)
         d2s, o = d2.topk(kk, dim=1, largest=False)
