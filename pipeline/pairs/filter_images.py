@@ -152,6 +152,17 @@ def _normalise(x: torch.Tensor, how: str) -> torch.Tensor:
     return x
 
 
+def _normalise_rows(v: torch.Tensor, how: str) -> torch.Tensor:
+    """The same normalisation of each compared window (..., D): its own mean (and contrast), so a brightness
+    or contrast change and the border a shift brings in do not count as differences."""
+    if how == "none":
+        return v
+    v = v - v.mean(-1, keepdim=True)
+    if how == "mean-std":
+        v = v / v.std(-1, keepdim=True).clamp_min(1e-3) * 0.25
+    return v
+
+
 def _descriptor(x: torch.Tensor, version: str) -> torch.Tensor:
     """Overlapping average pooling (windows of 2 cells) to an 8x8 grid, flattened (both descriptor versions)."""
     h = x.shape[-1]
@@ -260,12 +271,12 @@ class Searcher:
 
     def prepare(self, x01: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images -> (central crops, descriptors) of references."""
-        x = self._norm(x01)
-        return _crop(x, self.s), _descriptor(x, self.cfg.descriptor)
+        x = self._tensor(x01)
+        return (_normalise_rows(_crop(x, self.s), self.cfg.normalise),
+                _descriptor(_normalise(x, self.cfg.normalise), self.cfg.descriptor))
 
-    def _norm(self, x01) -> torch.Tensor:
-        x = torch.as_tensor(x01, dtype=torch.float32).to(self.dev)
-        return _normalise(x, self.cfg.normalise)
+    def _tensor(self, x01) -> torch.Tensor:
+        return torch.as_tensor(x01, dtype=torch.float32).to(self.dev)
 
     def check_shape(self, shape: tuple[int, ...], what: str) -> None:
         if len(shape) != 3 or min(shape[1:]) <= 2 * self.s:
@@ -287,16 +298,16 @@ class Searcher:
             return Matches(out_d, out_r, out_v)
         D = crops.shape[1]
         for a in range(0, n, self.qblock):
-            q = self._norm(x01[a:a + self.qblock])
+            q = self._tensor(x01[a:a + self.qblock])
             b = len(q)
             lim = None if limit is None else torch.as_tensor(limit[a:a + b], device=self.dev)
-            qv = _variants(q, self.s, self.cfg.flip)                     # (b, V, D)
+            qv = _normalise_rows(_variants(q, self.s, self.cfg.flip), self.cfg.normalise)   # (b, V, D)
             qsq = qv.square().sum(-1)                                    # (b, V)
             K = self.cfg.candidates or (BANK_CANDIDATES if limit is not None else 0)
             if K == 0 or K >= m:
                 d2, vi, ri = self._exhaustive(qv, qsq, crops, rsq, k, lim)
             else:
-                d2, vi, ri = self._candidates(q, qv, qsq, crops, desc, k, lim, K)
+                d2, vi, ri = self._candidates(_normalise(q, self.cfg.normalise), qv, qsq, crops, desc, k, lim, K)
             kk = d2.shape[1]
             dist = (d2.clamp_min(0) / D).sqrt().double().cpu().numpy()
             ri_np = ri.cpu().numpy()
