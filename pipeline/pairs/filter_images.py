@@ -548,7 +548,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     version = image_filter_version(m.version, cfg, ds.manifest.content_hash if ds else None, block_sha)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         report = read_filter_report(out)
-        return {**report.get("counts", dict(PairStore.open(out).manifest.filter.counts)), "version": version,
+        saved = dict(PairStore.open(out).manifest.filter.counts)
+        return {**{r: saved[r] for r in ("kept", *REASONS)}, "version": version,
                 **{k: report.get(k) for k in TIMING_KEYS},
                 "report_uri": artifacts.join(out, REPORT_FILE), "noop": True}
     blocklist = load_blocklist(cfg.blocklist_uri, shape) if cfg.blocklist_uri else None
@@ -738,6 +739,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
               "seconds": round(seconds, 3), "setup_seconds": round(t_setup, 3), "search_seconds": round(t_pass, 3),
               "pairs_per_second": round(n / max(t_pass, 1e-9), 1),
               "device": str(dev), "dataset": dataset_uri, "blocklist_sha256": block_sha,
+              "memorisation_tested": bool(cfg.memorisation and train_refs is not None),
               "grid": [r[2] for r in grid_rows]}
 
     record = FilterRecord(source_version=m.version, source_content_hash=m.content_hash,
