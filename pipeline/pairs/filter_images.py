@@ -40,6 +40,7 @@ from pipeline.storage import artifacts, pairstore
 from pipeline.storage.pairstore import PairStore
 
 REASONS = IMAGE_FILTER_REASONS
+COPY_TEST_VERSION = "copy-test-v1"   # bumped by hand when the distance or a rule changes meaning
 REPORT_KEY = "kdm_filter_report"
 REPORT_GROUP = "filter_report"       # child group; its directory also holds the two files below
 REPORT_FILE = "filter_report/report.json"
@@ -58,7 +59,8 @@ __all__ = ["ImageFilterConfig", "REASONS", "image_filter_version", "filter_image
 def image_filter_version(source_version: str, cfg: ImageFilterConfig, dataset_content_hash: Optional[str],
                          blocklist_sha256: Optional[str]) -> str:
     """Content-addressed id of the filtered store: source, thresholds, descriptor, dataset and blocklist."""
-    return "filtered-" + stable_hash(recipe_version(), "filter-images", source_version, cfg.version_fields(),
+    return "filtered-" + stable_hash(recipe_version(), "filter-images", COPY_TEST_VERSION, source_version,
+                                     cfg.version_fields(),
                                      dataset_content_hash, blocklist_sha256)
 
 
