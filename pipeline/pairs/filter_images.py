@@ -396,12 +396,11 @@ class Neighbourhood:
         return cls(d[:, 0], d2, meank, m.ref[:, 0], m.variant)
 
     def ratio(self, rule: str) -> np.ndarray:
+        scale = self.d2 if rule == "gu" else self.meank
         with np.errstate(divide="ignore", invalid="ignore"):
-            if rule == "gu":
-                r = self.d1 / self.d2
-            else:
-                r = self.d1 / self.meank
-        return np.where(self.d1 <= 0, 0.0, np.nan_to_num(r, nan=np.inf, posinf=np.inf))
+            r = self.d1 / scale
+        r = np.where(np.isfinite(scale), np.nan_to_num(r, nan=np.inf, posinf=np.inf), 1.0)   # no 2nd neighbour
+        return np.where(self.d1 <= 0, 0.0, r)
 
     def scale(self, rule: str) -> np.ndarray:
         """The distance below which another image counts as a copy (blocklist, near-duplicates)."""
