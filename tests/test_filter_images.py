@@ -273,3 +273,18 @@ def test_cli_keeps_the_2d_filter(tmp_path, capsys):
     assert "kept 2" in capsys.readouterr().out
     assert main(["pairs", "filter", "--pairs", url, "--dataset", "x", "--out", str(tmp_path / "o2")]) != 0
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_memorisation_can_be_reported_without_dropping(world):
+    res, out = run(world, "keepmem", CFG.model_copy(update={"memorisation": False}))
+    expect = {i: r for i, r in world["expect"].items() if r != "memorised"}
+    assert res["memorised"] == 0 and dropped_by_reason(out) == expect
+    report = fi.read_filter_report(out)
+    assert not report["memorisation_tested"] and report["grid"][0]["distance"] < 1e-3
+
+
+def test_ratio_without_a_second_neighbour_is_not_a_copy():
+    nb = fi.Neighbourhood(d1=np.array([0.1, 0.0, 0.1]), d2=np.array([np.inf, np.inf, 0.5]),
+                          meank=np.array([np.inf, 0.2, 0.3]), ref=np.zeros(3, np.int64), variant=np.zeros(3, np.int64))
+    assert nb.ratio("gu").tolist() == [1.0, 0.0, 0.2]
+    assert nb.ratio("carlini")[0] == 1.0 and nb.ratio("carlini")[1] == 0.0
