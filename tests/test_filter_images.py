@@ -188,6 +188,10 @@ def test_version_follows_thresholds_and_rerun_is_a_noop(world):
     again, _ = run(world, "v")
     assert again["noop"] and again["version"] == res["version"] and again["kept"] == res["kept"]
     assert Path(out, "zarr.json").stat().st_mtime_ns == mtime
+    cfg = CFG.model_copy(update={"blocklist_uri": world["block"]})
+    ds_version = open_image_dataset(world["ds"]).version       # what the flow names the output by
+    assert res["version"] == fi.image_filter_version("img-src-0001", cfg, ds_version,
+                                                     fi.blocklist_digest(world["block"]))
     v = fi.image_filter_version("img-src-0001", CFG, "h", None)
     assert v.startswith("filtered-")
     for update in ({"ratio_threshold": 0.25}, {"max_shift": 1}, {"flip": False}, {"neighbours": 40},

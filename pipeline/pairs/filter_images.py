@@ -58,7 +58,10 @@ __all__ = ["ImageFilterConfig", "REASONS", "image_filter_version", "filter_image
 
 def image_filter_version(source_version: str, cfg: ImageFilterConfig, dataset_content_hash: Optional[str],
                          blocklist_sha256: Optional[str]) -> str:
-    """Content-addressed id of the filtered store: source, thresholds, descriptor, dataset and blocklist."""
+    """Content-addressed id of the filtered store: source, thresholds, descriptor, dataset and blocklist.
+
+    ``dataset_content_hash``: the dataset's content-addressed id; ``filter_image_pairs`` passes its
+    ``DatasetManifest.version`` (what the flow knows before the dataset exists), None without a dataset."""
     return "filtered-" + stable_hash(recipe_version(), "filter-images", COPY_TEST_VERSION, source_version,
                                      cfg.version_fields(),
                                      dataset_content_hash, blocklist_sha256)
@@ -546,7 +549,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     if ds is None and cfg.rule == "absolute" and cfg.absolute_threshold is None:
         raise KDMError("rule 'absolute' without a dataset needs absolute_threshold (nothing to calibrate on)")
     block_sha = blocklist_digest(cfg.blocklist_uri) if cfg.blocklist_uri else None
-    version = image_filter_version(m.version, cfg, ds.manifest.content_hash if ds else None, block_sha)
+    version = image_filter_version(m.version, cfg, ds.manifest.version if ds else None, block_sha)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         report = read_filter_report(out)
         saved = dict(PairStore.open(out).manifest.filter.counts)
