@@ -188,6 +188,10 @@ def test_version_follows_thresholds_and_rerun_is_a_noop(world):
     again, _ = run(world, "v")
     assert again["noop"] and again["version"] == res["version"] and again["kept"] == res["kept"]
     assert Path(out, "zarr.json").stat().st_mtime_ns == mtime
+    cfg = CFG.model_copy(update={"blocklist_uri": world["block"]})
+    ds_version = open_image_dataset(world["ds"]).version       # what the flow names the output by
+    assert res["version"] == fi.image_filter_version("img-src-0001", cfg, ds_version,
+                                                     fi.blocklist_digest(world["block"]))
     v = fi.image_filter_version("img-src-0001", CFG, "h", None)
     assert v.startswith("filtered-")
     for update in ({"ratio_threshold": 0.25}, {"max_shift": 1}, {"flip": False}, {"neighbours": 40},
@@ -273,3 +277,18 @@ def test_cli_keeps_the_2d_filter(tmp_path, capsys):
     assert "kept 2" in capsys.readouterr().out
     assert main(["pairs", "filter", "--pairs", url, "--dataset", "x", "--out", str(tmp_path / "o2")]) != 0
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_memorisation_can_be_reported_without_dropping(world):
+    res, out = run(world, "keepmem", CFG.model_copy(update={"memorisation": False}))
+    expect = {i: r for i, r in world["expect"].items() if r != "memorised"}
+    assert res["memorised"] == 0 and dropped_by_reason(out) == expect
+    report = fi.read_filter_report(out)
+    assert not report["memorisation_tested"] and report["grid"][0]["distance"] < 1e-3
+
+
+def test_ratio_without_a_second_neighbour_is_not_a_copy():
+    nb = fi.Neighbourhood(d1=np.array([0.1, 0.0, 0.1]), d2=np.array([np.inf, np.inf, 0.5]),
+                          meank=np.array([np.inf, 0.2, 0.3]), ref=np.zeros(3, np.int64), variant=np.zeros(3, np.int64))
+    assert nb.ratio("gu").tolist() == [1.0, 0.0, 0.2]
+    assert nb.ratio("carlini")[0] == 1.0 and nb.ratio("carlini")[1] == 0.0

@@ -40,11 +40,14 @@ from pipeline.storage import artifacts, pairstore
 from pipeline.storage.pairstore import PairStore
 
 REASONS = IMAGE_FILTER_REASONS
+COPY_TEST_VERSION = "copy-test-v1"   # bumped by hand when the distance or a rule changes meaning
 REPORT_KEY = "kdm_filter_report"
 REPORT_GROUP = "filter_report"       # child group; its directory also holds the two files below
 REPORT_FILE = "filter_report/report.json"
 GRID_FILE = "filter_report/grid.png"
 HIST_BINS = 40
+BANK_CANDIDATES = 64     # candidates from the near-duplicate bank when cfg.candidates is 0
+TIMING_KEYS = ("thresholds", "calibration", "seconds", "setup_seconds", "search_seconds", "pairs_per_second")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 __all__ = ["ImageFilterConfig", "REASONS", "image_filter_version", "filter_image_pairs", "blocklist_digest",
@@ -53,12 +56,15 @@ __all__ = ["ImageFilterConfig", "REASONS", "image_filter_version", "filter_image
 
 # ----------------------------------------------------------------------------- versions and inputs
 
-def image_filter_version(source_version: str, cfg: ImageFilterConfig, dataset_version: Optional[str],
+def image_filter_version(source_version: str, cfg: ImageFilterConfig, dataset_content_hash: Optional[str],
                          blocklist_sha256: Optional[str]) -> str:
     """Content-addressed id of the filtered store: source, thresholds, descriptor, dataset and blocklist.
-    Versions only (the dataset's is a hash of its archive), so it is known before its inputs exist."""
-    return "filtered-" + stable_hash(recipe_version(), "filter-images", source_version, cfg.version_fields(),
-                                     dataset_version, blocklist_sha256)
+
+    ``dataset_content_hash``: the dataset's content-addressed id; ``filter_image_pairs`` passes its
+    ``DatasetManifest.version`` (what the flow knows before the dataset exists), None without a dataset."""
+    return "filtered-" + stable_hash(recipe_version(), "filter-images", COPY_TEST_VERSION, source_version,
+                                     cfg.version_fields(),
+                                     dataset_content_hash, blocklist_sha256)
 
 
 def is_image_store(url: str) -> bool:
@@ -151,8 +157,19 @@ def _normalise(x: torch.Tensor, how: str) -> torch.Tensor:
     return x
 
 
+def _normalise_rows(v: torch.Tensor, how: str) -> torch.Tensor:
+    """The same normalisation of each compared window (..., D): its own mean (and contrast), so a brightness
+    or contrast change and the border a shift brings in do not count as differences."""
+    if how == "none":
+        return v
+    v = v - v.mean(-1, keepdim=True)
+    if how == "mean-std":
+        v = v / v.std(-1, keepdim=True).clamp_min(1e-3) * 0.25
+    return v
+
+
 def _descriptor(x: torch.Tensor, version: str) -> torch.Tensor:
-    """pool8-v1: overlapping average pooling (windows of 2 cells) to an 8x8 grid, flattened."""
+    """Overlapping average pooling (windows of 2 cells) to an 8x8 grid, flattened (both descriptor versions)."""
     h = x.shape[-1]
     cell = max(1, h // 8)
     if h % 8 == 0 and cell >= 2:
@@ -160,6 +177,24 @@ def _descriptor(x: torch.Tensor, version: str) -> torch.Tensor:
     else:
         d = F.adaptive_avg_pool2d(x, (min(8, x.shape[-2]), min(8, h)))
     return d.flatten(1)
+
+
+def _probes(version: str, max_shift: int) -> list[tuple[int, int]]:
+    """Query shifts whose descriptors are searched: pool8-v1 the image as is; pool8-p4-v1 the four diagonal
+    moves by max_shift // 2 pixels (so a shift of up to max_shift is at most max_shift // 2 + 1 from a probe)."""
+    p = max_shift // 2
+    if version == "pool8-v1" or p == 0:
+        return [(0, 0)]
+    return [(p, p), (p, -p), (-p, p), (-p, -p)]
+
+
+def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    if dy == 0 and dx == 0:
+        return x
+    p = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (p, p, p, p), mode="replicate")
+    return xp[:, :, p + dy:p + dy + h, p + dx:p + dx + w]
 
 
 def _crop(x: torch.Tensor, s: int) -> torch.Tensor:
@@ -241,12 +276,12 @@ class Searcher:
 
     def prepare(self, x01: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images -> (central crops, descriptors) of references."""
-        x = self._norm(x01)
-        return _crop(x, self.s), _descriptor(x, self.cfg.descriptor)
+        x = self._tensor(x01)
+        return (_normalise_rows(_crop(x, self.s), self.cfg.normalise),
+                _descriptor(_normalise(x, self.cfg.normalise), self.cfg.descriptor))
 
-    def _norm(self, x01) -> torch.Tensor:
-        x = torch.as_tensor(x01, dtype=torch.float32).to(self.dev)
-        return _normalise(x, self.cfg.normalise)
+    def _tensor(self, x01) -> torch.Tensor:
+        return torch.as_tensor(x01, dtype=torch.float32).to(self.dev)
 
     def check_shape(self, shape: tuple[int, ...], what: str) -> None:
         if len(shape) != 3 or min(shape[1:]) <= 2 * self.s:
@@ -256,7 +291,9 @@ class Searcher:
     def search(self, x01: np.ndarray, refs: RefSet, k: int, limit: Optional[np.ndarray] = None) -> Matches:
         """The k nearest references of each query image (float [0, 1], (n, C, H, W)) under the copy distance.
 
-        ``limit[i]``: only references at positions < limit[i] count for query i (the near-duplicate bank)."""
+        ``limit[i]``: only references at positions < limit[i] count for query i (the near-duplicate bank, which
+        is always searched through candidates: ``cfg.candidates``, or 64 when that is 0, since an exhaustive
+        search of a growing bank is quadratic in the store size)."""
         crops, desc, ids, rsq = refs.arrays()
         n, m = len(x01), len(ids)
         out_d = np.full((n, k), np.inf)
@@ -266,15 +303,16 @@ class Searcher:
             return Matches(out_d, out_r, out_v)
         D = crops.shape[1]
         for a in range(0, n, self.qblock):
-            q = self._norm(x01[a:a + self.qblock])
+            q = self._tensor(x01[a:a + self.qblock])
             b = len(q)
             lim = None if limit is None else torch.as_tensor(limit[a:a + b], device=self.dev)
-            qv = _variants(q, self.s, self.cfg.flip)                     # (b, V, D)
+            qv = _normalise_rows(_variants(q, self.s, self.cfg.flip), self.cfg.normalise)   # (b, V, D)
             qsq = qv.square().sum(-1)                                    # (b, V)
-            if self.cfg.candidates == 0 or self.cfg.candidates >= m:
+            K = self.cfg.candidates or (BANK_CANDIDATES if limit is not None else 0)
+            if K == 0 or K >= m:
                 d2, vi, ri = self._exhaustive(qv, qsq, crops, rsq, k, lim)
             else:
-                d2, vi, ri = self._candidates(q, qv, qsq, crops, desc, k, lim)
+                d2, vi, ri = self._candidates(_normalise(q, self.cfg.normalise), qv, qsq, crops, desc, k, lim, K)
             kk = d2.shape[1]
             dist = (d2.clamp_min(0) / D).sqrt().double().cpu().numpy()
             ri_np = ri.cpu().numpy()
@@ -292,8 +330,9 @@ class Searcher:
         flat = qv.reshape(b * V, -1)
         for s0 in range(0, len(crops), self.rblock):
             r = crops[s0:s0 + self.rblock].float()
-            d2 = (qsq.reshape(-1, 1) + rsq[s0:s0 + len(r)][None, :] - 2 * flat @ r.T).reshape(b, V, len(r))
+            d2 = torch.addmm(qsq.reshape(-1, 1), flat, r.T, alpha=-2).view(b, V, len(r))
             d2, v = d2.min(1)                                            # (b, m_blk)
+            d2 += rsq[s0:s0 + len(r)][None, :]
             idx = torch.arange(s0, s0 + len(r), device=self.dev)
             if lim is not None:
                 d2 = d2.masked_fill(idx[None, :] >= lim[:, None], float("inf"))
@@ -305,20 +344,22 @@ class Searcher:
             best_i, best_v = ci.gather(1, o), cv.gather(1, o)
         return best_d, best_v[:, 0], best_i
 
-    def _candidates(self, q, qv, qsq, crops, desc, k, lim):
+    def _candidates(self, q, qv, qsq, crops, desc, k, lim, K):
         b, V, _ = qv.shape
-        K = min(self.cfg.candidates, len(crops))
-        qd = [_descriptor(q, self.cfg.descriptor)]
-        if self.cfg.flip:
-            qd.append(_descriptor(q.flip(-1), self.cfg.descriptor))
-        qd = torch.stack(qd, 1)                                          # (b, F, d)
+        K = min(K, len(crops))
+        views = [q, q.flip(-1)] if self.cfg.flip else [q]
+        qd = torch.stack([_descriptor(_shifted(v, dy, dx), self.cfg.descriptor) for v in views
+                          for dy, dx in _probes(self.cfg.descriptor, self.s)], 1)   # (b, probes, d)
         dsq = desc.square().sum(1)
+        P = qd.shape[1]
+        qflat = qd.reshape(b * P, -1)
+        qn = qflat.square().sum(1, keepdim=True)
         best_d = torch.full((b, 0), float("inf"), device=self.dev)
         best_i = torch.zeros((b, 0), dtype=torch.long, device=self.dev)
         for s0 in range(0, len(desc), self.rblock * 4):
             r = desc[s0:s0 + self.rblock * 4]
-            d2 = (qd.square().sum(-1, keepdim=True) + dsq[s0:s0 + len(r)][None, None, :]
-                  - 2 * qd @ r.T).min(1).values                          # (b, m_blk)
+            d2 = torch.addmm(qn, qflat, r.T, alpha=-2).view(b, P, len(r)).amin(1)
+            d2 += dsq[s0:s0 + len(r)][None, :]                           # (b, m_blk)
             idx = torch.arange(s0, s0 + len(r), device=self.dev)
             if lim is not None:
                 d2 = d2.masked_fill(idx[None, :] >= lim[:, None], float("inf"))
@@ -328,8 +369,8 @@ class Searcher:
             best_i = ci.gather(1, o)
         cand = best_i                                                    # (b, K)
         rc = crops[cand].float()                                         # (b, K, D)
-        d2 = qsq[:, :, None] + rc.square().sum(-1)[:, None, :] - 2 * torch.bmm(qv, rc.transpose(1, 2))
-        d2, v = d2.min(1)                                                # (b, K)
+        d2, v = torch.baddbmm(qsq[:, :, None], qv, rc.transpose(1, 2), alpha=-2).min(1)   # (b, K)
+        d2 += rc.square().sum(-1)
         d2 = d2.masked_fill(~torch.isfinite(best_d), float("inf"))       # masked-out candidates stay out
         kk = min(k, K)
         d2s, o = d2.topk(kk, dim=1, largest=False)
@@ -358,12 +399,11 @@ class Neighbourhood:
         return cls(d[:, 0], d2, meank, m.ref[:, 0], m.variant)
 
     def ratio(self, rule: str) -> np.ndarray:
+        scale = self.d2 if rule == "gu" else self.meank
         with np.errstate(divide="ignore", invalid="ignore"):
-            if rule == "gu":
-                r = self.d1 / self.d2
-            else:
-                r = self.d1 / self.meank
-        return np.where(self.d1 <= 0, 0.0, np.nan_to_num(r, nan=np.inf, posinf=np.inf))
+            r = self.d1 / scale
+        r = np.where(np.isfinite(scale), np.nan_to_num(r, nan=np.inf, posinf=np.inf), 1.0)   # no 2nd neighbour
+        return np.where(self.d1 <= 0, 0.0, r)
 
     def scale(self, rule: str) -> np.ndarray:
         """The distance below which another image counts as a copy (blocklist, near-duplicates)."""
@@ -407,6 +447,9 @@ class _Grid:
     size: int
     heap: list = field(default_factory=list)   # (-d1, counter, entry dict, uint8 image)
     count: int = 0
+
+    def wants(self, d1: float) -> bool:
+        return self.size > 0 and np.isfinite(d1) and (len(self.heap) < self.size or -d1 > self.heap[0][0])
 
     def offer(self, d1: float, entry: dict, img01: np.ndarray) -> None:
         if self.size == 0 or not np.isfinite(d1):
@@ -478,7 +521,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     ``dataset_uri``: the teacher's prepared dataset (``kdm dataset prepare``); needed for ``memorised``,
     for the ratio rules' scale and for calibration. ``device``: 'cuda' (or ``cfg.device='cuda'``) runs the
     search on the GPU. Returns the counts per reason (``kept`` first, then REASONS in order) plus
-    ``version``, ``thresholds``, ``calibration``, ``seconds``, ``pairs_per_second`` and ``report_uri``.
+    ``version``, ``thresholds``, ``calibration``, ``seconds`` (all), ``setup_seconds`` (training references and
+    calibration), ``search_seconds`` and ``pairs_per_second`` (the decision pass over the store) and ``report_uri``.
     """
     t0 = time.time()
     dev = resolve_device(device if device != "cpu" else cfg.device)
@@ -505,11 +549,12 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     if ds is None and cfg.rule == "absolute" and cfg.absolute_threshold is None:
         raise KDMError("rule 'absolute' without a dataset needs absolute_threshold (nothing to calibrate on)")
     block_sha = blocklist_digest(cfg.blocklist_uri) if cfg.blocklist_uri else None
-    version = image_filter_version(m.version, cfg, ds.version if ds else None, block_sha)
+    version = image_filter_version(m.version, cfg, ds.manifest.version if ds else None, block_sha)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         report = read_filter_report(out)
-        return {**report.get("counts", dict(PairStore.open(out).manifest.filter.counts)), "version": version,
-                **{k: report.get(k) for k in ("thresholds", "calibration", "seconds", "pairs_per_second")},
+        saved = dict(PairStore.open(out).manifest.filter.counts)
+        return {**{r: saved[r] for r in ("kept", *REASONS)}, "version": version,
+                **{k: report.get(k) for k in TIMING_KEYS},
                 "report_uri": artifacts.join(out, REPORT_FILE), "noop": True}
     blocklist = load_blocklist(cfg.blocklist_uri, shape) if cfg.blocklist_uri else None
 
@@ -555,6 +600,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
         raise KDMError(f"rule 'absolute' needs absolute_threshold or a dataset with a 'test' split and "
                        f"calibration_samples > 0 (dataset {dataset_uri})")
     rule = Rule(cfg, absolute)
+    t_setup = time.time() - t0
 
     block_refs = None
     if blocklist is not None:
@@ -623,6 +669,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
             gen_d1[rows[idx]] = nb.d1
             ratio = nb.ratio(cfg.rule if cfg.rule != "absolute" else "carlini")
             for j in range(len(idx)):
+                if not grid.wants(float(nb.d1[j])):
+                    continue
                 dy, dx, fl = meta[nb.variant[j]]
                 grid.offer(float(nb.d1[j]), {"source_index": int(rows[idx[j]]), "seed": int(seeds_all[idx[j]]),
                                              "train_index": int(nb.ref[j]), "distance": round(float(nb.d1[j]), 6),
@@ -674,6 +722,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
             _bank_keep(bank, m0, ~near)
         bar.update(len(rows))
     bar.close()
+    t_pass = time.time() - t0 - t_setup
 
     counts = {"kept": int(keep.sum()), **counts}
     kept = np.flatnonzero(keep)
@@ -691,13 +740,15 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     grid_rows = grid.ordered()
     report = {"version": version, "source_version": m.version, "counts": counts, "thresholds": thresholds,
               "calibration": calibration, "generated_d1_quantiles": _quantiles(gd), "histogram": hist,
-              "seconds": round(seconds, 3), "pairs_per_second": round(n / max(seconds, 1e-9), 1),
+              "seconds": round(seconds, 3), "setup_seconds": round(t_setup, 3), "search_seconds": round(t_pass, 3),
+              "pairs_per_second": round(n / max(t_pass, 1e-9), 1),
               "device": str(dev), "dataset": dataset_uri, "blocklist_sha256": block_sha,
+              "memorisation_tested": bool(cfg.memorisation and train_refs is not None),
               "grid": [r[2] for r in grid_rows]}
 
     record = FilterRecord(source_version=m.version, source_content_hash=m.content_hash,
                           config_hash=stable_hash(cfg.version_fields(), block_sha,
-                                                  ds.version if ds else None), counts=counts)
+                                                  ds.manifest.content_hash if ds else None), counts=counts)
     tmp = artifacts.begin(out, fresh=True)
     root = pairstore.create_arrays(tmp, len(kept), shape, m.chunk_size, extra=("source_index",))
     _copy_rows(source.group, root, kept, m.chunk_size, cfg.chunk_size)
@@ -723,7 +774,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
                        filter=record, code_version=code_version(), created=utc_now(), **inherited)
     artifacts.commit(out)
     return {**counts, "version": version, "thresholds": thresholds, "calibration": calibration,
-            "seconds": report["seconds"], "pairs_per_second": report["pairs_per_second"],
+            **{k: report[k] for k in TIMING_KEYS},
             "report_uri": artifacts.join(out, REPORT_FILE), "noop": False}
 
 
