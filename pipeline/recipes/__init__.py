@@ -94,6 +94,8 @@ def build_report(cfg, results: dict) -> Report:
     lineage = [s.lineage(results[s.name]) for s in stages_of(cfg) if s.name in results]
     ev = results["evaluation"]
     images = {name: artifacts.join(ev["uri"], fname) for name, fname in ev.get("plots", {}).items()}
+    if results.get("filter", {}).get("grid"):
+        images["filter_closest_matches"] = results["filter"]["grid"]      # generated | nearest training image
     links = {name: r["uri"] for name, r in results.items()}
     return Report(title=parts["title"], key=_slug(parts["key"]), lineage=lineage, metrics=parts["metrics"],
                   headline=parts["headline"], protocol=parts["protocol"], images=images, links=links,

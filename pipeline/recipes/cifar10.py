@@ -218,6 +218,13 @@ class ImageFilter(PairStoreStage):
     def device(self, cfg):
         return cfg.filter.device
 
+    def summary(self, cfg, uris, out):
+        from pipeline.pairs.filter_images import GRID_FILE, REPORT_FILE
+        extra = {"report_uri": artifacts.join(out, REPORT_FILE)}
+        if artifacts.exists(artifacts.join(out, GRID_FILE)):
+            extra["grid"] = artifacts.join(out, GRID_FILE)
+        return {**super().summary(cfg, uris, out), **extra}
+
     def run(self, cfg, uris, out, ctx):
         from pipeline.pairs.filter_images import filter_image_pairs
         filter_image_pairs(uris["pairs"], cfg.filter, out, dataset_uri=uris["dataset"], progress=ctx.progress_bars,
@@ -354,13 +361,17 @@ def report_parts(cfg, results: dict) -> dict:
                 f"{first.kid_subsets} subsets of {first.kid_subset_size}; MSE on the float outputs.")
     d, t = results["dataset"], results["teacher"]
     key = f"cifar10-{d['version'].removeprefix('ds-')[:8]}-{t['version']}"
+    notes = [f"{k}: {v}" for k, v in ev["notes"].items()]
+    f = results.get("filter")
+    if f is not None:
+        from pipeline.pairs.filter_images import read_filter_report, report_markdown
+        notes.append("### Privacy filter and dedup\n\n" + report_markdown(read_filter_report(f["uri"])))
     return {"title": f"KDM distillation: CIFAR-10 ({cfg.preset}{', class-conditional' if cfg.conditional else ''})",
             "key": key, "metrics": rows,
             "metrics_description": f"teacher and student vs the train split, student vs teacher on held-out seeds "
                                    f"({ev['num_samples']} samples)",
             "headline": f"FD ratio student / teacher: **{ev['fd_ratio']:.3f}**", "protocol": protocol,
-            "table_text": image_metrics.metrics_markdown(report.metrics),
-            "notes": [f"{k}: {v}" for k, v in ev["notes"].items()]}
+            "table_text": image_metrics.metrics_markdown(report.metrics), "notes": notes}
 
 
 def stages(cfg) -> list[Stage]:
