@@ -309,7 +309,12 @@ def test_verify_detects_tampering(tmp_path, reference):
     PairStore.open(url).verify()
     g = zarr.open_group(url, mode="r+")
     x = g["x_0"][250]
-    g["x_0"][250] = x + np.float32(1e-3)
+    g["x_0"][250] = x + np.float32(1e-3)      # a valid chunk (crc32c fine) with other data
+    with pytest.raises(KDMError, match=r"array 'x_0', chunk 1 \(rows 200-399.*does not match the checksum"):
+        PairStore.open(url).verify()
+    man = dict(g.attrs["kdm"])                  # a store without chunk digests: the content hash still checks
+    man.pop("chunk_digests")
+    g.attrs["kdm"] = man
     with pytest.raises(KDMError, match="content hash mismatch"):
         PairStore.open(url).verify()
 

@@ -111,7 +111,6 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     ``stop_after`` ended the loop first. ``on_checkpoint(run, checkpoint, keep)`` follows every
     checkpoint."""
     m = store.manifest
-    run.mkdir(parents=True, exist_ok=True)
     checkpoints.claim_run(run / CONFIG_FILE, version,
                           {"pairs": pairs_url, "pairs_version": m.version, "pairs_content_hash": m.content_hash,
                            "config": cfg.model_dump(mode="json")},
