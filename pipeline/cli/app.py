@@ -73,12 +73,13 @@ def cmd_pairs_filter(a) -> None:
 def cmd_pairs_info(a) -> None:
     from pipeline.storage.pairstore import PairStore
     s = PairStore.open(a.store)
-    if a.verify:
-        s.verify()
-    print(s.manifest.model_dump_json(indent=2))
     held = s.heldout()
+    checked = s.verify() if a.verify else 0
+    print(s.manifest.model_dump_json(indent=2, exclude={"chunk_digests"}))
     summary(f"{a.store}: {s.manifest.split} {len(s)} pairs, version {s.version}"
-            + (f", held out {len(held)}" if held else "") + (", content hash verified" if a.verify else ""))
+            + (f", held out {len(held)}" if held else "")
+            + (f", content hash{'es' if held else ''} and all {checked} chunks verified"
+               f"{' (train and held out)' if held else ''}" if a.verify else ""))
 
 
 def cmd_train(a) -> None:
@@ -104,10 +105,17 @@ def cmd_train(a) -> None:
 def cmd_sample(a) -> None:
     import numpy as np
     from pipeline.evaluation import sample
+    if a.num is not None and a.num < 1:
+        raise KDMError(f"--num must be at least 1, got {a.num}")
+    out = Path(a.out)
+    if out.is_dir():
+        raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")     # what np.save writes
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(a.out, x0)
-    summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {a.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, x0)
+    summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {out}")
 
 
 def cmd_evaluate(a) -> None:
@@ -227,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp = add(pr, "info", cmd_pairs_info, "print a pair store's manifest", "example: kdm pairs info runs/pairs --verify")
     sp.add_argument("store")
-    sp.add_argument("--verify", action="store_true", help="recompute the content hash")
+    sp.add_argument("--verify", action="store_true", help="check every chunk of every array of every split "
+                    "(held-out included) against the manifest, and the content hashes")
 
     sp = add(sub, "train", cmd_train, "train a KDM student on a pair store (resumes an interrupted run)",
              "example: kdm train --pairs runs/pairs --preset checkerboard --set train.steps=2000 --out runs/student")
@@ -305,6 +314,11 @@ def main(argv=None) -> int:
     except ValueError as e:   # argument parsing of typed values (e.g. seed ranges)
         print(f"kdm {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:      # read-only or full disks, a file where a directory belongs, ...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"kdm {a.command}: error: {e.strerror or e}{where}; check that the path is writable, has free space "
+              f"and is what the command expects, then rerun (finished work is kept)", file=sys.stderr)
+        return 1
     return 0
 
 
