@@ -237,6 +237,37 @@ def test_shard_written_without_marker_is_recomputed(teacher_dir, reference, tmp_
     assert_same_store(reference[0], out)
 
 
+@pytest.mark.parametrize("fault", ("delete", "flip", "rewrite", "old-marker-delete"))
+def test_finished_shard_damaged_before_resume_is_recomputed(teacher_dir, reference, tmp_path, fault, caplog):
+    """A finished shard (marker written) whose chunk is lost or altered before the resumed run commits is
+    computed again: the committed store equals an uninterrupted run, never zeros."""
+    out = str(tmp_path / "damaged")
+    with pytest.raises(Crash):
+        generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False, on_shard=crash_after(2))
+    partial = Path(artifacts.partial_url(out))
+    marker = partial / generate.PROGRESS_DIR / "shard-000000.done"
+    assert set(json.loads(marker.read_text())) == {"x_T", "x_0", "label", "seed"}
+    chunk = partial / "x_0" / "c" / "0" / "0"
+    if fault.endswith("delete"):
+        os.remove(chunk)
+        if fault.startswith("old-marker"):
+            marker.write_bytes(b"")          # a marker written before markers held digests
+    elif fault == "flip":
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    else:
+        zarr.open_group(str(partial), mode="r+")["x_0"][0:200] = np.zeros((200, 2), np.float32) + 1
+    redone = []
+    with caplog.at_level("WARNING", logger="kdm.generate"):
+        v = generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False, on_shard=lambda i, n: redone.append(i))
+    assert v == reference[1]
+    assert redone == [2, 0, 0]               # the last train shard, the held-out shard, then shard 0 again
+    assert "recomputing 1 finished shard" in caplog.text and "train shard 0" in caplog.text
+    assert_same_store(reference[0], out)
+    PairStore.open(out).verify()
+
+
 def test_kill_while_creating_the_arrays_is_recovered(teacher_dir, reference, tmp_path):
     out = str(tmp_path / "half-created")
     g = zarr.open_group(artifacts.begin(out), mode="w", zarr_format=3)

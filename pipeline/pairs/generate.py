@@ -324,7 +324,8 @@ def _damaged_shards(splits: list[Split], shards: list[Shard], scans: dict) -> li
                     bad.append((sh, f"{name} chunk {sh.index} is missing"))
                     break
             elif digests.get(name) != got:
-                what = "is missing" if not pairstore.chunk_present(group[name], sh.index) else "was altered"
+                what = ("is missing" if not pairstore.chunk_present(group[name], sh.index) else
+                        "is unreadable" if got == pairstore.UNREADABLE else "was altered")
                 bad.append((sh, f"{name} chunk {sh.index} {what}"))
                 break
     return bad
@@ -334,7 +335,8 @@ def _verified_scans(sampler: "_Sampler", splits: list[Split], shards: list[Shard
                     on_shard: Optional[Callable[[int, int], None]]) -> dict:
     """{split: pairstore.scan(group)} once every shard matches its marker; damaged shards are recomputed."""
     for attempt in (1, 2):
-        scans = {sp.name: pairstore.scan(pairstore.open_group(sp.url, "r"), PAIR_ARRAYS) for sp in splits}
+        scans = {sp.name: pairstore.scan(pairstore.open_group(sp.url, "r"), PAIR_ARRAYS, tolerant=True)
+                 for sp in splits}
         bad = _damaged_shards(splits, shards, scans)
         if not bad:
             return scans

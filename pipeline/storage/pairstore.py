@@ -84,6 +84,9 @@ def write_region(group: zarr.Group, start: int, data: dict[str, np.ndarray]) -> 
         group[name][start:start + n] = arr
 
 
+UNREADABLE = "unreadable"
+
+
 def chunk_digest(rows: np.ndarray) -> str:
     """sha256 of rows as raw little-endian bytes (one chunk's rows: the manifest's ``chunk_digests``)."""
     return hashlib.sha256(_le(rows)).hexdigest()
@@ -101,11 +104,14 @@ def _ordered_names(group: zarr.Group, names: Optional[Iterable[str]]) -> list[st
     return list(names)
 
 
-def scan(group: zarr.Group, names: Optional[Iterable[str]] = None) -> tuple[str, dict[str, list[str]]]:
+def scan(group: zarr.Group, names: Optional[Iterable[str]] = None,
+         tolerant: bool = False) -> tuple[str, dict[str, list[str]]]:
     """One pass over every chunk: (content hash, per-array chunk digests).
 
     The content hash is sha256 over (name, dtype, shape, raw little-endian bytes) of each array,
-    PAIR_ARRAYS first; the digest of a chunk is the sha256 of its rows' bytes (``chunk_digest``).
+    PAIR_ARRAYS first; the digest of a chunk is the sha256 of its rows' bytes (``chunk_digest``). A chunk
+    that cannot be read raises DataCorrupt, or with ``tolerant`` gets the digest ``UNREADABLE`` (the
+    content hash is then meaningless).
     """
     h = hashlib.sha256()
     digests: dict[str, list[str]] = {}
@@ -115,7 +121,14 @@ def scan(group: zarr.Group, names: Optional[Iterable[str]] = None) -> tuple[str,
         rows = max(1, int(a.chunks[0])) if a.chunks else 1
         out = digests[name] = []
         for s in range(0, a.shape[0], rows):
-            b = _le(a[s:s + rows])
+            try:
+                b = _le(a[s:s + rows])
+            except Exception as e:   # crc32c mismatch, truncated chunk
+                if not tolerant:
+                    raise DataCorrupt(f"{group.store_path}: array '{name}', chunk {s // rows} cannot be read "
+                                      f"({str(e).splitlines()[0][:120]})") from None
+                out.append(UNREADABLE)
+                continue
             h.update(b)
             out.append(hashlib.sha256(b).hexdigest())
     return h.hexdigest(), digests
