@@ -339,3 +339,40 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_trunca
     ref = tmp_path / "ref"
     train.train_student(clean, cfg, str(ref), progress=False)
     assert (out / "student.safetensors").read_bytes() == (ref / "student.safetensors").read_bytes()
+
+
+# --- other bad inputs of the command line -------------------------------------------------------------------
+
+def test_seed_ranges_beyond_int64_or_too_many_shards_are_refused(tmp_path, capfd):
+    base = ["pairs", "generate", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "p"), "--dry-run"]
+    assert main(base + ["--seeds", "0-99999999999999999999999"]) == 2
+    assert "at most 9223372036854775807" in capfd.readouterr().err
+    assert main(base + ["--seeds", "0-99999999999999", "--chunk-size", "10000"]) == 2
+    err = capfd.readouterr().err
+    assert "shards" in err and "--chunk-size" in err and "Traceback" not in err
+
+
+def test_missing_teacher_says_the_path_is_wrong(tmp_path, capfd):
+    assert main(["pairs", "generate", "--teacher", str(tmp_path / "nope"), "--seeds", "0-9",
+                 "--out", str(tmp_path / "p"), "-q"]) == 1
+    err = capfd.readouterr().err
+    assert f"{tmp_path / 'nope'} does not exist" in err and "check the path" in err
+
+
+def test_edited_manifest_count_is_reported_without_dumping_the_manifest(clean, tmp_path, capfd):
+    url = str(tmp_path / "m")
+    shutil.copytree(clean, url)
+    g = zarr.open_group(url, mode="r+")
+    g.attrs["kdm"] = {**g.attrs["kdm"], "count": 601}
+    assert main(["pairs", "info", url]) == 1
+    err = capfd.readouterr().err
+    assert "count" in err and "content_hash" not in err and len(err.splitlines()) <= 4
+
+
+def test_import_of_an_empty_array_is_refused(tmp_path, capfd):
+    src = tmp_path / "empty.npy"
+    np.save(src, np.zeros((10, 0, 2), np.float32))
+    assert main(["pairs", "import", str(src), "--format", "kdm-trajectories", "--holdout", "0",
+                 "--out", str(tmp_path / "p")]) == 1
+    assert "holds no pairs" in capfd.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -297,6 +297,9 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
         if artifacts.check_target(out, _version(source_sha, cfg), pairstore.read_store_manifest):
             return _version(source_sha, cfg)
     source = open_source(src, cfg, source_sha)
+    if source.count == 0 or 0 in tuple(source.sample_shape):
+        raise KDMError(f"{src} holds no pairs (count {source.count}, sample shape {tuple(source.sample_shape)}); "
+                       f"nothing to import")
     version = _version(source.sha256, cfg)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         return version

@@ -79,7 +79,13 @@ def read_model(url: str, model: Type[M]) -> M:
     try:
         raw = read_json(url)
     except FileNotFoundError:
-        raise ArtifactMissing(f"{url} does not exist") from None
+        parent = str(url).rstrip("/").rsplit("/", 1)[0] if "/" in str(url) else "."
+        if not exists(parent):
+            raise ArtifactMissing(f"{parent} does not exist (looked for {url}); check the path") from None
+        raise ArtifactMissing(f"{url} does not exist: {parent} is not a finished kdm artifact of this kind "
+                              f"(unfinished, or another kind); check the path") from None
+    except ValueError:
+        raise KDMError(f"{url} is not valid JSON: the artifact is damaged; write it again") from None
     try:
         return model.model_validate(raw)
     except ValidationError as e:

@@ -17,8 +17,7 @@ from pydantic import BaseModel, ValidationError
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas.pairs import HeldoutRef
-from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, ArraySpec, PairStoreManifest,
-                             format_validation_error)
+from storage_schemas import HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, ArraySpec, PairStoreManifest
 
 from pipeline.storage import artifacts
 from pipeline.errors import ArtifactMissing, DataCorrupt, KDMError
@@ -55,8 +54,23 @@ def open_manifest_group(url: str, manifest_model: Type[M], what: str, writer: st
     try:
         manifest = manifest_model.model_validate(raw)
     except ValidationError as e:
-        raise KDMError(format_validation_error(e, f"{url} (attribute '{MANIFEST_KEY}')")) from None
+        raise KDMError(_short_validation_error(e, f"{url} (attribute '{MANIFEST_KEY}')")
+                       + f"\nthe manifest was edited or damaged: rewrite the {what} with {writer}") from None
     return g, manifest
+
+
+def _short_validation_error(err: ValidationError, source: str) -> str:
+    """format_validation_error without echoing large inputs (a whole manifest for a model-level check)."""
+    lines = [f"invalid {err.title} in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        if e["type"] == "missing":
+            lines.append(f"  - {loc}: field required")
+            continue
+        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        got = repr(e.get("input"))
+        lines.append(f"  - {loc}: {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
+    return "\n".join(lines)
 
 
 def create_arrays(url: str, count: int, sample_shape: tuple[int, ...], chunk_size: int,
