@@ -389,3 +389,17 @@ def test_generate_to_an_fsspec_url(teacher_dir, reference):
         fs, path = artifacts.url_to_fs(url)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def test_a_second_writer_on_the_same_out_is_refused_while_the_first_lives(teacher_dir, reference, tmp_path):
+    import socket
+    out = str(tmp_path / "locked")
+    lock = Path(out + ".lock")
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")          # a live writer: this very process
+    with pytest.raises(KDMError, match=r"another `kdm pairs generate` \(pid \d+\) is writing"):
+        generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False)
+    assert not Path(artifacts.partial_url(out)).exists()
+    lock.write_text(f"{socket.gethostname()} 999999999")               # left by a killed run: taken over
+    assert generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False) == reference[1]
+    assert not lock.exists()
+    assert_same_store(reference[0], out)
