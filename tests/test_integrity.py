@@ -376,3 +376,22 @@ def test_import_of_an_empty_array_is_refused(tmp_path, capfd):
                  "--out", str(tmp_path / "p")]) == 1
     assert "holds no pairs" in capfd.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_train_dry_run_checks_the_model_dimension(clean, tmp_path, capfd):
+    assert main(["train", "--pairs", clean, "--preset", "smoke", "--set", "model.dim=3", "--out",
+                 str(tmp_path / "r"), "--dry-run"]) == 1
+    assert "model.dim=3 expects (3,)" in capfd.readouterr().err
+
+
+def test_os_errors_end_in_one_clear_message(clean, tmp_path, capfd, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f" / "x_0"))
+    monkeypatch.setattr(pairstore, "write_region", full)
+    code = main(["pairs", "filter", "--pairs", clean, "--out", str(tmp_path / "f"), "-q"])
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "No space left on device" in err and "free space" in err
+    assert not (tmp_path / "f").exists()

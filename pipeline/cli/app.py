@@ -92,6 +92,9 @@ def cmd_train(a) -> None:
     if a.device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": a.device})})
     store = PairStore.open(a.pairs)
+    if tuple(store.manifest.sample_shape) != (cfg.model.dim,):
+        raise KDMError(f"pairs {a.pairs} have sample shape {tuple(store.manifest.sample_shape)}; model.dim="
+                       f"{cfg.model.dim} expects ({cfg.model.dim},): set model.dim to match the pairs")
     version = train.run_version(store.version, cfg)
     if a.dry_run:
         summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")

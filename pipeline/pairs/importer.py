@@ -63,6 +63,9 @@ def load_trajectories(src: str) -> tuple[np.ndarray, str]:
         raise KDMError(f"import source {src} does not exist") from None
     except IsADirectoryError:
         raise KDMError(f"{src} is a folder; format kdm-trajectories is one .npy file (folders: kdm-npz, get-pt)") from None
+    if not raw.startswith(b"\x93NUMPY"):
+        raise KDMError(f"{src} is not a .npy file (no NumPy header); format kdm-trajectories is one float32 "
+                       f"(T, N, D) array saved with numpy.save")
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except ValueError as e:
