@@ -101,6 +101,13 @@ def write_region(group: zarr.Group, start: int, data: dict[str, np.ndarray]) -> 
 UNREADABLE = "unreadable"
 
 
+def _read_error(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "checksum" in text.lower():
+        return "its crc32c checksum does not match: the file was altered or truncated"
+    return text[:120]
+
+
 def chunk_digest(rows: np.ndarray) -> str:
     """sha256 of rows as raw little-endian bytes (one chunk's rows: the manifest's ``chunk_digests``)."""
     return hashlib.sha256(_le(rows)).hexdigest()
@@ -140,7 +147,7 @@ def scan(group: zarr.Group, names: Optional[Iterable[str]] = None,
             except Exception as e:   # crc32c mismatch, truncated chunk
                 if not tolerant:
                     raise DataCorrupt(f"{group.store_path}: array '{name}', chunk {s // rows} cannot be read "
-                                      f"({str(e).splitlines()[0][:120]})") from None
+                                      f"({_read_error(e)})") from None
                 out.append(UNREADABLE)
                 continue
             h.update(b)
@@ -304,8 +311,7 @@ class PairStore:
         try:
             data = a[c * rows:(c + 1) * rows]
         except Exception as e:   # zarr's crc32c check, a truncated or undecodable chunk, a failed read
-            raise DataCorrupt(f"{self._where(name, c)} cannot be read ({str(e).splitlines()[0][:120]}); "
-                              f"{DAMAGED_HINT}") from None
+            raise DataCorrupt(f"{self._where(name, c)} cannot be read ({_read_error(e)}); {DAMAGED_HINT}") from None
         self.check_chunk(name, c, data)
         return data
 
