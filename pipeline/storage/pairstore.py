@@ -4,6 +4,12 @@ Layout (see storage_schemas.pairs): arrays at the group root, chunked along N, z
 manifest in the group attribute ``kdm``; an optional held-out split in the child group ``heldout``.
 Arrays are sized once, up front; writers fill whole chunks (Zarr 3 loses data under concurrent
 appends or partial-chunk writes from several processes).
+
+Integrity: Zarr reads a missing chunk as its fill value, so the manifest records, at commit, the sha256 of
+every chunk's rows (``chunk_digests``) and every read of a committed store goes through
+``PairStore.read_chunk``, which checks the chunk it reads (stores from before digests: that the chunk
+exists; Zarr's crc32c catches altered bytes). A bad chunk raises DataCorrupt naming the store, the array
+and the chunk; nothing is trained, filtered, evaluated or exported from it.
 """
 from __future__ import annotations
 
