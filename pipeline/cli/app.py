@@ -295,11 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "presets", cmd_presets, "list the presets under configs/")
     from pipeline.cli import metrics as cli_eval
     from pipeline.cli import images as cli_images
-    from pipeline.training import image_train
+    from pipeline.cli import train_image as cli_train_image
     cli_distill_image.add_commands(sub)
     cli_images.add_commands(sub)
     cli_eval.add_commands(sub)
-    image_train.add_image_commands(sub)
+    cli_train_image.add_commands(sub)
     return p
 
 
