@@ -395,3 +395,17 @@ def test_os_errors_end_in_one_clear_message(clean, tmp_path, capfd, monkeypatch)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "No space left on device" in err and "free space" in err
     assert not (tmp_path / "f").exists()
+
+
+def test_import_with_nan_warns_and_training_on_it_is_refused(tmp_path, capfd, caplog):
+    src = tmp_path / "nan.npy"
+    arr = np.random.default_rng(0).standard_normal((3, 400, 2)).astype(np.float32)
+    arr[-1, 5, 0] = np.nan
+    np.save(src, arr)
+    with caplog.at_level("WARNING", logger="kdm.import"):
+        assert main(["pairs", "import", str(src), "--format", "kdm-trajectories", "--holdout", "0",
+                     "--out", str(tmp_path / "p")]) == 0
+    assert "1 train and 0 held-out pairs hold NaN/Inf" in caplog.text and "kdm pairs filter" in caplog.text
+    assert main(["train", "--pairs", str(tmp_path / "p"), "--preset", "smoke", "--set", "train.steps=5",
+                 "--out", str(tmp_path / "r"), "-q"]) == 1
+    assert "non-finite" in capfd.readouterr().err and not (tmp_path / "r").exists()

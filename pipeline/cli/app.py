@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(pr, "import", cmd_pairs_import, "import external pairs into a pair store",
              "example: kdm pairs import ../shared/data/checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official")
     sp.add_argument("src")
-    sp.add_argument("--format", required=True, help="kdm-trajectories: float32 (T, N, D), x_T=[0], x_0=[-1]")
+    sp.add_argument("--format", required=True, help="kdm-trajectories: a numeric (T, N, D) .npy, stored as float32; "
+                    "x_T=[0], x_0=[-1]")
     sp.add_argument("--holdout", type=float, required=True, help="fraction held out for evaluation (may be 0)")
     sp.add_argument("--split-seed", type=int, default=0)
     sp.add_argument("--chunk-size", type=int, default=10000)

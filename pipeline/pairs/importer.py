@@ -36,6 +36,7 @@ import abc
 
 import hashlib
 import io
+import logging
 import re
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -50,6 +51,8 @@ from pipeline.storage import artifacts
 from pipeline.storage import pairstore
 from pipeline.errors import ArtifactExists, KDMError
 from pipeline.storage.pairstore import PairStore
+
+log = logging.getLogger("kdm.import")
 
 GET_SUFFIXES = (".pkl", ".pt", ".pth")
 
@@ -316,10 +319,13 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
         splits.append(("heldout", artifacts.join(tmp, HELDOUT_GROUP), held_idx))
     groups = []
     c = cfg.chunk_size
+    nonfinite = {"train": 0, "heldout": 0}
     for split, url, idx in splits:          # root first: creating it would wipe an existing child
         group = pairstore.create_arrays(url, len(idx), source.sample_shape, c)
         for s in range(0, len(idx), c):
             x_T, x_0, lab = source.get(idx[s:s + c])
+            nonfinite[split] += int((~(np.isfinite(np.reshape(x_T, (len(x_T), -1))).all(1)
+                                       & np.isfinite(np.reshape(x_0, (len(x_0), -1))).all(1))).sum())
             pairstore.write_region(group, s, {"x_T": x_T, "x_0": x_0, "label": lab,
                                               "seed": idx[s:s + c].astype(np.int64)})
         groups.append((split, group))
@@ -328,6 +334,10 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
                            origin="import", chunk_size=c, import_info=info, x_T_scale=cfg.x_T_scale,
                            num_classes=source.num_classes, code_version=code_version(), created=utc_now())
     artifacts.commit(out)
+    if any(nonfinite.values()):
+        log.warning("%s: %d train and %d held-out pairs hold NaN/Inf (imported as they are); drop them with "
+                    "`kdm pairs filter --pairs %s --out NEW` before training", out, nonfinite["train"],
+                    nonfinite["heldout"], out)
     return version
 
 
