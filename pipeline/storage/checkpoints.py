@@ -66,8 +66,11 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
             return p
         aside = p.with_name(".damaged-" + p.name)
         if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(p, aside)
+            aside = p.with_name(f".damaged-{p.name}-{os.getpid()}")
+        try:
+            os.replace(p, aside)
+        except OSError:   # already set aside by another process of the same run (one per GPU)
+            pass
         msg = (f"checkpoint {p} is damaged ({problem}); it was moved to {aside.name} and the run resumes from "
                + (f"the previous checkpoint" if p is not done[0] else "the start (no older checkpoint)"))
         log.warning(msg)
