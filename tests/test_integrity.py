@@ -298,7 +298,7 @@ def _save(run: Path, step: int, keep: int = 3) -> Path:
 
 
 @pytest.mark.parametrize("what", ("truncate-weights", "truncate-pt", "flip", "state", "legacy-truncate"))
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, what):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, what, caplog):
     run = tmp_path / "run"
     _save(run, 10)
     newest = _save(run, 20)
@@ -316,8 +316,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, what):
     else:
         (newest / target).write_bytes(data[:len(data) // 2])
     assert checkpoints.checkpoint_problem(newest) is not None
-    with pytest.warns(RuntimeWarning, match="step-00000020 is damaged"):
+    with caplog.at_level("WARNING", logger="kdm.checkpoints"):
         ck = checkpoints.latest_checkpoint(run)
+    assert "step-00000020 is damaged" in caplog.text and "resumes from the previous checkpoint" in caplog.text
     assert ck is not None and ck.name == "step-00000010"
     assert checkpoints.read_state(ck) == {"step": 10}
     assert not newest.exists() and (run / "checkpoints" / ".damaged-step-00000020").is_dir()
@@ -325,7 +326,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, what):
     assert checkpoints.latest_checkpoint(run) == again
 
 
-def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(clean, tmp_path):
+def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(clean, tmp_path, caplog):
     out = tmp_path / "run"
     cfg = student_cfg(steps=20)
     assert train.train_student(clean, cfg, str(out), progress=False, stop_after=15)
@@ -333,8 +334,9 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_trunca
     data = (ck / "ema.safetensors").read_bytes()
     (ck / "ema.safetensors").write_bytes(data[:100])
     resumed = []
-    with pytest.warns(RuntimeWarning, match="is damaged"):
+    with caplog.at_level("WARNING", logger="kdm.checkpoints"):
         train.train_student(clean, cfg, str(out), progress=False, on_resume=resumed.append)
+    assert "ema.safetensors has 100 bytes" in caplog.text
     assert resumed == [10]
     ref = tmp_path / "ref"
     train.train_student(clean, cfg, str(ref), progress=False)

@@ -94,7 +94,7 @@ def test_remote_run_of_another_config_is_refused(s3, pairs):
         train.train_student(pairs, other, out, progress=False)
 
 
-def test_damaged_newest_remote_checkpoint_is_set_aside(s3, pairs, tmp_path):
+def test_damaged_newest_remote_checkpoint_is_set_aside(s3, pairs, tmp_path, caplog):
     cfg = presets.load("student", "smoke", sets=SETS[:2] + ["train.keep_checkpoints=2", "train.threads=1"])
     out = f"s3://{BUCKET}/students/c"
     partial = f"{BUCKET}/students/c.partial"
@@ -103,8 +103,9 @@ def test_damaged_newest_remote_checkpoint_is_set_aside(s3, pairs, tmp_path):
     ema = f"{partial}/checkpoints/step-00000030/ema.safetensors"
     s3.pipe(ema, s3.cat(ema)[:64])                                       # truncated in the bucket
     resumed = []
-    with pytest.warns(RuntimeWarning, match="step-00000030 is damaged"):
+    with caplog.at_level("WARNING", logger="kdm.checkpoints"):
         train.train_student(pairs, cfg, out, progress=False, on_resume=resumed.append)
+    assert "step-00000030 is damaged" in caplog.text
     assert resumed == [20]
     local = tmp_path / "uninterrupted"
     train.train_student(pairs, cfg, str(local), progress=False)

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -74,7 +73,6 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
         msg = (f"checkpoint {p} is damaged ({problem}); it was moved to {aside.name} and the run resumes from "
                + (f"the previous checkpoint" if p is not done[0] else "the start (no older checkpoint)"))
         log.warning(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return None
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -79,8 +78,7 @@ class RunMirror:
                 self.fs.rm(src, recursive=True)
                 msg = f"checkpoint {src} is damaged ({problem}); it was moved to .damaged-{name}, trying the previous one"
                 log.warning(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                continue
+                        continue
             final = run / CKPT_DIR / name
             if final.exists():
                 shutil.rmtree(final)
