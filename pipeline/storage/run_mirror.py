@@ -78,7 +78,7 @@ class RunMirror:
                 self.fs.rm(src, recursive=True)
                 msg = f"checkpoint {src} is damaged ({problem}); it was moved to .damaged-{name}, trying the previous one"
                 log.warning(msg)
-                        continue
+                continue
             final = run / CKPT_DIR / name
             if final.exists():
                 shutil.rmtree(final)
