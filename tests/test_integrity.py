@@ -424,3 +424,16 @@ def test_content_hash_is_the_one_stores_were_committed_with(clean):
         for s in range(0, a.shape[0], 65536):
             h.update(np.ascontiguousarray(a[s:s + 65536]).astype(a.dtype.newbyteorder("<")).tobytes())
     assert pairstore.content_hash(g) == h.hexdigest() == PairStore.open(clean).manifest.content_hash
+
+
+def test_a_second_trainer_on_the_same_out_is_refused_while_the_first_lives(clean, tmp_path):
+    import socket
+    out = tmp_path / "run"
+    lock = Path(str(out) + ".lock")
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    with pytest.raises(KDMError, match=r"another `kdm train` \(pid \d+\) is writing"):
+        train.train_student(clean, student_cfg(), str(out), progress=False)
+    assert not out.exists()
+    lock.write_text(f"{socket.gethostname()} 999999999")            # a killed trainer's lock is taken over
+    train.train_student(clean, student_cfg(), str(out), progress=False)
+    assert (out / "manifest.json").exists() and not lock.exists()

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -216,63 +215,10 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
     differently in the last bits).
     """
     rank, world_size = resolve_workers(rank, world_size)
-    with _writer_lock(out, rank):
+    lock = artifacts.writer_lock(out, "kdm pairs generate") if rank == 0 else contextlib.nullcontext()
+    with lock:
         return _generate_pairs(teacher_url, cfg, out, progress, on_shard, rank, world_size, batch_size, poll_s,
                                wait_timeout_s, compile)
-
-
-@contextlib.contextmanager
-def _writer_lock(out: str, rank: int):
-    """One coordinating writer per local ``out``: rank 0 holds ``<out>.lock`` (its host and pid) while it
-    runs; a second `kdm pairs generate` onto the same ``out`` is refused while that process lives, and a
-    lock left by a killed process is taken over."""
-    if rank != 0 or not artifacts.is_local(out):
-        yield
-        return
-    lock = artifacts.local_path(out).with_name(artifacts.local_path(out).name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                host, pid = lock.read_text().split()
-            except (OSError, ValueError):
-                host, pid = "", "0"
-            if host == socket.gethostname() and _alive(int(pid)):
-                raise KDMError(f"another `kdm pairs generate` (pid {pid}) is writing {out}; wait for it to finish "
-                               f"(rerunning then is a no-op) or stop it, then rerun") from None
-            if host not in ("", socket.gethostname()):
-                raise KDMError(f"{lock} says host {host} (pid {pid}) is writing {out}; if no run is active there, "
-                               f"delete {lock} and rerun") from None
-            lock.unlink(missing_ok=True)      # left by a killed run
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
-    else:
-        raise KDMError(f"could not take the writer lock {lock}; delete it if no run is active and rerun")
-    try:
-        yield
-    finally:
-        try:
-            if lock.read_text() == me:
-                lock.unlink()
-        except OSError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progress: bool,

@@ -110,7 +110,8 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
     args = dict(store=store, pairs_url=pairs_url, cfg=cfg, version=version, progress=progress, on_log=on_log,
                 stop_after=stop_after, on_resume=on_resume)
     if artifacts.is_local(out):
-        _train_run(artifacts.local_path(out), out, **args)
+        with artifacts.writer_lock(out, "kdm train"):
+            _train_run(artifacts.local_path(out), out, **args)
         return version
     mirror = RunMirror(out, run_files=(CONFIG_FILE, checkpoints.METRICS_FILE))
     with tempfile.TemporaryDirectory(prefix="kdm-student-") as work:
