@@ -31,7 +31,7 @@ N_TRAIN, N_HELD, CHUNK = 600, 200, 200
 FAULTS = ("delete", "truncate", "flip", "rewrite")
 
 
-def write_store(url: str, digests: bool = True) -> str:
+def write_store(url: str, digests: bool = True, dim: int = 2) -> str:
     """A committed 2-D store (train 600 + held out 200, chunks of 200) of checkerboard-like random pairs."""
     rng = np.random.default_rng(0)
     common = dict(origin="teacher", chunk_size=CHUNK, sampler=SamplerSettings(method="euler", steps=3),
@@ -39,8 +39,8 @@ def write_store(url: str, digests: bool = True) -> str:
                   code_version=code_version(), created=utc_now())
     groups = []
     for split, sub, n, s0 in (("train", url, N_TRAIN, 0), ("heldout", artifacts.join(url, "heldout"), N_HELD, N_TRAIN)):
-        g = pairstore.create_arrays(sub, n, (2,), CHUNK)
-        pairstore.write_region(g, 0, {"x_T": rng.standard_normal((n, 2)), "x_0": rng.uniform(-2, 2, (n, 2)),
+        g = pairstore.create_arrays(sub, n, (dim,), CHUNK)
+        pairstore.write_region(g, 0, {"x_T": rng.standard_normal((n, dim)), "x_0": rng.uniform(-2, 2, (n, dim)),
                                       "label": np.full(n, -1), "seed": np.arange(s0, s0 + n)})
         groups.append((split, g, SeedRange(start=s0, stop=s0 + n)))
     for split, g, seeds in reversed(groups):
@@ -437,3 +437,11 @@ def test_a_second_trainer_on_the_same_out_is_refused_while_the_first_lives(clean
     lock.write_text(f"{socket.gethostname()} 999999999")            # a killed trainer's lock is taken over
     train.train_student(clean, student_cfg(), str(out), progress=False)
     assert (out / "manifest.json").exists() and not lock.exists()
+
+
+def test_evaluate_refuses_pairs_of_another_dimension(student, tmp_path, capfd):
+    url = write_store(str(tmp_path / "p3"), dim=3)
+    assert main(["evaluate", "--student", student, "--pairs", url, "--out", str(tmp_path / "ev" / "report.json")]) == 1
+    err = capfd.readouterr().err
+    assert "generates 2-D points" in err and "(3,)" in err and "Traceback" not in err
+    assert not (tmp_path / "ev" / "report.json").exists()
