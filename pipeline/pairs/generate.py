@@ -324,9 +324,10 @@ def _marker_digests(sh: Shard) -> Optional[dict]:
 
 def _damaged_shards(splits: list[Split], shards: list[Shard], scans: dict) -> list[tuple[Shard, str]]:
     bad = []
+    groups = {sp.name: pairstore.open_group(sp.url, "r") for sp in splits}
     for sh in shards:
         digests = _marker_digests(sh)
-        group = pairstore.open_group(sh.split.url, "r")
+        group = groups[sh.split.name]
         for name in PAIR_ARRAYS:
             got = scans[sh.split.name][1][name][sh.index]
             if digests is None:      # no digest recorded: the chunk must at least exist
