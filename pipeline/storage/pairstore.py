@@ -66,17 +66,21 @@ def open_manifest_group(url: str, manifest_model: Type[M], what: str, writer: st
 
 
 def _short_validation_error(err: ValidationError, source: str) -> str:
-    """format_validation_error without echoing large inputs (a whole manifest for a model-level check)."""
-    lines = [f"invalid {err.title} in {source}:"]
+    """format_validation_error without echoing large inputs (a whole manifest for a model-level check);
+    a single problem fits on one line."""
+    items = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
         if e["type"] == "missing":
-            lines.append(f"  - {loc}: field required")
+            items.append(f"{loc}: field required")
             continue
         msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
         got = repr(e.get("input"))
-        lines.append(f"  - {loc}: {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
-    return "\n".join(lines)
+        items.append(f"{loc}: {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
+    if len(items) == 1:
+        return f"invalid {err.title} in {source}: {items[0]}"
+    return "\n".join([f"invalid {err.title} in {source}:"] + [f"  - {i}" for i in items])
 
 
 def create_arrays(url: str, count: int, sample_shape: tuple[int, ...], chunk_size: int,
