@@ -284,6 +284,7 @@ def test_training_refuses_non_finite_and_empty_pairs(tmp_path):
     g["x_0"][3] = np.array([np.nan, 0], np.float32)
     man = dict(g.attrs["kdm"])
     man.pop("chunk_digests")                       # make the edit "legitimate"
+    man["content_hash"] = pairstore.content_hash(g)
     g.attrs["kdm"] = man
     with pytest.raises(KDMError, match="non-finite values .*x_0 1.*kdm pairs filter"):
         train.train_student(url, student_cfg(), str(tmp_path / "run"), progress=False)
@@ -445,3 +446,13 @@ def test_evaluate_refuses_pairs_of_another_dimension(student, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "generates 2-D points" in err and "(3,)" in err and "Traceback" not in err
     assert not (tmp_path / "ev" / "report.json").exists()
+
+
+def test_training_refuses_a_store_whose_content_hash_was_edited(clean, tmp_path):
+    url = str(tmp_path / "ch")
+    shutil.copytree(clean, url)
+    g = zarr.open_group(url, mode="r+")
+    g.attrs["kdm"] = {**g.attrs["kdm"], "content_hash": "0" * 64}
+    with pytest.raises(DataCorrupt, match="content hash mismatch"):
+        train.train_student(url, student_cfg(), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -130,7 +130,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     ``stop_after`` ended the loop first. ``on_checkpoint(run, checkpoint, keep)`` follows every
     checkpoint."""
     m = store.manifest
-    data = store.load(("x_T", "x_0"))   # every chunk checked against the manifest as it is read
+    data = store.load_all()   # every chunk checked as it is read, then the content hash
+    data = {k: data[k] for k in ("x_T", "x_0")}
     bad = {k: int((~np.isfinite(v)).any(axis=tuple(range(1, v.ndim))).sum()) for k, v in data.items()}
     if any(bad.values()):
         raise KDMError(f"pairs {pairs_url} hold non-finite values (rows with NaN/Inf: " +
