@@ -456,3 +456,10 @@ def test_training_refuses_a_store_whose_content_hash_was_edited(clean, tmp_path)
     with pytest.raises(DataCorrupt, match="content hash mismatch"):
         train.train_student(url, student_cfg(), str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("seeds", (["--seeds", "-5-10"], ["--seeds=-5-10"]))
+def test_negative_seeds_are_explained(tmp_path, capfd, seeds):
+    assert main(["pairs", "generate", "--teacher", str(tmp_path / "t"), *seeds, "--out", str(tmp_path / "p"),
+                 "--dry-run"]) == 2
+    assert "seeds are non-negative integers" in capfd.readouterr().err

@@ -304,9 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SEED_OPTIONS = ("--seeds", "--heldout-seeds")
+
+
+def _join_negative_seed_values(argv: list[str]) -> list[str]:
+    """``--seeds -5-10`` as ``--seeds=-5-10``: argparse would take the value for an option and say only
+    "expected one argument"; joined, the seed-range check explains what is wrong."""
+    out: list[str] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        if argv[i] in SEED_OPTIONS and i + 1 < len(argv) and argv[i + 1][:2].startswith("-") \
+                and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            next(it, None)
+        else:
+            out.append(argv[i])
+    return out
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a = parser.parse_args(_join_negative_seed_values(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(a, "fn", None):
         parser.print_help()
         return 2

@@ -28,6 +28,10 @@ def pairs_generate_config(a, sampler: dict, source: str):
     """A PairsGenerateConfig from --seeds, --heldout-seeds, --chunk-size, --device and ``sampler``."""
     from storage_schemas import PairsGenerateConfig, SeedRange
     from pipeline import presets
+    for opt, text in (("--seeds", a.seeds), ("--heldout-seeds", a.heldout_seeds)):
+        if text and text.strip().startswith("-"):
+            raise ValueError(f"{opt} {text}: seeds are non-negative integers; give a range START-END with "
+                             f"0 <= START <= END, e.g. 0-49999")
     ranges = {"--seeds": SeedRange.parse(a.seeds), "--heldout-seeds": SeedRange.parse(a.heldout_seeds) if a.heldout_seeds else None}
     for opt, r in ranges.items():
         if r is None:
