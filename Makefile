@@ -1,5 +1,5 @@
 # kdm: two-command quickstart.  `make demo` runs the checkerboard distillation through a local Prefect
-# server + worker; `make test` runs the test suite. `make stop` stops what the demo started.
+# server + worker; `make test` runs the test suite (CI=true: a skipped non-GPU test fails). `make stop` stops what the demo started.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -10,7 +10,7 @@ STATE := .kdm
 
 help:
 	@echo "make demo   - install into .venv, start Prefect on 127.0.0.1:$(KDM_PORT), run kdm/distill-checkerboard"
-	@echo "make test   - install into .venv and run the test suite"
+	@echo "make test   - install into .venv (and Debian's chromium for the UI tests, as root) and run the test suite"
 	@echo "make stop   - stop the demo's worker and server"
 	@echo "make distill - the same pipeline without Prefect (kdm distill --preset checkerboard)"
 

@@ -66,7 +66,7 @@ def reference_step(st: ReferenceState, x0: torch.Tensor, xT: torch.Tensor, label
     """One iteration in the official order (notes Sec. 4.4): G forward, D step, G loss with the updated D,
     nan_to_num of the generator gradients, G step, EMA ema <- d * ema + (1 - d) * theta per parameter."""
     st.opt.zero_grad()
-    out = st.model(x0, xT, labels)                          # decoder runs twice (z0_noisy, push)
+    out = st.model(x0, xT, labels, fuse_decoder=False)      # decoder runs twice (z0_noisy, push)
     rec = st.distance(out.x0_rec, x0).mean()
     pred = st.distance(out.x0_push, x0).mean()
     lat = F.mse_loss(out.z_push, out.z0)

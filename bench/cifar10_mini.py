@@ -1,20 +1,26 @@
 #!/usr/bin/env python
-"""CIFAR-10 mini benchmark on one GPU in <= 10 minutes: data -> teacher -> pairs -> KDM student -> evaluation.
+"""CIFAR-10 mini benchmark on one GPU in <= 10 minutes: data -> teacher -> pairs -> filter -> KDM student -> evaluation.
 
     python bench/cifar10_mini.py --out runs/bench-cifar10-mini --teacher-seconds 200 --student-seconds 150
     python bench/cifar10_mini.py --out runs/x --stages dataset,extractor      # the offline metric alone
 
-Stages: the product's stage functions (pipeline/stages_image.py: dataset, extractor, teacher = EDM bootstrap
-of preset cifar10-mini, pairs = EDM Heun, 35 NFE, train + held-out seeds, student = a budgeted cifar10-uncond
-KDM, evaluation = FD-<extractor id> and KID of teacher and student vs the train split, their ratio,
-student-vs-teacher MSE on held-out seeds, grids), with what a benchmark adds around them: time budgets,
-the extractor's validation, preview grids during the student's run, the local-structure figure. ``--teacher-seconds`` /
-``--student-seconds`` time a short run of the same config first and then fix the number of steps to fit the
-budget (the steps are recorded; the result is an ordinary content-addressed artifact).
+Stages: the product's stages of the ``cifar10`` recipe (pipeline/recipes/cifar10.py, run one by one through
+``pipeline.stages.run_stage`` on one ``storage_schemas.distill_image.DistillImageConfig`` built from the
+arguments on preset mini: dataset, extractor, teacher = EDM bootstrap of preset cifar10-mini, pairs = EDM
+Heun, 35 NFE, train + held-out seeds, filter = the image privacy filter and dedup (recipe defaults: Carlini
+et al.'s ratio rule, shifts and flips; its calibration on as many test images as train pairs, at most
+10,000), student = a budgeted cifar10-uncond KDM trained on the filtered pairs, evaluation = FD-<extractor
+id> and KID of teacher and student vs the train split, their ratio, student-vs-teacher MSE on held-out
+seeds, grids), with what a benchmark adds around them: time budgets, the extractor's validation, preview
+grids during the student's run, the local-structure figure. ``--teacher-seconds`` / ``--student-seconds``
+time a short run of the same config first and then fix the number of steps in the config to fit the budget
+(the steps are recorded; the result is an ordinary content-addressed artifact, found again by a rerun).
 
 Results: a markdown table on stdout, and under ``--out``: ``results.json`` (every stage, its time, its
-numbers, the student's loss curve), ``metrics.json`` (storage_schemas.protocol.ImageMetricReport) and PNGs
-(teacher samples, student samples at four points of its run, teacher | student, local structure).
+numbers, the filter's counts per reason, the student's loss curve from its run's metrics.jsonl, the run's
+config), ``metrics.json`` (storage_schemas.protocol.ImageMetricReport) and PNGs (teacher samples, the
+filter's closest generated | training matches, student samples at four points of its run, teacher |
+student, local structure).
 
 Extractor validation (the offline metric's own sanity check): test accuracy of the ResNet-9 classifier
 (target >= 90 %), FD-<id> of the CIFAR-10 test split against the train split (two samples of the same
@@ -37,20 +43,79 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BUDGET_S = 600
-
-
+STUDENT_PRESET = "cifar10-mini"       # the name the student's manifest records
 
 
 class StageUnavailable(RuntimeError):
-    """A stage's module or function does not exist yet (or its input stage did not run)."""
+    """A stage cannot run: an input stage did not run (not requested, or it failed)."""
+
+
+def build_config(a):
+    """The run's one DistillImageConfig (preset mini, every stage's section from the arguments). The
+    student's EMA and the steps decided by ``--teacher-seconds`` / ``--student-seconds`` are set later by
+    their stages, before they run."""
+    from pipeline import presets
+    from pipeline.teachers.bootstrap import load_edm_teacher_config
+    from storage_schemas import SamplerSettings, SeedRange
+    from storage_schemas.distill_image import (DistillImageConfig, ExtractorStageConfig, ImageDatasetStageConfig,
+                                               ImageEvalStageConfig, ImagePairsStageConfig, ImageStudentStageConfig)
+    from storage_schemas.filter_images import ImageFilterConfig
+    from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset
+    from storage_schemas.protocol import ExtractorTrainConfig
+    device = device_kind(a.device)
+    extractor = ExtractorStageConfig(
+        train=ExtractorTrainConfig(epochs=a.extractor_epochs, seed=a.seed,
+                                   **({"width": a.extractor_width} if a.extractor_width else {})),
+        train_images=a.extractor_images, device=device)
+    teacher = load_edm_teacher_config("cifar10-mini", sets=[f"device={device}", f"seed={a.seed}", *a.teacher_set])
+    n, h = a.train_pairs, a.heldout_pairs
+    pairs = ImagePairsStageConfig(seeds=SeedRange(start=0, stop=n), heldout_seeds=SeedRange(start=n, stop=n + h),
+                                  sampler=SamplerSettings(kind="edm-heun", method="heun", steps=a.teacher_steps,
+                                                          noise_scale=80.0),
+                                  chunk_size=min(10_000, n))
+    # The filter at the recipe's settings, its calibration (test -> train nearest distances, for the report
+    # and the absolute rule) on as many test images as there are train pairs, its grid at most 64 matches.
+    filt = presets.validate_with_sets(
+        ImageFilterConfig, {"device": device, "calibration_samples": min(a.train_pairs, 10_000),
+                            "grid_size": min(64, a.train_pairs), "chunk_size": min(4096, a.train_pairs)},
+        "the bench's image filter", a.filter_set)
+    # Budgeted cifar10-uncond: narrower/shallower U-Nets, pseudo-Huber distance (LPIPS needs VGG16
+    # weights that offline machines lack), no discriminator; EMA tuned for a short run (the student stage).
+    base = image_preset("cifar10-uncond").model_dump()
+    base["unet"].update(model_channels=a.student_channels, num_blocks=a.student_blocks)
+    base.update(distance="pseudo-huber", adv_weight=0.0)
+    train = ImageTrainConfig(steps=a.student_steps, batch_size=a.student_batch, lr=a.student_lr,
+                             checkpoint_every=a.student_steps, log_every=100, seed=a.seed,
+                             precision=a.student_precision, device=device)
+    if a.student_layout != "auto":
+        train = train.model_copy(update={"channels_last": a.student_layout == "nhwc"})
+    student = ImageStudentStageConfig(preset=STUDENT_PRESET, model=KDMImageConfig.model_validate(base), train=train)
+    # Model instances replace the preset's sections whole (a mapping would merge into them).
+    return DistillImageConfig.model_validate({
+        "preset": "mini", "root": a.root, "device": device,
+        "dataset": ImageDatasetStageConfig(archive=a.archive), "extractor": extractor, "teacher": teacher,
+        "pairs": pairs, "filter": filt, "student": student,
+        "evaluation": ImageEvalStageConfig(kid_subsets=a.kid_subsets, reference_images=a.reference_images)})
+
+
+def device_kind(device: str) -> str:
+    return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
 class Bench:
     def __init__(self, args):
+        from pipeline.stages import StageContext
         self.a = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.root = str(Path(args.root) if args.root else self.out / "artifacts")
+        args.root = self.root
+        if str(args.device).startswith("cuda:"):
+            import torch      # the stages run on "cuda", the current device: make it the one asked for
+            torch.cuda.set_device(torch.device(args.device))
+        self.cfg = build_config(args)
+        self.sctx = StageContext(progress_bars=not args.quiet)
+        self.uris: dict[str, str] = {}          # stage name -> output URI of the stages that ran
         self.stages: dict[str, dict[str, Any]] = {}
         self.metrics: list = []
         self.ctx: dict[str, Any] = {}
@@ -71,42 +136,50 @@ class Bench:
             traceback.print_exc()
         print(f"[{time.time() - self.t0:7.1f}s] {name}: {self.stages[name]['status']}", flush=True)
 
-    def requires(self, *keys: str) -> None:
-        missing = [k for k in keys if k not in self.ctx]
+    def requires(self, *names: str) -> None:
+        missing = [k for k in names if k not in self.uris]
         if missing:
             raise StageUnavailable(f"skipped: needs the output of {', '.join(missing)}")
 
+    def stage(self, stage) -> dict:
+        """One product stage through the skeleton on the run's config and the URIs of the earlier stages."""
+        from pipeline import stages
+        self.requires(*stage.inputs)
+        r = stages.run_stage(stage, self.cfg, self.uris, self.sctx)
+        self.uris[stage.name] = r["uri"]
+        return r
+
+    def update(self, section: str, **fields) -> None:
+        """Change fields of one section of the run's config (e.g. the steps a calibration decided)."""
+        part = getattr(self.cfg, section)
+        self.cfg = self.cfg.model_copy(update={section: part.model_copy(update=fields)})
+
     @property
     def device_kind(self) -> str:
-        return "cuda" if str(self.a.device).startswith("cuda") else "cpu"
+        return device_kind(self.a.device)
 
     # ------------------------------------------------------------------------- 1. dataset
     def dataset(self) -> dict:
         from pipeline.data.datasets import open_image_dataset
-        from pipeline.stages_image import stage_dataset
-        from storage_schemas.distill_image import ImageDatasetStageConfig
-        r = stage_dataset(self.root, ImageDatasetStageConfig(archive=self.a.archive), progress=not self.a.quiet)
+        from pipeline.recipes.cifar10 import Dataset
+        r = self.stage(Dataset())
         ds = open_image_dataset(r["uri"])
-        self.ctx.update(dataset_url=r["uri"], dataset_id=ds.version, train=ds.load("train"), test=ds.load("test"))
+        self.ctx.update(dataset_id=ds.version, train=ds.load("train"), test=ds.load("test"))
         return {"version": ds.version, "skipped": r["skipped"], "train": len(self.ctx["train"][0]),
                 "test": len(self.ctx["test"][0]), "classes": r["classes"]}
 
     # ------------------------------------------------------------------------- 2. offline extractor
     def extractor(self) -> dict:
         """The extractor stage, then the offline metric's own validation (test vs train, noise vs train)."""
-        self.requires("dataset_url", "train", "test")
+        self.requires("dataset")
         import torch
         from pipeline.evaluation import features
         from pipeline.evaluation import image_metrics as im
-        from pipeline.stages_image import evenly_spaced, stage_extractor
-        from storage_schemas.distill_image import ExtractorStageConfig
-        from storage_schemas.protocol import ExtractorTrainConfig
+        from pipeline.evaluation.evaluate_image import evenly_spaced
+        from pipeline.recipes.cifar10 import Extractor
         (x, y), (xt, _) = self.ctx["train"], self.ctx["test"]
-        train = ExtractorTrainConfig(epochs=self.a.extractor_epochs, seed=self.a.seed,
-                                     **({"width": self.a.extractor_width} if self.a.extractor_width else {}))
-        cfg = ExtractorStageConfig(train=train, train_images=self.a.extractor_images, device=self.device_kind)
         t = time.time()
-        r = stage_extractor(self.root, self.ctx["dataset_url"], cfg, progress=not self.a.quiet)
+        r = self.stage(Extractor())
         train_s = time.time() - t
         m = features.read_extractor_manifest(r["uri"])
         fx = features.load_extractor(r["uri"], self.a.device)
@@ -119,7 +192,6 @@ class Bench:
                                           **kid)
         noise_ms = im.distribution_metrics(noise, fx, ref, subject=f"uniform-noise(seed={self.a.seed})", **kid)
         self.metrics += test_ms + noise_ms
-        self.ctx.update(extractor_url=r["uri"])
         info = {"id": m.id, "weights_sha256": m.weights_sha256, "test_accuracy": m.test_accuracy,
                 "train_seconds": round(m.train_seconds, 1), "stage_train_seconds": round(train_s, 1),
                 "skipped": r["skipped"], "device": m.device, "fd_test_vs_train": test_ms[0].value,
@@ -128,7 +200,7 @@ class Bench:
         if m.test_accuracy is not None and m.test_accuracy < 0.90:
             info["warning"] = f"test accuracy {m.test_accuracy:.4f} is below the 0.90 target"
         if self.a.determinism_check:
-            net, _ = features.train_network(x, y, train, device=self.a.device, progress=False)
+            net, _ = features.train_network(x, y, self.cfg.extractor.train, device=self.a.device, progress=False)
             sha = features.weights_sha256(net)
             info["determinism_check"] = "identical weights" if sha == m.weights_sha256 else \
                 f"DIFFERENT weights: {sha[:16]} vs {m.weights_sha256[:16]}"
@@ -147,67 +219,65 @@ class Bench:
 
     # ------------------------------------------------------------------------- 3. teacher
     def teacher(self) -> dict:
-        self.requires("dataset_url")
-        from pipeline.stages_image import stage_image_teacher
-        from pipeline.teachers.bootstrap import PREVIEW, load_edm_teacher_config, train_edm_teacher
-        from storage_schemas.distill_image import ImageTeacherStageConfig
-        cfg = load_edm_teacher_config("cifar10-mini", sets=[f"device={self.device_kind}", f"seed={self.a.seed}",
-                                                             *self.a.teacher_set])
+        self.requires("dataset")
+        from pipeline.recipes.cifar10 import EDMTeacher
+        from pipeline.teachers.bootstrap import PREVIEW, train_edm_teacher
+        cfg = self.cfg.teacher
         info: dict[str, Any] = {}
         if self.a.teacher_seconds:
             # Size the run to the time budget: time a short run of the same config, then fix `steps`.
             rate = calibrate(lambda cb, url: train_edm_teacher(
-                self.ctx["dataset_url"], cfg.model_copy(update={"steps": 10**7, "log_every": 20}), url,
+                self.uris["dataset"], cfg.model_copy(update={"steps": 10**7, "log_every": 20}), url,
                 progress=False, on_log=cb, stop_after=100), self.out / "calibrate-teacher", "images_per_s")
             steps = max(100, int(self.a.teacher_seconds * rate / cfg.batch_size) // 100 * 100)
-            cfg = cfg.model_copy(update={"steps": steps, "checkpoint_every": steps})
+            self.update("teacher", steps=steps, checkpoint_every=steps)
+            cfg = self.cfg.teacher
             info["calibrated_images_per_s"] = round(rate, 1)
         t = time.time()
-        r = stage_image_teacher(self.root, self.ctx["dataset_url"], ImageTeacherStageConfig(bootstrap=cfg),
-                                self.a.device, progress=not self.a.quiet)
+        r = self.stage(EDMTeacher())
         train_s = time.time() - t
-        self.ctx.update(teacher_url=r["uri"], teacher_id=r["version"])
         copy_if_exists(Path(r["uri"]) / PREVIEW, self.out / "teacher_samples.png")
         return {**info, "id": r["version"], "skipped": r["skipped"], "steps": cfg.steps, "batch_size": cfg.batch_size,
                 "images": cfg.steps * cfg.batch_size, "train_seconds": round(train_s, 1), "final_loss": r["final_loss"]}
 
     # ------------------------------------------------------------------------- 4. pairs
     def pairs(self) -> dict:
-        self.requires("teacher_url")
-        from pipeline.stages_image import stage_image_pairs
-        from storage_schemas import SamplerSettings, SeedRange
-        from storage_schemas.distill_image import ImagePairsStageConfig
-        n, h = self.a.train_pairs, self.a.heldout_pairs
-        cfg = ImagePairsStageConfig(seeds=SeedRange(start=0, stop=n), heldout_seeds=SeedRange(start=n, stop=n + h),
-                                    sampler=SamplerSettings(kind="edm-heun", method="heun", steps=self.a.teacher_steps,
-                                                            noise_scale=80.0),
-                                    chunk_size=min(10_000, n))
+        from pipeline.recipes.common import PairsStage
         t = time.time()
-        r = stage_image_pairs(self.root, self.ctx["teacher_url"], cfg, self.a.device, progress=not self.a.quiet)
+        r = self.stage(PairsStage())
         secs = time.time() - t
-        self.ctx.update(pairs_url=r["uri"])
+        n = len(self.cfg.pairs.seeds) + len(self.cfg.pairs.heldout_seeds)
         return {"version": r["version"], "skipped": r["skipped"], "train": r["count"], "heldout": r["heldout_count"],
-                "pairs_per_s": round((n + h) / secs, 1), "nfe": r["nfe"]}
+                "pairs_per_s": round(n / secs, 1), "nfe": r["nfe"]}
 
-    # ------------------------------------------------------------------------- 5. student
+    # ------------------------------------------------------------------------- 5. filter
+    def filter(self) -> dict:
+        """The image filter (privacy filter and dedup) between the pairs and the student: its counts per
+        reason, its calibration and the grid of the closest generated -> training matches."""
+        from pipeline.pairs.filter_images import GRID_FILE, read_filter_report
+        from pipeline.recipes.cifar10 import ImageFilter
+        r = self.stage(ImageFilter())
+        report = read_filter_report(r["uri"])
+        cal = report.get("calibration") or {}
+        copy_if_exists(Path(r["uri"]) / GRID_FILE, self.out / "filter_grid.png")
+        return {"version": r["version"], "skipped": r["skipped"], "source_version": r["source_version"],
+                "train": r["count"], "heldout": r["heldout_count"], "counts": r["counts"],
+                "dropped": sum(v for k, v in r["counts"].items() if k != "kept"),
+                "rule": self.cfg.filter.rule, "thresholds": report.get("thresholds"),
+                "calibration_test_images": cal.get("test_images"), "calibration_flag_rate": cal.get("test_flag_rate"),
+                "filter_seconds": report.get("seconds"), "pairs_per_s": report.get("pairs_per_second"),
+                "device": report.get("device")}
+
+    # ------------------------------------------------------------------------- 6. student
     def student(self) -> dict:
-        self.requires("pairs_url")
+        self.requires("filter")
         from pipeline.evaluation.image_metrics import save_grid
-        from pipeline.training.image_train import train_image_student
-        from pipeline.storage.pairstore import PairStore
         from pipeline.evaluation.sample import generate_images
-        from pipeline.stages_image import stage_image_student
-        from storage_schemas.distill_image import ImageStudentStageConfig
-        from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset
-        base = image_preset("cifar10-uncond").model_dump()
-        # Budgeted cifar10-uncond: narrower/shallower U-Nets, pseudo-Huber distance (LPIPS needs VGG16
-        # weights that offline machines lack), no discriminator; EMA tuned for a short run.
-        base["unet"].update(model_channels=self.a.student_channels, num_blocks=self.a.student_blocks)
-        base.update(distance="pseudo-huber", adv_weight=0.0)
-        model_cfg = KDMImageConfig.model_validate(base)
-        train_cfg = ImageTrainConfig(steps=self.a.student_steps, batch_size=self.a.student_batch, lr=self.a.student_lr,
-                                     checkpoint_every=self.a.student_steps, log_every=100, seed=self.a.seed,
-                                     precision=self.a.student_precision, device=self.device_kind)
+        from pipeline.recipes.cifar10 import ImageStudent
+        from pipeline.storage.pairstore import PairStore
+        from pipeline.training.image_train import train_image_student
+        pairs_url = self.uris["filter"]          # the student trains on the filtered pairs
+        model_cfg, train_cfg = self.cfg.student.model, self.cfg.student.train
         info: dict[str, Any] = {}
         if self.a.student_seconds:
             # Time both memory layouts (GroupNorm has no channels_last kernel: NHWC costs copies around every
@@ -218,7 +288,7 @@ class Bench:
             for name, cl in layouts.items():
                 cfg = train_cfg.model_copy(update={"steps": 10**7, "log_every": 20, "channels_last": cl})
                 rates[name] = calibrate(lambda cb, url: train_image_student(
-                    self.ctx["pairs_url"], model_cfg, cfg, str(url), device=self.a.device, progress=False,
+                    pairs_url, model_cfg, cfg, str(url), device=self.a.device, progress=False,
                     on_log=cb, max_steps=80), self.out / f"calibrate-student-{name}", "pairs_per_s")
             best = max(rates, key=rates.get)
             rate = rates[best]
@@ -226,13 +296,12 @@ class Bench:
             train_cfg = train_cfg.model_copy(update={"steps": steps, "log_every": max(steps // 50, 10),
                                                      "channels_last": layouts[best]})
             info["calibrated_pairs_per_s"] = {k: round(v, 1) for k, v in rates.items()}
-        elif self.a.student_layout != "auto":
-            train_cfg = train_cfg.model_copy(update={"channels_last": self.a.student_layout == "nhwc"})
         # EMA averaging over about a tenth of the run (a fixed 0.9999 would keep a short run at its initial
         # weights); sample grids of the EMA model on fixed held-out noise at four points of the run.
         ema = self.a.student_ema or min(0.999, max(0.9, 1 - 10 / train_cfg.steps))
         train_cfg = train_cfg.model_copy(update={"checkpoint_every": max(train_cfg.steps // 4, 1), "ema_decay": ema})
-        held = PairStore.open(self.ctx["pairs_url"]).heldout()
+        self.update("student", train=train_cfg)
+        held = PairStore.open(pairs_url).heldout()
         fixed = held.load(("x_T",))["x_T"][:64] if held is not None else None
         previews: list[str] = []
 
@@ -242,48 +311,42 @@ class Bench:
                 save_grid(generate_images(ema, fixed), self.out / name, nrow=8)
                 previews.append(name)
 
-        logs: list[dict] = []
         t = time.time()
-        r = stage_image_student(self.root, self.ctx["pairs_url"],
-                                ImageStudentStageConfig(preset="cifar10-mini", model=model_cfg, train=train_cfg),
-                                self.a.device, progress=not self.a.quiet, on_log=logs.append, on_checkpoint=preview)
-        self.ctx.update(student_url=r["uri"])
+        r = self.stage(ImageStudent(on_checkpoint=preview))
         curve = [{k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()
-                  if k in ("step", "loss_total", "loss_rec", "loss_lat", "loss_pred", "pairs_per_s")} for rec in logs]
+                  if k in ("step", "loss_total", "loss_rec", "loss_lat", "loss_pred", "pairs_per_s")}
+                 for rec in student_metrics(r["uri"])]
         return {**info, "version": r["version"], "skipped": r["skipped"], "steps": train_cfg.steps,
                 "batch_size": train_cfg.batch_size, "precision": train_cfg.precision,
                 "channels_last": train_cfg.channels_last, "ema_decay": ema, "lr": train_cfg.lr,
-                "train_seconds": round(time.time() - t, 1), "loss_first": curve[0] if curve else None,
+                "train_seconds": round(time.time() - t, 1), "nonfinite_steps": r["nonfinite_steps"],
+                "resumed_from_step": r["resumed_from_step"], "loss_first": curve[0] if curve else None,
                 "loss_last": curve[-1] if curve else None, "loss_curve": curve, "previews": previews}
 
-    # ------------------------------------------------------------------------- 6. evaluation
+    # ------------------------------------------------------------------------- 7. evaluation
     def evaluation(self) -> dict:
         """The evaluation stage (FD/KID of teacher and student, MSE, LPIPS when possible, grids), then the
         local-structure figure (paper Sec. 6.1)."""
-        self.requires("dataset_url", "extractor_url", "pairs_url", "student_url", "teacher_url")
+        self.requires("dataset", "extractor", "filter", "student", "teacher")
         import torch
         from models.samplers import edm_heun
-        from pipeline.storage import artifacts
         from pipeline.evaluation import image_metrics as im
-        from pipeline.storage.pairstore import PairStore
         from pipeline.evaluation.sample import load_image_student
-        from pipeline.stages_image import stage_image_evaluate
+        from pipeline.recipes.cifar10 import ImageEvaluation
+        from pipeline.storage.pairstore import PairStore
         from pipeline.teachers.flow_matching import load_denoiser
-        from storage_schemas.distill_image import ImageEvalStageConfig
-        cfg = ImageEvalStageConfig(kid_subsets=self.a.kid_subsets, reference_images=self.a.reference_images)
-        r = stage_image_evaluate(self.root, self.ctx["dataset_url"], self.ctx["extractor_url"], self.ctx["pairs_url"],
-                                 self.ctx["student_url"], cfg, self.a.device)
-        self.metrics += list(im.read_report(artifacts.join(r["uri"], im.REPORT)).metrics)
+        r = self.stage(ImageEvaluation())
+        self.metrics += list(im.read_report(r["report"]).metrics)
         for f in r["plots"].values():
             copy_if_exists(Path(r["uri"]) / f, self.out / f)
         info = {"evaluation": r["uri"], "skipped": r["skipped"], "fd_ratio_student_over_teacher": r["fd_ratio"],
                 "kid_teacher": r["kid_teacher"], "kid_student": r["kid_student"], "mse": r["mse"],
                 "plots": dict(r["plots"]), **({"lpips": r["notes"]["lpips"]} if "lpips" in r["notes"] else {})}
         # Local structure: the teacher as a denoiser under EDM's Heun sampler, the student in one step.
-        student, _ = load_image_student(self.ctx["student_url"], self.a.device)
-        den, _ = load_denoiser(self.ctx["teacher_url"], self.a.device)
+        student, _ = load_image_student(self.uris["student"], self.a.device)
+        den, _ = load_denoiser(self.uris["teacher"], self.a.device)
         dev = torch.device(self.a.device)
-        x_T = torch.from_numpy(PairStore.open(self.ctx["pairs_url"]).heldout().load(("x_T",))["x_T"][0] / 80.0)
+        x_T = torch.from_numpy(PairStore.open(self.uris["filter"]).heldout().load(("x_T",))["x_T"][0] / 80.0)
         res = im.local_structure(lambda z: student.generate(z.to(dev)),
                                  lambda z: edm_heun(den, z.to(dev), num_steps=self.a.teacher_steps),
                                  x_T, seed=self.a.seed, per_sigma=8, noise_scale=80.0,
@@ -298,7 +361,8 @@ class Bench:
         report = im.make_report(self.metrics, notes={"stages": self.stages, "total_seconds": round(total, 1)})
         im.write_report(report, str(self.out))
         results = {"stages": self.stages, "total_seconds": round(total, 1), "budget_seconds": BUDGET_S,
-                   "metrics": [m.model_dump(mode="json") for m in self.metrics], "args": vars(self.a)}
+                   "metrics": [m.model_dump(mode="json") for m in self.metrics], "args": vars(self.a),
+                   "config": self.cfg.model_dump(mode="json"), "uris": self.uris}
         (self.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         print("\n## cifar10-mini\n\n| stage | status | seconds |\n|---|---|---|")
         for name, s in self.stages.items():
@@ -308,6 +372,9 @@ class Bench:
         if ex.get("status") == "ok":
             print(f"\nextractor {ex['id']}: test accuracy {ex['test_accuracy']:.4f}, trained in {ex['train_seconds']} s "
                   f"on {ex['device']}" + (f", determinism: {ex['determinism_check']}" if "determinism_check" in ex else ""))
+        fi = self.stages.get("filter", {})
+        if fi.get("status") == "ok":
+            print(f"\nfilter ({fi['rule']}): " + ", ".join(f"{k} {v}" for k, v in fi["counts"].items()))
         ev = self.stages.get("evaluation", {})
         if ev.get("status") == "ok":
             print(f"\nFD ratio student / teacher: {ev['fd_ratio_student_over_teacher']:.3f}")
@@ -346,7 +413,26 @@ def copy_if_exists(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-STAGES = ("dataset", "extractor", "teacher", "pairs", "student", "evaluation")
+def student_metrics(uri: str) -> list[dict]:
+    """The logged records of the student's run (its ``metrics.jsonl``: interval means of the losses,
+    pairs/s), also for a run found committed; a line torn by a kill mid-write is skipped."""
+    from pipeline.storage import artifacts, checkpoints
+    try:
+        text = artifacts.read_bytes(artifacts.join(uri, checkpoints.METRICS_FILE)).decode()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    return records
+
+
+STAGES = ("dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation")
 
 
 def parse(argv=None):
@@ -371,6 +457,10 @@ def parse(argv=None):
     p.add_argument("--train-pairs", type=int, default=20_000)
     p.add_argument("--heldout-pairs", type=int, default=5_000)
     p.add_argument("--teacher-steps", type=int, default=18, help="EDM Heun steps (35 NFE at 18)")
+    p.add_argument("--filter-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the image filter's config (storage_schemas.filter_images."
+                        "ImageFilterConfig, e.g. rule=gu); default: the recipe's settings, calibration on as many "
+                        "test images as train pairs (at most 10,000)")
     p.add_argument("--student-steps", type=int, default=4000)
     p.add_argument("--student-batch", type=int, default=256,
                    help="the budgeted U-Nets are bound by kernel launches, so a larger batch costs little")
@@ -396,8 +486,13 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
+    from pipeline.errors import KDMError
     a = parse(argv)
-    b = Bench(a)
+    try:
+        b = Bench(a)
+    except (KDMError, ValueError) as e:     # the arguments make no valid config (pydantic errors are ValueErrors)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name in STAGES:
         b.run(name, getattr(b, name))
     return b.finish()

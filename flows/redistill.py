@@ -30,15 +30,16 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
+from pipeline import access
 from pipeline.storage import artifacts
 from pipeline.teachers import registry
 from storage_schemas import recipe_version
 from storage_schemas.common import deep_merge
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DEPLOYMENT = "distill-cifar10/distill-cifar10"
-DEFAULT_CONDITIONAL_DEPLOYMENT = "distill-cifar10/distill-cifar10-cond"
-DEFAULT_PLANNER = "pipeline.stages_image:plan_distill_image"
+DEFAULT_DEPLOYMENT = "kdm/distill-cifar10"
+DEFAULT_CONDITIONAL_DEPLOYMENT = "kdm/distill-cifar10-cond"
+DEFAULT_PLANNER = "pipeline.teachers.registry:plan_repo_relative"
 DEFAULT_CONFIG_MODEL = "storage_schemas.distill_image:DistillImageConfig"
 IN_FLIGHT = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
 
@@ -81,7 +82,7 @@ def find_pending_task(root: str, preset: str, teacher_ids: list[str], base_confi
 
 def deployment_config(parameters: dict) -> dict:
     """The config a deployment's parameters describe: its ``config`` mapping with the other (top-level)
-    parameters merged onto it, as the distill-cifar10 flow does."""
+    parameters merged onto it, as the kdm flow does."""
     config = parameters.get("config")
     top = {k: v for k, v in parameters.items() if k != "config" and v is not None}
     return deep_merge(config if isinstance(config, dict) else {}, top)
@@ -112,6 +113,7 @@ def redistill(root: str = "artifacts", preset: str = "full", deployment: str = D
     ``planner`` and ``config_model`` are 'module:attribute' references (the image pipeline's by default)."""
     logger = get_run_logger()
     root = resolve_root(root)
+    access.check_root_allowed(root, "root")   # KDM_ALLOWED_ROOTS of this worker, before reading the registry
     records = [r for r in registry.list_teachers(root) if registry.cifar10_shaped(r)]
     if conditional_deployment is None:
         groups = {deployment: records}

@@ -5,7 +5,7 @@ a Koopman operator, as the official checkerboard model (858,114 parameters at it
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -14,15 +14,35 @@ from .koopman import make_operator
 from .mlp2d import MLPDecoder, MLPEncoder
 
 
-@dataclass
-class KDMForward:
+class KDMForward(NamedTuple):
+    """What a KDM training pass returns (2-D and image models). A tuple, so DistributedDataParallel
+    finds its tensors when it wraps the model.
+
+    z0, zT: clean latents; z0_noisy, zT_noisy: with the training noise; z_push: the Koopman push of
+    zT_noisy (plus the control term of a conditional image model); x0_rec = D(z0_noisy); x0_push = D(z_push)
+    (None unless decoded); spectral: the KDM-F spectral penalty (None unless asked for).
+    """
     z0: torch.Tensor
     zT: torch.Tensor
     z0_noisy: torch.Tensor
     zT_noisy: torch.Tensor
     z_push: torch.Tensor
     x0_rec: torch.Tensor
-    x0_push: torch.Tensor | None
+    x0_push: Optional[torch.Tensor]
+    spectral: Optional[torch.Tensor] = None
+
+
+def add_latent_noise(z: torch.Tensor, std: float, eps: Optional[torch.Tensor] = None,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """z + std * eps, computed in at least fp32 (a bf16 latent from autocast is widened first).
+
+    ``eps`` ~ N(0, I) of z's shape is drawn from ``generator`` (the default one when None) unless given;
+    a trainer passes its own draws to keep its random stream fixed (e.g. for a captured CUDA graph).
+    """
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    if eps is None:
+        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=dtype)
+    return z.to(dtype) + std * eps
 
 
 class KDM2D(nn.Module):
@@ -43,18 +63,23 @@ class KDM2D(nn.Module):
                    operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T)
 
     def forward(self, x0: torch.Tensor, xT: torch.Tensor, decode_push: bool = True,
-                generator: torch.Generator | None = None) -> KDMForward:
-        """Training pass (Alg. 1): noisy latents, Koopman push, decoder on z0_noisy and the push."""
+                generator: torch.Generator | None = None, *, eps0: torch.Tensor | None = None,
+                epsT: torch.Tensor | None = None, spectral: str = "none") -> KDMForward:
+        """Training pass (Alg. 1): noisy latents, Koopman push, decoder on z0_noisy and the push.
+
+        The latent noise is ``eps0``/``epsT`` when given, else drawn from ``generator`` (eps0 first).
+        ``decode_push=False`` skips D(z_push) (x0_push None); ``spectral`` names the KDM-F penalty
+        returned in ``spectral`` ('none': None).
+        """
         z0 = self.x0_encoder(x0, 0.0)
         zT = self.xT_encoder(xT, self.time_T)
-        eps0 = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-        epsT = torch.randn(zT.shape, generator=generator, device=zT.device, dtype=zT.dtype)
-        z0_noisy = z0 + self.latent_noise * eps0
-        zT_noisy = zT + self.latent_noise * epsT
+        z0_noisy = add_latent_noise(z0, self.latent_noise, eps0, generator)
+        zT_noisy = add_latent_noise(zT, self.latent_noise, epsT, generator)
         z_push = self.koopman(zT_noisy)
         x0_rec = self.decoder(z0_noisy, 0.0)
         x0_push = self.decoder(z_push, 0.0) if decode_push else None
-        return KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push)
+        spec = self.koopman.spectral_loss(spectral) if spectral != "none" else None
+        return KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push, spec)
 
     def generate(self, xT: torch.Tensor) -> torch.Tensor:
         """One-step sampling (Alg. 2): deterministic given x_T."""

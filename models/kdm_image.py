@@ -10,6 +10,12 @@ As the official image models:
 * Koopman operator (``models.koopman.make_operator``) on the flattened latent;
 * Gaussian noise of std ``latent_noise`` (0.4) on both latents in training; the push uses the noisy z_T;
   sampling adds none;
+* one training pass (``forward``, Alg. 1) for every caller: the training engine
+  (``pipeline.training.image_train``) calls it, under DistributedDataParallel when it runs several
+  processes. By default the decoder runs once on the concatenation [z0_noisy; z_push] (the official code
+  calls it twice; the decoder has no batch-coupled layers, so it is the same function: without dropout
+  equal up to float rounding, as a different batch size may change the order of the sums inside the
+  convolutions; with dropout the masks are drawn in another order, from the same distribution);
 * class conditioning (``label_dim`` > 0): one-hot labels go to all three UNets (``map_label``) and, with
   ``control=True``, the control term C_mu(y) = ``nn.Linear(label_dim, d)`` is added after the push. It is
   sized from the latent (the official code hard-codes 32*32);
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kdm2d import KDMForward
+from .kdm2d import KDMForward, add_latent_noise
 from .koopman import make_operator
 from .songunet import Linear, SongUNet
 
@@ -135,19 +141,32 @@ class KDMImage(nn.Module):
         return z
 
     def forward(self, x0: torch.Tensor, xT: torch.Tensor, labels: torch.Tensor | None = None,
-                decode_push: bool = True, generator: torch.Generator | None = None) -> KDMForward:
-        """Training pass (Alg. 1): noisy latents, push of the noisy z_T, decoder on z0_noisy and the push."""
+                decode_push: bool = True, generator: torch.Generator | None = None, *,
+                eps0: torch.Tensor | None = None, epsT: torch.Tensor | None = None,
+                fuse_decoder: bool = True, spectral: str = "none") -> KDMForward:
+        """Training pass (Alg. 1): noisy latents, push of the noisy z_T, decoder on z0_noisy and the push.
+
+        ``labels``: class ids (B,) or one-hot rows (B, label_dim) (``prepare_labels``). The latent noise
+        is ``eps0``/``epsT`` (shape (B, latent_dim)) when given, else drawn from ``generator`` after both
+        encoders, eps0 first; it is added in at least fp32, so under bf16 autocast z0_noisy and zT_noisy
+        are fp32. ``fuse_decoder``: one decoder call on [z0_noisy; z_push] (default) or two calls, as the
+        official code. ``decode_push=False`` decodes z0_noisy only (x0_push None). ``spectral`` names the
+        KDM-F penalty returned in ``spectral`` ('none': None), computed outside autocast.
+        """
         y = self.prepare_labels(labels, x0.shape[0], x0)
         z0 = self.x0_encoder(x0, 0.0, y)
         zT = self.xT_encoder(xT, self.time_T, y)
-        eps0 = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-        epsT = torch.randn(zT.shape, generator=generator, device=zT.device, dtype=zT.dtype)
-        z0_noisy = z0 + self.latent_noise * eps0
-        zT_noisy = zT + self.latent_noise * epsT
+        z0_noisy = add_latent_noise(z0, self.latent_noise, eps0, generator)
+        zT_noisy = add_latent_noise(zT, self.latent_noise, epsT, generator)
         z_push = self.push(zT_noisy, y)
-        x0_rec = self.decoder(z0_noisy, 0.0, y)
-        x0_push = self.decoder(z_push, 0.0, y) if decode_push else None
-        return KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push)
+        if decode_push and fuse_decoder:
+            y2 = None if y is None else torch.cat([y, y])
+            x0_rec, x0_push = self.decoder(torch.cat([z0_noisy, z_push.to(z0_noisy.dtype)]), 0.0, y2).chunk(2)
+        else:
+            x0_rec = self.decoder(z0_noisy, 0.0, y)
+            x0_push = self.decoder(z_push, 0.0, y) if decode_push else None
+        spec = self.spectral_loss(spectral) if spectral != "none" else None
+        return KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push, spec)
 
     def generate(self, xT: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """One-step sampling (Alg. 2), deterministic given x_T (already scaled: x_T = noise_scale * eps)."""
@@ -161,7 +180,10 @@ class KDMImage(nn.Module):
         return self.noise_scale * torch.randn(shape, generator=generator, device=device)
 
     def spectral_loss(self, kind: str) -> torch.Tensor:
-        return self.koopman.spectral_loss(kind)
+        """The KDM-F spectral penalty of the operator, in fp32 (outside any autocast)."""
+        device = next(self.koopman.parameters()).device
+        with torch.autocast(device.type, enabled=False):
+            return self.koopman.spectral_loss(kind)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start a local Prefect server (SQLite under .kdm/), register the deployments, start a worker, run
 # kdm/distill-checkerboard, wait for it, print the metrics; the server stays up for the UI.
+# The demo server has no authentication and listens on 127.0.0.1 only: it is reachable from this machine
+# alone. Never publish it; a shared server is docker/compose.yaml (basic auth + CSRF, docker/README.md).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REPO"
@@ -16,6 +18,7 @@ else
     exit 1
   fi
   echo "starting Prefect server on 127.0.0.1:$KDM_PORT (log: .kdm/server.log)"
+  echo "  unauthenticated, bound to 127.0.0.1: only this machine can reach it (shared servers: docker/README.md)"
   setsid nohup prefect server start --host 127.0.0.1 --port "$KDM_PORT" >"$STATE/server.log" 2>&1 &
   echo $! >"$STATE/server.pid"
   for _ in $(seq 1 120); do healthy && break; sleep 1; done
@@ -23,12 +26,12 @@ else
 fi
 
 prefect work-pool inspect kdm-cpu >/dev/null 2>&1 || prefect work-pool create kdm-cpu --type process >/dev/null
-# kdm-gpu runs the GPU stages of distill-cifar10 (deployment gpu-stage): one at a time per GPU, 1 without GPU.
+# kdm-gpu runs the GPU stages of kdm runs (deployment gpu-stage): one at a time per GPU, 1 without GPU.
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); [[ "${gpus:-0}" -ge 1 ]] || gpus=1
 prefect work-pool inspect kdm-gpu >/dev/null 2>&1 || prefect work-pool create kdm-gpu --type process >/dev/null
 prefect work-pool set-concurrency-limit kdm-gpu "$gpus" >/dev/null
 prefect --no-prompt deploy --all >"$STATE/deploy.log" 2>&1 || { cat "$STATE/deploy.log" >&2; exit 1; }
-echo "deployments registered: $(COLUMNS=250 prefect deployment ls 2>/dev/null | grep -oE '(kdm|distill-cifar10|gpu-stage|redistill)/[a-z0-9-]*' | sort -u | tr '\n' ' ')"
+echo "deployments registered: $(COLUMNS=250 prefect deployment ls 2>/dev/null | grep -oE '(kdm|gpu-stage|redistill)/[a-z0-9-]*' | sort -u | tr '\n' ' ')"
 
 if ! alive "$STATE/worker.pid"; then
   setsid nohup prefect worker start --pool kdm-cpu --limit 1 >"$STATE/worker.log" 2>&1 &
@@ -63,4 +66,5 @@ echo
 kdm report --root "$REPO/artifacts"
 echo
 echo "Prefect UI: http://127.0.0.1:$KDM_PORT  (flow runs -> the latest kdm run -> Artifacts)"
+echo "  local demo server: no authentication, listening on 127.0.0.1 only (do not expose it)"
 echo "make stop   stops the worker and the server"

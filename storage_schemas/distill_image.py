@@ -1,4 +1,5 @@
-"""Run config of the CIFAR-10 distillation (flow ``distill-cifar10``, ``kdm distill-image``) and its presets.
+"""Config of the ``cifar10`` recipe (flow ``kdm``, deployments ``kdm/distill-cifar10(-cond)``, ``kdm distill
+--recipe cifar10``) and its presets.
 
 One typed config: dataset archive -> offline feature extractor -> EDM teacher (bootstrapped, or an
 existing teacher artifact at ``teacher_uri``) -> EDM Heun pairs (train + held-out seeds) -> image KDM
@@ -30,6 +31,7 @@ from .kdm_image import IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNet
 from .pairs import SamplerSettings
 from .stages import PairsGenerateConfig
 from .protocol import ExtractorTrainConfig
+from .filter_images import ImageFilterConfig
 from .teacher import EDMTeacherTrainConfig
 
 PresetName = Literal["smoke", "mini", "full"]
@@ -43,7 +45,7 @@ GPU_STAGES = ("teacher", "pairs", "student", "evaluation")   # run on pool kdm-g
 class ImageDatasetStageConfig(Strict):
     archive: str = Field(DEFAULT_ARCHIVE, description="ImageFolder tar(.gz): train|test/<class>/<file>; a relative "
                                                       "path resolves against the repository (flow) or the working "
-                                                      "directory (kdm distill-image)")
+                                                      "directory (kdm distill)")
     chunk_size: int = Field(10_000, ge=1, description="images per Zarr chunk (enters the dataset version)")
 
 
@@ -141,7 +143,7 @@ def _preset_data(name: str, conditional: bool) -> dict:
     student_preset = "cifar10-cond" if conditional else "cifar10-uncond"
     if name == "full":
         d = dict(device="cuda", extractor=ExtractorStageConfig(device="cuda"), teacher=TEACHER_FULL,
-                 pairs=ImagePairsStageConfig(),
+                 pairs=ImagePairsStageConfig(), filter=ImageFilterConfig(device="cuda"),
                  student=dict(preset=student_preset, model=_student_model(conditional), train=ImageTrainConfig()),
                  evaluation=ImageEvalStageConfig())
     elif name == "mini":
@@ -151,6 +153,7 @@ def _preset_data(name: str, conditional: bool) -> dict:
         d = dict(device="cuda", extractor=ExtractorStageConfig(device="cuda"), teacher=TEACHER_MINI,
                  pairs=ImagePairsStageConfig(seeds=SeedRange(start=0, stop=20_000),
                                              heldout_seeds=SeedRange(start=20_000, stop=25_000)),
+                 filter=ImageFilterConfig(device="cuda"),
                  student=dict(preset=f"{student_preset}-mini",
                               model=_student_model(conditional, unet={"model_channels": 64, "num_blocks": 1},
                                                    distance="pseudo-huber", adv_weight=0.0),
@@ -166,6 +169,7 @@ def _preset_data(name: str, conditional: bool) -> dict:
                  teacher=TEACHER_SMOKE,
                  pairs=ImagePairsStageConfig(seeds=SeedRange(start=0, stop=64),
                                              heldout_seeds=SeedRange(start=64, stop=96), chunk_size=32),
+                 filter=ImageFilterConfig(calibration_samples=256, grid_size=16),
                  student=dict(preset=f"{student_preset}-smoke",
                               model=_student_model(conditional, unet=dict(SMOKE_UNET), distance="pseudo-huber",
                                                    adv_weight=0.0),
@@ -190,8 +194,10 @@ def _plain(v: Any) -> Any:
 
 
 class DistillImageConfig(Strict):
-    """Parameters of the flow ``distill-cifar10`` and of ``kdm distill-image`` (see the module docstring)."""
+    """The ``cifar10`` recipe's config (deployments ``kdm/distill-cifar10(-cond)``, ``kdm distill --recipe
+    cifar10``; see the module docstring)."""
 
+    recipe: Literal["cifar10"] = "cifar10"
     preset: PresetName = Field("full", description="recipe of every field not set: smoke | mini | full")
     conditional: bool = Field(False, description="class-conditional teacher and student (cifar10-cond)")
     root: str = Field("artifacts", description="artifact root URL; a relative path resolves like dataset.archive")
@@ -205,6 +211,7 @@ class DistillImageConfig(Strict):
                                                          "by its sha256) instead of bootstrapping one")
     teacher: EDMTeacherTrainConfig = TEACHER_FULL
     pairs: ImagePairsStageConfig = ImagePairsStageConfig()
+    filter: ImageFilterConfig = ImageFilterConfig(device="cuda")
     student: ImageStudentStageConfig = ImageStudentStageConfig()
     evaluation: ImageEvalStageConfig = ImageEvalStageConfig()
 
@@ -244,79 +251,6 @@ class DistillImageConfig(Strict):
 def distill_image_preset(name: str, conditional: bool = False) -> DistillImageConfig:
     """The config of preset ``name`` (smoke | mini | full), unconditional or class-conditional."""
     return DistillImageConfig.model_validate({"preset": name, "conditional": conditional})
-
-
-def config_from_parameters(config: Any = None, **fields: Any) -> DistillImageConfig:
-    """The run config from the flow's parameters: ``config`` (a mapping, or a complete DistillImageConfig)
-    with the top-level ``fields`` (preset, conditional, root, student, ...; None = not given) merged onto
-    it, then validated once, so the preset fills what neither sets. A nested model given as a field
-    contributes only the keys that were set in it. Raises pydantic.ValidationError or ValueError."""
-    if isinstance(config, DistillImageConfig):
-        for key in ("preset", "conditional"):
-            if fields.get(key) is not None and fields[key] != getattr(config, key):
-                raise ValueError(f"{key}={fields[key]!r} contradicts the given config's {key}="
-                                 f"{getattr(config, key)!r}: pass the config as a mapping to rebase it on a preset")
-        raw: dict = config.model_dump(mode="json")
-    elif isinstance(config, dict):
-        raw = dict(config)
-    elif config is None:
-        raw = {}
-    else:
-        raise ValueError(f"config must be a mapping of DistillImageConfig fields, got {type(config).__name__}")
-    unknown = sorted(set(fields) - set(DistillImageConfig.model_fields))
-    if unknown:
-        raise ValueError(f"unknown parameters {unknown}; valid: {', '.join(DistillImageConfig.model_fields)}")
-    over = {k: (v.model_dump(mode="json", exclude_unset=True) if isinstance(v, BaseModel) else v)
-            for k, v in fields.items() if v is not None}
-    return DistillImageConfig.model_validate(deep_merge(raw, over))
-
-
-# ----------------------------------------------------------------------------- GPU stage requests
-# What the parent flow sends to the ``gpu-stage`` deployment (pool kdm-gpu): stage name, its typed config,
-# the input URIs, the artifact root and the device. Results are content-addressed artifacts under root.
-
-class _Request(Strict):
-    root: str
-    device: Device
-    gpus: int = Field(1, ge=1, description="processes of the pairs and student stages (torchrun when > 1); the "
-                                           "other stages run in one")
-
-
-class ExtractorStageRequest(_Request):
-    stage: Literal["extractor"] = "extractor"
-    dataset_uri: str
-    config: ExtractorStageConfig
-
-
-class TeacherStageRequest(_Request):
-    stage: Literal["teacher"] = "teacher"
-    dataset_uri: str
-    config: ImageTeacherStageConfig
-
-
-class PairsStageRequest(_Request):
-    stage: Literal["pairs"] = "pairs"
-    teacher_uri: str
-    config: ImagePairsStageConfig
-
-
-class StudentStageRequest(_Request):
-    stage: Literal["student"] = "student"
-    pairs_uri: str
-    config: ImageStudentStageConfig
-
-
-class EvaluationStageRequest(_Request):
-    stage: Literal["evaluation"] = "evaluation"
-    dataset_uri: str
-    extractor_uri: str
-    pairs_uri: str
-    student_uri: str
-    config: ImageEvalStageConfig
-
-
-StageRequest = Annotated[Union[ExtractorStageRequest, TeacherStageRequest, PairsStageRequest, StudentStageRequest,
-                               EvaluationStageRequest], Field(discriminator="stage")]
 
 
 class ImageEvaluationManifest(Strict):

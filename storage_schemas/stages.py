@@ -87,8 +87,10 @@ class FilterConfig(Strict):
 
 
 class DistillCheckerboardConfig(Strict):
-    """Parameters of the ``kdm`` flow (deployment ``distill-checkerboard``)."""
+    """The ``checkerboard`` recipe's config (deployment ``kdm/distill-checkerboard``, ``kdm distill --recipe
+    checkerboard``): own flow-matching teacher (or imported pairs) -> pairs -> filter -> student -> evaluation."""
 
+    recipe: Literal["checkerboard"] = "checkerboard"
     preset: str = "checkerboard"
     root: str = Field("artifacts", description="artifact root URL (local path or fsspec URL)")
     source: Literal["teacher", "import"] = "teacher"

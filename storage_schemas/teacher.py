@@ -147,6 +147,12 @@ class EDMPickleSource(Strict):
     class_name: str
     persistence_version: Optional[int] = None
     loss: Optional[dict[str, float]] = Field(None, description="the pickled loss_fn's settings, if any")
+    network_source: Optional[str] = Field(
+        None, description="the known EDM training/networks.py layout the pickle's embedded network source matches "
+                          "('NVlabs/edm@<commit>'), 'modified' or 'unknown' (pipeline.teachers.edm_source); None: "
+                          "imported before this was checked")
+    source_warnings: list[str] = Field(default_factory=list,
+                                       description="why the embedded network source may not be stock EDM")
 
 
 TeacherModel = Annotated[Union[FlowMatchingMLPConfig, EDMNetConfig], Field(discriminator="kind")]

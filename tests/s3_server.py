@@ -77,3 +77,35 @@ def committed_files(s3, bucket: str, root: str, results: dict, kinds: dict[str, 
     files = {p.removeprefix(f"{bucket}/{prefix}/") for p in listing(s3, bucket, prefix)}
     assert not any(".partial" in p for p in files), sorted(p for p in files if ".partial" in p)
     return files, lambda stage, name: f"{results[stage]['uri'].removeprefix(root + '/')}/{name}"
+
+
+@contextlib.contextmanager
+def object_writes(bucket: str) -> Iterator[list[str]]:
+    """Yields the list that receives, in the order the (in-process) moto server stored them, the keys of
+    every object written to ``bucket``: a PUT, the end of a multipart upload or a server-side copy."""
+    import threading
+
+    from moto.s3.models import S3Backend
+    keys: list[str] = []
+    lock = threading.Lock()
+    real = S3Backend.put_object
+
+    def put_object(self, bucket_name, key_name, *args, **kwargs):
+        key = real(self, bucket_name, key_name, *args, **kwargs)
+        if bucket_name == bucket:
+            with lock:
+                keys.append(key_name)
+        return key
+
+    S3Backend.put_object = put_object
+    try:
+        yield keys
+    finally:
+        S3Backend.put_object = real
+
+
+def commit_order(keys: list[str], prefix: str) -> list[str]:
+    """The keys written under ``prefix/`` (the committed artifact, not its ``.partial``), relative to it,
+    in write order."""
+    p = prefix.rstrip("/") + "/"
+    return [k[len(p):] for k in keys if k.startswith(p)]

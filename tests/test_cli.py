@@ -212,3 +212,91 @@ def test_rerunning_a_stage_is_a_no_op(chain, capsys):
     code, _, err = run(capsys, "train", "--pairs", chain["pairs"], "--preset", "smoke", "--set", "train.steps=41",
                        "--out", chain["student"], "-q")
     assert code != 0 and "artifacts are immutable" in err
+
+
+# --- --dry-run: validates, prints the plan (the version the real run writes), writes nothing ----------
+
+def tree(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``roots`` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for r in roots for p in [r, *r.rglob("*")]}
+
+
+def plan_json(out: str) -> dict:
+    """The config a dry run prints after its first line."""
+    return json.loads(out[out.index("\n{") + 1:out.rindex("}") + 1])
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+    """An empty working directory: a dry run's relative --out must not appear in it."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def test_teacher_train_dry_run_prints_the_plan_and_writes_nothing(chain, capsys, empty_cwd):
+    from pipeline import presets
+    from pipeline.teachers.flow_matching import read_teacher_manifest, teacher_version
+    before = tree(chain["root"])
+    code, out, err = run(capsys, "teacher", "train", "--preset", "smoke", "--set", "steps=7", "--out",
+                         "runs/teacher", "--dry-run")
+    assert code == 0, err
+    cfg = presets.load("teacher", "smoke", sets=["steps=7"])
+    assert out.splitlines()[0] == f"dry run: would train teacher {teacher_version(cfg)} -> runs/teacher"
+    assert plan_json(out) == json.loads(cfg.model_dump_json()) and plan_json(out)["steps"] == 7
+    # the version printed for the chain's own config is the id its real run wrote
+    code, out, _ = run(capsys, "teacher", "train", "--preset", "smoke", "--out", "runs/teacher", "--dry-run")
+    assert code == 0 and f" {read_teacher_manifest(str(chain['teacher'])).id} -> " in out.splitlines()[0]
+    assert list(empty_cwd.iterdir()) == [] and tree(chain["root"]) == before
+
+
+def test_train_dry_run_prints_the_plan_and_writes_nothing(chain, capsys, empty_cwd):
+    from pipeline.training.train2d import read_student_manifest
+    before = tree(chain["root"])
+    m = read_student_manifest(str(chain["student"]))
+    code, out, err = run(capsys, "train", "--pairs", chain["pairs"], "--preset", "smoke", "--out", "runs/student",
+                         "--dry-run")
+    assert code == 0, err
+    assert out.splitlines()[0] == f"dry run: would train {m.version} on 600 pairs -> runs/student"
+    assert plan_json(out)["train"]["steps"] == m.steps_done == 40
+    code, out, _ = run(capsys, "train", "--pairs", chain["pairs"], "--preset", "smoke", "--set", "train.lr=0.001",
+                       "--out", "runs/student", "--dry-run")
+    assert code == 0 and plan_json(out)["train"]["lr"] == 0.001 and m.version not in out   # the config is the version
+    assert list(empty_cwd.iterdir()) == [] and tree(chain["root"]) == before
+
+
+def test_teacher_bootstrap_dry_run_prints_the_version_the_real_run_writes(capsys, tmp_path, empty_cwd):
+    from image_fixtures import image_folder, write_archive
+    from pipeline.data.datasets import prepare_image_dataset
+    members, _ = image_folder(np.random.default_rng(0), per_class={"train": 4, "test": 1})
+    prepare_image_dataset(str(write_archive(tmp_path / "a.tgz", members)), str(tmp_path / "ds"), progress=False)
+    args = ["teacher", "bootstrap", "--dataset", tmp_path / "ds", "--preset", "cifar10-mini", "--device", "cpu",
+            *[a for s in ("unet.model_channels=8", "unet.channel_mult=[1]", "unet.num_blocks=1",
+                          "unet.attn_resolutions=[]", "batch_size=4", "steps=2", "checkpoint_every=2",
+                          "preview_samples=1") for a in ("--set", s)], "--out", "runs/teacher", "-q"]
+    before = tree(tmp_path / "ds")
+    code, out, err = run(capsys, *args, "--dry-run")
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("dry run: would train EDM teacher ") and first.endswith(" on 12 images -> runs/teacher")
+    plan = plan_json(out)
+    assert (plan["device"], plan["steps"], plan["unet"]["model_channels"]) == ("cpu", 2, 8)
+    assert list(empty_cwd.iterdir()) == [] and tree(tmp_path / "ds") == before
+    # the same command without --dry-run writes the teacher whose id the dry run printed
+    assert run(capsys, *args)[0] == 0
+    from pipeline.teachers.flow_matching import read_teacher_manifest
+    assert first.split()[6] == read_teacher_manifest(str(empty_cwd / "runs" / "teacher")).id
+
+
+def test_distill_dry_run_validates_and_writes_nothing(capsys, empty_cwd):
+    code, out, err = run(capsys, "distill", "--preset", "smoke", "--root", "runs", "--set", "student.train.steps=9",
+                         "--dry-run")
+    assert code == 0, err
+    plan = plan_json(out)
+    assert out.startswith("dry run: config is valid\n") and plan["root"] == "runs"
+    assert plan["student"]["train"]["steps"] == 9
+    code, _, err = run(capsys, "distill", "--preset", "smoke", "--root", "runs", "--set", "student.train.steps=0",
+                       "--dry-run")
+    assert code != 0 and "student.train.steps" in err                   # validated: refused before any stage
+    assert list(empty_cwd.iterdir()) == []

@@ -9,9 +9,10 @@ from image_fixtures import image_folder, png_bytes, random_image, write_archive
 from pipeline.storage import artifacts
 from pipeline.data.datasets import open_image_dataset, prepare_image_dataset
 from pipeline.errors import ArtifactMissing, KDMError
+from shared_data import shared_data
 from storage_schemas import DatasetManifest
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CIFAR = shared_data("cifar10-jpeg.tar.gz")
 
 
 @pytest.fixture(scope="module")

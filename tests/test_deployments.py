@@ -1,6 +1,6 @@
 """The CIFAR-10 deployments across the two work pools, end to end: a real Prefect server, the process
 pools kdm-cpu and kdm-gpu (concurrency limit 1), the deployments of prefect.yaml registered with
-``prefect --no-prompt deploy --all`` and one process worker per pool. ``distill-cifar10/distill-cifar10``
+``prefect --no-prompt deploy --all`` and one process worker per pool. ``kdm/distill-cifar10``
 runs a tiny smoke configuration on pool kdm-cpu and starts each GPU stage as a run of
 ``gpu-stage/gpu-stage`` on pool kdm-gpu; a second run with the same parameters dispatches nothing."""
 from __future__ import annotations
@@ -19,12 +19,12 @@ from prefect_server import PREFECT, prefect_server, start, stop, tail
 from storage_schemas.distill_image import DistillImageConfig
 
 REPO = Path(__file__).resolve().parents[1]
-DEPLOYMENT = "distill-cifar10/distill-cifar10"
+DEPLOYMENT = "kdm/distill-cifar10"
 # The GPU stages of a device=cpu run (the smoke extractor runs on cpu, in the parent flow).
 GPU_STAGES = ("teacher", "pairs", "student", "evaluation")
-STAGES = ("dataset", "extractor", *GPU_STAGES)
-KINDS = dict(dataset="datasets", extractor="extractors", teacher="teachers", pairs="pairs", student="students",
-             evaluation="evaluations")
+STAGES = ("dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation")
+KINDS = dict(dataset="datasets", extractor="extractors", teacher="teachers", pairs="pairs", filter="pairs",
+             student="students", evaluation="evaluations")
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -73,7 +73,8 @@ def tiny_params(archive: str, root: Path) -> dict:
     return {"preset": "smoke", "device": "cpu", "root": str(root), "dataset": {"archive": archive},
             "teacher": {"steps": 4, "preview_samples": 0}, "student": {"train": {"steps": 4}},
             "pairs": {"seeds": {"start": 0, "stop": 32}, "heldout_seeds": {"start": 32, "stop": 48},
-                      "chunk_size": 16}}
+                      "chunk_size": 16},
+            "filter": {"neighbours": 4, "candidates": 8, "calibration_samples": 6, "grid_size": 4}}
 
 
 def post(api: str, path: str, body: dict) -> list | dict:
@@ -129,15 +130,16 @@ def test_deployments_and_pools_are_registered(pools):
     api, _, _ = pools
     cifar, gpu = deployment(api, DEPLOYMENT), deployment(api, "gpu-stage/gpu-stage")
     assert (cifar["work_pool_name"], gpu["work_pool_name"]) == ("kdm-cpu", "kdm-gpu")
-    assert deployment(api, "distill-cifar10/distill-cifar10-cond")["parameters"] == {"conditional": True}
+    assert deployment(api, "kdm/distill-cifar10-cond")["parameters"] == {"recipe": "cifar10", "conditional": True}
+    assert deployment(api, DEPLOYMENT)["parameters"] == {"recipe": "cifar10"}
+    assert deployment(api, "kdm/distill-checkerboard")["parameters"] == {"recipe": "checkerboard"}
     limits = {name: httpx.get(f"{api}/work_pools/{name}", timeout=30).json()["concurrency_limit"]
               for name in ("kdm-cpu", "kdm-gpu")}
     assert limits == {"kdm-cpu": None, "kdm-gpu": 1}
 
 
 def test_parent_on_kdm_cpu_starts_one_gpu_stage_run_per_gpu_stage_on_kdm_gpu(first):
-    from flows.distill_image import _slug
-    from pipeline import stages_image
+    from pipeline import stages
     api, parent, logs = first["api"], first["parent"], first["logs"]
     assert parent["state"]["type"] == "COMPLETED", describe(parent, logs)
     assert parent["work_pool_name"] == "kdm-cpu"
@@ -161,26 +163,25 @@ def test_parent_on_kdm_cpu_starts_one_gpu_stage_run_per_gpu_stage_on_kdm_gpu(fir
 
     # every stage is committed under root, at the versions the plan computes from the same config
     cfg = DistillImageConfig.model_validate(first["params"])
-    plan = stages_image.plan_distill_image(cfg)
+    plan = stages.plan(cfg)
     assert plan["complete"] and plan["todo"] == []
     root = Path(first["root"])
     for name in STAGES:
         st = plan["stages"][name]
         assert st["uri"] == str(root / KINDS[name] / st["version"]), name
-        marker = "zarr.json" if name in ("dataset", "pairs") else "manifest.json"     # Zarr stores keep it in attrs
+        marker = "zarr.json" if name in ("dataset", "pairs", "filter") else "manifest.json"     # Zarr stores keep it in attrs
         assert (Path(st["uri"]) / marker).is_file(), name
     # each gpu-stage run is named after its stage and the version it committed
     assert sorted(c["name"] for c in children) == \
-        sorted(f"{s}-{_slug(plan['stages'][s]['version'])}" for s in GPU_STAGES)
+        sorted(f"{s}-{plan['stages'][s]['version']}" for s in GPU_STAGES)
     assert not list(root.rglob("*.partial"))
 
 
 def test_parent_publishes_report_and_table_under_stable_keys(first):
-    from flows.distill_image import artifact_key
-    from pipeline import stages_image
+    from pipeline import stages
     api, parent = first["api"], first["parent"]
-    plan = stages_image.plan_distill_image(DistillImageConfig.model_validate(first["params"]))
-    key = artifact_key(plan["stages"])
+    plan = stages.plan(DistillImageConfig.model_validate(first["params"]))
+    key = f"cifar10-{plan['stages']['dataset']['version'][3:11]}-{plan['stages']['teacher']['version']}"
     arts = post(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [parent["id"]]}}})
     by_key = {a["key"]: a for a in arts if a["key"]}
     assert {f"{key}-report", f"{key}-metrics", f"{key}-teacher-student", f"{key}-student-samples",
@@ -224,12 +225,12 @@ def test_bad_parameters_are_refused_before_a_run_is_created(first):
     res = cli(env, "deployment", "run", DEPLOYMENT, "--param", "preset=huge")
     assert res.returncode == 1, res.stdout
     assert "Validation failed for field 'preset'" in res.stdout and \
-        "'huge' is not one of ['smoke', 'mini', 'full']" in res.stdout, res.stdout + res.stderr
+        "'huge' is not one of ['smoke', 'mini', 'full'," in res.stdout, res.stdout + res.stderr
     # the same request straight to the API: refused by the server itself
     r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"preset": "huge"}},
                    timeout=30)
     assert r.status_code == 409 and "'huge' is not one of" in r.text, (r.status_code, r.text)
     r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"student": {"trian": {}}}},
                    timeout=30)
-    assert r.status_code == 409 and "'trian' was unexpected" in r.text, (r.status_code, r.text)
+    assert r.status_code == 409 and "trian" in r.text, (r.status_code, r.text)
     assert {r["id"] for r in flow_runs(api, deployment_id={"any_": [dep["id"]]})} == before

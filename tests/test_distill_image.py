@@ -1,4 +1,4 @@
-"""CIFAR-10 distillation: presets and overrides, plan, every stage on CPU, the distill-cifar10 flow, kdm evaluate."""
+"""The cifar10 recipe: presets and overrides, plan, every stage on CPU, the kdm flow, kdm distill / evaluate."""
 from __future__ import annotations
 
 import json
@@ -11,14 +11,15 @@ from pydantic import ValidationError
 
 from image_fixtures import image_folder, single_thread, write_archive
 from pipeline.storage import artifacts
-from pipeline import stages_image
+from pipeline import recipes, stages
+from pipeline.recipes import cifar10
 from pipeline.cli import main
 from pipeline.errors import KDMError
 from pipeline.teachers.bootstrap import load_edm_teacher_config
 from storage_schemas import format_validation_error
 from storage_schemas.common import deep_merge
 from storage_schemas.distill_image import (DistillImageConfig, ImageStudentStageConfig, 
-                                           config_from_parameters, distill_image_preset)
+                                           distill_image_preset)
 from storage_schemas.kdm_image import image_preset
 from storage_schemas.protocol import ImageMetricReport
 from prefect_helpers import read_prefect_artifacts
@@ -27,8 +28,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The smoke preset, smaller still (seconds on one core).
 TINY = {"teacher": {"steps": 4, "preview_samples": 0}, "student": {"train": {"steps": 4}},
-        "pairs": {"seeds": {"start": 0, "stop": 32}, "heldout_seeds": {"start": 32, "stop": 48}, "chunk_size": 16}}
-STAGES = ("dataset", "extractor", "teacher", "pairs", "student", "evaluation")
+        "pairs": {"seeds": {"start": 0, "stop": 32}, "heldout_seeds": {"start": 32, "stop": 48}, "chunk_size": 16},
+        "filter": {"neighbours": 4, "candidates": 8, "calibration_samples": 6, "grid_size": 4}}
+STAGES = ("dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation")
+QUIET = stages.StageContext(progress_bars=False, log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +51,9 @@ def done(archive, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("root")
     cfg = smoke(archive, root)
     with single_thread():
-        plan0 = stages_image.plan_distill_image(cfg)
-        first = stages_image.run_distill_image(cfg, progress=False, log=lambda m: None)
-        second = stages_image.run_distill_image(cfg, progress=False, log=lambda m: None)
+        plan0 = stages.plan(cfg)
+        first = stages.run_recipe(cfg, QUIET)
+        second = stages.run_recipe(cfg, QUIET)
     return dict(cfg=cfg, root=root, plan0=plan0, first=first, second=second)
 
 
@@ -86,14 +89,14 @@ def test_preset_override_semantics():
     assert cfg.student.model == mini.student.model and cfg.teacher == mini.teacher
     assert DistillImageConfig.model_validate({"preset": "smoke", "conditional": True}) == distill_image_preset("smoke", True)
     # flow parameters: the cond deployment's {"conditional": true} + a caller's config mapping
-    c = config_from_parameters({"preset": "mini", "teacher_uri": "t"}, conditional=True)
+    c = recipes.build_config({"preset": "mini", "teacher_uri": "t"}, recipe="cifar10", conditional=True)
     assert c.conditional and c.teacher_uri == "t" and c.student.model.label_dim == 10 and c.preset == "mini"
     # a top-level section given as a model contributes only the keys set in it
-    c = config_from_parameters(None, preset="smoke",
-                               student=ImageStudentStageConfig.model_validate({"train": {"steps": 5}}))
+    c = recipes.build_config(None, recipe="cifar10", preset="smoke",
+                             student=ImageStudentStageConfig.model_validate({"train": {"steps": 5}}))
     assert c.student.train.steps == 5 and c.student.model == distill_image_preset("smoke").student.model
-    with pytest.raises(ValueError, match="contradicts the given config's preset='smoke'"):
-        config_from_parameters(distill_image_preset("smoke"), preset="mini")
+    with pytest.raises(KDMError, match="contradicts the given config's preset='smoke'"):
+        recipes.build_config(distill_image_preset("smoke"), preset="mini")
 
 
 def test_validation_errors_name_the_field_and_the_fix():
@@ -114,13 +117,14 @@ def test_validation_errors_name_the_field_and_the_fix():
 def test_flow_parameters_validate_against_the_signature_schema():
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools import ValidationError as SchemaError, validate
-    from flows.distill_image import distill_cifar10
-    schema = parameter_schema(distill_cifar10.fn).model_dump_for_openapi()
-    for ok in ({"preset": "smoke"}, {"preset": "mini", "student": {"train": {"steps": 100}}},
-               {"config": {"preset": "mini", "teacher_uri": "s3://b/teachers/edm-1"}}, {"conditional": True}):
+    from flows.kdm import kdm
+    schema = parameter_schema(kdm.fn).model_dump_for_openapi()
+    for ok in ({"recipe": "cifar10", "preset": "smoke"}, {"preset": "mini", "student": {"train": {"steps": 100}}},
+               {"config": {"preset": "mini", "teacher_uri": "s3://b/teachers/edm-1"}}, {"conditional": True},
+               {"recipe": "checkerboard", "preset": "checkerboard-import"}):
         validate(ok, schema, raise_on_error=True)
-    for bad, why in (({"preset": "huge"}, "'huge' is not one of"), ({"student": {"trian": {}}}, "'trian' was unexpected"),
-                     ({"config": {"pairs": {"chunk_size": 0}}}, "chunk_size")):
+    for bad, why in (({"preset": "huge"}, "'huge' is not one of"), ({"recipe": "cifar11"}, "'cifar11' is not one of"),
+                     ({"student": {"trian": {}}}, "trian"), ({"config": {"pairs": {"chunk_size": 0}}}, "chunk_size")):
         with pytest.raises(SchemaError, match=why):
             validate(bad, schema, raise_on_error=True)
 
@@ -134,8 +138,8 @@ def test_plan_lists_every_stage_before_and_after_the_run(done):
     assert p0["stages"]["dataset"]["uri"] == first["dataset"]["uri"]          # known from the archive alone
     assert p0["stages"]["extractor"] == {"uri": None, "version": None, "exists": False, "pool": "kdm-cpu",
                                          "after": "dataset"}
-    assert p0["stages"]["student"]["pool"] == "kdm-gpu" and p0["stages"]["student"]["after"] == "pairs"
-    p1 = stages_image.plan_distill_image(done["cfg"])
+    assert p0["stages"]["student"]["pool"] == "kdm-gpu" and p0["stages"]["student"]["after"] == "filter"
+    p1 = stages.plan(done["cfg"])
     assert p1["complete"] and p1["todo"] == []
     for name in STAGES:
         assert (p1["stages"][name]["uri"], p1["stages"][name]["version"]) == (first[name]["uri"],
@@ -144,17 +148,16 @@ def test_plan_lists_every_stage_before_and_after_the_run(done):
 
 def test_plan_with_a_given_teacher_knows_whether_it_has_its_student(done, archive, tmp_path):
     teacher = done["first"]["teacher"]["uri"]
-    here = stages_image.plan_distill_image(smoke(archive, done["root"], teacher_uri=teacher))
+    here = stages.plan(smoke(archive, done["root"], teacher_uri=teacher))
     assert here["stages"]["teacher"]["given"] and here["stages"]["student"]["exists"]
-    fresh = stages_image.plan_distill_image(smoke(archive, tmp_path / "other", teacher_uri=teacher))
+    fresh = stages.plan(smoke(archive, tmp_path / "other", teacher_uri=teacher))
     assert fresh["stages"]["student"]["version"] == done["first"]["student"]["version"]
     assert not fresh["stages"]["student"]["exists"] and fresh["stages"]["teacher"]["pool"] is None
     with pytest.raises(KDMError, match="is unconditional .label_dim 0. but the run has conditional=True"):
-        stages_image.plan_distill_image(smoke(archive, tmp_path, teacher_uri=teacher, conditional=True))
+        stages.plan(smoke(archive, tmp_path, teacher_uri=teacher, conditional=True))
     # the stage verifies the given teacher's weights against its manifest
     ds = done["first"]["dataset"]["uri"]
-    given = stages_image.stage_image_teacher(str(tmp_path), ds, smoke(archive, tmp_path, teacher_uri=teacher)
-                                             .teacher_stage(), "cpu")
+    given = stages.run_stage(cifar10.EDMTeacher(), smoke(archive, tmp_path, teacher_uri=teacher), {"dataset": ds})
     assert (given["given"], given["version"], given["uri"]) == (True, done["first"]["teacher"]["version"], teacher)
     import shutil
     bad = tmp_path / "tampered"
@@ -164,14 +167,13 @@ def test_plan_with_a_given_teacher_knows_whether_it_has_its_student(done, archiv
     data[-1] ^= 1
     w.write_bytes(bytes(data))
     with pytest.raises(KDMError, match="does not match the manifest"):
-        stages_image.stage_image_teacher(str(tmp_path), ds, smoke(archive, tmp_path, teacher_uri=str(bad))
-                                         .teacher_stage(), "cpu")
+        stages.run_stage(cifar10.EDMTeacher(), smoke(archive, tmp_path, teacher_uri=str(bad)), {"dataset": ds})
 
 
 def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
     first, second, root = done["first"], done["second"], Path(done["root"])
-    kinds = dict(dataset="datasets", extractor="extractors", teacher="teachers", pairs="pairs", student="students",
-                 evaluation="evaluations")
+    kinds = dict(dataset="datasets", extractor="extractors", teacher="teachers", pairs="pairs", filter="pairs",
+                 student="students", evaluation="evaluations")
     for name in STAGES:
         assert first[name]["uri"] == str(root / kinds[name] / first[name]["version"]), name
         assert first[name]["skipped"] is False and second[name]["skipped"] is True, name
@@ -187,6 +189,8 @@ def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
     assert {(m.name, m.subject) for m in report.metrics} >= {(fd, "teacher"), (fd, "student"), ("MSE", "student")}
     mse = report.get("MSE", "student")
     assert mse.protocol.seeds.text() == "32-47" and mse.protocol.pairs_version == first["pairs"]["version"] + "-heldout"
+    # the filter passes the held-out split through unchanged (same version); the student trains on its output
+    assert first["filter"]["counts"]["kept"] == 32 and first["filter"]["source_version"] == first["pairs"]["version"]
     assert report.get(fd, "teacher").protocol == report.get(fd, "student").protocol
     # the MSE is the student's one-step outputs against the teacher's x_0 on the held-out seeds
     from pipeline.storage.pairstore import PairStore
@@ -202,17 +206,20 @@ def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
             assert im.format == "PNG" and im.width > 32
 
 
+@pytest.mark.gpu
 def test_gpu_stage_on_a_machine_without_gpu_is_a_clear_error(done, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     cfg, first = done["cfg"], done["first"]
+    elsewhere = cfg.model_copy(update={"device": "cuda", "root": str(tmp_path)})
     with pytest.raises(KDMError, match="teacher stage: device 'cuda' was requested but no CUDA GPU is visible"):
-        stages_image.stage_image_teacher(str(tmp_path), first["dataset"]["uri"], cfg.teacher_stage(), "cuda")
+        stages.run_stage(cifar10.EDMTeacher(), elsewhere, {"dataset": first["dataset"]["uri"]})
     with pytest.raises(KDMError, match="student stage: device 'cuda' was requested"):
-        stages_image.stage_image_student(str(tmp_path), first["pairs"]["uri"], cfg.student, "cuda")
+        stages.run_stage(cifar10.ImageStudent(), elsewhere, {"filter": first["filter"]["uri"]})
     assert list(tmp_path.iterdir()) == []
     # finished stages need no GPU: they only read their outputs
-    assert stages_image.stage_image_student(str(done["root"]), first["pairs"]["uri"], cfg.student, "cuda")["skipped"]
+    here = cfg.model_copy(update={"device": "cuda"})
+    assert stages.run_stage(cifar10.ImageStudent(), here, {"filter": first["filter"]["uri"]})["skipped"]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -220,14 +227,15 @@ def test_gpu_stage_on_a_machine_without_gpu_is_a_clear_error(done, tmp_path):
 
 def test_kdm_evaluate_on_an_image_student(done, tmp_path, capsys):
     f = done["first"]
-    args = ["evaluate", "--student", f["student"]["uri"], "--pairs", f["pairs"]["uri"]]
+    args = ["evaluate", "--student", f["student"]["uri"], "--pairs", f["filter"]["uri"]]
     assert main(args + ["--out", str(tmp_path / "e")]) == 1
     assert "is an image student: its evaluation also needs --dataset and --extractor" in capsys.readouterr().err
     args += ["--dataset", f["dataset"]["uri"], "--extractor", f["extractor"]["uri"], "--root", str(tmp_path / "refs"),
              "--set", "kid_subsets=5"]
     assert main(args + ["--out", str(tmp_path / "eval")]) == 0
     out = capsys.readouterr().out
-    m = stages_image.read_evaluation_manifest(str(tmp_path / "eval"))
+    from pipeline.evaluation.evaluate_image import read_evaluation_manifest
+    m = read_evaluation_manifest(str(tmp_path / "eval"))
     assert m.config.kid_subsets == 5 and m.student_version == f["student"]["version"]
     assert m.summary["mse"] == pytest.approx(f["evaluation"]["mse"])        # same outputs, same seeds
     assert f"FD-{f['extractor']['id']} teacher" in out and "ratio" in out and "| MSE | student |" in out
@@ -235,17 +243,25 @@ def test_kdm_evaluate_on_an_image_student(done, tmp_path, capsys):
     assert "(already there)" in capsys.readouterr().out
 
 
-def test_kdm_distill_image_dry_run_and_rerun(done, archive, capsys):
+def test_kdm_distill_recipe_cifar10_dry_run_and_rerun(done, archive, capsys):
     sets = ["--set", f"dataset.archive={archive}", "--set", "teacher.steps=4", "--set", "teacher.preview_samples=0",
             "--set", "pairs.seeds.stop=32", "--set", "pairs.heldout_seeds={start: 32, stop: 48}",
             "--set", "pairs.chunk_size=16", "--set", "student.train.steps=4", "--root", str(done["root"])]
-    assert main(["distill-image", "--preset", "smoke", "--dry-run", "-q", *sets]) == 0
+    sets += [a for k, v in TINY["filter"].items() for a in ("--set", f"filter.{k}={v}")]
+    cifar = ["distill", "--recipe", "cifar10", "--preset", "smoke"]
+    assert main([*cifar, "--dry-run", "-q", *sets]) == 0
     out = capsys.readouterr().out
-    assert out.count(" done ") == 6 and "0 of 6 stages to do" in out
-    assert main(["distill-image", "--preset", "smoke", "-q", *sets]) == 0
+    assert out.count(" done ") == 7 and "0 of 7 stages to do" in out
+    assert main([*cifar, "-q", *sets]) == 0
     assert f"student {done['first']['student']['version']}" in capsys.readouterr().out
-    assert main(["distill-image", "--preset", "smoke", "--set", "student.trian.steps=1", "--dry-run"]) == 1
+    assert main([*cifar, "--set", "student.trian.steps=1", "--dry-run"]) == 1
     assert "student.trian: unknown field" in capsys.readouterr().err
+    assert main(["distill", "--recipe", "cifar10", "--preset", "checkerboard", "--dry-run"]) == 1
+    assert "recipe cifar10 has no preset 'checkerboard'; valid: smoke, mini, full" in capsys.readouterr().err
+    old = "distill" + "-image"                                          # the old command is gone
+    with pytest.raises(SystemExit):
+        main([old, "--preset", "smoke"])
+    assert f"invalid choice: '{old}'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the Prefect flow
@@ -254,16 +270,17 @@ def test_kdm_distill_image_dry_run_and_rerun(done, archive, capsys):
 
 
 def test_flow_runs_the_stages_in_process_and_publishes_artifacts(harness, done, archive):
-    from flows.distill_image import artifact_key, distill_cifar10
+    from flows.kdm import kdm
     base = {"preset": "smoke", "root": str(done["root"]), "dataset": {"archive": archive}, **TINY}
     cfg = deep_merge(base, {"student": {"train": {"steps": 3}}})   # a new student on the existing pairs
-    res = distill_cifar10(config=cfg)
-    for name in ("dataset", "extractor", "teacher", "pairs"):
+    res = kdm(recipe="cifar10", config=cfg)
+    for name in ("dataset", "extractor", "teacher", "pairs", "filter"):
         assert res[name]["skipped"] is True and res[name]["version"] == done["first"][name]["version"], name
     for name in ("student", "evaluation"):
         assert res[name]["skipped"] is False and res[name]["version"] != done["first"][name]["version"], name
     assert res["student"]["steps"] == 3
-    key = artifact_key(res)
+    key = recipes.build_report(recipes.build_config(cfg, recipe="cifar10"), res).key
+    assert key == f"cifar10-{res['dataset']['version'][3:11]}-{res['teacher']['version']}"
     arts = read_prefect_artifacts()
     keys = {a.key for a in arts if a.key}
     assert {f"{key}-report", f"{key}-metrics", f"{key}-teacher-student", f"{key}-student-samples",
@@ -276,7 +293,7 @@ def test_flow_runs_the_stages_in_process_and_publishes_artifacts(harness, done, 
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["subject"] for r in rows} >= {"teacher", "student", "student / teacher"}
     # the same run through the top-level shortcuts: every stage exists already
-    again = distill_cifar10(preset="smoke", root=str(done["root"]), dataset=cfg["dataset"], teacher=cfg["teacher"],
-                            pairs=cfg["pairs"], student=cfg["student"])
+    again = kdm(recipe="cifar10", preset="smoke", root=str(done["root"]), dataset=cfg["dataset"], teacher=cfg["teacher"],
+                pairs=cfg["pairs"], filter=cfg["filter"], student=cfg["student"])
     assert all(again[n]["skipped"] for n in STAGES)
     assert again["evaluation"]["version"] == res["evaluation"]["version"]

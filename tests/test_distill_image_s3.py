@@ -10,25 +10,28 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
+import moto.server  # noqa: E402,F401  (test dependencies: make test installs them)
+import s3fs  # noqa: E402,F401
 
 from image_fixtures import image_folder, single_thread, write_archive  # noqa: E402
 from pipeline.storage import artifacts
 from pipeline.training import image_train
-from pipeline import stages_image
+from pipeline import stages
+from pipeline.evaluation.evaluate_image import GRID_STUDENT, GRID_TEACHER_STUDENT
+from pipeline.recipes import cifar10
 from pipeline.teachers import bootstrap as teacher_bootstrap
 from s3_server import committed_files, listing, moto_s3  # noqa: E402
 from storage_schemas.common import deep_merge  # noqa: E402
 from storage_schemas.distill_image import DistillImageConfig  # noqa: E402
 
 BUCKET = "kdm-image"
-STAGES = ("dataset", "extractor", "teacher", "pairs", "student", "evaluation")
-KINDS = ("datasets", "extractors", "teachers", "pairs", "students", "evaluations")
+STAGES = ("dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation")
+KINDS = ("datasets", "extractors", "teachers", "pairs", "pairs", "students", "evaluations")
 # The smoke preset, smaller still; two checkpoints per teacher and student run.
 TINY = {"teacher": {"steps": 4, "preview_samples": 4, "checkpoint_every": 2},
         "student": {"train": {"steps": 4, "checkpoint_every": 2}},
-        "pairs": {"seeds": {"start": 0, "stop": 32}, "heldout_seeds": {"start": 32, "stop": 48}, "chunk_size": 16}}
+        "pairs": {"seeds": {"start": 0, "stop": 32}, "heldout_seeds": {"start": 32, "stop": 48}, "chunk_size": 16},
+        "filter": {"neighbours": 4, "candidates": 8, "calibration_samples": 6, "grid_size": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def smoke(archive: str, root: str, **over) -> DistillImageConfig:
 
 def run(cfg: DistillImageConfig) -> dict:
     with single_thread():
-        return stages_image.run_distill_image(cfg, progress=False, log=lambda m: None)
+        return stages.run_recipe(cfg, stages.StageContext(progress_bars=False, log=lambda m: None))
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +69,11 @@ def test_every_stage_commits_to_s3_reruns_skip_and_versions_equal_a_local_run(s3
             rel("extractor", "manifest.json"), rel("teacher", "manifest.json"), rel("teacher", "weights.safetensors"),
             rel("teacher", "config.json"), rel("teacher", "run.json"), rel("teacher", "metrics.jsonl"),
             rel("teacher", "preview.png"), rel("pairs", "zarr.json"), rel("pairs", "heldout/zarr.json"),
+            rel("filter", "zarr.json"), rel("filter", "heldout/zarr.json"),
             rel("student", "manifest.json"), rel("student", "student.safetensors"), rel("student", "config.json"),
             rel("student", "metrics.jsonl"), rel("student", "checkpoints/step-00000004/state.json"),
             rel("evaluation", "manifest.json"), first["evaluation"]["report"].removeprefix(root + "/"),
-            rel("evaluation", stages_image.GRID_TEACHER_STUDENT), rel("evaluation", stages_image.GRID_STUDENT)} <= files
+            rel("evaluation", GRID_TEACHER_STUDENT), rel("evaluation", GRID_STUDENT)} <= files
     assert not any(p.startswith(rel("teacher", "checkpoints")) for p in files)   # a teacher keeps no checkpoints
     assert any(p.startswith("reference-stats/") and p.endswith("/manifest.json") for p in files)
     sm = image_train.read_image_student_manifest(first["student"]["uri"])
@@ -77,7 +81,7 @@ def test_every_stage_commits_to_s3_reruns_skip_and_versions_equal_a_local_run(s3
     assert artifacts.sha256_file(artifacts.join(first["student"]["uri"], sm.weights_file)) == sm.weights_sha256
     metrics = artifacts.read_bytes(artifacts.join(first["student"]["uri"], "metrics.jsonl")).decode().splitlines()
     assert [json.loads(ln)["step"] for ln in metrics] == [4]          # log_every 5: the last step only
-    assert artifacts.read_bytes(artifacts.join(first["evaluation"]["uri"], stages_image.GRID_STUDENT))[:4] \
+    assert artifacts.read_bytes(artifacts.join(first["evaluation"]["uri"], GRID_STUDENT))[:4] \
         == b"\x89PNG"
 
     before = listing(s3, BUCKET, "runs")
@@ -92,6 +96,7 @@ def test_every_stage_commits_to_s3_reruns_skip_and_versions_equal_a_local_run(s3
         assert local[stage]["version"] == first[stage]["version"], stage
         assert local[stage]["uri"] == first[stage]["uri"].replace(root, str(tmp_path)), stage
     assert local["pairs"]["content_hash"] == first["pairs"]["content_hash"]
+    assert local["filter"]["content_hash"] == first["filter"]["content_hash"]
     assert local["teacher"]["sha256"] == first["teacher"]["sha256"]
     assert local["student"]["weights_sha256"] == first["student"]["weights_sha256"]
     assert local["evaluation"]["mse"] == first["evaluation"]["mse"]
@@ -111,14 +116,15 @@ def test_interrupted_student_resumes_from_its_checkpoint_at_the_s3_url(s3, archi
     with pytest.raises(RuntimeError, match="simulated crash after the step-2 checkpoint"):
         run(cfg)
     monkeypatch.undo()
-    out = artifacts.join(cfg.root, "students", stages_image.student_version(first["pairs"]["version"], cfg.student))
+    out = artifacts.join(cfg.root, "students", image_train.image_run_version(first["filter"]["version"],
+                                                                             cfg.student.model, cfg.student.train))
     partial = artifacts.partial_url(out)
     assert not artifacts.committed(out)
     assert artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000002", "state.json"))
     assert not artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000004"))
 
     again = run(cfg)
-    for stage in ("dataset", "extractor", "teacher", "pairs"):
+    for stage in ("dataset", "extractor", "teacher", "pairs", "filter"):
         assert again[stage]["skipped"] is True, stage
     assert again["student"]["uri"] == out and again["student"]["skipped"] is False
     assert again["student"]["resumed_from_step"] == 2 and again["student"]["steps"] == 6
@@ -127,7 +133,8 @@ def test_interrupted_student_resumes_from_its_checkpoint_at_the_s3_url(s3, archi
     assert artifacts.exists(artifacts.join(out, "checkpoints", "step-00000006", "state.json"))
 
     with single_thread():                                   # the same student, uninterrupted, locally
-        reference = stages_image.stage_image_student(str(tmp_path), first["pairs"]["uri"], cfg.student, "cpu")
+        reference = stages.run_stage(cifar10.ImageStudent(), cfg.model_copy(update={"root": str(tmp_path)}),
+                                     {"filter": first["filter"]["uri"]}, stages.StageContext(progress_bars=False))
     assert reference["version"] == again["student"]["version"]
     assert reference["weights_sha256"] == again["student"]["weights_sha256"]
 

@@ -13,7 +13,7 @@ PYPROJECT = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())
 PINS = dict(re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)==(\S+)", d).groups()
             for d in PYPROJECT["project"]["dependencies"])
 WORKERS = {"worker-cpu": ("worker-cpu.Dockerfile", "kdm-cpu"), "worker-gpu": ("worker-gpu.Dockerfile", "kdm-gpu")}
-SECRET_KEY = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|_USER$", re.I)
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|AUTH_STRING|_USER$", re.I)
 SUBST = re.compile(r"\$\{[A-Z0-9_]+:\?[^}]*\}")
 
 
@@ -109,7 +109,7 @@ def test_no_literal_secrets(compose):
     example = (DOCKER / ".env.example").read_text()
     values = " ".join(str(v) for svc in compose["services"].values() for v in _env(svc).values())
     needed = set(re.findall(r"\$\{([A-Z0-9_]+):\?", values))
-    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "KDM_S3_SECRET_KEY"} <= needed
+    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "KDM_S3_SECRET_KEY", "PREFECT_AUTH_STRING"} <= needed
     assert needed <= set(re.findall(r"^([A-Z0-9_]+)=", example, re.M)), "every required var in .env.example"
     assert ".env" in (DOCKER / ".gitignore").read_text().split()
 
@@ -144,3 +144,53 @@ def test_worker_dockerfile(service):
     ignore = [ln.strip() for ln in (DOCKER / f"{dockerfile}.dockerignore").read_text().splitlines()
               if ln.strip() and not ln.startswith("#")]
     assert ignore[0] == "*" and "!pyproject.toml" in ignore   # allow-list: .venv/artifacts never sent
+
+
+# ----------------------------------------------------------------------------- access (issue: authenticated API)
+
+def test_prefect_api_requires_the_auth_string_and_csrf(compose):
+    s = compose["services"]
+    srv = _env(s["prefect-server"])
+    auth = srv["PREFECT_SERVER_API_AUTH_STRING"]
+    assert SUBST.fullmatch(auth) and auth.startswith("${PREFECT_AUTH_STRING:?")    # no default: refuses to start
+    assert str(srv["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"]).lower() == "true"
+    for name in WORKERS:
+        env = _env(s[name])
+        assert env["PREFECT_API_AUTH_STRING"] == auth, f"{name} must send the server's auth string"
+        assert str(env.get("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "true")).lower() == "true"
+    # the server healthcheck probes /api/health, which the auth middleware leaves open
+    assert "/api/health" in " ".join(s["prefect-server"]["healthcheck"]["test"])
+    example = (DOCKER / ".env.example").read_text()
+    assert re.search(r"^PREFECT_AUTH_STRING=$", example, re.M), "no usable default in the example"
+    for secret in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "KDM_S3_SECRET_KEY"):
+        assert re.search(rf"^{secret}=$", example, re.M), f"{secret} must be empty in .env.example"
+
+
+def test_workers_only_use_their_allowed_roots(compose):
+    from pipeline import access
+    for name in WORKERS:
+        env = _env(compose["services"][name])
+        roots = access.allowed_roots({access.ENV: env["KDM_ALLOWED_ROOTS"]})
+        assert roots and access.EVERYTHING not in roots and all(r.startswith("s3://kdm-artifacts") for r in roots)
+        access.check_root_allowed(env["KDM_ROOT"], "KDM_ROOT", {access.ENV: env["KDM_ALLOWED_ROOTS"]})
+
+
+def test_bucket_private_and_worker_key_limited_to_it(compose):
+    init = compose["services"]["minio-init"]
+    script = " ".join(init["command"])
+    mount = next(v for v in init["volumes"] if "kdm-artifacts-rw.json" in v)
+    host, target = mount.split(":")[:2]
+    policy = json.loads((DOCKER / host).read_text())
+    assert f"mc admin policy create local kdm-artifacts-rw {target}" in script
+    assert "mc admin policy attach local kdm-artifacts-rw --user" in script
+    assert "mc anonymous set none local/kdm-artifacts" in script
+    assert "attach local readwrite" not in script and "policy detach local readwrite" in script
+    resources, actions = set(), set()
+    for st in policy["Statement"]:
+        assert st["Effect"] == "Allow"
+        resources |= set(st["Resource"])
+        actions |= set(st["Action"])
+    assert resources == {"arn:aws:s3:::kdm-artifacts", "arn:aws:s3:::kdm-artifacts/*"}
+    assert all(a.startswith("s3:") and "*" not in a for a in actions)
+    assert not {"s3:PutBucketPolicy", "s3:DeleteBucket", "s3:CreateBucket"} & actions
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions

@@ -371,6 +371,7 @@ def test_bootstrap_trains_resumes_and_writes_a_teacher(dataset, tmp_path):
         train_edm_teacher(dataset, tiny_teacher_cfg(steps=5), out, progress=False)
 
 
+@pytest.mark.gpu
 def test_bootstrap_asks_for_a_gpu_that_is_absent(dataset, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

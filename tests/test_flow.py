@@ -10,10 +10,10 @@ from prefect_helpers import read_prefect_artifacts
 
 
 def test_flow_runs_every_stage_publishes_artifacts_and_skips_on_rerun(harness, tmp_path):
-    from flows.kdm_flow import kdm
+    from flows.kdm import kdm
     cfg = presets.load("distill", "smoke", sets=[f"root={tmp_path}"])
-    first = kdm(cfg)
-    for stage, kind in (("teacher", "teachers"), ("pairs", "pairs"), ("filtered", "pairs"),
+    first = kdm(config=cfg)
+    for stage, kind in (("teacher", "teachers"), ("pairs", "pairs"), ("filter", "pairs"),
                         ("student", "students"), ("evaluation", "evaluations")):
         assert first[stage]["uri"].startswith(str(tmp_path / kind)), stage
         assert first[stage]["skipped"] is False
@@ -31,14 +31,17 @@ def test_flow_runs_every_stage_publishes_artifacts_and_skips_on_rerun(harness, t
     md = next(a for a in read_prefect_artifacts() if a.key == "checkerboard-smoke-report").data
     assert "## Lineage" in md and first["student"]["version"] in md and "data:image/png;base64," in md
 
-    second = kdm(cfg)
-    for stage in ("teacher", "pairs", "filtered", "student", "evaluation"):
+    second = kdm(config=cfg)
+    for stage in ("teacher", "pairs", "filter", "student", "evaluation"):
         assert second[stage]["skipped"] is True, stage
         assert second[stage]["version"] == first[stage]["version"]
 
 
 def test_flow_default_parameters_are_the_checkerboard_preset():
     import inspect
-    from flows.kdm_flow import kdm
-    default = inspect.signature(kdm.fn).parameters["config"].default
-    assert default == presets.load("distill", "checkerboard") == DistillCheckerboardConfig()
+    from flows.kdm import kdm
+    from pipeline import recipes
+    params = inspect.signature(kdm.fn).parameters
+    assert all(p.default is None for p in params.values())
+    assert recipes.build_config() == presets.load("distill", "checkerboard") == DistillCheckerboardConfig()
+    assert recipes.build_config(recipe="checkerboard", preset="smoke") == presets.load("distill", "smoke")

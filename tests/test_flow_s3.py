@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
+import moto.server  # noqa: E402,F401  (test dependencies: make test installs them)
+import s3fs  # noqa: E402,F401
 
 from pipeline.storage import artifacts
 from pipeline import presets
@@ -23,7 +23,7 @@ from storage_schemas import EvaluationReport  # noqa: E402
 
 BUCKET = "kdm-flow"
 SECRET = "kdm-test-secret-7f3a9c"      # must never reach a log line or a UI artifact
-STAGES = ("teacher", "pairs", "filtered", "student", "evaluation")
+STAGES = ("teacher", "pairs", "filter", "student", "evaluation")
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +56,14 @@ def _server_text() -> str:
 
 
 def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run(harness, s3, tmp_path):
-    from flows.kdm_flow import kdm
+    from flows.kdm import kdm
     root = f"s3://{BUCKET}/runs"
-    first = kdm(smoke(root))
+    first = kdm(config=smoke(root))
     files, rel = committed_files(s3, BUCKET, root, first,
                                  dict(zip(STAGES, ("teachers", "pairs", "pairs", "students", "evaluations"))))
     assert first["student"]["resumed_from_step"] is None
     assert {rel("teacher", "manifest.json"), rel("teacher", "weights.safetensors"),
-            rel("pairs", "zarr.json"), rel("pairs", "heldout/zarr.json"), rel("filtered", "zarr.json"),
+            rel("pairs", "zarr.json"), rel("pairs", "heldout/zarr.json"), rel("filter", "zarr.json"),
             rel("student", "manifest.json"), rel("student", "student.safetensors"), rel("student", "config.json"),
             rel("student", "metrics.jsonl"), rel("student", "checkpoints/step-00000040/state.json"),
             rel("student", "checkpoints/step-00000040/ema.safetensors"),
@@ -90,20 +90,20 @@ def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run
     assert "student (1 NFE)" in out
 
     before = listing(s3, BUCKET, "runs")
-    second = kdm(smoke(root))
+    second = kdm(config=smoke(root))
     for stage in STAGES:
         assert second[stage]["skipped"] is True, stage
         assert second[stage]["version"] == first[stage]["version"], stage
     assert listing(s3, BUCKET, "runs") == before                      # a re-run writes nothing
 
-    local = kdm(smoke(str(tmp_path)))
+    local = kdm(config=smoke(str(tmp_path)))
     for stage in STAGES:
         assert local[stage]["version"] == first[stage]["version"], stage
         assert local[stage]["uri"] == first[stage]["uri"].replace(root, str(tmp_path)), stage
-    for stage in ("pairs", "filtered"):
+    for stage in ("pairs", "filter"):
         assert local[stage]["content_hash"] == first[stage]["content_hash"]
-    assert PairStore.open(local["filtered"]["uri"]).manifest.content_hash == \
-        PairStore.open(first["filtered"]["uri"]).manifest.content_hash
+    assert PairStore.open(local["filter"]["uri"]).manifest.content_hash == \
+        PairStore.open(first["filter"]["uri"]).manifest.content_hash
     assert local["student"]["weights_sha256"] == first["student"]["weights_sha256"]
     assert evaluate_rows(local) == evaluate_rows(first)
 
@@ -120,7 +120,7 @@ def evaluate_rows(res: dict) -> list[dict]:
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_checkpoint(
         where, harness, s3, tmp_path, monkeypatch):
-    from flows.kdm_flow import kdm
+    from flows.kdm import kdm
     root = f"s3://{BUCKET}/resume" if where == "s3" else str(tmp_path / "resume")
     cfg = smoke(root)
     real = train._train_run
@@ -130,7 +130,7 @@ def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_che
         raise RuntimeError("simulated crash of the student run at step 30")
 
     monkeypatch.setattr(train, "_train_run", crash_at_step_30)
-    state = kdm(cfg, return_state=True)
+    state = kdm(config=cfg, return_state=True)
     assert state.is_failed()
     with pytest.raises(RuntimeError, match="simulated crash"):
         state.result()
@@ -143,8 +143,8 @@ def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_che
         assert artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000020", "state.json"))
         assert not artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000040"))
 
-    again = kdm(cfg)                                           # the same parameters: what "Retry" does
-    for stage in ("teacher", "pairs", "filtered"):
+    again = kdm(config=cfg)                                           # the same parameters: what "Retry" does
+    for stage in ("teacher", "pairs", "filter"):
         assert again[stage]["skipped"] is True, stage
     assert again["student"]["skipped"] is False and again["student"]["resumed_from_step"] == 20
     assert again["student"]["uri"] == student_uri and again["student"]["steps"] == 40
@@ -153,8 +153,9 @@ def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_che
                .decode().splitlines()]
     assert [r["step"] for r in metrics] == [10, 20, 30, 40]      # the steps after the checkpoint, once
 
-    reference = stages.stage_train(str(tmp_path / "uninterrupted"), again["filtered"]["uri"], cfg.student,
-                                   progress=False)
+    from pipeline.recipes.checkerboard import Student2D
+    reference = stages.run_stage(Student2D(), cfg.model_copy(update={"root": str(tmp_path / "uninterrupted")}),
+                                 {"filter": again["filter"]["uri"]}, stages.StageContext(progress_bars=False))
     assert reference["version"] == again["student"]["version"]
     assert reference["weights_sha256"] == again["student"]["weights_sha256"]
 

@@ -271,8 +271,9 @@ def test_kill_between_manifest_and_rename_only_renames(teachers, reference, tmp_
     assert_same_store(reference[0], out)
 
 
-def test_cli_precision_option_changes_the_version(teachers, capsys):
+def test_cli_precision_option_changes_the_version(teachers, capsys, tmp_path, monkeypatch):
     from pipeline.cli import main
+    monkeypatch.chdir(tmp_path)                  # the dry run's relative --out must not appear here
     common = ["pairs", "generate-images", "--teacher", teachers["uncond"], "--seeds", "0-15", "--device", "cpu",
               "--out", "unused", "--dry-run"]
     versions = {}
@@ -284,3 +285,4 @@ def test_cli_precision_option_changes_the_version(teachers, capsys):
     assert versions["fp32"] == generate.pairs_version(tid, cfg)
     assert versions["fp16"] == generate.pairs_version(tid, edm_cfg(train=(0, 16), held=None, chunk=2500, steps=18,
                                                                     precision="fp16")) != versions["fp32"]
+    assert list(tmp_path.iterdir()) == []

@@ -58,6 +58,29 @@ def test_loss_decreases_on_a_tiny_overfit_problem():
     assert tr.nonfinite_steps == 0
 
 
+def test_the_step_runs_the_models_training_pass():
+    """The engine has no copy of the pass: its forward module is the model, and a step's losses are the
+    model's forward with the engine's noise draws (bitwise, in fp32 on the CPU)."""
+    import copy
+    import torch.nn.functional as F
+    unet = TINY.model_copy(update={"dropout": 0.0})
+    mc = model_cfg(unet=unet, distance="mse", label_dim=3, operator="factorized", spectral_loss="inverse",
+                   latent_proj_dim=16)
+    tr = ImageTrainer(mc, train_cfg(), CPU)
+    assert tr.forward_module is tr.model
+    model, gen = copy.deepcopy(tr.model), torch.Generator().set_state(tr.noise_gen.get_state())
+    xT, x0 = batch()
+    labels = torch.tensor([0, 1, 2, 1])
+    assert tr.train_step(xT, x0, labels)
+    eps = torch.randn((2, 4, model.latent_dim), generator=gen)
+    out = model(x0, xT, labels, eps0=eps[0], epsT=eps[1], spectral="inverse")
+    want = {"rec": F.mse_loss(out.x0_rec, x0), "lat": F.mse_loss(out.z_push, out.z0),
+            "pred": F.mse_loss(out.x0_push, x0), "spectral": out.spectral}
+    got = tr.pop_metrics()
+    for k, v in want.items():
+        assert got[k] == v.item(), k
+
+
 def test_bf16_step_conditional_and_kdm_f():
     cfg = model_cfg(label_dim=3, operator="factorized", spectral_loss="unit-disk-uniform", latent_proj_dim=16)
     tr = ImageTrainer(cfg, train_cfg(precision="bf16", channels_last=True), CPU)
@@ -173,6 +196,7 @@ def test_resume_is_bitwise_equal_and_saves_the_ema(pairs, tmp_path):
     assert train_image_student(pairs, mc, tc, str(a), progress=False) == va
 
 
+@pytest.mark.gpu
 def test_requesting_cuda_without_a_gpu_is_an_error(pairs, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -286,6 +310,7 @@ def test_cuda_graphs_default_to_one_eager_cpu_process():
     assert ImageTrainer(model_cfg(), train_cfg(cuda_graphs=False), CPU).cuda_graphs is False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_training_is_the_default_on_one_gpu_and_resumes(pairs, tmp_path):
     """A run killed after the captured step resumes from its checkpoint (fresh warm-up, new capture) to
@@ -312,6 +337,7 @@ def test_cuda_graph_training_is_the_default_on_one_gpu_and_resumes(pairs, tmp_pa
     assert m.steps_done == 7 and m.nonfinite_steps == 0 and m.version == va
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_matches_the_eager_device_guarded_step():
     """cuda_graphs: 3 eager warm-up steps, capture at the 4th, replays after; a non-finite batch after the
@@ -347,3 +373,68 @@ def test_cuda_graph_step_matches_the_eager_device_guarded_step():
         for k in se:
             assert torch.isfinite(sg[k].float()).all(), f"{name}.{k}"
             assert torch.allclose(sg[k].float(), se[k].float(), rtol=1e-2, atol=1e-3), f"{name}.{k}"
+
+
+KILLED_CHILD = """
+import pathlib, sys, time
+from pipeline.training import image_train
+sentinel, argv = sys.argv[1], sys.argv[2:]
+real, calls = image_train.ImageTrainer.train_step, []
+def train_step(self, *a, **kw):
+    calls.append(1)
+    if len(calls) == 5:                          # steps 1-4 done (checkpoint at 3): wait here to be killed
+        pathlib.Path(sentinel).write_text("5")
+        time.sleep(600)
+    return real(self, *a, **kw)
+image_train.ImageTrainer.train_step = train_step
+from pipeline.cli import main
+sys.exit(main(argv))
+"""
+
+
+def test_sigkilled_train_image_command_resumes_to_the_uninterrupted_weights(pairs, tmp_path):
+    """`kdm train-image` killed (SIGKILL) after its step-3 checkpoint, in step 5; the same command again says
+    it resumed from step 3 and ends with the uninterrupted run's weights, bitwise (CPU, one thread)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    mc, tc = run_cfgs()
+    ref = tmp_path / "ref"
+    train_image_student(pairs, mc, tc, str(ref), progress=False)
+    cfg = tmp_path / "student.json"
+    cfg.write_text(json.dumps({"preset": "tiny", "model": json.loads(mc.model_dump_json()),
+                               "train": json.loads(tc.model_dump_json())}))
+    out, sentinel = tmp_path / "killed", tmp_path / "in-step-5"
+    argv = ["train-image", "--pairs", pairs, "--config", str(cfg), "--out", str(out), "-q"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(sentinel), *argv], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not sentinel.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"train-image exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            assert time.time() < deadline, "train-image did not reach step 5 within 120 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (out / "manifest.json").exists() and not (out / "student.safetensors").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from its step-3 checkpoint in {out}" in res.stdout.splitlines()
+    assert (out / "student.safetensors").read_bytes() == (ref / "student.safetensors").read_bytes()
+    ma, mb = read_image_student_manifest(str(ref)), read_image_student_manifest(str(out))
+    assert (mb.version, mb.steps_done, mb.weights_sha256) == (ma.version, 7, ma.weights_sha256)
+    mref = [json.loads(ln) for ln in (ref / "metrics.jsonl").read_text().splitlines()]
+    mout = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in mout] == list(range(1, 8))                   # step 4 logged once, not twice
+    assert [r["loss_total"] for r in mout] == [r["loss_total"] for r in mref]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from torch.nn import functional as F
 
 from models.discriminator import Discriminator, adversarial_losses, discriminator_loss, generator_adversarial_loss
 from models.kdm2d import KDMForward
@@ -136,6 +137,64 @@ def test_latent_noise_and_push():
     quiet = tiny(latent_noise=0.0)
     out = quiet(x0, xT)
     assert torch.equal(out.z0, out.z0_noisy) and torch.equal(out.zT, out.zT_noisy)
+
+
+def _nontrivial(model: KDMImage) -> KDMImage:
+    """Perturbed decoder weights (its output convolution starts near zero), so decoded images are O(1)."""
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(label_dim=3, latent_proj_dim=16, operator="factorized")])
+def test_fused_decoder_call_matches_two_calls(kw):
+    """One decoder call on [z0_noisy; z_push] (the default) is the official two calls up to float rounding
+    (the batch size may change the order of sums in the convolutions); the latents are bitwise equal.
+    Dropout is off here: with it, the fused call draws its masks in another order."""
+    model = _nontrivial(tiny(unet={**TINY_UNET, "dropout": 0.0}, **kw))
+    x0, xT = torch.randn(3, 3, 16, 16), 80 * torch.randn(3, 3, 16, 16)
+    labels = torch.tensor([0, 1, 2]) if kw else None
+    outs = []
+    for fuse in (True, False):
+        torch.manual_seed(5)                      # the same dropout masks
+        outs.append(model(x0, xT, labels, generator=torch.Generator().manual_seed(1), fuse_decoder=fuse))
+    fused, split = outs
+    for name in ("z0", "zT", "z0_noisy", "zT_noisy", "z_push"):
+        assert torch.equal(getattr(fused, name), getattr(split, name)), name
+    assert fused.x0_rec.abs().mean() > 0.1
+    for name in ("x0_rec", "x0_push"):
+        a, b = getattr(fused, name), getattr(split, name)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (name, (a - b).abs().max().item())   # ~1e-6 seen
+
+
+def test_forward_takes_external_noise_and_the_spectral_kind():
+    """The engine's arguments: eps0/epsT from its own stream (the same result as drawing them from a
+    generator), the KDM-F spectral penalty, and a tuple output (what DistributedDataParallel scans)."""
+    model = tiny(label_dim=3, latent_proj_dim=16, operator="factorized")
+    x0, xT, labels = torch.randn(2, 3, 16, 16), 80 * torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    g = torch.Generator().manual_seed(3)
+    eps0, epsT = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    torch.manual_seed(7)
+    drawn = model(x0, xT, labels, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    given = model(x0, xT, F.one_hot(labels, 3).float(), eps0=eps0, epsT=epsT, spectral="unit-disk-uniform")
+    assert isinstance(given, tuple) and drawn.spectral is None
+    for name in ("z0", "z0_noisy", "zT_noisy", "z_push", "x0_rec", "x0_push"):
+        assert torch.equal(getattr(drawn, name), getattr(given, name)), name
+    assert torch.equal(given.z0_noisy, given.z0 + 0.4 * eps0)
+    assert torch.equal(given.spectral, model.koopman.spectral_loss("unit-disk-uniform"))
+    assert set(kdm_losses(x0, given)) == {"rec", "lat", "pred", "spectral", "total"}
+
+
+def test_forward_under_bf16_autocast_keeps_noisy_latents_and_spectral_in_fp32():
+    model = tiny(operator="factorized")
+    x0, xT = torch.randn(2, 3, 16, 16), 80 * torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x0, xT, spectral="inverse")
+    assert out.z0.dtype == torch.bfloat16
+    assert out.z0_noisy.dtype == out.zT_noisy.dtype == out.spectral.dtype == torch.float32
+    assert out.x0_rec.shape == out.x0_push.shape == (2, 3, 16, 16)
 
 
 def test_noise_scale_convention():

@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as plain `pytest`
 
 from models.checkerboard import in_cell, sample_checkerboard  # noqa: E402
+from shared_data import shared_data  # noqa: E402
 from pipeline.evaluation.metrics2d import (  # noqa: E402
     cell_index,
     checkerboard_metrics,
@@ -20,7 +21,7 @@ from pipeline.evaluation.metrics2d import (  # noqa: E402
     sliced_wasserstein,
 )
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "checkerboard-fm-trajectories.npy"
+SHARED = shared_data("checkerboard-fm-trajectories.npy")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 S = 0.45
 

@@ -55,6 +55,21 @@ def test_forward_shapes_and_noise():
     assert torch.equal(out.z0_noisy, again.z0_noisy) and torch.equal(out.zT_noisy, again.zT_noisy)
 
 
+def test_forward_takes_external_noise_and_the_spectral_kind():
+    torch.manual_seed(0)
+    m = KDM2D(hidden=16, latent_dim=8, encoder_layers=2, decoder_layers=2, operator="factorized")
+    x0, xT = torch.randn(5, 2), torch.randn(5, 2)
+    g = torch.Generator().manual_seed(1)
+    eps0, epsT = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    drawn = m(x0, xT, generator=torch.Generator().manual_seed(1))
+    given = m(x0, xT, eps0=eps0, epsT=epsT, spectral="unit-disk-uniform")
+    assert isinstance(given, tuple) and drawn.spectral is None
+    for name in ("z0_noisy", "zT_noisy", "z_push", "x0_rec", "x0_push"):
+        assert torch.equal(getattr(drawn, name), getattr(given, name)), name
+    assert torch.equal(given.spectral, m.koopman.spectral_loss("unit-disk-uniform"))
+    assert "spectral" in kdm_losses(x0, given) and "spectral" not in kdm_losses(x0, drawn)
+
+
 def test_zero_latent_noise_gives_clean_latents():
     m = KDM2D(hidden=16, latent_dim=8, encoder_layers=2, decoder_layers=2, latent_noise=0.0)
     out = m(torch.randn(4, 2), torch.randn(4, 2))
@@ -110,8 +125,8 @@ def test_without_pred_loss_total_excludes_pred_but_reports_it():
 def test_pred_loss_carries_no_gradient_when_disabled():
     x0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     out = _hand_forward()
-    out.x0_push = out.x0_push.clone().requires_grad_(True)
-    out.x0_rec = out.x0_rec.clone().requires_grad_(True)
+    out = out._replace(x0_push=out.x0_push.clone().requires_grad_(True),
+                       x0_rec=out.x0_rec.clone().requires_grad_(True))
     kdm_losses(x0, out, use_pred_loss=False)["total"].backward()
     assert out.x0_push.grad is None
     assert torch.allclose(out.x0_rec.grad, 2 * (out.x0_rec.detach() - x0) / 4)
@@ -122,11 +137,10 @@ def test_pred_loss_carries_no_gradient_when_disabled():
 
 def test_spectral_term_is_added_and_missing_push_is_an_error():
     x0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    losses = kdm_losses(x0, _hand_forward(), spectral=torch.tensor(0.25))
+    losses = kdm_losses(x0, _hand_forward()._replace(spectral=torch.tensor(0.25)))
     assert losses["spectral"].item() == 0.25
     assert losses["total"].item() == pytest.approx(1.25 / 4 + 5.0 / 4 + 0.5 + 0.25)
-    out = _hand_forward()
-    out.x0_push = None
+    out = _hand_forward()._replace(x0_push=None)
     with pytest.raises(ValueError, match="decode_push=True"):
         kdm_losses(x0, out, use_pred_loss=True)
     assert "pred" not in kdm_losses(x0, out, use_pred_loss=False)

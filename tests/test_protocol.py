@@ -17,6 +17,7 @@ from storage_schemas.protocol import (  # noqa: E402
     Quantization,
     ReferenceRef,
     check_comparable,
+    protocol_differences,
 )
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
@@ -62,7 +63,13 @@ def test_distribution_needs_reference_and_extractor():
 
 
 def test_check_comparable_accepts_equal_protocols():
-    check_comparable(proto(), proto())
+    a = proto(num_samples=1000)
+    b = EvalProtocol.model_validate_json(proto(num_samples=1000).model_dump_json())   # built apart, via JSON
+    assert a is not b and protocol_differences(a, b) == []
+    assert check_comparable(a, b) is None
+    # the same pair one field apart is refused, naming only that field: the acceptance above is not vacuous
+    with pytest.raises(ProtocolMismatch, match=r"differing fields:\n  - split: 'train' != 'test'$"):
+        check_comparable(a, proto(num_samples=1000, split="test"))
 
 
 def test_check_comparable_lists_every_differing_field():

@@ -162,8 +162,6 @@ def test_edm_pickle_needs_its_sha256_pinned_and_is_imported_once(edm_pickle, tmp
 
 
 def test_register_at_s3_urls(tmp_path):
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
     from s3_server import moto_s3
     local = kdm_teacher(tmp_path / "t", seed=5)
     with moto_s3("kdm-registry") as fs:
@@ -218,7 +216,6 @@ def test_pending_teachers_are_cifar10_shaped_registrations_without_a_finished_st
 
 
 def test_pending_with_the_image_pipeline_planner_and_a_broken_registration(tmp_path):
-    pytest.importorskip("pipeline.stages_image")
     from storage_schemas.distill_image import DistillImageConfig
     root = str(tmp_path / "root")
     archive = tmp_path / "cifar10.tar.gz"
@@ -466,8 +463,7 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
     for where, spec in specs.items():
         trig = DeploymentTriggerAdapter.validate_python(json.loads(json.dumps(spec)))
         assert isinstance(trig, DeploymentEventTrigger), where
-        if "kdm.teacher.registered" not in trig.expect:
-            continue
+        assert trig.expect == {"kdm.teacher.registered"}, where          # prefect.yaml's only triggers
         trig.set_deployment_id(uuid.uuid4())
         server_trigger = Automation.model_validate(trig.as_automation().model_dump(mode="json")).trigger
         params = trig.parameters
@@ -484,15 +480,15 @@ def test_prefect_yaml_triggers_parse_match_registrations_and_template_the_teache
         rendered = hydrate(rendered, HydrationContext(render_jinja=True, jinja_context={"event": ev},
                                                       raise_on_error=True))
         assert rendered == {"teacher_uri": rec.teacher_uri, "root": "/data/root"}
-        sc = pytest.importorskip("storage_schemas.distill_image")
+        from pipeline.recipes import build_config
         # Prefect merges the trigger's parameters onto the deployment's (here: preset mini, conditional).
-        cfg = sc.config_from_parameters(None, **{"preset": "mini", "conditional": cond, **rendered})
+        cfg = build_config(None, **{"recipe": "cifar10", "preset": "mini", "conditional": cond, **rendered})
         assert (cfg.teacher_uri, cfg.root, cfg.conditional, cfg.preset) == (rec.teacher_uri, "/data/root", cond, "mini")
     assert seen == {False, True}
     by_name = {d["name"]: d for d in doc["deployments"]}
     for name, cond in (("distill-cifar10", False), ("distill-cifar10-cond", True)):
-        if name not in by_name:
-            continue
+        assert name in by_name, f"prefect.yaml has no deployment {name!r}"
+        assert by_name[name]["entrypoint"] == "flows/kdm.py:kdm" and by_name[name]["parameters"]["recipe"] == "cifar10"
         [t] = [t for t in by_name[name].get("triggers") or [] if "kdm.teacher.registered" in t["expect"]]
         assert t["match"]["kdm.teacher.conditional"] == str(cond).lower(), name
         assert (by_name[name].get("parameters") or {}).get("conditional", False) is cond, name

@@ -6,7 +6,7 @@ import pytest
 from store_checks import smoke_pairs
 import torch
 
-pytest.importorskip("s3fs")
+import s3fs  # noqa: E402,F401  (a dependency: a missing one is an error, not a skip)
 pytest.importorskip("moto.server")
 
 from pipeline.storage import artifacts

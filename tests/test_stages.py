@@ -1,4 +1,4 @@
-"""The content-addressed stages over one artifact root (what `kdm distill` and the flow run)."""
+"""The stage skeleton over one artifact root, checkerboard recipe (what `kdm distill` and the flow run)."""
 import json
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from pipeline.evaluation.evaluate2d import read_report
 from pipeline.storage.pairstore import PairStore
 from storage_schemas import EvaluationReport
 
-STAGE_DIRS = {"teacher": "teachers", "pairs": "pairs", "filtered": "pairs", "student": "students",
+STAGE_DIRS = {"teacher": "teachers", "pairs": "pairs", "filter": "pairs", "student": "students",
               "evaluation": "evaluations"}
 
 
@@ -26,8 +26,8 @@ def smoke_cfg(root, *sets):
 def distilled(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     logs: list[str] = []
-    first = stages.run_distill(smoke_cfg(root), progress=False, log=logs.append)
-    second = stages.run_distill(smoke_cfg(root), progress=False, log=lambda s: None)
+    first = stages.run_recipe(smoke_cfg(root), stages.StageContext(progress_bars=False, log=logs.append))
+    second = stages.run_recipe(smoke_cfg(root), stages.StageContext(progress_bars=False, log=lambda s: None))
     return root, first, second, logs
 
 
@@ -40,7 +40,7 @@ def test_every_stage_writes_under_its_root_dir(distilled):
         assert uri.name == first[stage]["version"], stage
         assert uri.is_dir(), stage
         assert first[stage]["skipped"] is False, stage
-    assert len(logs) == 5 and logs[0].startswith("teacher") and logs[-1].startswith("report")
+    assert len(logs) == 5 and logs[0].startswith("teacher") and logs[-1].startswith("evaluation")
     # nothing half-written is left behind
     assert not list(root.rglob("*.partial"))
 
@@ -57,7 +57,7 @@ def test_second_run_skips_every_stage_with_the_same_versions(distilled):
 
 def test_stage_summaries_link_the_artifacts(distilled):
     root, r, _, _ = distilled
-    t, p, f, s = r["teacher"], r["pairs"], r["filtered"], r["student"]
+    t, p, f, s = r["teacher"], r["pairs"], r["filter"], r["student"]
     assert t["version"].startswith("fm-") and len(t["sha256"]) == 64
     assert (p["count"], p["heldout_count"]) == (2000, 400)
     assert f["counts"]["kept"] == f["count"] == 2000 - sum(v for k, v in f["counts"].items() if k != "kept")
@@ -78,7 +78,7 @@ def test_report_validates(distilled):
     rep = EvaluationReport.model_validate(json.loads(path.read_text()))
     assert rep == read_report(ev["uri"])
     assert rep.student_version == r["student"]["version"]
-    assert rep.pairs_version == r["filtered"]["version"]
+    assert rep.pairs_version == r["filter"]["version"]
     assert rep.teacher_id == r["teacher"]["version"]
     assert rep.student.num_points == rep.teacher_reference.num_points == 400
     for ms in (rep.student, rep.teacher_reference):
@@ -92,9 +92,8 @@ def test_report_validates(distilled):
 
 def test_a_changed_stage_config_reuses_the_upstream_artifacts(distilled):
     root, first, _, _ = distilled
-    res = stages.run_distill(smoke_cfg(root, "student.train.steps=20", "evaluation.plots=false"),
-                             progress=False, log=lambda s: None)
-    for stage in ("teacher", "pairs", "filtered"):
+    res = stages.run_recipe(smoke_cfg(root, "student.train.steps=20", "evaluation.plots=false"), stages.StageContext(progress_bars=False, log=lambda s: None))
+    for stage in ("teacher", "pairs", "filter"):
         assert res[stage]["skipped"] is True and res[stage]["version"] == first[stage]["version"]
     for stage in ("student", "evaluation"):
         assert res[stage]["skipped"] is False and res[stage]["version"] != first[stage]["version"]
@@ -109,9 +108,8 @@ def test_import_source(tmp_path):
     src = tmp_path / "traj.npy"
     np.save(src, np.stack([xT, 0.5 * (xT + x0), x0]).astype(np.float32))
     root = tmp_path / "art"
-    res = stages.run_distill(smoke_cfg(root, "source=import", f"import_uri={src}", "evaluation.plots=false",
-                                       "import_config.holdout_fraction=0.1"),
-                             progress=False, log=lambda s: None)
+    res = stages.run_recipe(smoke_cfg(root, "source=import", f"import_uri={src}", "evaluation.plots=false",
+                                       "import_config.holdout_fraction=0.1"), stages.StageContext(progress_bars=False, log=lambda s: None))
     assert "teacher" not in res
     assert res["pairs"]["version"].startswith("import-")
     assert (res["pairs"]["count"], res["pairs"]["heldout_count"]) == (540, 60)

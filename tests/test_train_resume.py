@@ -174,7 +174,12 @@ def test_sigkilled_run_resumes_to_bitwise_equal_weights(run_a, pairs, tmp_path):
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"torn")
 
-    train.train_student(pairs, student_cfg(), str(b), progress=False)
+    # the same run through `kdm train`: it says where it resumed
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--pairs", pairs, "--preset", "smoke",
+                          *[a for s in SETS for a in ("--set", s)], "--out", str(b), "-q"], cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines()[0] == f"resumed from its step-20 checkpoint in {b}"
     assert_same_result(run_a, b)
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-00000040", "step-00000060"]
 
@@ -223,3 +228,17 @@ def test_pairs_of_another_dimension_are_refused(pairs, tmp_path):
     with pytest.raises(KDMError, match=r"model.dim=3 expects \(3,\)"):
         train.train_student(pairs, student_cfg("model.dim=3"), str(tmp_path / "d"), progress=False)
     assert not (tmp_path / "d").exists()
+
+
+def test_metrics_log_truncates_at_the_resumed_step_and_appends_rate_and_time(tmp_path):
+    from pipeline.storage import checkpoints
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')   # torn last line
+    assert checkpoints.MetricsLog(path, 1, 8, write=False).record(2, {"x": 1})["step"] == 2
+    assert len(path.read_text().splitlines()) == 3                     # a non-writing process leaves it alone
+    with checkpoints.MetricsLog(path, 1, 8) as log:
+        rec = log.record(3, {"loss_total": 0.5, "epoch": 0})
+        log.write(rec)
+    assert list(rec) == ["step", "loss_total", "epoch", "pairs_per_s", "elapsed_s"]
+    assert rec["pairs_per_s"] > 0 and rec["elapsed_s"] >= 0
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 3]

@@ -43,8 +43,8 @@ def flow_run(ui_server, tmp_path_factory):
     """A smoke-sized `kdm` flow run reported to the UI server: (flow run id, its name, its artifacts)."""
     base, env = ui_server
     root = tmp_path_factory.mktemp("ui-artifacts")
-    code = ("import json\nfrom flows.kdm_flow import kdm\nfrom pipeline import presets\n"
-            f"state = kdm(presets.load('distill', 'smoke', sets=['root={root}']), return_state=True)\n"
+    code = ("import json\nfrom flows.kdm import kdm\n"
+            f"state = kdm(recipe='checkerboard', preset='smoke', root='{root}', return_state=True)\n"
             "assert state.is_completed(), state\n"
             "print('KDM_FLOW_RUN=' + json.dumps({'id': str(state.state_details.flow_run_id), "
             "'student': state.result()['student']['version']}))\n")
@@ -144,7 +144,7 @@ def test_report_artifact_renders_lineage_metrics_and_plots(ui_server, flow_run, 
 # --- "Retry" of a failed run ----------------------------------------------------------------------
 
 SERVE = """
-from flows.kdm_flow import kdm
+from flows.kdm import kdm
 kdm.serve(name="retry-check", print_starting_message=False)
 """
 
@@ -204,7 +204,7 @@ def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, t
         failed = _wait_state(api, fr["id"], {"FAILED", "CRASHED", "COMPLETED"})
         assert failed["state"]["type"] == "FAILED", f"{failed['state']}\n{_tail(log)}"
         first_logs = _wait_logs(api, fr["id"], lambda m: m.startswith("Finished in state Failed"))
-        assert any(m.startswith("teacher ") and m.endswith(" trained") for m in first_logs), first_logs
+        assert any(m.startswith("teacher ") and m.endswith(" done") for m in first_logs), first_logs
         assert not any(m.endswith("(exists, skipped)") for m in first_logs), first_logs
 
         (root / "evaluations").unlink()                         # the cause of the failure is fixed
@@ -216,7 +216,7 @@ def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, t
         assert done["parameters"] == params and done["run_count"] == 2
         logs = _wait_logs(api, fr["id"], lambda m: m.startswith("student ") and m.endswith("(exists, skipped)"))
         skipped = [m for m in logs if m.endswith("(exists, skipped)")]
-        assert any(m.startswith("teacher ") for m in skipped) and any(m.startswith("student ") for m in skipped), logs
+        assert {m.split()[0] for m in skipped} == {"teacher", "pairs", "filter", "student"}, logs
         assert len(list((root / "evaluations").glob("eval-*/report.json"))) == 1
     finally:
         if served.poll() is None:
@@ -226,3 +226,60 @@ def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, t
             except subprocess.TimeoutExpired:
                 os.killpg(served.pid, signal.SIGKILL)
                 served.wait()
+
+
+# --- the cifar10 recipe's report -------------------------------------------------------------------
+
+CIFAR_TINY = {"dataset": {"archive": None}, "teacher": {"steps": 4, "preview_samples": 0},
+              "student": {"train": {"steps": 4}},
+              "pairs": {"seeds": {"start": 0, "stop": 32}, "heldout_seeds": {"start": 32, "stop": 48}, "chunk_size": 16},
+              "filter": {"neighbours": 4, "candidates": 8, "calibration_samples": 6, "grid_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def cifar_run(ui_server, tmp_path_factory):
+    """A `kdm/distill-cifar10`-shaped run (recipe cifar10, preset smoke, a tiny synthetic archive) reported
+    to the UI server: (flow run id, its artifacts, the summaries)."""
+    import numpy as np
+    from image_fixtures import image_folder, write_archive
+    base, env = ui_server
+    d = tmp_path_factory.mktemp("ui-cifar")
+    members, _ = image_folder(np.random.default_rng(0), per_class={"train": 8, "test": 2}, size=32)
+    params = json.loads(json.dumps(CIFAR_TINY))
+    params["dataset"]["archive"] = str(write_archive(d / "tiny-cifar.tgz", members))
+    code = ("import json, sys\nimport torch\ntorch.set_num_threads(1)\nfrom flows.kdm import kdm\n"
+            "p = json.loads(sys.argv[1])\n"
+            f"state = kdm(recipe='cifar10', preset='smoke', root='{d / 'root'}', **p, return_state=True)\n"
+            "assert state.is_completed(), state\n"
+            "r = state.result()\n"
+            "print('KDM_FLOW_RUN=' + json.dumps({'id': str(state.state_details.flow_run_id), "
+            "'student': r['student']['version'], 'filter': r['filter']['version'], 'fd_ratio': r['evaluation']['fd_ratio']}))\n")
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(params)], cwd=REPO,
+                         env=env | {"PREFECT_API_URL": f"{base}/api"}, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("KDM_FLOW_RUN=")), None)
+    assert res.returncode == 0 and line, \
+        f"flow run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    run = json.loads(line.removeprefix("KDM_FLOW_RUN="))
+    arts = httpx.post(f"{base}/api/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
+                      timeout=10).json()
+    return run | {"artifacts": arts}
+
+
+@needs_chromium
+def test_cifar10_report_renders_lineage_metrics_and_grids(ui_server, cifar_run, tmp_path):
+    base, _ = ui_server
+    keys = {a["key"] for a in cifar_run["artifacts"] if a["key"]}
+    [report] = [a for a in cifar_run["artifacts"] if (a["key"] or "").endswith("-report")]
+    prefix = report["key"].removesuffix("-report")
+    assert prefix.startswith("cifar10-")
+    assert {f"{prefix}-metrics", f"{prefix}-teacher-student", f"{prefix}-student-samples", f"{prefix}-filter-link",
+            f"{prefix}-student-link"} <= keys
+    url = f"{_ui_base(base)}/artifacts/artifact/{report['id']}"
+    assert_rendered_png(screenshot(url, tmp_path, "ui-cifar10-report"))
+    dom = dump_dom(url, tmp_path)
+    assert "KDM distillation: CIFAR-10 (smoke)" in dom and "Lineage" in dom and "Metrics" in dom
+    assert cifar_run["student"] in dom and cifar_run["filter"] in dom          # lineage names both versions
+    assert "FD ratio student / teacher" in dom and f"{cifar_run['fd_ratio']:.3f}" in dom
+    assert "not FID" in dom                                                     # the offline metric says so
+    for grid in ("teacher_student", "student_samples"):
+        assert f'alt="{grid}" src="data:image/png;base64,' in dom, grid

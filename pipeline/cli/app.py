@@ -23,7 +23,8 @@ examples (the whole checkerboard pipeline, step by step):
   kdm sample --student runs/student --num 1000 --seed 0 --out samples.npy
   kdm evaluate --student runs/student --pairs runs/pairs-filtered --out runs/report.json
 or all stages at once, without Prefect:
-  kdm distill --preset checkerboard --root artifacts
+  kdm distill --recipe checkerboard --preset checkerboard --root artifacts
+  kdm distill --recipe cifar10 --preset smoke --root runs/cifar10-smoke
 """
 
 
@@ -58,16 +59,52 @@ def cmd_pairs_import(a) -> None:
 
 
 def cmd_pairs_filter(a) -> None:
+    from pipeline.pairs import filter_images
+    if filter_images.is_image_store(a.pairs):
+        return cmd_pairs_filter_images(a)
     from storage_schemas import FilterConfig
     from pipeline.pairs import filter as filt
     from pipeline import presets
-    cfg = presets.validate(FilterConfig, {"near_duplicate_radius": a.near_duplicate_radius,
-                                          "blocklist_uri": a.blocklist, "blocklist_radius": a.blocklist_radius,
+    image_only = [f"--{k.replace('_', '-')}" for k in IMAGE_FILTER_OPTIONS if getattr(a, k) not in (None, False)]
+    if image_only:
+        raise KDMError(f"{', '.join(image_only)}: options of the image filter; {a.pairs} holds 2-D pairs")
+    cfg = presets.validate(FilterConfig, {"near_duplicate_radius": a.near_duplicate_radius or 0.0,
+                                          "blocklist_uri": a.blocklist,
+                                          "blocklist_radius": 0.05 if a.blocklist_radius is None else a.blocklist_radius,
                                           "drop_nonfinite": not a.keep_nonfinite},
                            "pairs filter options")
     v, counts = filt.filter_pairs(a.pairs, cfg, a.out)
     summary(f"filtered {v}: kept {counts['kept']}, dropped " +
             ", ".join(f"{k}={n}" for k, n in counts.items() if k != "kept") + f" -> {a.out}")
+
+
+IMAGE_FILTER_OPTIONS = ("dataset", "rule", "ratio_threshold", "neighbours", "absolute_threshold", "absolute_quantile",
+                        "max_shift", "no_flip", "normalise", "candidates", "calibration_samples", "chunk_size",
+                        "device", "keep_near_duplicates", "keep_memorised")
+
+
+def cmd_pairs_filter_images(a) -> None:
+    from storage_schemas.filter_images import ImageFilterConfig
+    from pipeline import presets
+    from pipeline.pairs import filter_images
+    for flag, value in (("--near-duplicate-radius", a.near_duplicate_radius), ("--blocklist-radius", a.blocklist_radius)):
+        if value is not None:
+            raise KDMError(f"{flag} is an option of the 2-D filter; {a.pairs} holds images: the image filter decides "
+                           f"copies with --rule / --ratio-threshold / --absolute-threshold")
+    fields = {"blocklist_uri": a.blocklist, "drop_nonfinite": not a.keep_nonfinite, "flip": not a.no_flip,
+              "near_duplicates": not a.keep_near_duplicates, "memorisation": not a.keep_memorised}
+    for k in ("rule", "ratio_threshold", "neighbours", "absolute_threshold", "absolute_quantile", "max_shift",
+              "normalise", "candidates", "calibration_samples", "chunk_size", "device"):
+        if getattr(a, k) is not None:
+            fields[k] = getattr(a, k)
+    cfg = presets.validate(ImageFilterConfig, fields, "pairs filter options")
+    res = filter_images.filter_image_pairs(a.pairs, cfg, a.out, dataset_uri=a.dataset, progress=not a.quiet,
+                                           device=cfg.device)
+    cal = res.get("calibration") or {}
+    summary(f"filtered {res['version']}: kept {res['kept']}, dropped "
+            + ", ".join(f"{k}={res[k]}" for k in filter_images.REASONS)
+            + (f"; test images flagged {cal['test_flagged']}/{cal['test_images']}" if cal else "")
+            + f"; report {res['report_uri']} -> {a.out}")
 
 
 def cmd_pairs_info(a) -> None:
@@ -99,7 +136,8 @@ def cmd_train(a) -> None:
     if a.dry_run:
         summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")
         return
-    train.train_student(a.pairs, cfg, a.out, progress=not a.quiet)
+    train.train_student(a.pairs, cfg, a.out, progress=not a.quiet,
+                        on_resume=lambda step: summary(f"resumed from its step-{step} checkpoint in {a.out}"))
     m = train.read_student_manifest(a.out)
     summary(f"student {m.version}: {m.steps_done} steps, {m.trainable_parameters} parameters, final losses "
             + ", ".join(f"{k}={v:.4g}" for k, v in m.final_losses.items()) + f" at {a.out}")
@@ -142,20 +180,6 @@ def cmd_evaluate(a) -> None:
     summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
             f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
             f"pair MSE {s.pair_mse:.3g} -> {out}")
-
-
-def cmd_distill(a) -> None:
-    from pipeline import presets
-    from pipeline import stages
-    sets = list(a.set) + ([f"root={a.root}"] if a.root else [])
-    cfg = presets.load("distill", a.preset, a.config, sets)
-    if a.dry_run:
-        summary(f"dry run: config is valid\n{cfg.model_dump_json(indent=2)}")
-        return
-    res = stages.run_distill(cfg, progress=not a.quiet)
-    from pipeline.evaluation.evaluate2d import format_table
-    print(format_table(res["evaluation"]["table"]))
-    summary(f"distilled: student {res['student']['version']}, report {res['evaluation']['report']}")
 
 
 def cmd_report(a) -> None:
@@ -229,14 +253,47 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split-seed", type=int, default=0)
     sp.add_argument("--chunk-size", type=int, default=10000)
     sp.add_argument("--out", required=True)
-    sp = add(pr, "filter", cmd_pairs_filter, "drop non-finite, duplicate-seed, blocklisted and near-duplicate pairs",
-             "example: kdm pairs filter --pairs runs/pairs --blocklist secret.npy --out runs/pairs-filtered")
+    sp = add(pr, "filter", cmd_pairs_filter,
+             "drop non-finite, duplicate-seed, duplicate, memorised, blocklisted and near-duplicate pairs",
+             "examples:\n"
+             "  kdm pairs filter --pairs runs/pairs --blocklist secret.npy --out runs/pairs-filtered   (2-D pairs)\n"
+             "  kdm pairs filter --pairs runs/cifar-pairs --dataset runs/cifar10 --out runs/cifar-filtered\n"
+             "  kdm pairs filter --pairs runs/cifar-pairs --dataset runs/cifar10 --rule gu --device cuda \\\n"
+             "      --blocklist private-images/ --out runs/cifar-filtered-gu\n"
+             "  kdm pairs filter --pairs runs/cifar-pairs --dataset runs/cifar10 --rule absolute "
+             "--absolute-quantile 0.001 --out OUT\n"
+             "Image stores ((C, H, W) samples) use the image filter: copies of the --dataset's training images "
+             "('memorised'),\nof --blocklist images and of earlier pairs ('near_duplicate') are found by pixel "
+             "distance minimised over\nflip and shifts; OUT/filter_report/ holds report.json and grid.png.")
     sp.add_argument("--pairs", required=True)
-    sp.add_argument("--near-duplicate-radius", type=float, default=0.0)
-    sp.add_argument("--blocklist", default=None, help=".npy of points (M, *sample_shape)")
-    sp.add_argument("--blocklist-radius", type=float, default=0.05)
+    sp.add_argument("--near-duplicate-radius", type=float, default=None, help="2-D: L2 radius (default 0: off)")
+    sp.add_argument("--blocklist", default=None,
+                    help="2-D: .npy of points (M, *sample_shape); images: .npy/.npz (N, C, H, W) or a folder of images")
+    sp.add_argument("--blocklist-radius", type=float, default=None, help="2-D: L2 radius (default 0.05)")
     sp.add_argument("--keep-nonfinite", action="store_true")
     sp.add_argument("--out", required=True)
+    g = sp.add_argument_group("image pairs (defaults: storage_schemas.filter_images.ImageFilterConfig)")
+    g.add_argument("--dataset", default=None, help="the teacher's dataset (kdm dataset prepare): train split = "
+                                                   "memorisation reference, test split = calibration")
+    g.add_argument("--rule", default=None, choices=("carlini", "gu", "absolute"),
+                   help="carlini: d1 / mean of k nearest < threshold (default); gu: d1/d2 < threshold; absolute: "
+                        "d1 below a distance calibrated on test -> train")
+    g.add_argument("--ratio-threshold", type=float, default=None, help="carlini / gu threshold (default 1/3)")
+    g.add_argument("--neighbours", type=int, default=None, help="carlini: k (default 50)")
+    g.add_argument("--absolute-threshold", type=float, default=None, help="absolute: RMS distance in [0, 1] units")
+    g.add_argument("--absolute-quantile", type=float, default=None,
+                   help="absolute without a threshold: quantile of test -> train distances (default 0.001)")
+    g.add_argument("--max-shift", type=int, default=None, help="pixels searched each way (default 2)")
+    g.add_argument("--no-flip", action="store_true", help="do not search horizontal flips")
+    g.add_argument("--normalise", default=None, choices=("none", "mean", "mean-std"),
+                   help="per-image normalisation before comparing (default mean)")
+    g.add_argument("--candidates", type=int, default=None,
+                   help="descriptor candidates checked exactly per query (default 64; 0 = exhaustive, for GPUs)")
+    g.add_argument("--calibration-samples", type=int, default=None, help="test images searched (default 10000)")
+    g.add_argument("--chunk-size", type=int, default=None, help="pairs per step (default 4096)")
+    g.add_argument("--device", default=None, help="cpu | cuda (default cpu)")
+    g.add_argument("--keep-near-duplicates", action="store_true", help="skip the near-duplicate test")
+    g.add_argument("--keep-memorised", action="store_true", help="report copies of training images, drop none")
     sp = add(pr, "info", cmd_pairs_info, "print a pair store's manifest", "example: kdm pairs info runs/pairs --verify")
     sp.add_argument("store")
     sp.add_argument("--verify", action="store_true", help="check every chunk of every array of every split "
@@ -274,14 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="REPORT.json (plots beside it) or a directory (image students: "
                                                  "a directory)")
     cli_distill_image.add_evaluate_options(sp)
-
-    sp = add(sub, "distill", cmd_distill, "run every stage (teacher/import, pairs, filter, train, evaluate) without Prefect",
-             "example: kdm distill --preset checkerboard --root artifacts")
-    sp.add_argument("--preset", default="checkerboard")
-    sp.add_argument("--config", default=None)
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--root", default=None, help="artifact root URL (default from the preset: artifacts)")
-    sp.add_argument("--dry-run", action="store_true")
 
     sp = add(sub, "report", cmd_report, "print the metrics table of an evaluation report",
              "example: kdm report --root artifacts")

@@ -1,9 +1,11 @@
-"""``kdm distill-image`` (the CIFAR-10 distillation without Prefect) and ``kdm evaluate`` of image students.
+"""``kdm distill`` (every stage of a recipe, without Prefect) and ``kdm evaluate`` of image students.
 
-  kdm distill-image --preset smoke --root runs/cifar10-smoke                 # CPU, about a minute
-  kdm distill-image --preset mini --dry-run                                  # the stages, their versions, what exists
-  kdm distill-image --preset mini --cond --set student.train.steps=8000      # class-conditional, on one GPU
-  kdm distill-image --preset full --set teacher_uri=artifacts/teachers/edm-...   # distill an existing teacher
+  kdm distill --recipe checkerboard --preset checkerboard --root artifacts   # CPU, minutes
+  kdm distill --recipe checkerboard --preset checkerboard-import             # on the official trajectories
+  kdm distill --recipe cifar10 --preset smoke --root runs/cifar10-smoke      # CPU, about a minute
+  kdm distill --recipe cifar10 --preset mini --dry-run                       # the stages, their versions, what exists
+  kdm distill --recipe cifar10 --preset mini --cond --set student.train.steps=8000   # class-conditional, one GPU
+  kdm distill --recipe cifar10 --preset full --set teacher_uri=artifacts/teachers/edm-...   # an existing teacher
   kdm evaluate --student runs/student --pairs runs/pairs --dataset runs/cifar10 --extractor runs/extractor --out runs/eval
 """
 from __future__ import annotations
@@ -17,32 +19,42 @@ from pipeline.errors import KDMError
 EXAMPLES = "examples:\n  " + __doc__.split("\n\n", 1)[1].strip()
 
 
-def load_config(preset: str, conditional: bool, sets, base: str | Path):
-    """DistillImageConfig of ``preset`` (class-conditional with ``conditional``) with ``--set`` overrides;
-    relative paths resolve against ``base``."""
-    from storage_schemas.distill_image import DistillImageConfig
-    from pipeline import presets
-    from pipeline import stages_image
-    data = {"preset": preset, "conditional": conditional}
-    source = f"distill-image preset {preset!r}" + (" (conditional)" if conditional else "")
-    cfg = presets.validate_with_sets(DistillImageConfig, data, source, sets)
-    return stages_image.resolve_paths(cfg, base)
+def load_config(recipe: str, preset: str | None, conditional: bool, sets, base: str | Path,
+                config_file: str | None = None):
+    """The recipe's config of ``preset`` (``conditional``: cifar10's class-conditional variant), fields of
+    ``config_file`` and ``--set`` overrides on top; relative paths resolve against ``base``."""
+    from pipeline import presets, recipes, stages
+    data, _ = presets.raw_config("distill", None, config_file) if config_file else ({}, "")
+    data = {**data, "recipe": recipe}
+    if preset:
+        data["preset"] = preset
+    if conditional:
+        if recipe != "cifar10":
+            raise KDMError("--cond applies to the cifar10 recipe only")
+        data["conditional"] = True
+    return stages.resolve_paths(recipes.build_config(data, sets=sets), base)
 
 
-def cmd_distill_image(a) -> None:
-    from pipeline import stages_image
-    cfg = load_config(a.preset, a.cond, list(a.set) + ([f"root={a.root}"] if a.root else []), Path.cwd())
+def cmd_distill(a) -> None:
+    from pipeline import recipes, stages
+    cfg = load_config(a.recipe, a.preset, a.cond, list(a.set) + ([f"root={a.root}"] if a.root else []), Path.cwd(),
+                      a.config)
     if a.dry_run:
-        plan = stages_image.plan_distill_image(cfg)
-        print(stages_image.format_plan(plan))
-        summary(f"dry run: preset {cfg.preset}{' conditional' if cfg.conditional else ''}, "
-                f"{len(plan['todo'])} of {len(plan['stages'])} stages to do under {cfg.root}")
+        plan = stages.plan(cfg)
+        print(stages.format_plan(plan))
+        summary(f"dry run: recipe {cfg.recipe}, preset {cfg.preset}"
+                f"{' conditional' if getattr(cfg, 'conditional', False) else ''}, {len(plan['todo'])} of "
+                f"{len(plan['stages'])} stages to do under {cfg.root}")
         return
-    res = stages_image.run_distill_image(cfg, progress=not a.quiet)
+    res = stages.run_recipe(cfg, stages.StageContext(progress_bars=not a.quiet))
+    print(recipes.RECIPES[cfg.recipe].report_parts(cfg, res)["table_text"])
     ev = res["evaluation"]
-    summary(f"distilled: student {res['student']['version']}, {ev['metric_names']['fd']} teacher "
-            f"{ev['fd_teacher']:.4g} student {ev['fd_student']:.4g} (ratio {ev['fd_ratio']:.3f}), MSE {ev['mse']:.4g}, "
-            f"report {ev['report']}")
+    if cfg.recipe == "cifar10":
+        summary(f"distilled: student {res['student']['version']}, {ev['metric_names']['fd']} teacher "
+                f"{ev['fd_teacher']:.4g} student {ev['fd_student']:.4g} (ratio {ev['fd_ratio']:.3f}), MSE "
+                f"{ev['mse']:.4g}, report {ev['report']}")
+    else:
+        summary(f"distilled: student {res['student']['version']}, report {ev['report']}")
 
 
 def is_image_student(run: str) -> bool:
@@ -62,7 +74,7 @@ def cmd_evaluate_image(a) -> None:
     from storage_schemas.distill_image import ImageEvalStageConfig
     from pipeline.evaluation import image_metrics
     from pipeline import presets
-    from pipeline import stages_image
+    from pipeline.evaluation.evaluate_image import evaluate_image
     missing = [opt for opt, v in (("--dataset", a.dataset), ("--extractor", a.extractor)) if not v]
     if missing:
         raise KDMError(f"{a.student} is an image student: its evaluation also needs {' and '.join(missing)} (the "
@@ -71,7 +83,7 @@ def cmd_evaluate_image(a) -> None:
         raise KDMError(f"an image evaluation is a directory (metrics.json, manifest.json, PNGs): give --out DIR, "
                        f"not {a.out}")
     cfg = presets.validate(ImageEvalStageConfig, presets.apply_sets({}, a.set), "evaluation options")
-    m, existed = stages_image.evaluate_image(a.out, a.dataset, a.extractor, a.pairs, a.student, cfg, a.device,
+    m, existed = evaluate_image(a.out, a.dataset, a.extractor, a.pairs, a.student, cfg, a.device,
                                              a.root)
     print(image_metrics.metrics_markdown(image_metrics.read_report(a.out).metrics))
     s = m.summary
@@ -89,12 +101,17 @@ def add_evaluate_options(sp) -> None:
 
 
 def add_commands(subparsers) -> None:
-    sp = add(subparsers, "distill-image", cmd_distill_image,
-             "CIFAR-10: dataset, extractor, EDM teacher, pairs, KDM student, evaluation, without Prefect", EXAMPLES)
-    sp.add_argument("--preset", default="smoke", choices=("smoke", "mini", "full"),
-                    help="smoke (CPU, tiny), mini (one GPU, minutes), full (the paper's recipe)")
-    sp.add_argument("--cond", action="store_true", help="class-conditional teacher and student")
+    sp = add(subparsers, "distill", cmd_distill,
+             "every stage of a recipe without Prefect (cifar10: dataset, extractor, teacher, pairs, filter, student, "
+             "evaluation; checkerboard: teacher or import, pairs, filter, student, evaluation)", EXAMPLES)
+    sp.add_argument("--recipe", default="checkerboard", choices=("checkerboard", "cifar10"),
+                    help="checkerboard (2-D, CPU) or cifar10 (images); default checkerboard")
+    sp.add_argument("--preset", default=None,
+                    help="cifar10: smoke (CPU, tiny) | mini (one GPU, minutes) | full (the paper's recipe; default); "
+                         "checkerboard: a configs/distill preset (default checkerboard)")
+    sp.add_argument("--cond", action="store_true", help="cifar10: class-conditional teacher and student")
+    sp.add_argument("--config", default=None, help="YAML/JSON file of config fields (the preset fills the rest)")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="any DistillImageConfig field, e.g. student.train.steps=100 or teacher_uri=DIR")
+                    help="any config field, e.g. student.train.steps=100 or teacher_uri=DIR")
     sp.add_argument("--root", default=None, help="artifact root (default from the config: artifacts)")
     sp.add_argument("--dry-run", action="store_true", help="print the stages, their output versions and what exists")

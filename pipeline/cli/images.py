@@ -14,6 +14,7 @@ sub-commands to the existing ``teacher`` and ``pairs`` groups and creates ``data
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipeline.cli.common import add_command as add
 from pipeline.cli.common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
@@ -68,8 +69,11 @@ def cmd_teacher_bootstrap(a) -> None:
 def cmd_teacher_import_edm(a) -> None:
     from pipeline.teachers.edm_pickle import import_edm_pickle
     m = import_edm_pickle(a.pickle, a.out, allow_pickle=a.allow_pickle, sha256=a.sha256, key=a.key)
+    for w in m.source.source_warnings:
+        print(f"warning: {w}", file=sys.stderr)
     summary(f"teacher {m.id} ({m.source.class_name}, {m.model.img_resolution}x{m.model.img_resolution}, "
-            f"label_dim {m.model.label_dim}) imported from {a.pickle} at {a.out}")
+            f"label_dim {m.model.label_dim}) imported from {a.pickle} at {a.out}; network source: "
+            f"{m.source.network_source or 'not checked'}")
 
 
 # Options of `pairs generate-images` that --config replaces, with their defaults when it is not given.

@@ -14,7 +14,8 @@ examples:
 
 The record is <root>/registry/teachers/<id>.json; registering the same teacher again changes nothing.
 A new registration emits the Prefect event kdm.teacher.registered when PREFECT_API_URL is set (the
-distill-cifar10 deployment is triggered by it); the output says whether it was emitted.
+distill-cifar10 deployment is triggered by it); the output says whether it was emitted. A server with
+authentication needs PREFECT_API_AUTH_STRING (user:password) here too.
 """
 
 
@@ -25,6 +26,11 @@ def cmd_teacher_register(a) -> None:
     what = (f"{r.model_kind} {r.img_channels}x{r.img_resolution}x{r.img_resolution}, "
             f"{'conditional (' + str(r.label_dim) + ' classes)' if r.conditional else 'unconditional'}"
             if r.model_kind == "edm" else r.model_kind)
+    if reg.created and r.kind == "edm-pkl":
+        from pipeline.teachers.flow_matching import read_teacher_manifest
+        src = read_teacher_manifest(r.teacher_uri).source
+        for w in (src.source_warnings if src else []):
+            print(f"warning: {w}", file=sys.stderr)
     head = (f"registered teacher {r.id} ({r.kind}: {what}) sha256 {r.sha256[:16]}, distills {r.teacher_uri}"
             if reg.created else f"teacher {r.id} was registered at {r.registered_at}; nothing changed")
     if a.no_event:

@@ -4,7 +4,8 @@ Shared by the 2-D student trainer (pipeline.training.train2d), the image engine 
 teacher trainer (pipeline.teachers.bootstrap). Inside a run directory:
 
   <config file>                  the run's version and config, written by the first session (``claim_run``)
-  metrics.jsonl                  one JSON record per logged step (``read_metrics``, ``truncate_metrics``)
+  metrics.jsonl                  one JSON record per logged step (``MetricsLog``, ``read_metrics``,
+                                 ``truncate_metrics``)
   checkpoints/step-NNNNNNNN/     ``<name>.safetensors`` per module, ``<name>.pt`` per torch-saved object
                                  (optimizer and RNG states), and ``state.json`` (the step and any extras)
 
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -178,6 +180,16 @@ def load_object(ck: Path, name: str, map_location=None) -> Any:
     return torch.load(ck / f"{name}.pt", map_location=map_location, weights_only=True)
 
 
+def load_checkpoint(ck: Path, device, modules: Mapping[str, nn.Module],
+                    optimizers: Mapping[str, torch.optim.Optimizer] = {}) -> dict:
+    """Restore a trainer from checkpoint ``ck`` (the counterpart of ``save_checkpoint``): each module from
+    ``<name>.safetensors`` and each optimizer from ``<name>.pt``, onto ``device``; returns ``state.json``."""
+    load_modules(ck, modules, device)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(load_object(ck, name, map_location=device))
+    return read_state(ck)
+
+
 def read_state(ck: Path) -> dict:
     """``state.json`` of checkpoint ``ck``: the step and the trainer's extras (without the file record)."""
     state = json.loads((ck / STATE_FILE).read_text())
@@ -215,6 +227,51 @@ def last_losses(path: Path) -> dict[str, float]:
     if not records:
         return {}
     return {k.removeprefix("loss_"): v for k, v in records[-1].items() if k.startswith("loss_")}
+
+
+class MetricsLog:
+    """The metrics log of a run being trained, from ``step`` on (the step it starts or resumes at).
+
+    Opening drops the records a killed session logged after that step (``truncate_metrics``). ``record``
+    makes {"step", **fields, "<rate_name>", "elapsed_s"}: the samples per second since the previous
+    record (``batch_size`` per step) and the seconds since opening (``t_start``); ``write`` appends it as
+    one flushed JSON line. With ``write=False`` (a process that does not write, under DDP) records are
+    made but the file is neither truncated nor written.
+    """
+
+    def __init__(self, path: Path, step: int, batch_size: int, write: bool = True,
+                 rate_name: str = "pairs_per_s"):
+        self.batch_size, self.rate_name = batch_size, rate_name
+        self._file = None
+        if write:
+            truncate_metrics(path, step)
+            self._file = path.open("a")
+        self.t_start = self._t_last = time.time()
+        self._last_step = step
+
+    def record(self, step: int, fields: Mapping[str, Any]) -> dict:
+        now = time.time()
+        rec = {"step": step, **fields,
+               self.rate_name: (step - self._last_step) * self.batch_size / max(now - self._t_last, 1e-9),
+               "elapsed_s": now - self.t_start}
+        self._t_last, self._last_step = now, step
+        return rec
+
+    def write(self, rec: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- run directory -------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ storages are read with ``torch.load(weights_only=True)``. From the record of ``e
 dict (walking ``_parameters``/``_buffers``/``_modules`` like ``nn.Module.state_dict``) and the constructor
 arguments, builds kdm's own preconditioner (models/edm.py) from them, loads the weights strictly and
 writes a teacher artifact (``weights.safetensors`` + ``config.json`` + ``manifest.json`` with the
-pickle's sha256 and origin). Parsing a pickle is still parsing untrusted input, so it is refused unless
+pickle's sha256 and origin). Because the rebuilt network is kdm's stock EDM whatever the pickle's code
+says, the embedded source is compared with EDM's known ``training/networks.py`` layouts
+(pipeline.teachers.edm_source) and the manifest records the match, or warnings saying what differs. Parsing a pickle is still parsing untrusted input, so it is refused unless
 the caller opts in (``allow_pickle=True``) and pins the file's sha256.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import copyreg
 import inspect
 import io
+import logging
 import math
 import pickle
 from collections import OrderedDict
@@ -50,7 +53,10 @@ from storage_schemas.teacher import PRECOND_CLASSES, PRECOND_DEFAULTS
 
 from pipeline.storage import artifacts
 from pipeline.errors import KDMError
+from pipeline.teachers.edm_source import check_network_source
 from pipeline.teachers.flow_matching import build_edm_network, read_teacher_manifest
+
+logger = logging.getLogger("kdm.edm_pickle")
 
 PERSISTENCE_VERSION = 6
 # EDM's default model_type per preconditioner (EDMPrecond defaults to ADM's DhariwalUNet).
@@ -285,6 +291,17 @@ def extract_network(data: dict, key: str = "ema") -> tuple[EDMNetConfig, "Ordere
     return cfg, module_state_dict(rec), rec
 
 
+def embedded_sources(obj) -> list[str]:
+    """The ``module_src`` of every persistent object in a pickled network (the network and its children)."""
+    out = []
+    if isinstance(obj, PersistentRecord) and obj.module_src:
+        out.append(obj.module_src)
+    if isinstance(obj, (PersistentRecord, TorchModuleStub)):
+        for child in (_state_of(obj).get("_modules") or {}).values():
+            out += embedded_sources(child)
+    return out
+
+
 def edm_teacher_id(pickle_sha256: str, key: str) -> str:
     return "edm-" + stable_hash(recipe_version(), "edm-pickle", pickle_sha256, key)
 
@@ -307,6 +324,9 @@ def import_edm_pickle(src: str, out: str, *, allow_pickle: bool = False, sha256:
     if isinstance(loss_rec, PersistentRecord):
         loss = {k: float(v) for k, v in loss_rec.state.items() if isinstance(v, (int, float, np.generic))
                 and not isinstance(v, bool)} or None
+    layout, source_warnings = check_network_source(embedded_sources(rec))
+    for w in source_warnings:
+        logger.warning("%s: %s", src, w)
     weights = st_save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
     tmp = artifacts.begin(out, fresh=True)
     artifacts.write_bytes(artifacts.join(tmp, "weights.safetensors"), weights)
@@ -315,7 +335,8 @@ def import_edm_pickle(src: str, out: str, *, allow_pickle: bool = False, sha256:
     manifest = TeacherManifest(
         id=version, kind="edm", model=cfg, weights_sha256=artifacts.sha256_bytes(weights),
         source=EDMPickleSource(uri=str(src), sha256=actual, key=key, class_name=rec.class_name,
-                               persistence_version=rec.version, loss=loss),
+                               persistence_version=rec.version, loss=loss, network_source=layout,
+                               source_warnings=source_warnings),
         origin=f"imported from EDM network pickle {name} (sha256 {actual}, entry {key!r}) by kdm teacher import-edm",
         code_version=code_version(), created=utc_now())
     artifacts.write_json(artifacts.join(tmp, artifacts.MANIFEST), manifest)

@@ -2,7 +2,11 @@
 
 Kept apart from the registry so that registering never depends on Prefect: prefect is imported only
 here, only when an event is to be sent, and only when a Prefect API is configured (PREFECT_API_URL);
-without one no event is sent (Prefect would otherwise start a temporary local server for it).
+without one no event is sent (Prefect would otherwise start a temporary local server for it). A server
+with an auth string (PREFECT_SERVER_API_AUTH_STRING) needs PREFECT_API_AUTH_STRING here: Prefect's
+client sends it with every request and in the events websocket's handshake. Credentials the server
+refuses are reported before the event is sent (its health check answers without credentials, and the
+events websocket fails in a background worker, after ``emit_event`` has returned).
 
 Resource labels let automations select teachers: ``kdm.teacher.kind``, ``kdm.teacher.model``
 (``edm`` | ``flow-matching-mlp``), ``kdm.teacher.resolution`` (image size, '' for 2-D teachers) and
@@ -48,6 +52,26 @@ def configured_api_url() -> Optional[str]:
     return str(url) if url else None
 
 
+def credentials_problem(client) -> Optional[str]:
+    """Why the API refuses this client's credentials, or None: asks an endpoint that needs them (the health
+    check answers without)."""
+    import httpx
+    try:
+        client.hello()
+    except httpx.HTTPStatusError as e:
+        if e.response.status_code in (401, 403):
+            sent = "the auth string in PREFECT_API_AUTH_STRING" if _auth_string_set() else "no credentials"
+            return (f"refused {sent} (HTTP {e.response.status_code}); set PREFECT_API_AUTH_STRING to the "
+                    f"server's 'user:password' (PREFECT_SERVER_API_AUTH_STRING)")
+        return f"answered HTTP {e.response.status_code} ({e.response.text[:200]})"
+    return None
+
+
+def _auth_string_set() -> bool:
+    from prefect.settings import get_current_settings
+    return get_current_settings().api.auth_string is not None
+
+
 def emit_registered(rec: RegisteredTeacher, root: str, timeout: float = 30.0) -> EmitResult:
     """Send the event to the configured Prefect API and wait until it is handed over.
 
@@ -64,9 +88,12 @@ def emit_registered(rec: RegisteredTeacher, root: str, timeout: float = 30.0) ->
 
     with get_client(sync_client=True) as client:
         problem = client.api_healthcheck()
+        refused = None if problem is not None else credentials_problem(client)
     if problem is not None:
         return EmitResult(False, f"event {EVENT} not emitted: the Prefect API at {url} is not reachable "
                                  f"({type(problem).__name__}: {problem})")
+    if refused is not None:
+        return EmitResult(False, f"event {EVENT} not emitted: the Prefect API at {url} {refused}")
     event = emit_event(**event_fields(rec, root))
     if event is None:
         return EmitResult(False, f"event {EVENT} not emitted: Prefect refused to emit events to {url} (see its "

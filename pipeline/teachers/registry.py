@@ -16,7 +16,7 @@ Nothing here needs Prefect; pipeline.teachers.events emits the ``kdm.teacher.reg
 
 ``pending_teachers`` lists registered teachers that have no finished student under the current recipe
 version: for each it builds the config a distillation would run with and asks a planner (by default
-``pipeline.stages_image.plan_distill_image``) whether every stage's output already exists.
+``pipeline.stages.plan`` of the cifar10 recipe) whether every stage's output already exists.
 """
 from __future__ import annotations
 
@@ -177,6 +177,8 @@ def register_teacher(root: str, uri: str, kind: Optional[str] = None, sha256: Op
         teacher_uri = artifacts.join(root, "teachers", edm_teacher_id(actual, "ema"))
         m = import_edm_pickle(uri, teacher_uri, allow_pickle=True, sha256=actual)
         default_source = f"EDM network pickle {uri} (sha256 pinned), imported to {teacher_uri}"
+        if m.source is not None and m.source.source_warnings:
+            default_source += "; WARNING: " + " ".join(m.source.source_warnings)
     else:
         teacher_uri = uri
         m, _ = _artifact_facts(uri, kind, actual)
@@ -207,12 +209,17 @@ def default_config_model() -> type[BaseModel]:
     return DistillImageConfig
 
 
+def plan_repo_relative(cfg) -> dict:
+    """The plan of ``cfg`` with relative paths taken relative to the repository (the redistill flow's planner)."""
+    return default_planner()(cfg)
+
+
 def default_planner() -> Planner:
-    """``plan_distill_image`` of the config with its relative paths taken relative to the repository (as the
-    distill-cifar10 flow does)."""
-    from pipeline.stages_image import plan_distill_image, resolve_paths
+    """``pipeline.stages.plan`` of the config with its relative paths taken relative to the repository (as the
+    kdm flow does)."""
+    from pipeline.stages import plan, resolve_paths
     repo = Path(__file__).resolve().parents[2]
-    return lambda cfg: plan_distill_image(resolve_paths(cfg, repo))
+    return lambda cfg: plan(resolve_paths(cfg, repo))
 
 
 def distill_config(rec: RegisteredTeacher, root: str, preset: str, config_model: type[BaseModel],

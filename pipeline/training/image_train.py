@@ -2,9 +2,11 @@
 
 One training step keeps the official recipe and order (notes Sec. 4.2-4.4):
 
-1. forward: z0 = E_phi(x0), zT = E_varphi(xT), Gaussian noise of std ``latent_noise`` on both, push of
-   the noisy zT; the decoder runs once on the concatenation [z0_noisy; z_push] (the official code runs
-   it twice; the decoder has no batch-coupled layers, so this is the same function);
+1. forward: the model's training pass (``KDMImage.forward``, the only copy of Alg. 1), with latent noise
+   drawn here from the engine's own generator: z0 = E_phi(x0), zT = E_varphi(xT), Gaussian noise of std
+   ``latent_noise`` on both, push of the noisy zT; the decoder runs once on the concatenation
+   [z0_noisy; z_push] (the official code runs it twice; the decoder has no batch-coupled layers, so this
+   is the same function); the KDM-F spectral penalty outside autocast;
 2. discriminator: BCE(D(x0), 1) + BCE(D(x_push.detach()), 0), real and fake in separate passes
    (separate BatchNorm statistics), then its own Adam step;
 3. generator: L_rec + L_lat + L_pred + adv_weight * BCE(D_updated(x_push), 1) (+ KDM-F spectral loss),
@@ -32,7 +34,8 @@ sync is ``train_step``'s return value (none with ``cuda_graphs``; the count is r
 Processes: one code path for 1 or N GPUs. Under ``torchrun`` (WORLD_SIZE > 1) each process takes
 ``batch_size / N`` pairs of every step (rank r takes every N-th batch of the shared sample order), the
 generator and discriminator are wrapped in DistributedDataParallel (SyncBatchNorm on GPUs), the finite
-checks agree across ranks, and only rank 0 writes.
+checks agree across ranks, and only rank 0 writes. DDP wraps the model itself (its ``forward`` is the
+training pass) and the discriminator pair.
 
 Run directory (``out``; the layout and resume semantics of ``pipeline.training.train2d``, via ``pipeline.storage.checkpoints``):
   config.json                        run config and pair store (written first)
@@ -51,7 +54,6 @@ committed to ``<url>`` with its manifest last.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -139,32 +141,6 @@ def _derived_seed(*parts) -> int:
 
 # -- modules run under DDP ------------------------------------------------------------------------
 
-class TrainForward(nn.Module):
-    """The generator's training pass; returns (z0, z_push, x_rec, x_push, spectral or None)."""
-
-    def __init__(self, model: KDMImage, spectral: str = "none"):
-        super().__init__()
-        self.model = model
-        self.spectral = spectral
-
-    def forward(self, x0: torch.Tensor, xT: torch.Tensor, y: Optional[torch.Tensor], eps0: torch.Tensor,
-                epsT: torch.Tensor):
-        m = self.model
-        z0 = m.x0_encoder(x0, 0.0, y)
-        zT = m.xT_encoder(xT, m.time_T, y)
-        z0_noisy = z0.float() + m.latent_noise * eps0
-        zT_noisy = zT.float() + m.latent_noise * epsT
-        z_push = m.push(zT_noisy, y)
-        y2 = None if y is None else torch.cat([y, y])
-        x_hat = m.decoder(torch.cat([z0_noisy, z_push.to(z0_noisy.dtype)]), 0.0, y2)
-        x_rec, x_push = x_hat.chunk(2)
-        spectral = None
-        if self.spectral != "none":
-            with torch.autocast(x0.device.type, enabled=False):
-                spectral = m.spectral_loss(self.spectral)
-        return z0, z_push, x_rec, x_push, spectral
-
-
 class DiscPair(nn.Module):
     """D on real and fake images in two passes (separate BatchNorm batches, as the official code)."""
 
@@ -210,7 +186,7 @@ class ImageTrainer:
         self.noise_gen = torch.Generator(device=device).manual_seed(_derived_seed(tc.seed, "noise", self.dist.rank))
         torch.manual_seed(_derived_seed(tc.seed, "dropout", self.dist.rank))
 
-        self.forward_module: nn.Module = TrainForward(self.model, model_cfg.spectral_loss)
+        self.forward_module: nn.Module = self.model          # the training pass; DDP-wrapped below
         self.disc_pair: Optional[nn.Module] = DiscPair(self.disc) if self.disc else None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -312,10 +288,11 @@ class ImageTrainer:
         captured as a CUDA graph)."""
         mc = self.model_cfg
         with self._autocast():
-            z0, z_push, x_rec, x_push, spectral = self.forward_module(x0, xT, y, eps[0], eps[1])
-            rec = self.distance(x_rec, x0).mean()
+            out = self.forward_module(x0, xT, y, eps0=eps[0], epsT=eps[1], spectral=mc.spectral_loss)
+            x_push, spectral = out.x0_push, out.spectral
+            rec = self.distance(out.x0_rec, x0).mean()
             pred = self.distance(x_push, x0).mean()
-        lat = F.mse_loss(z_push.float(), z0.float())
+        lat = F.mse_loss(out.z_push.float(), out.z0.float())
         terms = {"rec": rec, "lat": lat, "pred": pred}
         if spectral is not None:
             terms["spectral"] = spectral
@@ -463,12 +440,10 @@ class ImageTrainer:
         checkpoints.write_checkpoint_files(path, state, modules, objects)
 
     def load(self, path: Path) -> dict:
-        checkpoints.load_modules(path, {"model": self.model, "ema": self.ema}, self.device)
-        self.opt.load_state_dict(checkpoints.load_object(path, "optimizer", map_location=self.device))
+        modules, optimizers = {"model": self.model, "ema": self.ema}, {"optimizer": self.opt}
         if self.disc is not None:
-            checkpoints.load_modules(path, {"disc": self.disc}, self.device)
-            self.d_opt.load_state_dict(checkpoints.load_object(path, "disc_optimizer", map_location=self.device))
-        state = checkpoints.read_state(path)
+            modules["disc"], optimizers["disc_optimizer"] = self.disc, self.d_opt
+        state = checkpoints.load_checkpoint(path, self.device, modules, optimizers)
         rngs = checkpoints.load_object(path, "rng")["ranks"]
         if len(rngs) == self.dist.world_size:
             self.set_rng_state(rngs[self.dist.rank])
@@ -606,18 +581,13 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
         if on_resume is not None and di.is_main:
             on_resume(step)
     metrics_path = run / checkpoints.METRICS_FILE
-    if di.is_main:
-        checkpoints.truncate_metrics(metrics_path, step)
-
     stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
-    t_start = t_last = time.time()
-    last_step = step
+    log = checkpoints.MetricsLog(metrics_path, step, tc.batch_size, write=di.is_main)
     final: dict[str, float] = {}
     bar = None
     if progress and di.is_main:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=step, desc="train-image", mininterval=1.0)
-    log = metrics_path.open("a") if di.is_main else None
     batches = iter(sampler)
     try:
         while step < stop:
@@ -626,17 +596,13 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             step += 1
             if step % tc.log_every == 0 or step == tc.steps:
                 losses = trainer.pop_metrics()
-                now = time.time()
-                rec = {"step": step, **{f"loss_{k}": v for k, v in losses.items() if k != "grad_norm"},
-                       "grad_norm": losses.get("grad_norm"), "nonfinite_steps": trainer.nonfinite_steps,
-                       "epoch": sampler.cursor.epoch,
-                       "pairs_per_s": (step - last_step) * tc.batch_size / max(now - t_last, 1e-9),
-                       "elapsed_s": now - t_start}
-                t_last, last_step = now, step
+                rec = log.record(step, {**{f"loss_{k}": v for k, v in losses.items() if k != "grad_norm"},
+                                        "grad_norm": losses.get("grad_norm"),
+                                        "nonfinite_steps": trainer.nonfinite_steps,
+                                        "epoch": sampler.cursor.epoch})
                 final = {k.removeprefix("loss_"): v for k, v in rec.items() if k.startswith("loss_")}
-                if log is not None:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+                if di.is_main:
+                    log.write(rec)
                     if on_log is not None:
                         on_log(rec)
                 if bar is not None and "total" in losses:
@@ -652,8 +618,7 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
         sampler.close()
         if bar is not None:
             bar.close()
-        if log is not None:
-            log.close()
+        log.close()
     if step < tc.steps:        # stopped by max_steps: resumable, not finished
         return version
 
@@ -669,7 +634,7 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             trainable_parameters=sum(p.numel() for p in trainer.params),
             discriminator_parameters=sum(p.numel() for p in trainer.disc.parameters()) if trainer.disc else 0,
             world_size=di.world_size, final_losses={k: float(v) for k, v in final.items()},
-            train_seconds=time.time() - t_start, code_version=code_version(), created=utc_now())
+            train_seconds=time.time() - log.t_start, code_version=code_version(), created=utc_now())
         artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
         if mirror is not None:
             mirror.commit(run, final_files=(weights.name, artifacts.MANIFEST))
@@ -721,7 +686,9 @@ def cmd_train_image(a) -> None:
               f"{train_cfg.model_dump_json(indent=2)}", flush=True)
         return
     v = train_image_student(a.pairs, model_cfg, train_cfg, a.out, a.device, preset=preset,
-                            progress=not a.quiet, max_steps=a.max_steps)
+                            progress=not a.quiet, max_steps=a.max_steps,
+                            on_resume=lambda step: print(f"resumed from its step-{step} checkpoint in {a.out}",
+                                                         flush=True))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if artifacts.committed(a.out):

@@ -1,6 +1,6 @@
 """Running a ``kdm`` command in N processes under torchrun, from inside a stage.
 
-The pairs and student stages of the CIFAR-10 distillation (pipeline/stages_image.py) run in the
+The pairs and student stages of the cifar10 recipe (pipeline/recipes/) run in the
 stage's own process when one process is asked for; with N > 1 they start
 
     python -m torch.distributed.run --standalone --nproc_per_node=N -m pipeline.cli <command> ...
@@ -87,3 +87,15 @@ def run_torchrun(nproc: int, device: str, cli_args: Sequence[str], what: str,
     if rc != 0:
         last = "\n".join(tail)
         raise KDMError(f"{what}: `{text}` failed with exit code {rc}; its last output:\n{last}")
+
+
+def run_kdm_command(nproc: int, device: str, cli_args: Sequence[str], config: dict, what: str,
+                    quiet: bool = True) -> None:
+    """``run_torchrun`` of ``kdm <cli_args> --config FILE``, ``config`` written as that JSON file."""
+    import json
+    import tempfile
+    check_processes(nproc, device, what)
+    with tempfile.TemporaryDirectory(prefix="kdm-stage-") as d:
+        path = Path(d, "config.json")
+        path.write_text(json.dumps(config, indent=2))
+        run_torchrun(nproc, device, [*cli_args, "--config", str(path)] + (["-q"] if quiet else []), what)

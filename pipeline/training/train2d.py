@@ -13,7 +13,6 @@ from the checkpoints stored there.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -157,23 +156,18 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     step = 0
     ck = checkpoints.latest_checkpoint(run)
     if ck is not None:
-        checkpoints.load_modules(ck, {"model": model, "ema": ema}, device)
-        opt.load_state_dict(checkpoints.load_object(ck, "optimizer", map_location=device))
+        step = checkpoints.load_checkpoint(ck, device, {"model": model, "ema": ema}, {"optimizer": opt})["step"]
         _set_rng_states(gens, checkpoints.load_object(ck, "rng"))
-        step = checkpoints.read_state(ck)["step"]
         if on_resume is not None:
             on_resume(step)
-    metrics_path = run / checkpoints.METRICS_FILE
-    checkpoints.truncate_metrics(metrics_path, step)
-
     x_T = torch.from_numpy(data["x_T"]).to(device)
     x_0 = torch.from_numpy(data["x_0"]).to(device)
     n = x_0.shape[0]
     model.train()
-    t_start, t_last, last_step = time.time(), time.time(), step
+    metrics_path = run / checkpoints.METRICS_FILE
     losses: dict[str, float] = {}
     bar = tqdm(total=tc.steps, initial=step, desc="train", disable=not progress, mininterval=1.0)
-    with metrics_path.open("a") as log:
+    with checkpoints.MetricsLog(metrics_path, step, tc.batch_size) as log:
         while step < tc.steps:
             if stop_after is not None and step >= stop_after:
                 return False
@@ -182,9 +176,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
             # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
             # by the decoder, so the run is the same either way).
             out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
-                         generator=gens["noise"])
-            spectral = model.koopman.spectral_loss(cfg.model.spectral_loss) if cfg.model.spectral_loss != "none" else None
-            terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss, spectral=spectral)
+                         generator=gens["noise"], spectral=cfg.model.spectral_loss)
+            terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
@@ -195,13 +188,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
                 if not np.isfinite(losses["total"]):
                     raise KDMError(f"training diverged at step {step}: losses {losses}; lower train.lr "
                                    f"(now {tc.lr}) or resume from an earlier checkpoint")
-                now = time.time()
-                rec = {"step": step, **{f"loss_{k}": v for k, v in losses.items()},
-                       "pairs_per_s": (step - last_step) * tc.batch_size / max(now - t_last, 1e-9),
-                       "elapsed_s": now - t_start}
-                t_last, last_step = now, step
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                rec = log.record(step, {f"loss_{k}": v for k, v in losses.items()})
+                log.write(rec)
                 bar.set_postfix(loss=f"{losses['total']:.4f}")
                 if on_log is not None:
                     on_log(rec)
@@ -220,6 +208,6 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
         version=version, model=cfg.model, train=cfg.train, preset=cfg.preset, pairs_version=m.version,
         pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,
         weights_sha256=artifacts.sha256_file(str(weights)), trainable_parameters=count_parameters(model),
-        final_losses=losses, train_seconds=time.time() - t_start, code_version=code_version(), created=utc_now())
+        final_losses=losses, train_seconds=time.time() - log.t_start, code_version=code_version(), created=utc_now())
     artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
     return True

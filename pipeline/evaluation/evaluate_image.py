@@ -1,0 +1,127 @@
+"""Evaluation of an image student (``kdm evaluate`` and the cifar10 recipe's evaluation stage).
+
+FD-<extractor id> / KID-<extractor id> of the teacher's and the student's outputs on the held-out seeds
+against the dataset's train split (reference statistics cached under a root), their ratio,
+student-vs-teacher MSE (and LPIPS-vgg when its backbone weights exist), a teacher | student grid and a
+sample grid, into one directory artifact committed with its manifest last.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pipeline.errors import KDMError
+from pipeline.stages import check_device
+from pipeline.storage import artifacts
+from storage_schemas import SeedRange, code_version, recipe_version, stable_hash, utc_now
+from storage_schemas.distill_image import ImageEvalStageConfig, ImageEvaluationManifest
+
+GRID_TEACHER_STUDENT, GRID_STUDENT = "teacher_student.png", "student_samples.png"
+
+
+def evenly_spaced(n: int, k: Optional[int]) -> np.ndarray:
+    """Indices of an evenly spaced subset of k of n items (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.linspace(0, n - 1, k).round().astype(np.int64)
+
+
+def evaluation_version(dataset_content_hash: str, extractor_version_: str, pairs_version_: str,
+                       student_version_: str, cfg: ImageEvalStageConfig) -> str:
+    return "eval-img-" + stable_hash(recipe_version(), "evaluate-image", dataset_content_hash, extractor_version_,
+                                     pairs_version_, student_version_, cfg.model_dump(mode="json",
+                                                                                      exclude={"batch_size"}))
+
+
+def read_evaluation_manifest(uri: str) -> ImageEvaluationManifest:
+    return artifacts.read_model(artifacts.join(uri, artifacts.MANIFEST), ImageEvaluationManifest)
+
+
+def evaluation_version_of(dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
+                           cfg: ImageEvalStageConfig) -> str:
+    from pipeline.data.datasets import open_image_dataset
+    from pipeline.training.image_train import read_image_student_manifest
+    from pipeline.storage.pairstore import PairStore
+    return evaluation_version(open_image_dataset(dataset_uri).manifest.content_hash,
+                              Path(str(extractor_uri).rstrip("/")).name, PairStore.open(pairs_uri).version,
+                              read_image_student_manifest(student_uri).version, cfg)
+
+
+def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
+                   cfg: ImageEvalStageConfig, device: str, reference_root: str) -> tuple[ImageEvaluationManifest, bool]:
+    """Evaluate an image student into the directory artifact ``out`` (``kdm evaluate`` and the stage);
+    returns (its manifest, whether it already held this evaluation). Reference statistics are cached
+    under ``reference_root``."""
+    from pipeline.evaluation import features
+    from pipeline.evaluation import image_metrics as im
+    from pipeline.data.datasets import open_image_dataset
+    from pipeline.training.image_train import read_image_student_manifest
+    from pipeline.storage.pairstore import PairStore
+    from pipeline.evaluation.sample import generate_images, load_image_student
+    version = evaluation_version_of(dataset_uri, extractor_uri, pairs_uri, student_uri, cfg)
+    if artifacts.check_target(out, version, read_evaluation_manifest):
+        return read_evaluation_manifest(out), True
+    ds = open_image_dataset(dataset_uri)
+    fxm = features.read_extractor_manifest(extractor_uri)
+    store = PairStore.open(pairs_uri)
+    sm = read_image_student_manifest(student_uri)
+    check_device(device, "evaluation")
+    held = store.heldout()
+    if held is None or held.manifest.seeds is None:
+        raise KDMError(f"pairs {pairs_uri} have no held-out split with seeds: generate them with held-out seeds")
+    n = min(cfg.num_samples or len(held), len(held))
+    if n < 2:
+        raise KDMError(f"the evaluation needs at least 2 held-out pairs, {pairs_uri} has {len(held)}")
+    hd = {k: v[:n] for k, v in held.load(("x_T", "x_0", "label")).items()}
+    seeds = SeedRange(start=held.manifest.seeds.start, stop=held.manifest.seeds.start + n)
+
+    x_train, _ = ds.load("train")
+    x_ref = x_train[evenly_spaced(len(x_train), cfg.reference_images)]
+    fx = features.load_extractor(extractor_uri, device)
+    ref = im.reference_stats(x_ref, dataset_id=ds.version, split="train", extractor=fx, root=reference_root)
+    student, _ = load_image_student(student_uri, device)
+    s_x0 = generate_images(student, hd["x_T"], hd["label"] if sm.model.label_dim else None, cfg.batch_size)
+    t_x0 = hd["x_0"].astype(np.float32)
+    knobs = dict(kid_subsets=cfg.kid_subsets, kid_subset_size=min(cfg.kid_subset_size, n, len(x_ref)),
+                 kid_seed=cfg.kid_seed)
+    teacher_id = store.manifest.teacher.id if store.manifest.teacher else None
+    t_ms = im.distribution_metrics(im.quantize_uint8(t_x0), fx, ref, subject="teacher", seeds=seeds,
+                                   model_version=teacher_id, batch_size=cfg.batch_size, **knobs)
+    s_ms = im.distribution_metrics(im.quantize_uint8(s_x0), fx, ref, subject="student", seeds=seeds,
+                                   model_version=sm.version, batch_size=cfg.batch_size, **knobs)
+    lpips, notes = None, {}
+    if cfg.lpips:
+        try:
+            lpips = im.load_lpips("vgg", device=device)
+        except im.MetricUnavailable as e:
+            notes["lpips"] = f"not computed: {e}"
+    else:
+        notes["lpips"] = "not computed: evaluation.lpips is false"
+    p_ms = im.paired_metrics(s_x0, t_x0, seeds=seeds, pairs_version=held.version, lpips=lpips,
+                             model_version=sm.version)
+    g = min(cfg.grid_images, n)
+    plots = {"teacher_student": GRID_TEACHER_STUDENT, "student_samples": GRID_STUDENT}
+    summary = {"fd_teacher": t_ms[0].value, "fd_student": s_ms[0].value, "fd_ratio": im.ratio(s_ms[0], t_ms[0]),
+               "kid_teacher": t_ms[1].value, "kid_student": s_ms[1].value, "mse": p_ms[0].value,
+               "lpips": p_ms[1].value if len(p_ms) > 1 else None}
+    names = im.metric_names(fx.id)
+    report = im.make_report(t_ms + s_ms + p_ms, plots=plots,
+                            notes={"fd_ratio_student_over_teacher": summary["fd_ratio"], "student": sm.version,
+                                   "teacher": teacher_id, "pairs": store.version, "dataset": ds.version, **notes})
+    tmp = artifacts.begin(out, fresh=True)
+    with tempfile.TemporaryDirectory() as d:
+        im.save_teacher_student_grid(t_x0[:g], s_x0[:g], Path(d, GRID_TEACHER_STUDENT))
+        im.save_grid(s_x0[:g], Path(d, GRID_STUDENT), nrow=8)
+        for f in plots.values():
+            artifacts.write_bytes(artifacts.join(tmp, f), Path(d, f).read_bytes())
+    im.write_report(report, tmp)
+    m = ImageEvaluationManifest(version=version, dataset_version=ds.version, extractor_id=fxm.id, teacher_id=teacher_id,
+                                pairs_version=store.version, student_version=sm.version, config=cfg, plots=plots,
+                                summary=summary, metric_names=names, notes=notes, num_samples=n,
+                                code_version=code_version(), created=utc_now())
+    artifacts.write_json(artifacts.join(tmp, artifacts.MANIFEST), m)
+    artifacts.commit(out)
+    return m, False
