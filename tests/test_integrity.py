@@ -463,3 +463,16 @@ def test_negative_seeds_are_explained(tmp_path, capfd, seeds):
     assert main(["pairs", "generate", "--teacher", str(tmp_path / "t"), *seeds, "--out", str(tmp_path / "p"),
                  "--dry-run"]) == 2
     assert "seeds are non-negative integers" in capfd.readouterr().err
+
+
+def test_checked_view_slices_like_zarr_and_checks_chunks(clean, tmp_path):
+    s, g = PairStore.open(clean), zarr.open_group(clean, mode="r")
+    for name in PAIR_ARRAYS:
+        v = s.checked[name]
+        assert v.shape == g[name].shape and len(v) == g[name].shape[0]
+        assert np.array_equal(v[130:470], g[name][130:470]) and np.array_equal(v[:], g[name][:])
+        assert np.array_equal(v[5], g[name][5]) and np.array_equal(v[-1], g[name][-1])
+    assert np.array_equal(s.checked["x_0"][10:20, 1], g["x_0"][10:20, 1])
+    url = copy_damaged(clean, tmp_path, "train", "x_0", 2, "delete")
+    with pytest.raises(DataCorrupt, match=chunk_pattern("x_0", 2)):
+        PairStore.open(url).checked["x_0"][350:450]

@@ -341,6 +341,12 @@ class PairStore:
     def load(self, names: Iterable[str] = PAIR_ARRAYS) -> dict[str, np.ndarray]:
         return {n: self.read(n) for n in names}
 
+    @property
+    def checked(self) -> "CheckedArrays":
+        """A drop-in for ``group`` in code that slices arrays (``checked["x_0"][a:b]``, ``.shape``): every
+        slice is read through ``read`` (whole chunks, each checked)."""
+        return CheckedArrays(self)
+
     def load_all(self) -> dict[str, np.ndarray]:
         """Every array in memory, each chunk checked, and the content hash checked over them (for readers
         that load a whole store anyway, e.g. the 2-D trainer: the check costs one sha256 pass in memory)."""
@@ -386,6 +392,43 @@ class PairStore:
             if held is not None:
                 checked += held.verify()
         return checked
+
+
+class CheckedArrays:
+    """``store.checked[name]``: an array-like whose slices along N are checked reads (PairStore.read)."""
+
+    def __init__(self, store: PairStore):
+        self._store = store
+
+    def __getitem__(self, name: str) -> "_CheckedArray":
+        return _CheckedArray(self._store, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._store.manifest.arrays
+
+
+class _CheckedArray:
+    def __init__(self, store: PairStore, name: str):
+        self._store, self.name = store, name
+        a = store.array(name)
+        self.shape, self.dtype, self.chunks = tuple(a.shape), a.dtype, tuple(a.chunks)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            return self._store.read(self.name, i, i + 1)[(0, *rest)]
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self.shape[0])
+            out = self._store.read(self.name, start, stop)
+        else:
+            out = self._store.read(self.name)[key]
+        return out[(slice(None), *rest)] if rest else out
 
 
 def read_store_manifest(url: str) -> PairStoreManifest:
