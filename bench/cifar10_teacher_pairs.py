@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
         v = generate.generate_pairs(teacher_url, pcfg, pairs_url, progress=not a.quiet, batch_size=a.batch)
         dt = time.time() - t0
         s = PairStore.open(pairs_url)
-        x0 = s.group["x_0"][:64]
+        x0 = s.read("x_0", 0, 64)
         summary["pairs"] = {"version": v, "url": pairs_url, "train": len(s), "heldout": len(s.heldout() or []),
                             "nfe": pcfg.sampler.nfe, "stage_s": dt, "pairs_per_s": (n + h) / max(dt, 1e-9),
                             "x0_range": [float(x0.min()), float(x0.max())], "content_hash": s.manifest.content_hash}

@@ -11,3 +11,7 @@ class ArtifactExists(KDMError):
 
 class ArtifactMissing(KDMError):
     pass
+
+
+class DataCorrupt(KDMError):
+    """Stored data does not match what its manifest recorded (a missing, truncated or altered file)."""

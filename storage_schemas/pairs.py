@@ -103,6 +103,14 @@ class FilterRecord(Strict):
     kept_index_array: str = "source_index"
 
 
+class HeldoutRef(Strict):
+    """The held-out split a train-split manifest expects in its child group ``heldout``."""
+
+    version: str
+    count: int = Field(ge=0)
+    content_hash: str
+
+
 class PairStoreManifest(Strict):
     format: Literal["kdm-pairs"] = "kdm-pairs"
     schema_version: int = SCHEMA_VERSION
@@ -121,8 +129,21 @@ class PairStoreManifest(Strict):
     import_info: Optional[ImportInfo] = None
     filter: Optional[FilterRecord] = None
     content_hash: str = Field(description="sha256 over the raw bytes of every array, in PAIR_ARRAYS order")
+    chunk_digests: Optional[dict[str, list[str]]] = Field(
+        None, description="per array, the sha256 of each chunk's rows (raw little-endian bytes, the rows of "
+                          "that chunk only), in chunk order; checked by every read. Absent in stores written "
+                          "before it existed (readers then check that each chunk is present)")
+    heldout: Optional[HeldoutRef] = Field(None, description="train split: the held-out child it was committed with")
     code_version: str
     created: str
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for key in ("chunk_digests", "heldout"):
+            if out.get(key, 0) is None:
+                out.pop(key)
+        return out
 
     @model_validator(mode="after")
     def _consistent(self) -> "PairStoreManifest":
@@ -134,6 +155,20 @@ class PairStoreManifest(Strict):
             if tuple(shape) != (self.count, *self.sample_shape):
                 raise ValueError(f"arrays.{name}.shape {shape} != (count, *sample_shape) = "
                                  f"{(self.count, *self.sample_shape)}")
+        if self.schema_version > SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is newer than this kdm reads "
+                             f"({SCHEMA_VERSION}): upgrade kdm, or the manifest was edited")
+        if self.chunk_digests is not None:
+            if set(self.chunk_digests) != set(self.arrays):
+                raise ValueError(f"chunk_digests covers {sorted(self.chunk_digests)}, arrays are {sorted(self.arrays)}")
+            for name, digests in self.chunk_digests.items():
+                spec = self.arrays[name]
+                rows = spec.chunks[0] if spec.chunks else 1
+                expect = -(-spec.shape[0] // max(rows, 1)) if spec.shape else 1
+                if len(digests) != expect:
+                    raise ValueError(f"chunk_digests.{name} has {len(digests)} entries, the array has {expect} chunks")
+        if self.split == "heldout" and self.heldout is not None:
+            raise ValueError("a held-out split has no held-out child")
         if self.origin == "teacher" and (self.teacher is None or self.sampler is None):
             raise ValueError("a teacher-origin store must record teacher and sampler")
         if self.origin == "import" and self.import_info is None:

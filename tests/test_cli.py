@@ -202,7 +202,7 @@ def test_pairs_generate_dry_run_writes_nothing(chain, capsys, tmp_path):
 
 def test_pairs_info_verifies(chain, capsys):
     code, out, _ = run(capsys, "pairs", "info", chain["pairs"], "--verify")
-    assert code == 0 and "content hash verified" in out and "held out 200" in out
+    assert code == 0 and "chunks verified (train and held out)" in out and "held out 200" in out
 
 
 def test_rerunning_a_stage_is_a_no_op(chain, capsys):

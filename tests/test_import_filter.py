@@ -114,7 +114,10 @@ def test_import_rejects_missing_and_non_npy_sources(tmp_path):
         do_import(str(tmp_path / "missing.npy"), tmp_path / "o")
     junk = tmp_path / "junk.npy"
     junk.write_bytes(b"definitely not numpy")
-    with pytest.raises(KDMError, match="not a plain .npy"):
+    with pytest.raises(KDMError, match="not a .npy file"):
+        do_import(str(junk), tmp_path / "o")
+    junk.write_bytes(bytes(100))               # zero bytes: not "pickled data"
+    with pytest.raises(KDMError, match="not a .npy file"):
         do_import(str(junk), tmp_path / "o")
 
 

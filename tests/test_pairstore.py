@@ -237,6 +237,37 @@ def test_shard_written_without_marker_is_recomputed(teacher_dir, reference, tmp_
     assert_same_store(reference[0], out)
 
 
+@pytest.mark.parametrize("fault", ("delete", "flip", "rewrite", "old-marker-delete"))
+def test_finished_shard_damaged_before_resume_is_recomputed(teacher_dir, reference, tmp_path, fault, caplog):
+    """A finished shard (marker written) whose chunk is lost or altered before the resumed run commits is
+    computed again: the committed store equals an uninterrupted run, never zeros."""
+    out = str(tmp_path / "damaged")
+    with pytest.raises(Crash):
+        generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False, on_shard=crash_after(2))
+    partial = Path(artifacts.partial_url(out))
+    marker = partial / generate.PROGRESS_DIR / "shard-000000.done"
+    assert set(json.loads(marker.read_text())) == {"x_T", "x_0", "label", "seed"}
+    chunk = partial / "x_0" / "c" / "0" / "0"
+    if fault.endswith("delete"):
+        os.remove(chunk)
+        if fault.startswith("old-marker"):
+            marker.write_bytes(b"")          # a marker written before markers held digests
+    elif fault == "flip":
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+    else:
+        zarr.open_group(str(partial), mode="r+")["x_0"][0:200] = np.zeros((200, 2), np.float32) + 1
+    redone = []
+    with caplog.at_level("WARNING", logger="kdm.generate"):
+        v = generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False, on_shard=lambda i, n: redone.append(i))
+    assert v == reference[1]
+    assert redone == [2, 0, 0]               # the last train shard, the held-out shard, then shard 0 again
+    assert "recomputing 1 finished shard" in caplog.text and "train shard 0" in caplog.text
+    assert_same_store(reference[0], out)
+    PairStore.open(out).verify()
+
+
 def test_kill_while_creating_the_arrays_is_recovered(teacher_dir, reference, tmp_path):
     out = str(tmp_path / "half-created")
     g = zarr.open_group(artifacts.begin(out), mode="w", zarr_format=3)
@@ -309,7 +340,12 @@ def test_verify_detects_tampering(tmp_path, reference):
     PairStore.open(url).verify()
     g = zarr.open_group(url, mode="r+")
     x = g["x_0"][250]
-    g["x_0"][250] = x + np.float32(1e-3)
+    g["x_0"][250] = x + np.float32(1e-3)      # a valid chunk (crc32c fine) with other data
+    with pytest.raises(KDMError, match=r"array 'x_0', chunk 1 \(rows 200-399.*does not match the checksum"):
+        PairStore.open(url).verify()
+    man = dict(g.attrs["kdm"])                  # a store without chunk digests: the content hash still checks
+    man.pop("chunk_digests")
+    g.attrs["kdm"] = man
     with pytest.raises(KDMError, match="content hash mismatch"):
         PairStore.open(url).verify()
 
@@ -353,3 +389,17 @@ def test_generate_to_an_fsspec_url(teacher_dir, reference):
         fs, path = artifacts.url_to_fs(url)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def test_a_second_writer_on_the_same_out_is_refused_while_the_first_lives(teacher_dir, reference, tmp_path):
+    import socket
+    out = str(tmp_path / "locked")
+    lock = Path(out + ".lock")
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")          # a live writer: this very process
+    with pytest.raises(KDMError, match=r"another `kdm pairs generate` \(pid \d+\) is writing"):
+        generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False)
+    assert not Path(artifacts.partial_url(out)).exists()
+    lock.write_text(f"{socket.gethostname()} 999999999")               # left by a killed run: taken over
+    assert generate.generate_pairs(teacher_dir, make_cfg(), out, progress=False) == reference[1]
+    assert not lock.exists()
+    assert_same_store(reference[0], out)

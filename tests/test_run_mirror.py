@@ -92,3 +92,21 @@ def test_remote_run_of_another_config_is_refused(s3, pairs):
     from pipeline.errors import ArtifactExists
     with pytest.raises(ArtifactExists, match="holds a run of another config/pairs"):
         train.train_student(pairs, other, out, progress=False)
+
+
+def test_damaged_newest_remote_checkpoint_is_set_aside(s3, pairs, tmp_path, caplog):
+    cfg = presets.load("student", "smoke", sets=SETS[:2] + ["train.keep_checkpoints=2", "train.threads=1"])
+    out = f"s3://{BUCKET}/students/c"
+    partial = f"{BUCKET}/students/c.partial"
+    train.train_student(pairs, cfg, out, progress=False, stop_after=30)
+    assert names(s3, f"{partial}/checkpoints") == ["step-00000020", "step-00000030"]
+    ema = f"{partial}/checkpoints/step-00000030/ema.safetensors"
+    s3.pipe(ema, s3.cat(ema)[:64])                                       # truncated in the bucket
+    resumed = []
+    with caplog.at_level("WARNING", logger="kdm.checkpoints"):
+        train.train_student(pairs, cfg, out, progress=False, on_resume=resumed.append)
+    assert "step-00000030 is damaged" in caplog.text
+    assert resumed == [20]
+    local = tmp_path / "uninterrupted"
+    train.train_student(pairs, cfg, str(local), progress=False)
+    assert train.read_student_manifest(out).weights_sha256 == train.read_student_manifest(str(local)).weights_sha256

@@ -110,12 +110,13 @@ def cmd_pairs_filter_images(a) -> None:
 def cmd_pairs_info(a) -> None:
     from pipeline.storage.pairstore import PairStore
     s = PairStore.open(a.store)
-    if a.verify:
-        s.verify()
-    print(s.manifest.model_dump_json(indent=2))
     held = s.heldout()
+    checked = s.verify() if a.verify else 0
+    print(s.manifest.model_dump_json(indent=2, exclude={"chunk_digests"}))
     summary(f"{a.store}: {s.manifest.split} {len(s)} pairs, version {s.version}"
-            + (f", held out {len(held)}" if held else "") + (", content hash verified" if a.verify else ""))
+            + (f", held out {len(held)}" if held else "")
+            + (f", content hash{'es' if held else ''} and all {checked} chunks verified"
+               f"{' (train and held out)' if held else ''}" if a.verify else ""))
 
 
 def cmd_train(a) -> None:
@@ -128,6 +129,9 @@ def cmd_train(a) -> None:
     if a.device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": a.device})})
     store = PairStore.open(a.pairs)
+    if tuple(store.manifest.sample_shape) != (cfg.model.dim,):
+        raise KDMError(f"pairs {a.pairs} have sample shape {tuple(store.manifest.sample_shape)}; model.dim="
+                       f"{cfg.model.dim} expects ({cfg.model.dim},): set model.dim to match the pairs")
     version = train.run_version(store.version, cfg)
     if a.dry_run:
         summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")
@@ -142,10 +146,17 @@ def cmd_train(a) -> None:
 def cmd_sample(a) -> None:
     import numpy as np
     from pipeline.evaluation import sample
+    if a.num is not None and a.num < 1:
+        raise KDMError(f"--num must be at least 1, got {a.num}")
+    out = Path(a.out)
+    if out.is_dir():
+        raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
+    if out.suffix != ".npy":
+        out = out.with_name(out.name + ".npy")     # what np.save writes
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(a.out, x0)
-    summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {a.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, x0)
+    summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {out}")
 
 
 def cmd_evaluate(a) -> None:
@@ -236,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(pr, "import", cmd_pairs_import, "import external pairs into a pair store",
              "example: kdm pairs import ../shared/data/checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official")
     sp.add_argument("src")
-    sp.add_argument("--format", required=True, help="kdm-trajectories: float32 (T, N, D), x_T=[0], x_0=[-1]")
+    sp.add_argument("--format", required=True, help="kdm-trajectories: a numeric (T, N, D) .npy, stored as float32; "
+                    "x_T=[0], x_0=[-1]")
     sp.add_argument("--holdout", type=float, required=True, help="fraction held out for evaluation (may be 0)")
     sp.add_argument("--split-seed", type=int, default=0)
     sp.add_argument("--chunk-size", type=int, default=10000)
@@ -284,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-memorised", action="store_true", help="report copies of training images, drop none")
     sp = add(pr, "info", cmd_pairs_info, "print a pair store's manifest", "example: kdm pairs info runs/pairs --verify")
     sp.add_argument("store")
-    sp.add_argument("--verify", action="store_true", help="recompute the content hash")
+    sp.add_argument("--verify", action="store_true", help="check every chunk of every array of every split "
+                    "(held-out included) against the manifest, and the content hashes")
 
     sp = add(sub, "train", cmd_train, "train a KDM student on a pair store (resumes an interrupted run)",
              "example: kdm train --pairs runs/pairs --preset checkerboard --set train.steps=2000 --out runs/student")
@@ -332,17 +345,35 @@ def build_parser() -> argparse.ArgumentParser:
     add(sub, "presets", cmd_presets, "list the presets under configs/")
     from pipeline.cli import metrics as cli_eval
     from pipeline.cli import images as cli_images
-    from pipeline.training import image_train
+    from pipeline.cli import train_image as cli_train_image
     cli_distill_image.add_commands(sub)
     cli_images.add_commands(sub)
     cli_eval.add_commands(sub)
-    image_train.add_image_commands(sub)
+    cli_train_image.add_commands(sub)
     return p
+
+
+SEED_OPTIONS = ("--seeds", "--heldout-seeds")
+
+
+def _join_negative_seed_values(argv: list[str]) -> list[str]:
+    """``--seeds -5-10`` as ``--seeds=-5-10``: argparse would take the value for an option and say only
+    "expected one argument"; joined, the seed-range check explains what is wrong."""
+    out: list[str] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        if argv[i] in SEED_OPTIONS and i + 1 < len(argv) and argv[i + 1][:2].startswith("-") \
+                and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            next(it, None)
+        else:
+            out.append(argv[i])
+    return out
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a = parser.parse_args(_join_negative_seed_values(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(a, "fn", None):
         parser.print_help()
         return 2
@@ -354,6 +385,11 @@ def main(argv=None) -> int:
     except ValueError as e:   # argument parsing of typed values (e.g. seed ranges)
         print(f"kdm {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:      # read-only or full disks, a file where a directory belongs, ...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"kdm {a.command}: error: {e.strerror or e}{where}; check that the path is writable, has free space "
+              f"and is what the command expects, then rerun (finished work is kept)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,12 +20,30 @@ def add_command(parent, name: str, fn, help_: str, epilog=None) -> argparse.Argu
     return sp
 
 
+MAX_SEED = 2 ** 63 - 1     # seeds are stored as int64
+MAX_SHARDS = 1_000_000     # shards one generation plans (seed range / chunk size)
+
+
 def pairs_generate_config(a, sampler: dict, source: str):
     """A PairsGenerateConfig from --seeds, --heldout-seeds, --chunk-size, --device and ``sampler``."""
     from storage_schemas import PairsGenerateConfig, SeedRange
     from pipeline import presets
-    fields = {"seeds": SeedRange.parse(a.seeds).model_dump(), "chunk_size": a.chunk_size, "device": a.device,
-              "heldout_seeds": SeedRange.parse(a.heldout_seeds).model_dump() if a.heldout_seeds else None,
+    for opt, text in (("--seeds", a.seeds), ("--heldout-seeds", a.heldout_seeds)):
+        if text and text.strip().startswith("-"):
+            raise ValueError(f"{opt} {text}: seeds are non-negative integers; give a range START-END with "
+                             f"0 <= START <= END, e.g. 0-49999")
+    ranges = {"--seeds": SeedRange.parse(a.seeds), "--heldout-seeds": SeedRange.parse(a.heldout_seeds) if a.heldout_seeds else None}
+    for opt, r in ranges.items():
+        if r is None:
+            continue
+        if r.stop - 1 > MAX_SEED:
+            raise ValueError(f"{opt} {r.text()}: seeds must be at most {MAX_SEED} (they are stored as int64)")
+        if a.chunk_size and a.chunk_size > 0 and -(-(r.stop - r.start) // a.chunk_size) > MAX_SHARDS:
+            raise ValueError(f"{opt} {r.text()} with --chunk-size {a.chunk_size} makes "
+                             f"{-(-(r.stop - r.start) // a.chunk_size):,} shards (at most {MAX_SHARDS:,}); "
+                             f"use a smaller seed range or a larger --chunk-size")
+    fields = {"seeds": ranges["--seeds"].model_dump(), "chunk_size": a.chunk_size, "device": a.device,
+              "heldout_seeds": ranges["--heldout-seeds"].model_dump() if ranges["--heldout-seeds"] else None,
               "sampler": sampler}
     return presets.validate(PairsGenerateConfig, fields, source)
 

@@ -45,12 +45,15 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
         raise KDMError(f"{pairs_url} has no held-out split (child group 'heldout'); generate pairs with "
                        f"--heldout-seeds or import with --holdout > 0")
     model, student = load_student(run)
+    if tuple(store.manifest.sample_shape) != (student.model.dim,):
+        raise KDMError(f"student {run} generates {student.model.dim}-D points but {pairs_url} holds samples of shape "
+                       f"{tuple(store.manifest.sample_shape)}; evaluate it on pairs of its own dimension")
     n = min(cfg.num_samples, len(held), len(store))
     if n < 20:
         raise KDMError(f"{pairs_url} has {len(store)} train and {len(held)} held-out pairs; at least 20 of each "
                        f"are needed")
-    hd = {k: v[:n] for k, v in held.load(("x_T", "x_0")).items()}
-    reference, teacher_x0 = hd["x_0"], store.group["x_0"][:n]
+    hd = {k: held.read(k, 0, n) for k in ("x_T", "x_0")}
+    reference, teacher_x0 = hd["x_0"], store.read("x_0", 0, n)
     seeds = SeedRange(start=cfg.sample_seed, stop=cfg.sample_seed + n)
     fresh = generate(model, noise_for_seeds(range(seeds.start, seeds.stop), student.model.dim,
                                             store.manifest.x_T_scale))

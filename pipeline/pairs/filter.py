@@ -106,7 +106,7 @@ def filter_pairs(src: str, cfg: FilterConfig, out: str) -> tuple[str, dict[str, 
                                         hm.chunk_size)
         pairstore.write_region(child, 0, held.load())
         pairstore.finalize(child, **(hm.model_dump(exclude={"content_hash", "arrays", "count", "sample_shape",
-                                                            "code_version", "created"})
+                                                            "chunk_digests", "code_version", "created"})
                                      | {"code_version": code_version(), "created": utc_now()}))
     inherited = m.model_dump(include={"seeds", "teacher", "sampler", "x_T_scale", "num_classes", "import_info"})
     pairstore.finalize(root, version=version, split="train", origin="filter", chunk_size=m.chunk_size,

@@ -25,6 +25,8 @@ hashes, writes the manifests (held-out child first, root last) and renames ``<ou
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import time
@@ -213,6 +215,15 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
     differently in the last bits).
     """
     rank, world_size = resolve_workers(rank, world_size)
+    lock = artifacts.writer_lock(out, "kdm pairs generate") if rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _generate_pairs(teacher_url, cfg, out, progress, on_shard, rank, world_size, batch_size, poll_s,
+                               wait_timeout_s, compile)
+
+
+def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progress: bool,
+                    on_shard: Optional[Callable[[int, int], None]], rank: int, world_size: int,
+                    batch_size: Optional[int], poll_s: float, wait_timeout_s: Optional[float], compile: bool) -> str:
     manifest = read_teacher_manifest(teacher_url)
     version = pairs_version(manifest.id, cfg)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
@@ -256,10 +267,7 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
                if world_size > 1 else ""), unit="pair", disable=not progress, mininterval=1.0)
     t0, done = time.time(), 0
     for sh in todo:
-        x_T, x_0, label = sampler(list(range(sh.lo, sh.hi)))
-        pairstore.write_region(groups[sh.split.name], sh.index * cfg.chunk_size, {
-            "x_T": x_T, "x_0": x_0, "label": label, "seed": np.arange(sh.lo, sh.hi, dtype=np.int64)})
-        artifacts.write_bytes(_shard_marker(sh.split.url, sh.index), b"")
+        _run_shard(sampler, groups, sh, cfg.chunk_size)
         done += sh.hi - sh.lo
         rate = done / max(time.time() - t0, 1e-9)
         bar.update(sh.hi - sh.lo)
@@ -277,16 +285,83 @@ def generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progres
     common = dict(origin="teacher", chunk_size=cfg.chunk_size, sampler=cfg.sampler,
                   teacher=TeacherRef(id=manifest.id, sha256=manifest.weights_sha256, kind=manifest.kind),
                   x_T_scale=cfg.sampler.noise_scale, num_classes=sampler.label_dim, code_version=code_version())
-    # Commit: manifests of the children first, the root's last (the markers stay until then, so a late
+    # Before the commit, every finished shard (this run's, a killed run's, other workers') is checked
+    # against the digests its marker recorded when it was written: a shard whose chunk was lost or altered
+    # since is computed again (once); the same pass gives the manifest's content hash and chunk digests.
+    # Then the manifests of the children first, the root's last (the markers stay until then, so a late
     # worker finds nothing to do), then the progress markers go and the directory is renamed.
     with warnings.catch_warnings():   # zarr notes the marker folder while listing the arrays
         warnings.filterwarnings("ignore", message=f".*{PROGRESS_DIR}.*")
+        scans = _verified_scans(sampler, splits, shards, cfg.chunk_size, on_shard)
         for sp in reversed(splits):
             group = pairstore.open_group(sp.url, "r+")
-            pairstore.finalize(group, version=version if sp.name == "train" else f"{version}-heldout",
+            pairstore.finalize(group, scanned=scans[sp.name],
+                               version=version if sp.name == "train" else f"{version}-heldout",
                                split=sp.name, seeds=sp.seeds, created=utc_now(), **common)
     _commit(out, splits)
     return version
+
+
+def _run_shard(sampler: "_Sampler", groups: dict, sh: Shard, chunk_size: int) -> None:
+    """Compute one shard, write its chunk, then its marker (which records the digest of each array's chunk)."""
+    x_T, x_0, label = sampler(list(range(sh.lo, sh.hi)))
+    data = {"x_T": x_T, "x_0": x_0, "label": label, "seed": np.arange(sh.lo, sh.hi, dtype=np.int64)}
+    pairstore.write_region(groups[sh.split.name], sh.index * chunk_size, data)
+    digests = {k: pairstore.chunk_digest(np.asarray(v, dtype=pairstore.DTYPES[k])) for k, v in data.items()}
+    artifacts.write_bytes(_shard_marker(sh.split.url, sh.index), json.dumps(digests, sort_keys=True).encode())
+
+
+def _marker_digests(sh: Shard) -> Optional[dict]:
+    """The digests a shard's marker recorded; None for an empty marker (written by an older kdm)."""
+    raw = artifacts.read_bytes(_shard_marker(sh.split.url, sh.index))
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {}          # a torn marker: the shard is computed again
+
+
+def _damaged_shards(splits: list[Split], shards: list[Shard], scans: dict) -> list[tuple[Shard, str]]:
+    bad = []
+    groups = {sp.name: pairstore.open_group(sp.url, "r") for sp in splits}
+    for sh in shards:
+        digests = _marker_digests(sh)
+        group = groups[sh.split.name]
+        for name in PAIR_ARRAYS:
+            got = scans[sh.split.name][1][name][sh.index]
+            if digests is None:      # no digest recorded: the chunk must at least exist
+                if not pairstore.chunk_present(group[name], sh.index):
+                    bad.append((sh, f"{name} chunk {sh.index} is missing"))
+                    break
+            elif digests.get(name) != got:
+                what = ("is missing" if not pairstore.chunk_present(group[name], sh.index) else
+                        "is unreadable" if got == pairstore.UNREADABLE else "was altered")
+                bad.append((sh, f"{name} chunk {sh.index} {what}"))
+                break
+    return bad
+
+
+def _verified_scans(sampler: "_Sampler", splits: list[Split], shards: list[Shard], chunk_size: int,
+                    on_shard: Optional[Callable[[int, int], None]]) -> dict:
+    """{split: pairstore.scan(group)} once every shard matches its marker; damaged shards are recomputed."""
+    for attempt in (1, 2):
+        scans = {sp.name: pairstore.scan(pairstore.open_group(sp.url, "r"), PAIR_ARRAYS, tolerant=True)
+                 for sp in splits}
+        bad = _damaged_shards(splits, shards, scans)
+        if not bad:
+            return scans
+        where = "; ".join(f"{sh.split.name} shard {sh.index} (seeds {sh.lo}-{sh.hi - 1}): {why}" for sh, why in bad)
+        if attempt == 2:
+            raise KDMError(f"finished shards of {artifacts.partial_url(splits[0].url)} keep failing their check "
+                           f"after being computed again ({where}); the disk may be failing: check it and rerun")
+        log.warning("recomputing %d finished shard(s) whose data changed after they were written: %s", len(bad), where)
+        groups = {sp.name: pairstore.open_group(sp.url, "r+") for sp in splits}
+        for sh, _ in bad:
+            _run_shard(sampler, groups, sh, chunk_size)
+            if on_shard is not None:
+                on_shard(sh.index, sum(1 for b, _ in bad if b.split.name == sh.split.name))
+    raise AssertionError("unreachable")
 
 
 def _commit(out: str, splits: list[Split]) -> None:

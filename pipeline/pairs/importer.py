@@ -36,6 +36,7 @@ import abc
 
 import hashlib
 import io
+import logging
 import re
 from collections import OrderedDict
 from typing import Callable, Optional
@@ -51,6 +52,8 @@ from pipeline.storage import pairstore
 from pipeline.errors import ArtifactExists, KDMError
 from pipeline.storage.pairstore import PairStore
 
+log = logging.getLogger("kdm.import")
+
 GET_SUFFIXES = (".pkl", ".pt", ".pth")
 
 
@@ -63,6 +66,9 @@ def load_trajectories(src: str) -> tuple[np.ndarray, str]:
         raise KDMError(f"import source {src} does not exist") from None
     except IsADirectoryError:
         raise KDMError(f"{src} is a folder; format kdm-trajectories is one .npy file (folders: kdm-npz, get-pt)") from None
+    if not raw.startswith(b"\x93NUMPY"):
+        raise KDMError(f"{src} is not a .npy file (no NumPy header); format kdm-trajectories is one float32 "
+                       f"(T, N, D) array saved with numpy.save")
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except ValueError as e:
@@ -297,6 +303,9 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
         if artifacts.check_target(out, _version(source_sha, cfg), pairstore.read_store_manifest):
             return _version(source_sha, cfg)
     source = open_source(src, cfg, source_sha)
+    if source.count == 0 or 0 in tuple(source.sample_shape):
+        raise KDMError(f"{src} holds no pairs (count {source.count}, sample shape {tuple(source.sample_shape)}); "
+                       f"nothing to import")
     version = _version(source.sha256, cfg)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         return version
@@ -310,10 +319,13 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
         splits.append(("heldout", artifacts.join(tmp, HELDOUT_GROUP), held_idx))
     groups = []
     c = cfg.chunk_size
+    nonfinite = {"train": 0, "heldout": 0}
     for split, url, idx in splits:          # root first: creating it would wipe an existing child
         group = pairstore.create_arrays(url, len(idx), source.sample_shape, c)
         for s in range(0, len(idx), c):
             x_T, x_0, lab = source.get(idx[s:s + c])
+            nonfinite[split] += int((~(np.isfinite(np.reshape(x_T, (len(x_T), -1))).all(1)
+                                       & np.isfinite(np.reshape(x_0, (len(x_0), -1))).all(1))).sum())
             pairstore.write_region(group, s, {"x_T": x_T, "x_0": x_0, "label": lab,
                                               "seed": idx[s:s + c].astype(np.int64)})
         groups.append((split, group))
@@ -322,6 +334,10 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
                            origin="import", chunk_size=c, import_info=info, x_T_scale=cfg.x_T_scale,
                            num_classes=source.num_classes, code_version=code_version(), created=utc_now())
     artifacts.commit(out)
+    if any(nonfinite.values()):
+        log.warning("%s: %d train and %d held-out pairs hold NaN/Inf (imported as they are); drop them with "
+                    "`kdm pairs filter --pairs %s --out NEW` before training", out, nonfinite["train"],
+                    nonfinite["heldout"], out)
     return version
 
 

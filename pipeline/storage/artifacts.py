@@ -6,9 +6,11 @@ an artifact whose manifest exists, so a killed writer never leaves a readable ha
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Type, TypeVar
 
@@ -79,7 +81,13 @@ def read_model(url: str, model: Type[M]) -> M:
     try:
         raw = read_json(url)
     except FileNotFoundError:
-        raise ArtifactMissing(f"{url} does not exist") from None
+        parent = str(url).rstrip("/").rsplit("/", 1)[0] if "/" in str(url) else "."
+        if not exists(parent):
+            raise ArtifactMissing(f"{parent} does not exist (looked for {url}); check the path") from None
+        raise ArtifactMissing(f"{url} does not exist: {parent} is not a finished kdm artifact of this kind "
+                              f"(unfinished, or another kind); check the path") from None
+    except ValueError:
+        raise KDMError(f"{url} is not valid JSON: the artifact is damaged; write it again") from None
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -193,3 +201,57 @@ def local_path(url: str) -> Path:
     if not is_local(url):
         raise KDMError(f"{url} must be a local path here")
     return Path(str(url).removeprefix("file://"))
+
+
+@contextlib.contextmanager
+def writer_lock(out: str, what: str):
+    """One writer per local ``out``: the process holds ``<out>.lock`` (its host and pid) while it runs; a
+    second ``what`` (e.g. 'kdm train') onto the same ``out`` is refused while that process lives, and a lock
+    left by a killed process is taken over. Remote URLs: no lock (a no-op)."""
+    if not is_local(out):
+        yield
+        return
+    lock = local_path(out).with_name(local_path(out).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+            except (OSError, ValueError):
+                host, pid = "", "0"
+            if host == socket.gethostname() and _alive(int(pid)):
+                raise KDMError(f"another `{what}` (pid {pid}) is writing {out}; wait for it to finish "
+                               f"(rerunning then is a no-op) or stop it, then rerun") from None
+            if host not in ("", socket.gethostname()):
+                raise KDMError(f"{lock} says host {host} (pid {pid}) is writing {out}; if no run is active there, "
+                               f"delete {lock} and rerun") from None
+            lock.unlink(missing_ok=True)      # left by a killed run
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    else:
+        raise KDMError(f"could not take the writer lock {lock}; delete it if no run is active and rerun")
+    try:
+        yield
+    finally:
+        try:
+            if lock.read_text() == me:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -11,14 +11,19 @@ teacher trainer (pipeline.teachers.bootstrap). Inside a run directory:
 
 A checkpoint is written under ``checkpoints/.tmp-step-NNNNNNNN``, ``state.json`` last, and renamed into
 place, so a kill never leaves a torn checkpoint; only a ``step-*`` directory holding ``state.json`` counts
-as complete. The newest ``keep`` checkpoints are kept.
+as complete. ``state.json`` also records the size and sha256 of every other file (key ``_files``): a
+checkpoint damaged later (a truncated or altered file) is set aside as ``.damaged-step-NNNNNNNN`` with a
+warning and the run resumes from the previous complete one. The newest ``keep`` checkpoints are kept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -26,11 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import ArtifactExists
+from pipeline.errors import ArtifactExists, KDMError
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+FILES_KEY = "_files"          # state.json: {file name: [size, sha256]} of the checkpoint's other files
+log = logging.getLogger("kdm.checkpoints")
 
 
 # --- checkpoint directories ----------------------------------------------------------------------
@@ -45,12 +52,73 @@ def pending_path(run: Path, step: int) -> Path:
 
 
 def latest_checkpoint(run: Path) -> Optional[Path]:
-    """The newest complete checkpoint of ``run``, or None."""
+    """The newest complete and intact checkpoint of ``run``, or None.
+
+    A newer checkpoint that fails its check (``checkpoint_problem``) is renamed ``.damaged-step-N`` (out of
+    the way of resuming and pruning) with a warning naming the file, and the previous one is tried.
+    """
     ck = run / CKPT_DIR
     if not ck.is_dir():
         return None
     done = sorted(p for p in ck.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).exists())
-    return done[-1] if done else None
+    for p in reversed(done):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        aside = p.with_name(".damaged-" + p.name)
+        if aside.exists():
+            aside = p.with_name(f".damaged-{p.name}-{os.getpid()}")
+        try:
+            os.replace(p, aside)
+        except OSError:   # already set aside by another process of the same run (one per GPU)
+            pass
+        msg = (f"checkpoint {p} is damaged ({problem}); it was moved to {aside.name} and the run resumes from "
+               + (f"the previous checkpoint" if p is not done[0] else "the start (no older checkpoint)"))
+        log.warning(msg)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(ck: Path) -> Optional[str]:
+    """Why checkpoint ``ck`` cannot be resumed from, or None when it is intact: each file recorded in
+    ``state.json`` has its size and sha256; older checkpoints (no record): each ``.safetensors`` header
+    covers the file and each ``.pt`` is a readable zip archive."""
+    try:
+        state = json.loads((ck / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable: {e}"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{STATE_FILE} holds no step"
+    files = state.get(FILES_KEY)
+    if files is not None:
+        for name, (size, digest) in sorted(files.items()):
+            f = ck / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written"
+            if _sha256(f) != digest:
+                return f"{name} does not match the sha256 recorded when it was written"
+        return None
+    for f in sorted(ck.iterdir()):
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            elif f.suffix == ".pt":
+                with zipfile.ZipFile(f) as z:
+                    z.infolist()
+        except Exception as e:
+            return f"{f.name} is unreadable ({str(e).splitlines()[0][:100]})"
+    return None
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
@@ -75,7 +143,9 @@ def write_checkpoint_files(path: Path, state: dict, modules: Mapping[str, nn.Mod
         save_weights(module, path / f"{name}.safetensors")
     for name, obj in objects.items():
         torch.save(obj, path / f"{name}.pt")
-    (path / STATE_FILE).write_text(json.dumps(state))
+    files = {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(path.iterdir())
+             if f.is_file() and f.name != STATE_FILE}
+    (path / STATE_FILE).write_text(json.dumps({**state, FILES_KEY: files}))
 
 
 def commit_checkpoint(run: Path, step: int, keep: int) -> Path:
@@ -121,8 +191,10 @@ def load_checkpoint(ck: Path, device, modules: Mapping[str, nn.Module],
 
 
 def read_state(ck: Path) -> dict:
-    """``state.json`` of checkpoint ``ck``: the step and the trainer's extras."""
-    return json.loads((ck / STATE_FILE).read_text())
+    """``state.json`` of checkpoint ``ck``: the step and the trainer's extras (without the file record)."""
+    state = json.loads((ck / STATE_FILE).read_text())
+    state.pop(FILES_KEY, None)
+    return state
 
 
 # --- metrics log ---------------------------------------------------------------------------------
@@ -208,10 +280,26 @@ def claim_run(config_file: Path, version: str, config: dict, holds: str,
               hint: str = "choose another --out to start a new run") -> None:
     """Write ``{"version": version, **config}`` to ``config_file`` on the first call; later calls check
     that the run there is of ``version`` and raise ArtifactExists ("<holds> (version ..., this is ...);
-    <hint>") when it is not."""
+    <hint>") when it is not. A directory that holds anything but a run (a pair store, another artifact,
+    unrelated files) is refused: a run never writes into it."""
+    run = config_file.parent
+    if run.exists() and not run.is_dir():
+        raise KDMError(f"{run} is a file, not a run directory; choose a directory path for --out")
     if config_file.exists():
-        old = json.loads(config_file.read_text())
-        if old.get("version") != version:
-            raise ArtifactExists(f"{holds} (version {old.get('version')}, this is {version}); {hint}")
+        try:
+            old = json.loads(config_file.read_text())
+        except ValueError:
+            raise ArtifactExists(f"{config_file} is not a readable run config; {hint}") from None
+        if not isinstance(old, dict) or old.get("version") != version:
+            old_v = old.get("version") if isinstance(old, dict) else None
+            raise ArtifactExists(f"{holds} (version {old_v}, this is {version}); {hint}")
     else:
+        others = sorted(p.name for p in run.iterdir() if p.name not in (CKPT_DIR, METRICS_FILE)) if run.is_dir() else []
+        if others:
+            kind = ("a Zarr store (e.g. a pair store)" if "zarr.json" in others else
+                    "a kdm artifact" if "manifest.json" in others else "other files")
+            shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+            raise ArtifactExists(f"{run} is not empty and is not a run of this config: it holds {kind} ({shown}); "
+                                 f"choose a new or empty directory for --out")
+        run.mkdir(parents=True, exist_ok=True)
         config_file.write_text(json.dumps({"version": version, **config}, indent=2) + "\n")

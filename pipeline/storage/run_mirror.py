@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from pipeline.storage import artifacts
-from pipeline.storage.checkpoints import CKPT_DIR, METRICS_FILE, STATE_FILE
+from pipeline.storage.checkpoints import CKPT_DIR, METRICS_FILE, STATE_FILE, checkpoint_problem, log
 
 
 def _step_of(name: str) -> int:
@@ -61,23 +61,30 @@ class RunMirror:
         for name in self.run_files:
             if self.fs.exists(self._remote(name)):
                 self.fs.get_file(self._remote(name), str(run / name))
-        done = self.complete_checkpoints()
-        if not done:
-            return None
-        name = done[-1]
-        pending = run / CKPT_DIR / f".pull-{name}"
-        if pending.exists():
-            shutil.rmtree(pending)
-        pending.mkdir(parents=True)
-        src = self._remote(CKPT_DIR, name)
-        files = [f.rsplit("/", 1)[-1] for f in self.fs.find(src)]
-        for f in sorted(files, key=lambda f: f == STATE_FILE):       # state.json last
-            self.fs.get_file(f"{src}/{f}", str(pending / f))
-        final = run / CKPT_DIR / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(pending, final)
-        return _step_of(name)
+        for name in reversed(self.complete_checkpoints()):
+            pending = run / CKPT_DIR / f".pull-{name}"
+            if pending.exists():
+                shutil.rmtree(pending)
+            pending.mkdir(parents=True)
+            src = self._remote(CKPT_DIR, name)
+            files = [f.rsplit("/", 1)[-1] for f in self.fs.find(src)]
+            for f in sorted(files, key=lambda f: f == STATE_FILE):       # state.json last
+                self.fs.get_file(f"{src}/{f}", str(pending / f))
+            problem = checkpoint_problem(pending)
+            if problem is not None:      # set aside remotely (out of resuming and pruning), try the previous one
+                shutil.rmtree(pending)
+                for f in files:
+                    self.fs.copy(f"{src}/{f}", self._remote(CKPT_DIR, ".damaged-" + name, f))
+                self.fs.rm(src, recursive=True)
+                msg = f"checkpoint {src} is damaged ({problem}); it was moved to .damaged-{name}, trying the previous one"
+                log.warning(msg)
+                continue
+            final = run / CKPT_DIR / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(pending, final)
+            return _step_of(name)
+        return None
 
     def push_checkpoint(self, run: Path, ck: Path, keep: int) -> None:
         """Upload the run files (the metrics log before the checkpoint, so the remote log always reaches

@@ -42,8 +42,8 @@ import torch
 from storage_schemas import SamplerSettings, SeedRange, TeacherRef, code_version, stable_hash, utc_now
 
 from pipeline.storage import pairstore
-from pipeline.errors import KDMError
-from pipeline.storage.pairstore import PairStore
+from pipeline.errors import DataCorrupt, KDMError
+from pipeline.storage.pairstore import DAMAGED_HINT, PairStore
 
 ARRAYS = ("x_T", "x_0", "label")
 
@@ -97,20 +97,27 @@ class _LocalChunkReader:
         except Exception:
             return None
 
-    def read(self, c: int) -> np.ndarray:
+    def read(self, c: int) -> tuple[np.ndarray, bool]:
+        """(chunk ``c`` decoded, padded to the chunk shape; whether its file exists). A missing file reads as
+        the fill value: the caller checks the rows against the manifest (PairStore.check_chunk)."""
         import google_crc32c
         key = self.arr.metadata.encode_chunk_key((c,) + (0,) * (len(self.chunk_shape) - 1))
         path = self.root / key
-        if not path.exists():                       # never written: the fill value
-            return np.zeros(self.chunk_shape, self.dtype)
+        if not path.exists():
+            return np.zeros(self.chunk_shape, self.dtype), False
         with open(path, "rb") as f:
-            body = f.read(os.fstat(f.fileno()).st_size - 4)
+            body = f.read(max(os.fstat(f.fileno()).st_size - 4, 0))
             stored = f.read(4)
         if np.uint32(google_crc32c.value(body)).tobytes() != stored:
-            raise KDMError(f"{path}: crc32c checksum mismatch; the pair store is corrupt")
+            raise DataCorrupt(f"{path}: crc32c checksum mismatch (chunk {c} of array '{self.arr.basename}'); "
+                              f"{DAMAGED_HINT}")
         out = np.empty(self.chunk_shape, self.dtype)
-        self.zstd.decode(body, out=out)
-        return out
+        try:
+            self.zstd.decode(body, out=out)
+        except Exception as e:
+            raise DataCorrupt(f"{path}: chunk {c} of array '{self.arr.basename}' cannot be decoded ({e}); "
+                              f"{DAMAGED_HINT}") from None
+        return out, True
 
 
 class ChunkShuffleSampler:
@@ -130,7 +137,7 @@ class ChunkShuffleSampler:
             raise ValueError("drop_last=False would give the ranks different numbers of batches; "
                              "use drop_last=True with several ranks")
         self.store = store
-        self.arrays = {n: store.group[n] for n in ARRAYS}
+        self.arrays = {n: store.array(n) for n in ARRAYS}
         self._direct = {n: _LocalChunkReader.make(a) if direct_reads else None for n, a in self.arrays.items()}
         self.n = len(store)
         self.chunk_size = int(self.arrays["x_0"].chunks[0])
@@ -231,7 +238,12 @@ class ChunkShuffleSampler:
             c = int(chunks[i])
             lo, n = c * self.chunk_size, self._chunk_len(c)
             direct = self._direct[name]
-            arr = direct.read(c)[:n] if direct is not None else np.asarray(self.arrays[name][lo:lo + n])
+            if direct is not None:
+                arr, present = direct.read(c)
+                arr = arr[:n]
+                self.store.check_chunk(name, c, arr, present=present)
+            else:
+                arr = self.store.read_chunk(name, c)
             data = torch.from_numpy(arr)
             out[name].index_copy_(0, inv[offsets[i]:offsets[i + 1]], data.to(out[name].dtype))
 

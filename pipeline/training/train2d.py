@@ -30,7 +30,7 @@ from storage_schemas import (StudentManifest, StudentRunConfig, code_version, re
 from pipeline.storage import artifacts
 from pipeline.storage import checkpoints
 from pipeline.devices import resolve_device
-from pipeline.errors import KDMError
+from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
 from pipeline.storage.pairstore import PairStore
 from pipeline.storage.run_mirror import RunMirror
 
@@ -44,7 +44,23 @@ def run_version(pairs_version: str, cfg: StudentRunConfig) -> str:
 
 
 def read_student_manifest(url: str) -> StudentManifest:
-    return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), StudentManifest)
+    """The manifest of a finished student run; a clear error for an unfinished run or another artifact."""
+    path = artifacts.join(url, artifacts.MANIFEST)
+    try:
+        raw = artifacts.read_json(path)
+    except FileNotFoundError:
+        what = ("an unfinished student run (no manifest.json yet): finish it by rerunning its `kdm train`"
+                if artifacts.exists(artifacts.join(url, CONFIG_FILE)) else
+                "a Zarr store, not a student run" if artifacts.exists(artifacts.join(url, "zarr.json")) else
+                "not a student run (no manifest.json)" if artifacts.exists(url) else "missing")
+        raise ArtifactMissing(f"{url} is {what}; give the --out directory of a finished `kdm train`") from None
+    except ValueError:
+        raise KDMError(f"{path} is not valid JSON: the run is damaged; train it again into a new --out") from None
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt != "kdm-student":
+        raise ArtifactExists(f"{url} holds another kind of artifact ({fmt or 'unknown'}), not a kdm student run; "
+                             f"choose another directory")
+    return artifacts.read_model(path, StudentManifest)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -85,13 +101,16 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
     if len(m.sample_shape) != 1 or m.sample_shape[0] != cfg.model.dim:
         raise KDMError(f"pairs {pairs_url} have sample shape {m.sample_shape}; model.dim={cfg.model.dim} "
                        f"expects ({cfg.model.dim},)")
+    if m.count == 0:
+        raise KDMError(f"pairs {pairs_url} hold no train pairs; generate or import a non-empty store")
     version = run_version(m.version, cfg)
     if artifacts.check_target(out, version, read_student_manifest) if artifacts.committed(out) else False:
         return version
     args = dict(store=store, pairs_url=pairs_url, cfg=cfg, version=version, progress=progress, on_log=on_log,
                 stop_after=stop_after, on_resume=on_resume)
     if artifacts.is_local(out):
-        _train_run(artifacts.local_path(out), out, **args)
+        with artifacts.writer_lock(out, "kdm train"):
+            _train_run(artifacts.local_path(out), out, **args)
         return version
     mirror = RunMirror(out, run_files=(CONFIG_FILE, checkpoints.METRICS_FILE))
     with tempfile.TemporaryDirectory(prefix="kdm-student-") as work:
@@ -110,7 +129,13 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     ``stop_after`` ended the loop first. ``on_checkpoint(run, checkpoint, keep)`` follows every
     checkpoint."""
     m = store.manifest
-    run.mkdir(parents=True, exist_ok=True)
+    data = store.load_all()   # every chunk checked as it is read, then the content hash
+    data = {k: data[k] for k in ("x_T", "x_0")}
+    bad = {k: int((~np.isfinite(v)).any(axis=tuple(range(1, v.ndim))).sum()) for k, v in data.items()}
+    if any(bad.values()):
+        raise KDMError(f"pairs {pairs_url} hold non-finite values (rows with NaN/Inf: " +
+                       ", ".join(f"{k} {n}" for k, n in bad.items() if n) + "); drop them with `kdm pairs "
+                       f"filter --pairs {pairs_url} --out NEW` and train on NEW")
     checkpoints.claim_run(run / CONFIG_FILE, version,
                           {"pairs": pairs_url, "pairs_version": m.version, "pairs_content_hash": m.content_hash,
                            "config": cfg.model_dump(mode="json")},
@@ -135,7 +160,6 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
         _set_rng_states(gens, checkpoints.load_object(ck, "rng"))
         if on_resume is not None:
             on_resume(step)
-    data = store.load(("x_T", "x_0"))
     x_T = torch.from_numpy(data["x_T"]).to(device)
     x_0 = torch.from_numpy(data["x_0"]).to(device)
     n = x_0.shape[0]
