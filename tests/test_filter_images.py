@@ -292,3 +292,19 @@ def test_ratio_without_a_second_neighbour_is_not_a_copy():
                           meank=np.array([np.inf, 0.2, 0.3]), ref=np.zeros(3, np.int64), variant=np.zeros(3, np.int64))
     assert nb.ratio("gu").tolist() == [1.0, 0.0, 0.2]
     assert nb.ratio("carlini")[0] == 1.0 and nb.ratio("carlini")[1] == 0.0
+
+
+def test_a_damaged_source_store_is_refused_and_nothing_is_written(world, tmp_path):
+    """The filter reads through the pair store's checked path: a deleted chunk of x_0 is an error that
+    names the array and the chunk, never a pair of zeros that passes the filter."""
+    import shutil
+    from pipeline.errors import KDMError
+    src = tmp_path / "pairs"
+    shutil.copytree(world["pairs"], src)
+    chunk = src / "x_0" / "c" / "1" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    out = tmp_path / "filtered"
+    with pytest.raises(KDMError, match=r"array 'x_0', chunk 1 .*missing"):
+        fi.filter_image_pairs(str(src), CFG, str(out), dataset_uri=world["ds"])
+    assert not out.exists()

@@ -631,7 +631,7 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
             dropped.append(entry)
 
     for a in range(0, n, cfg.chunk_size):
-        chunk = _rows(source.group, ("x_T", "x_0", "seed"), a, min(a + cfg.chunk_size, n))
+        chunk = _rows(source.checked, ("x_T", "x_0", "seed"), a, min(a + cfg.chunk_size, n))
         seeds_all = chunk["seed"]
         rows = np.arange(a, a + len(seeds_all))
         alive = np.ones(len(rows), bool)
@@ -751,13 +751,13 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
                                                   ds.manifest.content_hash if ds else None), counts=counts)
     tmp = artifacts.begin(out, fresh=True)
     root = pairstore.create_arrays(tmp, len(kept), shape, m.chunk_size, extra=("source_index",))
-    _copy_rows(source.group, root, kept, m.chunk_size, cfg.chunk_size)
+    _copy_rows(source.checked, root, kept, m.chunk_size, cfg.chunk_size)
     held = source.heldout()
     if held is not None:
         hm = held.manifest
         child = pairstore.create_arrays(artifacts.join(tmp, HELDOUT_GROUP), len(held), hm.sample_shape,
                                         hm.chunk_size)
-        _copy_rows(held.group, child, np.arange(len(held)), hm.chunk_size, cfg.chunk_size, index=False)
+        _copy_rows(held.checked, child, np.arange(len(held)), hm.chunk_size, cfg.chunk_size, index=False)
         pairstore.finalize(child, **(hm.model_dump(exclude={"content_hash", "arrays", "count", "sample_shape",
                                                             "code_version", "created"})
                                      | {"code_version": code_version(), "created": utc_now()}))
