@@ -417,19 +417,7 @@ def student_metrics(uri: str) -> list[dict]:
     """The logged records of the student's run (its ``metrics.jsonl``: interval means of the losses,
     pairs/s), also for a run found committed; a line torn by a kill mid-write is skipped."""
     from pipeline.storage import artifacts, checkpoints
-    try:
-        text = artifacts.read_bytes(artifacts.join(uri, checkpoints.METRICS_FILE)).decode()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
-    return records
+    return checkpoints.read_metrics(artifacts.join(uri, checkpoints.METRICS_FILE))
 
 
 STAGES = ("dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation")

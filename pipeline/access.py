@@ -168,6 +168,7 @@ def verify_trigger_teacher(root: str, teacher_uri: str, *, expected_root: Option
     manifest, and that the record names exactly this artifact: same URI, manifest id, and sha256 (of the
     weights, or for an imported EDM pickle of the source pickle). ``sha256`` / ``teacher_id`` (e.g. from the
     event payload) must match too when given. KDMError otherwise."""
+    from pipeline.teachers import registry
     from pipeline.teachers.registry import absolute_uri, read_record, registry_id
     from storage_schemas import TeacherManifest
     from storage_schemas.registry import record_path
@@ -191,13 +192,8 @@ def verify_trigger_teacher(root: str, teacher_uri: str, *, expected_root: Option
                        f"distilled") from None
     if "/" in m.weights_file or "\\" in m.weights_file or m.weights_file in ("", ".", ".."):
         raise KDMError(f"{uri_abs}: manifest weights_file {m.weights_file!r} is not a plain file name")
-    weights = artifacts.join(uri_abs, m.weights_file)
-    if not artifacts.exists(weights):
-        raise KDMError(f"{weights} is missing; the teacher artifact is incomplete")
-    actual = artifacts.sha256_file(weights)
-    if actual != m.weights_sha256:
-        raise KDMError(f"{weights}: sha256 {actual} does not match its manifest ({m.weights_sha256}); the teacher "
-                       f"was modified after registration; nothing is distilled")
+    actual = registry.weights_sha256(uri_abs, m, "the teacher was modified after registration; nothing is "
+                                                 "distilled")
     candidates = [("kdm" if m.kind == "edm" else "flow-matching", actual)]
     if m.source is not None:
         candidates.append(("edm-pkl", m.source.sha256))

@@ -19,13 +19,13 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from .common import SCHEMA_VERSION, Strict
-from .protocol import ExtractorRef
+from .protocol import ClassifierTrainConfig, ExtractorRef, TrainedClassifierFields
 
 PERCEPTUAL_FORMAT = "kdm-perceptual-net"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class PerceptualNetTrainConfig(Strict):
+class PerceptualNetTrainConfig(ClassifierTrainConfig):
     """Recipe of the perceptual network: VGG-style stages of ``width, 2w, 4w, 8w`` channels, two
     conv-BN-ReLU layers each, 2x2 average pooling between stages, global average pooling and a linear
     classifier (logits * 0.125). The distance taps the last ReLU of each stage (4 maps: 32x32, 16x16,
@@ -36,19 +36,9 @@ class PerceptualNetTrainConfig(Strict):
 
     arch: Literal["vgg-avg"] = "vgg-avg"
     width: int = Field(32, ge=1)
-    num_classes: int = Field(10, ge=2)
     epochs: int = Field(16, ge=1)
-    batch_size: int = Field(512, ge=1)
     lr: float = Field(0.2, gt=0)
-    warmup_fraction: float = Field(0.25, ge=0, lt=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    label_smoothing: float = Field(0.2, ge=0, lt=1)
-    crop_padding: int = Field(4, ge=0)
-    flip: bool = True
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="autocast dtype on CUDA; CPU always runs fp32")
     seed: int = Field(1, description="differs from the evaluation extractor's default seed (0) on purpose")
-    eval_batch_size: int = Field(1000, ge=1)
 
     @property
     def layer_channels(self) -> tuple[int, ...]:
@@ -79,7 +69,7 @@ class PerceptualNetRef(Strict):
         return v
 
 
-class PerceptualNetManifest(Strict):
+class PerceptualNetManifest(TrainedClassifierFields):
     """``weights.safetensors`` + ``config.json`` + ``manifest.json`` (written last) of a perceptual network."""
 
     format: Literal["kdm-perceptual-net"] = PERCEPTUAL_FORMAT
@@ -87,24 +77,8 @@ class PerceptualNetManifest(Strict):
     id: str = Field(description="'pnet-<arch>w<width>-<hash>', content-addressed over recipe, config, data and seed")
     config: PerceptualNetTrainConfig
     layer_channels: tuple[int, ...]
-    image_shape: tuple[int, int, int] = Field(description="(C, H, W) the network was trained on")
-    mean: tuple[float, ...] = Field(description="per-channel mean of the training images, in [0, 1] units")
-    std: tuple[float, ...]
-    weights_file: str = "weights.safetensors"
-    weights_sha256: str
-    dataset_id: str
-    train_images: int
-    train_sha256: str = Field(description="sha256 over the training image and label array bytes")
-    test_images: int = 0
-    test_accuracy: Optional[float] = None
-    training_seed: int
-    train_seconds: float
-    device: str
-    torch_version: str
     independent_of: Optional[ExtractorRef] = Field(
         None, description="the evaluation extractor this network was checked to differ from when it was trained")
-    code_version: str
-    created: str
 
     @property
     def version(self) -> str:

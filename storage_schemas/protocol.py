@@ -312,20 +312,11 @@ class ReferenceStatsManifest(Strict):
                             num_images=self.num_images)
 
 
-class ExtractorTrainConfig(Strict):
-    """Offline feature extractor: a ResNet-9-style CIFAR classifier (Page's DAWNBench net).
+class ClassifierTrainConfig(Strict):
+    """How the pipeline trains its own CIFAR classifiers (the evaluation's feature extractor and the
+    lpips-own distance's network): SGD with Nesterov momentum, one-cycle learning rate, label smoothing,
+    crops + flips, bf16 autocast on CUDA, deterministic given the seed. Subclasses name the network."""
 
-    Stages of ``width, 2w, 4w, 8w`` channels; the features are the 8w-d global max pool before the
-    classifier (512-d at the default width). Recipe: SGD Nesterov (momentum 0.9, weight decay 5e-4 on
-    the mean loss), one-cycle learning rate (linear 0 -> ``lr`` over ``warmup_fraction`` of the steps,
-    then linear to 0), label smoothing 0.2, random crops with 4 px reflect padding and horizontal
-    flips, batch 512, 24 epochs, bf16 autocast on CUDA (fp32 on CPU). Measured on the CIFAR-10 JPEG
-    archive (shared/data) on one H200: 90.6 % test accuracy after 18 epochs (13.7 s), 91.0 % after
-    24 (18.1 s), 91.1 % after 30; label smoothing 0 / 0.1, lr 0.2 / 0.8, fp32, weight decay 1e-3,
-    warm-up 0.15 and batch 256 all stay within 90.3-90.8 % at 18 epochs.
-    """
-
-    arch: Literal["resnet9"] = "resnet9"
     width: int = Field(64, ge=1)
     num_classes: int = Field(10, ge=2)
     epochs: int = Field(24, ge=1)
@@ -341,19 +332,35 @@ class ExtractorTrainConfig(Strict):
     seed: int = 0
     eval_batch_size: int = Field(1000, ge=1)
 
+
+class ExtractorTrainConfig(ClassifierTrainConfig):
+    """Offline feature extractor: a ResNet-9-style CIFAR classifier (Page's DAWNBench net).
+
+    Stages of ``width, 2w, 4w, 8w`` channels; the features are the 8w-d global max pool before the
+    classifier (512-d at the default width). Recipe: SGD Nesterov (momentum 0.9, weight decay 5e-4 on
+    the mean loss), one-cycle learning rate (linear 0 -> ``lr`` over ``warmup_fraction`` of the steps,
+    then linear to 0), label smoothing 0.2, random crops with 4 px reflect padding and horizontal
+    flips, batch 512, 24 epochs, bf16 autocast on CUDA (fp32 on CPU). Measured on the CIFAR-10 JPEG
+    archive (shared/data) on one H200: 90.6 % test accuracy after 18 epochs (13.7 s), 91.0 % after
+    24 (18.1 s), 91.1 % after 30; label smoothing 0 / 0.1, lr 0.2 / 0.8, fp32, weight decay 1e-3,
+    warm-up 0.15 and batch 256 all stay within 90.3-90.8 % at 18 epochs.
+    """
+
+    arch: Literal["resnet9"] = "resnet9"
+    width: int = Field(64, ge=1)
+    epochs: int = Field(24, ge=1)
+    lr: float = Field(0.4, gt=0)
+    seed: int = 0
+
     @property
     def feature_dim(self) -> int:
         return 8 * self.width
 
 
-class FeatureExtractorManifest(Strict):
-    """``weights.safetensors`` + ``config.json`` + ``manifest.json`` (written last) of an offline extractor."""
+class TrainedClassifierFields(Strict):
+    """What the manifest of a CIFAR classifier the pipeline trained records besides its config (the
+    feature extractor's and the lpips-own network's)."""
 
-    format: Literal["kdm-feature-extractor"] = "kdm-feature-extractor"
-    schema_version: int = SCHEMA_VERSION
-    id: str = Field(description="content-addressed over recipe, config, training data and seed")
-    config: ExtractorTrainConfig
-    feature_dim: int
     image_shape: tuple[int, int, int] = Field(description="(C, H, W) the network was trained on")
     mean: tuple[float, ...] = Field(description="per-channel mean of the training images, in [0, 1] units")
     std: tuple[float, ...]
@@ -371,6 +378,16 @@ class FeatureExtractorManifest(Strict):
     torch_version: str
     code_version: str
     created: str
+
+
+class FeatureExtractorManifest(TrainedClassifierFields):
+    """``weights.safetensors`` + ``config.json`` + ``manifest.json`` (written last) of an offline extractor."""
+
+    format: Literal["kdm-feature-extractor"] = "kdm-feature-extractor"
+    schema_version: int = SCHEMA_VERSION
+    id: str = Field(description="content-addressed over recipe, config, training data and seed")
+    config: ExtractorTrainConfig
+    feature_dim: int
 
     @property
     def version(self) -> str:

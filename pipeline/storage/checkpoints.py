@@ -199,12 +199,21 @@ def read_state(ck: Path) -> dict:
 
 # --- metrics log ---------------------------------------------------------------------------------
 
-def read_metrics(path: Path) -> list[dict]:
-    """The complete records of a metrics file; a line torn by a kill mid-write is skipped."""
-    if not path.exists():
-        return []
+def read_metrics(path: Path | str) -> list[dict]:
+    """The complete records of a metrics file (a local path or an artifact URL); a line torn by a kill
+    mid-write is skipped."""
+    if isinstance(path, Path):
+        if not path.exists():
+            return []
+        text = path.read_text()
+    else:
+        from pipeline.storage import artifacts
+        try:
+            text = artifacts.read_bytes(path).decode()
+        except FileNotFoundError:
+            return []
     records = []
-    for ln in path.read_text().splitlines():
+    for ln in text.splitlines():
         try:
             rec = json.loads(ln)
         except json.JSONDecodeError:

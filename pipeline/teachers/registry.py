@@ -132,13 +132,8 @@ def _artifact_facts(teacher_uri: str, kind: str, sha256: Optional[str]) -> tuple
         other = "flow-matching" if m.kind == "flow-matching-mlp" else "kdm"
         raise KDMError(f"{teacher_uri} is a {m.kind} teacher, not what --kind {kind} registers; register it with "
                        f"--kind {other}")
-    weights = artifacts.join(teacher_uri, m.weights_file)
-    if not artifacts.exists(weights):
-        raise KDMError(f"{weights} is missing; the teacher artifact is incomplete")
-    actual = artifacts.sha256_file(weights)
-    if actual != m.weights_sha256:
-        raise KDMError(f"{weights}: sha256 {actual} does not match its manifest ({m.weights_sha256}); the "
-                       f"teacher's weights are corrupt or were modified; refusing to register it")
+    actual = weights_sha256(teacher_uri, m, "the teacher's weights are corrupt or were modified; refusing to "
+                                            "register it")
     if sha256 and sha256 != actual:
         raise KDMError(f"sha256 mismatch for {teacher_uri}: you pinned {sha256}, but its weights "
                        f"({m.weights_file}) have sha256 {actual}; this is not the teacher you meant")
@@ -198,6 +193,18 @@ def register_teacher(root: str, uri: str, kind: Optional[str] = None, sha256: Op
 
 
 # ---------------------------------------------------------------- pending distillations
+
+def weights_sha256(uri: str, m, consequence: str) -> str:
+    """sha256 of a teacher artifact's weights file, which must exist and match its manifest; the KDMError
+    ends with ``consequence`` (what is refused)."""
+    weights = artifacts.join(uri, m.weights_file)
+    if not artifacts.exists(weights):
+        raise KDMError(f"{weights} is missing; the teacher artifact is incomplete")
+    actual = artifacts.sha256_file(weights)
+    if actual != m.weights_sha256:
+        raise KDMError(f"{weights}: sha256 {actual} does not match its manifest ({m.weights_sha256}); {consequence}")
+    return actual
+
 
 def cifar10_shaped(rec: RegisteredTeacher) -> bool:
     """Teachers the CIFAR-10 distillation can take: EDM denoisers of 3 x 32 x 32 images."""
