@@ -476,3 +476,40 @@ def test_checked_view_slices_like_zarr_and_checks_chunks(clean, tmp_path):
     url = copy_damaged(clean, tmp_path, "train", "x_0", 2, "delete")
     with pytest.raises(DataCorrupt, match=chunk_pattern("x_0", 2)):
         PairStore.open(url).checked["x_0"][350:450]
+
+
+def test_a_committed_artifact_as_out_is_named_and_kept(clean, student, tmp_path, capfd):
+    """Writing one kind of artifact onto another names what is there and never suggests deleting it."""
+    before = sorted(p.name for p in Path(student).iterdir())
+    code = main(["pairs", "filter", "--pairs", clean, "--out", student, "-q"])
+    err = capfd.readouterr().err
+    assert code == 1 and "holds a committed student artifact (kdm-student)" in err and "remove" not in err
+    assert sorted(p.name for p in Path(student).iterdir()) == before
+
+
+def test_evaluate_keeps_the_report_of_another_student(clean, student, tmp_path, capfd):
+    out = tmp_path / "ev" / "report.json"
+    assert main(["evaluate", "--student", student, "--pairs", clean, "--out", str(out), "--set", "plots=false",
+                 "--set", "num_samples=50", "--set", "swd_projections=8"]) == 0
+    first = out.read_bytes()
+    other = tmp_path / "other"
+    train.train_student(clean, student_cfg(steps=5), str(other), progress=False)
+    capfd.readouterr()
+    assert main(["evaluate", "--student", str(other), "--pairs", clean, "--out", str(out)]) == 1
+    err = capfd.readouterr().err
+    assert "holds the report of student" in err and "choose another --out (it is kept)" in err
+    assert out.read_bytes() == first
+    # the same student and pairs again: the report is recomputed in place
+    assert main(["evaluate", "--student", student, "--pairs", clean, "--out", str(out), "--set", "plots=false",
+                 "--set", "num_samples=50", "--set", "swd_projections=8"]) == 0
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_clear_line(clean, tmp_path, capfd, monkeypatch):
+    def full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(checkpoints.torch, "save", full)
+    code = main(["train", "--pairs", clean, "--preset", "smoke", "--set", "train.steps=10",
+                 "--set", "train.checkpoint_every=5", "--set", "train.threads=1", "--out", str(tmp_path / "run"), "-q"])
+    err = capfd.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "no space left on device?" in err and "optimizer.pt" in err

@@ -170,6 +170,19 @@ def cmd_evaluate(a) -> None:
     cfg = presets.validate(Eval2DConfig, presets.apply_sets({}, a.set), "evaluation options")
     out = a.out
     out_dir = str(Path(out).parent) if out.endswith(".json") else out
+    existing = Path(out) if out.endswith(".json") else Path(out_dir, evaluate.REPORT)
+    if existing.exists():      # a report is replaced only by the evaluation of the same student and pairs
+        from pipeline.storage.pairstore import PairStore
+        from pipeline.training.train2d import read_student_manifest
+        try:
+            old = evaluate.read_report(str(existing))
+        except (KDMError, ValueError) as e:
+            raise KDMError(f"--out {existing} exists and is not an evaluation report ({e}); choose another --out") \
+                from None
+        new = (read_student_manifest(a.student).version, PairStore.open(a.pairs).version)
+        if (old.student_version, old.pairs_version) != new:
+            raise KDMError(f"--out {existing} holds the report of student {old.student_version} on pairs "
+                           f"{old.pairs_version}, not of {new[0]} on {new[1]}; choose another --out (it is kept)")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     report = evaluate.evaluate_student(a.student, a.pairs, cfg, out_dir)
     if out.endswith(".json") and Path(out).name != evaluate.REPORT:

@@ -178,6 +178,27 @@ def commit(url: str, markers: tuple[str, ...] = ()) -> None:
     fs.invalidate_cache()
 
 
+def committed_kind(url: str) -> str | None:
+    """What kind of committed kdm artifact ``url`` holds ('teacher', 'pair store', ...), None if none."""
+    try:
+        raw = read_json(join(url, MANIFEST))
+        fmt = raw.get("format") if isinstance(raw, dict) else None
+        if fmt:
+            return f"{fmt.removeprefix('kdm-').replace('-', ' ')} artifact ({fmt})"
+        if isinstance(raw, dict) and raw.get("kind"):
+            return f"{raw['kind']} teacher"
+    except (FileNotFoundError, ValueError):
+        pass
+    try:
+        attrs = read_json(join(url, "zarr.json")).get("attributes", {})
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    kdm = attrs.get("kdm") if isinstance(attrs, dict) else None
+    if isinstance(kdm, dict):
+        return "pair store" if kdm.get("format") == "kdm-pairs" else f"{kdm.get('format', 'kdm')} store"
+    return None
+
+
 def check_target(url: str, version: str, manifest_reader) -> bool:
     """Returns True when ``url`` already holds this version (the stage is a no-op).
 
@@ -188,6 +209,10 @@ def check_target(url: str, version: str, manifest_reader) -> bool:
     try:
         existing = manifest_reader(url)
     except ArtifactMissing:
+        found = committed_kind(url)
+        if found:
+            raise ArtifactExists(f"{url} holds a committed {found}, not the artifact this command writes; choose "
+                                 f"another output location (that one is kept)") from None
         raise ArtifactExists(f"{url} exists but is not a committed kdm artifact; remove it or choose "
                              f"another output location") from None
     other = getattr(existing, "version", None) or getattr(existing, "id", None)

@@ -142,7 +142,12 @@ def write_checkpoint_files(path: Path, state: dict, modules: Mapping[str, nn.Mod
     for name, module in modules.items():
         save_weights(module, path / f"{name}.safetensors")
     for name, obj in objects.items():
-        torch.save(obj, path / f"{name}.pt")
+        try:
+            torch.save(obj, path / f"{name}.pt")
+        except RuntimeError as e:   # torch's zip writer reports a full disk as "unexpected pos ..."
+            free = shutil.disk_usage(path).free
+            raise OSError(28, f"writing {name}.pt failed ({str(e).splitlines()[0][:120]}); {free} bytes free: "
+                              f"no space left on device?", str(path / f"{name}.pt")) from None
     files = {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(path.iterdir())
              if f.is_file() and f.name != STATE_FILE}
     (path / STATE_FILE).write_text(json.dumps({**state, FILES_KEY: files}))
