@@ -121,14 +121,14 @@ def cmd_pairs_info(a) -> None:
 
 def cmd_train(a) -> None:
     from pipeline import presets
-    from pipeline.training import train2d as train
     from pipeline.storage.pairstore import PairStore
     if not (a.preset or a.config):
         raise KDMError("give --preset NAME or --config FILE (presets: " + ", ".join(presets.available("student")) + ")")
     cfg = presets.load("student", a.preset, a.config, a.set)
     if a.device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": a.device})})
-    store = PairStore.open(a.pairs)
+    store = PairStore.open(a.pairs)               # before torch is imported: a wrong path fails fast
+    from pipeline.training import train2d as train
     if tuple(store.manifest.sample_shape) != (cfg.model.dim,):
         raise KDMError(f"pairs {a.pairs} have sample shape {tuple(store.manifest.sample_shape)}; model.dim="
                        f"{cfg.model.dim} expects ({cfg.model.dim},): set model.dim to match the pairs")
