@@ -39,9 +39,16 @@ def cmd_teacher_train(a) -> None:
     summary(f"teacher {m.id} ({m.kind}, final loss {m.final_loss:.4f}) at {a.out} sha256 {m.weights_sha256[:16]}")
 
 
+def _require_local_input(path: str, what: str) -> None:
+    """A local input that does not exist fails before torch is imported (a fast, clear error)."""
+    if "://" not in path and not Path(path).exists():
+        raise KDMError(f"{what} {path} does not exist; check the path")
+
+
 def cmd_pairs_generate(a) -> None:
-    from pipeline.pairs import generate
     cfg = pairs_generate_config(a, {"method": a.method, "steps": a.steps}, "pairs generate options")
+    _require_local_input(a.teacher, "teacher")
+    from pipeline.pairs import generate
     if a.dry_run:
         from pipeline.teachers.flow_matching import read_teacher_manifest
         pairs_dry_run(cfg, generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg), a.out)
@@ -144,10 +151,11 @@ def cmd_train(a) -> None:
 
 
 def cmd_sample(a) -> None:
-    import numpy as np
-    from pipeline.evaluation import sample
     if a.num is not None and a.num < 1:
         raise KDMError(f"--num must be at least 1, got {a.num}")
+    _require_local_input(a.student, "student")
+    import numpy as np
+    from pipeline.evaluation import sample
     out = Path(a.out)
     if out.is_dir():
         raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
