@@ -58,8 +58,9 @@ def cmd_pairs_generate(a) -> None:
 
 
 def cmd_pairs_import(a) -> None:
-    from pipeline.pairs import importer
     cfg = pairs_import_config(a, "pairs import options")
+    _require_local_input(a.src, "source")
+    from pipeline.pairs import importer
     v = importer.import_pairs(a.src, cfg, a.out)
     s, held = open_pairs(a.out)
     summary(f"imported {v}: {len(s)} train + {held} held out from {a.src} at {a.out}")
