@@ -396,9 +396,7 @@ def test_sigkilled_train_image_command_resumes_to_the_uninterrupted_weights(pair
     """`kdm train-image` killed (SIGKILL) after its step-3 checkpoint, in step 5; the same command again says
     it resumed from step 3 and ends with the uninterrupted run's weights, bitwise (CPU, one thread)."""
     import os
-    import signal
     import subprocess
-    import time
     mc, tc = run_cfgs()
     ref = tmp_path / "ref"
     train_image_student(pairs, mc, tc, str(ref), progress=False)
@@ -410,19 +408,8 @@ def test_sigkilled_train_image_command_resumes_to_the_uninterrupted_weights(pair
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(sentinel), *argv], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not sentinel.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"train-image exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-            assert time.time() < deadline, "train-image did not reach step 5 within 120 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    from kill_helpers import sigkill_when
+    sigkill_when(proc, sentinel.exists, 120, "train-image (killed during step 5)")
     assert not (out / "manifest.json").exists() and not (out / "student.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003"]
     assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

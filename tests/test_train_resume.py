@@ -2,10 +2,8 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -153,20 +151,9 @@ def test_sigkilled_run_resumes_to_bitwise_equal_weights(run_a, pairs, tmp_path):
     sentinel = tmp_path / "reached-30"
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(sets=SETS), pairs, str(b), str(sentinel)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 60
-        while not (sentinel.exists() and (b / "checkpoints" / "step-00000020" / "state.json").exists()):
-            if proc.poll() is not None:
-                pytest.fail(f"trainer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-            if time.time() > deadline:
-                pytest.fail("trainer did not reach step 30 within 60 s")
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    from kill_helpers import sigkill_when
+    sigkill_when(proc, lambda: sentinel.exists() and (b / "checkpoints" / "step-00000020" / "state.json").exists(),
+                 60, "trainer (killed at step 30)")
     assert not (b / "manifest.json").exists()
     assert [r["step"] for r in metrics(b)] == [10, 20, 30]
     # a kill in the middle of writing the next checkpoint leaves only its temporary directory behind
