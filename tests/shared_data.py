@@ -12,11 +12,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data(name: str) -> Path:
-    """The path of ``shared/data/<name>``: the first that exists, else the sibling one (tests skip on it,
-    which fails under CI=true)."""
+    """The path of ``shared/data/<name>``: the first that exists, else the sibling one (``require`` fails on it)."""
     if os.environ.get("KDM_SHARED_DATA"):
         return Path(os.environ["KDM_SHARED_DATA"]) / name
     for parent in REPO.parents:
         if (parent / "shared" / "data" / name).exists():
             return parent / "shared" / "data" / name
     return REPO.parent / "shared" / "data" / name
+
+
+def require(path: Path) -> Path:
+    """``path`` when it exists; a test failure that says where the data should be otherwise (the project's
+    data is part of its environment, never a reason to skip)."""
+    if not path.exists():
+        import pytest
+        pytest.fail(f"{path} is missing: the shared data folder (shared/data beside the checkout) holds it; set "
+                    f"KDM_SHARED_DATA to its location")
+    return path

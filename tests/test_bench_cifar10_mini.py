@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared_data import shared_data
+from shared_data import require, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = shared_data("cifar10-jpeg.tar.gz")
@@ -20,8 +20,8 @@ TOY = ["--device", "cpu", "--extractor-epochs", "1", "--extractor-width", "8", "
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not available")
 def test_mini_benchmark_runs_the_recipe_stages_and_finds_its_artifacts(tmp_path, monkeypatch):
+    require(CIFAR)
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import cifar10_mini
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ from image_fixtures import image_folder, png_bytes, random_image, write_archive
 from pipeline.storage import artifacts
 from pipeline.data.datasets import open_image_dataset, prepare_image_dataset
 from pipeline.errors import ArtifactMissing, KDMError
-from shared_data import shared_data
+from shared_data import require, shared_data
 from storage_schemas import DatasetManifest
 
 CIFAR = shared_data("cifar10-jpeg.tar.gz")
@@ -148,8 +148,8 @@ def test_not_an_archive(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not available")
 def test_real_cifar10(tmp_path):
+    require(CIFAR)
     m = prepare_image_dataset(str(CIFAR), str(tmp_path / "cifar10"), progress=False)
     assert m.splits["train"].count == 50_000 and m.splits["test"].count == 10_000
     assert m.num_classes == 10 and m.class_names[0] == "airplane" and m.image_shape == (3, 32, 32)

@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as plain `pytest`
 
 from models.checkerboard import in_cell, sample_checkerboard  # noqa: E402
-from shared_data import shared_data  # noqa: E402
+from shared_data import require, shared_data  # noqa: E402
 from pipeline.evaluation.metrics2d import (  # noqa: E402
     cell_index,
     checkerboard_metrics,
@@ -38,8 +38,7 @@ def grid_blob():
 
 @pytest.fixture(scope="module")
 def shared_x0():
-    if not SHARED.exists():
-        pytest.skip(f"{SHARED} not available")
+    require(SHARED)
     traj = np.load(SHARED, mmap_mode="r")
     return np.array(traj[-1, :10000]), np.array(traj[0, :10000])
 

@@ -7,7 +7,7 @@ from store_checks import smoke_pairs
 import torch
 
 import s3fs  # noqa: E402,F401  (a dependency: a missing one is an error, not a skip)
-pytest.importorskip("moto.server")
+import moto.server  # noqa: E402,F401  (installed by make test)
 
 from pipeline.storage import artifacts
 from pipeline import presets

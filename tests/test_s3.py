@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import s3fs  # noqa: E402,F401  (a dependency: a missing one is an error, not a skip)
-pytest.importorskip("moto.server")
+import moto.server  # noqa: E402,F401  (installed by make test)
 
 import zarr  # noqa: E402
 

@@ -24,8 +24,17 @@ from prefect_server import prefect_server, tail as _tail
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
-                                                             "(/usr/bin/chromium, Debian package 'chromium')")
+needs_chromium = pytest.mark.usefixtures("chromium_installed")
+
+
+@pytest.fixture
+def chromium_installed():
+    """make test installs Debian's chromium (as root); its absence fails the test, it is never skipped."""
+    if CHROMIUM is None:
+        pytest.fail("headless Chromium is not installed: `make test` installs it as root, or run "
+                    "`sudo apt-get install chromium`")
+
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WINDOW = (1400, 1000)
