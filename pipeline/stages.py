@@ -17,6 +17,7 @@ flow ``kdm`` and ``kdm distill`` call these, so a stage behaves the same with an
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,9 +42,10 @@ class StageContext:
             self.on_progress(self.stage, min(max(fraction, 0.0), 1.0), message)
 
 
-class Stage:
+class Stage(ABC):
     """One stage of a recipe. Subclasses set ``name``, ``kind`` and ``inputs`` and implement ``output``,
-    ``run`` and ``summary``; ``pool`` and ``done`` have defaults."""
+    ``run`` and ``summary`` (abstract: a stage lacking one cannot be built); ``pool`` and ``done`` have
+    defaults."""
 
     name: str = ""
     kind: str = ""                      # artifact family under the root: "pairs", "students", ...
@@ -53,18 +55,18 @@ class Stage:
     def check(self, cfg: Any) -> None:
         """Checks of the config that need no input (e.g. a given artifact); raises KDMError."""
 
+    @abstractmethod
     def output(self, cfg: Any, uris: dict[str, str]) -> str:
         """The output URI (``<root>/<kind>/<version>``) from the inputs and the config; no work."""
-        raise NotImplementedError
 
+    @abstractmethod
     def run(self, cfg: Any, uris: dict[str, str], out: str, ctx: StageContext) -> dict:
         """Make the artifact at ``out`` (under ``<out>.partial``, manifest last); returns extra summary
         fields of this run (e.g. ``resumed_from_step``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def summary(self, cfg: Any, uris: dict[str, str], out: str) -> dict:
         """Small dict of the committed artifact (uri, version and headline numbers)."""
-        raise NotImplementedError
 
     def lineage(self, s: dict) -> str:
         """One line of the report's lineage."""
