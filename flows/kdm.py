@@ -46,17 +46,6 @@ REPO = Path(__file__).resolve().parent.parent
 GPU_DEPLOYMENT = "gpu-stage/gpu-stage"
 
 
-def _resolve_root(root: str) -> str:
-    """A relative local root as the flow resolves it (against the repository)."""
-    if artifacts.is_local(root) and not Path(root).expanduser().is_absolute():
-        return str((REPO / root).resolve())
-    return root
-
-
-def _link(uri: str) -> str:
-    return Path(uri).resolve().as_uri() if artifacts.is_local(uri) else uri
-
-
 class _Progress:
     """One Prefect progress artifact per long stage (teacher, pairs, student), updated as it reports."""
 
@@ -113,7 +102,7 @@ def _dispatch(stage: stages.Stage, cfg, uris: dict, out: str) -> None:
     logger.info("%s: starting %s on pool %s", stage.name, GPU_DEPLOYMENT, stages.GPU_POOL)
     request = StageRequest(config=cfg, stage=stage.name, inputs=uris)
     run = run_deployment(GPU_DEPLOYMENT, parameters={"request": request.model_dump(mode="json")}, as_subflow=True,
-                         timeout=None, flow_run_name=f"{stage.name}-{Path(out.rstrip('/')).name}")
+                         timeout=None, flow_run_name=f"{stage.name}-{stage.version(out)}")
     state = run.state
     if state is None or not state.is_completed():
         raise KDMError(f"{stage.name} stage (flow run {run.id} of {GPU_DEPLOYMENT}) ended "
@@ -128,16 +117,17 @@ def publish_task(cfg, results: dict) -> str:
     key = report.key
     create_table_artifact(report.metrics, key=f"{key}-metrics", description=report.metrics_description)
     for name, uri in report.links.items():
-        create_link_artifact(_link(uri), link_text=f"{name}: {results[name]['version']}", key=f"{key}-{name}-link",
+        create_link_artifact(recipes.link(uri), link_text=f"{name}: {results[name]['version']}",
+                             key=f"{key}-{name}-link",
                              description=f"{name} artifact")
     images = {}
     for name, uri in report.images.items():
         data = "data:image/png;base64," + base64.b64encode(artifacts.read_bytes(uri)).decode()
-        create_image_artifact(data, key=f"{key}-{recipes._slug(name)}", description=name.replace("_", " "))
+        create_image_artifact(data, key=f"{key}-{recipes.slug(name)}", description=name.replace("_", " "))
         images[name] = data
     create_markdown_artifact(recipes.report_markdown(cfg, report, images), key=f"{key}-report",
                              description=f"KDM distillation report ({cfg.recipe})")
-    return results["evaluation"].get("report", results["evaluation"]["uri"])
+    return report.metrics_markdown
 
 
 @flow(name="kdm", log_prints=True, validate_parameters=False)
@@ -165,7 +155,7 @@ def kdm(recipe: Optional[RecipeName] = None,
     logger = get_run_logger()
     # Before any work: every location under this worker's allowed roots; a run started by the
     # kdm.teacher.registered trigger distills only a teacher registered under the deployment's own root.
-    access.guard_run(cfg, default_root=type(cfg).model_fields["root"].default, resolve=_resolve_root,
+    access.guard_run(cfg, default_root=type(cfg).model_fields["root"].default, resolve=lambda r: stages.resolve_local(r, REPO),
                      log=logger.error)
     dispatch = _dispatch if cfg.recipe == "cifar10" and _gpu_deployment_exists() else None
     results: dict = {}
@@ -182,6 +172,5 @@ def kdm(recipe: Optional[RecipeName] = None,
                             stage.name, GPU_DEPLOYMENT, stage.device(cfg))
             res = stage_task.with_options(name=stage.name)(StageRequest(config=cfg, stage=stage.name, inputs=ins))
         results[stage.name], uris[stage.name] = res, res["uri"]
-    publish_task(cfg, results)
-    print(recipes.RECIPES[cfg.recipe].report_parts(cfg, results)["table_text"])
+    print(publish_task(cfg, results))
     return {k: {kk: vv for kk, vv in v.items() if kk != "table"} for k, v in results.items()}

@@ -86,6 +86,13 @@ class Stage(ABC):
         return Path(str(out).rstrip("/")).name
 
 
+class DevicePooled(Stage):
+    """A stage that runs where its own ``device`` setting says: on kdm-gpu when that is cuda, else kdm-cpu."""
+
+    def pool(self, cfg: Any) -> Optional[str]:
+        return GPU_POOL if self.device(cfg) == "cuda" else CPU_POOL
+
+
 Dispatch = Callable[[Stage, Any, dict, str], None]   # (stage, cfg, uris, out): run it elsewhere, wait
 
 
@@ -194,12 +201,17 @@ def run_request(request, ctx: Optional[StageContext] = None) -> dict:
     return run_stage(stage, request.config, dict(request.inputs), ctx)
 
 
+def resolve_local(v: Optional[str], base) -> Optional[str]:
+    """A relative local path taken relative to ``base``; absolute paths and URLs unchanged."""
+    if v and artifacts.is_local(v) and not Path(v).expanduser().is_absolute():
+        return str((Path(base) / v).resolve())
+    return v
+
+
 def resolve_paths(cfg: Any, base) -> Any:
     """Relative local paths of the config (root and the recipe's input files) resolve against ``base``."""
     def res(v: Optional[str]) -> Optional[str]:
-        if v and artifacts.is_local(v) and not Path(v).is_absolute():
-            return str((Path(base) / v).resolve())
-        return v
+        return resolve_local(v, base)
     if cfg.recipe == "cifar10":
         return cfg.model_copy(update={"root": res(cfg.root), "teacher_uri": res(cfg.teacher_uri),
                                       "dataset": cfg.dataset.model_copy(update={"archive": res(cfg.dataset.archive)})})

@@ -97,19 +97,25 @@ def build_report(cfg, results: dict) -> Report:
     if results.get("filter", {}).get("grid"):
         images["filter_closest_matches"] = results["filter"]["grid"]      # generated | nearest training image
     links = {name: r["uri"] for name, r in results.items()}
-    return Report(title=parts["title"], key=_slug(parts["key"]), lineage=lineage, metrics=parts["metrics"],
+    return Report(title=parts["title"], key=slug(parts["key"]), lineage=lineage, metrics=parts["metrics"],
                   headline=parts["headline"], protocol=parts["protocol"], images=images, links=links,
                   notes=parts["notes"], metrics_markdown=parts["table_text"],
                   metrics_description=parts["metrics_description"])
 
 
+def link(uri: str) -> str:
+    """A browsable link to an artifact: file:// for a local path, the URL otherwise."""
+    from pathlib import Path
+    from pipeline.storage import artifacts
+    return Path(uri).resolve().as_uri() if artifacts.is_local(uri) else uri
+
+
+def slug(text: str) -> str:
+    return "-".join(p for p in "".join(c if c.isalnum() else "-" for c in text.lower()).split("-") if p)
+
+
 def report_markdown(cfg, report: Report, image_uris: Optional[dict[str, str]] = None) -> str:
     """The report as markdown (images inline as the given URIs, e.g. data: URIs for the Prefect UI)."""
-    from pipeline.storage import artifacts
-    from pathlib import Path
-
-    def link(uri: str) -> str:
-        return Path(uri).resolve().as_uri() if artifacts.is_local(uri) else uri
     md = [f"# {report.title}", "", "## Lineage", "",
           "\n".join(f"{i + 1}. {line}" for i, line in enumerate(report.lineage)), "", "## Metrics", "",
           report.metrics_markdown, ""]
@@ -121,9 +127,5 @@ def report_markdown(cfg, report: Report, image_uris: Optional[dict[str, str]] = 
     md += ["", "## Artifacts", ""] + [f"- {n}: [{u}]({link(u)})" for n, u in report.links.items()]
     md += ["", "## Config", "", "```json", cfg.model_dump_json(indent=2), "```"]
     return "\n".join(md)
-
-
-def _slug(text: str) -> str:
-    return "-".join(p for p in "".join(c if c.isalnum() else "-" for c in text.lower()).split("-") if p)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.errors import KDMError
 from pipeline.recipes.common import PairsStage, PairStoreStage
-from pipeline.stages import CPU_POOL, GPU_POOL, Stage, StageContext
+from pipeline.stages import GPU_POOL, DevicePooled, Stage, StageContext
 from pipeline.storage import artifacts
 from storage_schemas import recipe_version, stable_hash
 
@@ -54,7 +54,7 @@ class Dataset(Stage):
         return f"dataset `{s['version']}` ({s.get('train_images', 0)} train images, content `{s['content_hash'][:16]}`)"
 
 
-class Extractor(Stage):
+class Extractor(DevicePooled):
     """The offline feature extractor of FD-<id> / KID-<id>, trained on the train split (not FID)."""
 
     name, kind, inputs = "extractor", "extractors", ("dataset",)
@@ -63,9 +63,6 @@ class Extractor(Stage):
         c = cfg.extractor
         v = "fx-" + stable_hash(recipe_version(), "extractor", _dataset_hash(uris["dataset"]), c.train, c.train_images)
         return artifacts.join(cfg.root, "extractors", v)
-
-    def pool(self, cfg):
-        return GPU_POOL if cfg.extractor.device == "cuda" else CPU_POOL
 
     def device(self, cfg):
         return cfg.extractor.device
@@ -162,7 +159,7 @@ class EDMTeacher(Stage):
                 f"sha256 `{s['sha256'][:16]}`)")
 
 
-class PerceptualNet(Stage):
+class PerceptualNet(DevicePooled):
     """The CIFAR network of the ``lpips-own`` training distance (pipeline.training.perceptual), trained on the
     dataset's train split and checked to be independent of the evaluation's extractor (a stage of the
     recipe only when the student trains with ``lpips-own``)."""
@@ -173,9 +170,6 @@ class PerceptualNet(Stage):
         from pipeline.training.perceptual import perceptual_stage_version
         return artifacts.join(cfg.root, "perceptual-nets",
                               perceptual_stage_version(self.version(uris["dataset"]), cfg.perceptual))
-
-    def pool(self, cfg):
-        return GPU_POOL if cfg.perceptual.device == "cuda" else CPU_POOL
 
     def device(self, cfg):
         return cfg.perceptual.device
@@ -197,7 +191,7 @@ class PerceptualNet(Stage):
         return f"perceptual network `{s['id']}` (test accuracy {s['test_accuracy']}, sha256 `{s['sha256'][:16]}`)"
 
 
-class ImageFilter(PairStoreStage):
+class ImageFilter(PairStoreStage, DevicePooled):
     """Privacy filter + dedup of image pairs (pipeline.pairs.filter_images): non-finite, duplicate seeds,
     exact duplicates, copies of training images, blocklisted images, near duplicates; a new pair-store
     version with a count per reason."""
@@ -211,9 +205,6 @@ class ImageFilter(PairStoreStage):
         # the inputs' versions are their URIs' last parts: the plan knows this one before they exist
         return artifacts.join(cfg.root, "pairs", image_filter_version(
             self.version(uris["pairs"]), f, self.version(uris["dataset"]), block_sha))
-
-    def pool(self, cfg):
-        return GPU_POOL if cfg.filter.device == "cuda" else CPU_POOL
 
     def device(self, cfg):
         return cfg.filter.device
