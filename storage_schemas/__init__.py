@@ -1,5 +1,5 @@
 """Single source of truth for every on-disk format and stage config of kdm (pydantic v2)."""
-from .common import (PACKAGE_VERSION, SCHEMA_VERSION, ArraySpec, SeedRange, Strict, code_version,
+from .common import (PACKAGE_VERSION, SCHEMA_VERSION, ArraySpec, SeedRange, Strict, VersionInputs, code_version,
                      format_validation_error, recipe_version, stable_hash, utc_now)
 from .datasets import DATASET_ARRAYS, DATASET_SPLITS, DatasetManifest, DatasetRef, DatasetSplitInfo
 from .evaluation import Eval2DConfig, EvaluationReport, MetricSet

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 PACKAGE_VERSION = "0.1.0"
@@ -99,14 +99,47 @@ def recipe_version() -> str:
     return f"kdm-recipe-{PACKAGE_VERSION}"
 
 
-def stable_hash(*parts: Any, length: int = 16) -> str:
-    """sha256 over the canonical JSON of the parts (pydantic models dumped in JSON mode)."""
+def _canonical(parts: tuple) -> str:
     def norm(p: Any) -> Any:
         if isinstance(p, BaseModel):
             return p.model_dump(mode="json")
         return p
-    blob = json.dumps([norm(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+    return json.dumps([norm(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """sha256 over the canonical JSON of the parts (pydantic models dumped in JSON mode)."""
+    return hashlib.sha256(_canonical(parts).encode()).hexdigest()[:length]
+
+
+class VersionInputs(Strict):
+    """What a content-addressed version hashes: ``version == f"{prefix}-{stable_hash(*parts)}"``.
+
+    Recorded in a manifest beside its version, so that a reader recomputes the version (a hand-edited
+    version, or inputs edited without it, are refused) and a user sees what the version stands for.
+    ``parts`` are the hashed values in canonical JSON (pydantic models dumped in JSON mode).
+    """
+
+    prefix: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
+    parts: list[Any]
+
+    @classmethod
+    def of(cls, prefix: str, *parts: Any) -> "VersionInputs":
+        return cls(prefix=prefix, parts=json.loads(_canonical(parts)))
+
+    @property
+    def version(self) -> str:
+        return f"{self.prefix}-{stable_hash(*self.parts)}"
+
+    def mentions(self, value: str) -> bool:
+        """True when ``value`` is one of the hashed strings (at any depth)."""
+        def walk(p: Any) -> bool:
+            if isinstance(p, dict):
+                return any(walk(v) for v in p.values())
+            if isinstance(p, list):
+                return any(walk(v) for v in p)
+            return p == value
+        return walk(self.parts)
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_serializer, model_validator
 
-from .common import SCHEMA_VERSION, ArraySpec, SeedRange, Strict
+from .common import SCHEMA_VERSION, ArraySpec, SeedRange, Strict, VersionInputs
 
 PAIR_ARRAYS = ("x_T", "x_0", "label", "seed")
 MANIFEST_KEY = "kdm"
@@ -115,6 +115,9 @@ class PairStoreManifest(Strict):
     format: Literal["kdm-pairs"] = "kdm-pairs"
     schema_version: int = SCHEMA_VERSION
     version: str = Field(min_length=8, description="content-addressed id of inputs + config + recipe")
+    version_inputs: Optional[VersionInputs] = Field(
+        None, description="what the version hashes (the held-out split's version adds '-heldout'); the version "
+                          "is recomputed from it on every read. Absent in stores written before it existed")
     split: Literal["train", "heldout"]
     origin: Literal["teacher", "import", "filter"]
     count: int = Field(ge=0)
@@ -140,7 +143,7 @@ class PairStoreManifest(Strict):
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
         out = handler(self)
-        for key in ("chunk_digests", "heldout"):
+        for key in ("chunk_digests", "heldout", "version_inputs"):
             if out.get(key, 0) is None:
                 out.pop(key)
         return out
@@ -175,4 +178,24 @@ class PairStoreManifest(Strict):
             raise ValueError("an import-origin store must record import_info")
         if self.origin == "filter" and self.filter is None:
             raise ValueError("a filter-origin store must record filter")
+        self._check_version()
         return self
+
+    def _check_version(self) -> None:
+        """The version is what the recorded inputs hash to, names the teacher / source it records, and
+        matches the held-out split committed with it."""
+        inputs = self.version_inputs
+        if inputs is not None:
+            expect = inputs.version + ("-heldout" if self.split == "heldout" else "")
+            if self.version != expect:
+                raise ValueError(f"version {self.version} is not the hash of its recorded inputs ({expect})")
+            what, value = {"teacher": ("teacher", self.teacher.id if self.teacher else None),
+                           "import": ("import source", self.import_info.source_sha256 if self.import_info else None),
+                           "filter": ("filter source", self.filter.source_version if self.filter else None)
+                           }[self.origin]
+            if value is not None and not inputs.mentions(value):
+                raise ValueError(f"{what} {value} is not among the inputs its version {self.version} hashes")
+        # a filtered store keeps its source's held-out split (and version); others commit their own
+        if (self.heldout is not None and self.origin != "filter"
+                and self.heldout.version != f"{self.version}-heldout"):
+            raise ValueError(f"version {self.version} does not match its held-out split's {self.heldout.version}")

@@ -513,3 +513,82 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_clear_line(clean, tmp_pat
     err = capfd.readouterr().err
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "no space left on device?" in err and "optimizer.pt" in err
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A store written by the importer: its manifest records what its version hashes."""
+    d = tmp_path_factory.mktemp("imported")
+    traj = np.random.default_rng(3).standard_normal((3, 500, 2)).astype(np.float32)
+    np.save(d / "traj.npy", traj)
+    out = str(d / "pairs")
+    importer.import_pairs(str(d / "traj.npy"), importer.PairsImportConfig(holdout_fraction=0.2, chunk_size=100), out)
+    return out
+
+
+def _edit(url: str, **fields) -> None:
+    g = zarr.open_group(url, mode="r+")
+    g.attrs["kdm"] = {**g.attrs["kdm"], **fields}
+
+
+def test_the_version_is_recomputed_from_the_recorded_inputs(imported):
+    store = PairStore.open(imported)
+    m = store.manifest
+    assert m.version_inputs is not None and m.version_inputs.version == m.version
+    assert m.version_inputs.prefix == "import" and m.version_inputs.mentions(m.import_info.source_sha256)
+    held = store.heldout().manifest
+    assert held.version == f"{m.version}-heldout" and held.version_inputs == m.version_inputs
+
+
+def test_a_forged_version_is_refused_by_every_reader(imported, tmp_path, capfd):
+    url = str(tmp_path / "forged")
+    shutil.copytree(imported, url)
+    true_version = PairStore.open(url).version
+    _edit(url, version="pairs-0000000000000000")
+    with pytest.raises(KDMError, match=f"version pairs-0000000000000000 is not the hash of its recorded inputs "
+                                       f"\\({true_version}\\)"):
+        PairStore.open(url)
+    assert main(["pairs", "info", url, "--verify"]) == 1
+    err = capfd.readouterr().err.strip()
+    assert "pairs-0000000000000000" in err and "Traceback" not in err and len(err.splitlines()) <= 2
+    with pytest.raises(KDMError, match="not the hash of its recorded inputs"):
+        train.train_student(url, student_cfg(), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_forged_heldout_version_or_forged_inputs_are_refused(imported, tmp_path):
+    url = str(tmp_path / "held")
+    shutil.copytree(imported, url)
+    held = artifacts.join(url, "heldout")
+    _edit(held, version="pairs-0000000000000000-heldout")
+    with pytest.raises(KDMError, match="not the hash of its recorded inputs"):
+        PairStore.open(url).heldout()
+    # inputs and version edited together, to claim another source: the recorded source is not among them
+    url2 = str(tmp_path / "inputs")
+    shutil.copytree(imported, url2)
+    m = PairStore.open(url2).manifest
+    from storage_schemas import VersionInputs
+    forged = VersionInputs.of("import", *[("0" * 64 if p == m.import_info.source_sha256 else p)
+                                          for p in m.version_inputs.parts])
+    _edit(url2, version=forged.version, version_inputs=forged.model_dump(mode="json"),
+          heldout={**m.heldout.model_dump(mode="json"), "version": f"{forged.version}-heldout"})
+    with pytest.raises(KDMError, match=f"import source {m.import_info.source_sha256} is not among the inputs"):
+        PairStore.open(url2)
+
+
+def test_stores_without_recorded_inputs_still_tie_the_version_to_the_heldout_split(clean, tmp_path):
+    url = str(tmp_path / "old")
+    shutil.copytree(clean, url)
+    assert PairStore.open(url).manifest.version_inputs is None     # written before inputs were recorded
+    _edit(url, version="pairs-0000000000000000")
+    with pytest.raises(KDMError, match="does not match its held-out split's pairs-test0001-heldout"):
+        PairStore.open(url)
+
+
+def test_generated_and_filtered_stores_record_their_version_inputs(clean, imported, tmp_path):
+    out = str(tmp_path / "f")
+    version, _ = filt.filter_pairs(imported, FilterConfig(), out)
+    m = PairStore.open(out).manifest
+    assert m.version == version == m.version_inputs.version
+    assert m.version_inputs.mentions(m.filter.source_version)
+    assert PairStore.open(out).heldout().version == PairStore.open(imported).heldout().version

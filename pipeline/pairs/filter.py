@@ -14,7 +14,7 @@ import io
 import numpy as np
 from scipy.spatial import cKDTree
 
-from storage_schemas import HELDOUT_GROUP, FilterConfig, FilterRecord, code_version, recipe_version, stable_hash, utc_now
+from storage_schemas import HELDOUT_GROUP, FilterConfig, FilterRecord, VersionInputs, code_version, recipe_version, stable_hash, utc_now
 
 from pipeline.storage import artifacts
 from pipeline.storage import pairstore
@@ -80,8 +80,12 @@ def select(data: dict[str, np.ndarray], cfg: FilterConfig, blocklist: np.ndarray
     return np.flatnonzero(keep), counts
 
 
+def filter_version_inputs(source_version: str, cfg: FilterConfig, blocklist_sha: str | None) -> VersionInputs:
+    return VersionInputs.of("filtered", recipe_version(), "filter", source_version, cfg, blocklist_sha)
+
+
 def filter_version(source_version: str, cfg: FilterConfig, blocklist_sha: str | None) -> str:
-    return "filtered-" + stable_hash(recipe_version(), "filter", source_version, cfg, blocklist_sha)
+    return filter_version_inputs(source_version, cfg, blocklist_sha).version
 
 
 def filter_pairs(src: str, cfg: FilterConfig, out: str) -> tuple[str, dict[str, int]]:
@@ -110,6 +114,7 @@ def filter_pairs(src: str, cfg: FilterConfig, out: str) -> tuple[str, dict[str, 
                                      | {"code_version": code_version(), "created": utc_now()}))
     inherited = m.model_dump(include={"seeds", "teacher", "sampler", "x_T_scale", "num_classes", "import_info"})
     pairstore.finalize(root, version=version, split="train", origin="filter", chunk_size=m.chunk_size,
-                       filter=record, code_version=code_version(), created=utc_now(), **inherited)
+                       filter=record, code_version=code_version(), created=utc_now(),
+                       version_inputs=filter_version_inputs(m.version, cfg, block_sha), **inherited)
     artifacts.commit(out)
     return version, counts

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage_schemas import HELDOUT_GROUP, FilterRecord, code_version, recipe_version, stable_hash, utc_now
+from storage_schemas import HELDOUT_GROUP, FilterRecord, VersionInputs, code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.filter_images import IMAGE_FILTER_REASONS, ImageFilterConfig
 
 from pipeline.devices import resolve_device
@@ -58,13 +58,17 @@ __all__ = ["ImageFilterConfig", "REASONS", "image_filter_version", "filter_image
 
 def image_filter_version(source_version: str, cfg: ImageFilterConfig, dataset_content_hash: Optional[str],
                          blocklist_sha256: Optional[str]) -> str:
+    return image_filter_version_inputs(source_version, cfg, dataset_content_hash, blocklist_sha256).version
+
+
+def image_filter_version_inputs(source_version: str, cfg: ImageFilterConfig, dataset_content_hash: Optional[str],
+                                blocklist_sha256: Optional[str]) -> VersionInputs:
     """Content-addressed id of the filtered store: source, thresholds, descriptor, dataset and blocklist.
 
     ``dataset_content_hash``: the dataset's content-addressed id; ``filter_image_pairs`` passes its
     ``DatasetManifest.version`` (what the flow knows before the dataset exists), None without a dataset."""
-    return "filtered-" + stable_hash(recipe_version(), "filter-images", COPY_TEST_VERSION, source_version,
-                                     cfg.version_fields(),
-                                     dataset_content_hash, blocklist_sha256)
+    return VersionInputs.of("filtered", recipe_version(), "filter-images", COPY_TEST_VERSION, source_version,
+                            cfg.version_fields(), dataset_content_hash, blocklist_sha256)
 
 
 def is_image_store(url: str) -> bool:
@@ -771,7 +775,9 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     root.attrs[REPORT_KEY] = report
     inherited = m.model_dump(include={"seeds", "teacher", "sampler", "x_T_scale", "num_classes", "import_info"})
     pairstore.finalize(root, version=version, split="train", origin="filter", chunk_size=m.chunk_size,
-                       filter=record, code_version=code_version(), created=utc_now(), **inherited)
+                       filter=record, code_version=code_version(), created=utc_now(),
+                       version_inputs=image_filter_version_inputs(m.version, cfg, ds.manifest.version if ds else None,
+                                                                  block_sha), **inherited)
     artifacts.commit(out)
     return {**counts, "version": version, "thresholds": thresholds, "calibration": calibration,
             **{k: report[k] for k in TIMING_KEYS},

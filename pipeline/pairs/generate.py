@@ -41,7 +41,7 @@ from tqdm import tqdm
 from models.edm import FastDenoiser
 from models.samplers import edm_heun, edm_latents, integrate_ode, seeded_noise
 from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, PairsGenerateConfig, SeedRange,
-                             TeacherManifest, TeacherRef, code_version, recipe_version, stable_hash, utc_now)
+                             TeacherManifest, TeacherRef, VersionInputs, code_version, recipe_version, utc_now)
 
 from pipeline.storage import artifacts
 from pipeline.storage import pairstore
@@ -54,9 +54,13 @@ IMAGE_BATCH = 1024   # default seeds per sampler call for image teachers (2-D: a
 log = logging.getLogger("kdm.generate")
 
 
+def pairs_version_inputs(teacher_id: str, cfg: PairsGenerateConfig) -> VersionInputs:
+    return VersionInputs.of("pairs", recipe_version(), "generate", teacher_id,
+                            cfg.model_dump(mode="json", exclude={"device"}))
+
+
 def pairs_version(teacher_id: str, cfg: PairsGenerateConfig) -> str:
-    return "pairs-" + stable_hash(recipe_version(), "generate", teacher_id,
-                                  cfg.model_dump(mode="json", exclude={"device"}))
+    return pairs_version_inputs(teacher_id, cfg).version
 
 
 def _shard_marker(group_url: str, index: int) -> str:
@@ -284,7 +288,8 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
           wait_timeout_s)
     common = dict(origin="teacher", chunk_size=cfg.chunk_size, sampler=cfg.sampler,
                   teacher=TeacherRef(id=manifest.id, sha256=manifest.weights_sha256, kind=manifest.kind),
-                  x_T_scale=cfg.sampler.noise_scale, num_classes=sampler.label_dim, code_version=code_version())
+                  x_T_scale=cfg.sampler.noise_scale, num_classes=sampler.label_dim, code_version=code_version(),
+                  version_inputs=pairs_version_inputs(manifest.id, cfg))
     # Before the commit, every finished shard (this run's, a killed run's, other workers') is checked
     # against the digests its marker recorded when it was written: a shard whose chunk was lost or altered
     # since is computed again (once); the same pass gives the manifest's content hash and chunk digests.

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from storage_schemas import (HELDOUT_GROUP, ImportInfo, PairsImportConfig, code_version, recipe_version,
-                             stable_hash, utc_now)
+                             VersionInputs, utc_now)
 
 from pipeline.storage import artifacts
 from pipeline.storage import pairstore
@@ -282,8 +282,12 @@ def source_digest(src: str, cfg: PairsImportConfig) -> str:
     return folder_digest(src, [f"latent/{n}" for n in lat] + [f"image/{n}" for n in img])
 
 
+def _version_inputs(sha: str, cfg: PairsImportConfig) -> VersionInputs:
+    return VersionInputs.of("import", recipe_version(), "import", sha, cfg)
+
+
 def _version(sha: str, cfg: PairsImportConfig) -> str:
-    return "import-" + stable_hash(recipe_version(), "import", sha, cfg)
+    return _version_inputs(sha, cfg).version
 
 
 def import_version(src: str, cfg: PairsImportConfig) -> str:
@@ -332,6 +336,7 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
     for split, group in reversed(groups):   # the root manifest is the last write
         pairstore.finalize(group, version=version if split == "train" else f"{version}-heldout", split=split,
                            origin="import", chunk_size=c, import_info=info, x_T_scale=cfg.x_T_scale,
+                           version_inputs=_version_inputs(source.sha256, cfg),
                            num_classes=source.num_classes, code_version=code_version(), created=utc_now())
     artifacts.commit(out)
     if any(nonfinite.values()):
