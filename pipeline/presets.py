@@ -32,7 +32,10 @@ def _load_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise KDMError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise KDMError(f"{path} is not valid YAML{where}: {problem}; fix the file and rerun") from None
     if not isinstance(data, dict):
         raise KDMError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
     return data

@@ -143,18 +143,22 @@ class VersionInputs(Strict):
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:
-    """One readable line per problem, each naming the field path."""
-    lines = []
-    where = f" in {source}" if source else ""
-    title = err.title
-    lines.append(f"invalid {title}{where}:")
+    """One readable line per problem, each naming the field path; a single problem fits on one line. Inputs
+    are echoed only when short (a model-level check would otherwise echo a whole config or manifest)."""
+    items = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling)"
-        lines.append(f"  - {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  - {loc}: field required")
-    return "\n".join(lines)
+        if e["type"] == "missing":
+            items.append(f"{loc}: field required")
+            continue
+        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")
+        got = repr(e.get("input"))
+        items.append(f"{loc}: {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
+    where = f" in {source}" if source else ""
+    if len(items) == 1:
+        return f"invalid {err.title}{where}: {items[0]}"
+    return "\n".join([f"invalid {err.title}{where}:"] + [f"  - {i}" for i in items])
 
 
 def deep_merge(base: dict, over: dict) -> dict:

@@ -230,7 +230,7 @@ def test_train_out_refuses_what_is_not_a_run_of_this_config(clean, tmp_path, cap
     cases = {}
     store = tmp_path / "store"
     shutil.copytree(clean, store)
-    cases["store"] = (store, "Zarr store")
+    cases["store"] = (store, "a committed pair store")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -445,7 +445,7 @@ def test_evaluate_refuses_pairs_of_another_dimension(student, tmp_path, capfd):
     assert main(["evaluate", "--student", student, "--pairs", url, "--out", str(tmp_path / "ev" / "report.json")]) == 1
     err = capfd.readouterr().err
     assert "generates 2-D points" in err and "(3,)" in err and "Traceback" not in err
-    assert not (tmp_path / "ev" / "report.json").exists()
+    assert not (tmp_path / "ev").exists()          # a failed evaluation leaves no empty --out behind
 
 
 def test_training_refuses_a_store_whose_content_hash_was_edited(clean, tmp_path):
@@ -592,3 +592,30 @@ def test_generated_and_filtered_stores_record_their_version_inputs(clean, import
     assert m.version == version == m.version_inputs.version
     assert m.version_inputs.mentions(m.filter.source_version)
     assert PairStore.open(out).heldout().version == PairStore.open(imported).heldout().version
+
+
+def test_sample_keeps_an_existing_out_that_holds_other_data(student, tmp_path, capfd):
+    out = tmp_path / "s.npy"
+    args = ["sample", "--student", student, "--num", "4", "--seed", "1", "--out", str(out)]
+    assert main(args) == 0
+    first = np.load(out)
+    assert main(args) == 0 and "already holds these 4" in capfd.readouterr().out       # the same samples: a no-op
+    np.save(out, np.zeros(3))
+    assert main(args) == 1
+    err = capfd.readouterr().err
+    assert "exists and holds other data" in err and "it is kept" in err
+    assert np.load(out).shape == (3,) and first.shape == (4, 2)
+
+
+def test_config_errors_are_one_line_without_the_whole_config(clean, tmp_path, capfd):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\nb: }\n")
+    assert main(["train", "--pairs", clean, "--config", str(bad), "--out", str(tmp_path / "r")]) == 1
+    err = capfd.readouterr().err.strip()
+    assert err.endswith("is not valid YAML at line 2, column 2: expected ',' or ']', but got ':'; fix the file and rerun")
+    assert len(err.splitlines()) == 1
+    assert main(["pairs", "generate", "--teacher", clean, "--seeds", "0-99", "--heldout-seeds", "50-150",
+                 "--out", str(tmp_path / "g")]) == 1
+    err = capfd.readouterr().err.strip()
+    assert err == ("kdm pairs: error: invalid PairsGenerateConfig in pairs generate options: (root): heldout_seeds "
+                   "50-150 overlap seeds 0-99")

@@ -3,14 +3,12 @@ message that says what to fix."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import textwrap
 from pathlib import Path
 
 from pipeline.cli.common import add_command as add
 from pipeline.cli.common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
-                                 summary)
+                                 require_local_input, summary)
 from pipeline.errors import KDMError
 
 EXAMPLES = """\
@@ -30,8 +28,8 @@ or all stages at once, without Prefect:
 
 def cmd_teacher_train(a) -> None:
     from pipeline import presets
-    from pipeline.teachers import flow_matching as teacher
     cfg = presets.load("teacher", a.preset, a.config, a.set)
+    from pipeline.teachers import flow_matching as teacher
     if a.dry_run:
         summary(f"dry run: would train teacher {teacher.teacher_version(cfg)} -> {a.out}\n{cfg.model_dump_json(indent=2)}")
         return
@@ -39,15 +37,9 @@ def cmd_teacher_train(a) -> None:
     summary(f"teacher {m.id} ({m.kind}, final loss {m.final_loss:.4f}) at {a.out} sha256 {m.weights_sha256[:16]}")
 
 
-def _require_local_input(path: str, what: str) -> None:
-    """A local input that does not exist fails before torch is imported (a fast, clear error)."""
-    if "://" not in path and not Path(path).exists():
-        raise KDMError(f"{what} {path} does not exist; check the path")
-
-
 def cmd_pairs_generate(a) -> None:
     cfg = pairs_generate_config(a, {"method": a.method, "steps": a.steps}, "pairs generate options")
-    _require_local_input(a.teacher, "teacher")
+    require_local_input(a.teacher, "teacher")
     from pipeline.pairs import generate
     if a.dry_run:
         from pipeline.teachers.flow_matching import read_teacher_manifest
@@ -59,7 +51,7 @@ def cmd_pairs_generate(a) -> None:
 
 def cmd_pairs_import(a) -> None:
     cfg = pairs_import_config(a, "pairs import options")
-    _require_local_input(a.src, "source")
+    require_local_input(a.src, "source")
     from pipeline.pairs import importer
     v = importer.import_pairs(a.src, cfg, a.out)
     s, held = open_pairs(a.out)
@@ -67,8 +59,11 @@ def cmd_pairs_import(a) -> None:
 
 
 def cmd_pairs_filter(a) -> None:
-    from pipeline.pairs import filter_images
-    if filter_images.is_image_store(a.pairs):
+    from pipeline.storage import manifests
+    m = manifests.check_pair_store(a.pairs)      # before numpy / torch: a wrong input fails fast
+    if a.dataset:
+        manifests.check_dataset(a.dataset)
+    if len(m.sample_shape) == 3:
         return cmd_pairs_filter_images(a)
     from storage_schemas import FilterConfig
     from pipeline.pairs import filter as filt
@@ -116,6 +111,8 @@ def cmd_pairs_filter_images(a) -> None:
 
 
 def cmd_pairs_info(a) -> None:
+    from pipeline.storage import manifests
+    manifests.check_pair_store(a.store)          # before Zarr: a wrong path or manifest fails fast
     from pipeline.storage.pairstore import PairStore
     s = PairStore.open(a.store)
     held = s.heldout()
@@ -129,13 +126,17 @@ def cmd_pairs_info(a) -> None:
 
 def cmd_train(a) -> None:
     from pipeline import presets
-    from pipeline.storage.pairstore import PairStore
     if not (a.preset or a.config):
         raise KDMError("give --preset NAME or --config FILE (presets: " + ", ".join(presets.available("student")) + ")")
     cfg = presets.load("student", a.preset, a.config, a.set)
     if a.device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": a.device})})
-    store = PairStore.open(a.pairs)               # before torch is imported: a wrong path fails fast
+    from pipeline.storage import artifacts, manifests
+    manifests.check_pair_store(a.pairs)           # before Zarr and torch: wrong inputs fail fast
+    if artifacts.is_local(a.out):
+        artifacts.check_run_dir(artifacts.local_path(a.out), artifacts.RUN_CONFIG)
+    from pipeline.storage.pairstore import PairStore
+    store = PairStore.open(a.pairs)
     from pipeline.training import train2d as train
     if tuple(store.manifest.sample_shape) != (cfg.model.dim,):
         raise KDMError(f"pairs {a.pairs} have sample shape {tuple(store.manifest.sample_shape)}; model.dim="
@@ -154,7 +155,7 @@ def cmd_train(a) -> None:
 def cmd_sample(a) -> None:
     if a.num is not None and a.num < 1:
         raise KDMError(f"--num must be at least 1, got {a.num}")
-    _require_local_input(a.student, "student")
+    require_local_input(a.student, "student")
     import numpy as np
     from pipeline.evaluation import sample
     out = Path(a.out)
@@ -163,6 +164,16 @@ def cmd_sample(a) -> None:
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")     # what np.save writes
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
+    if out.exists():           # samples are a function of (student, seed, num / noise): keep what differs
+        try:
+            same = np.array_equal(np.load(out, allow_pickle=False), x0)
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise KDMError(f"--out {out} exists and holds other data than these samples; choose another --out "
+                           f"(it is kept)")
+        summary(f"{out} already holds these {len(x0)} one-step samples {tuple(x0.shape)}")
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, x0)
     summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {out}")
@@ -170,8 +181,10 @@ def cmd_sample(a) -> None:
 
 def cmd_evaluate(a) -> None:
     from pipeline.cli.distill import cmd_evaluate_image, is_image_student
+    from pipeline.storage import manifests
     if is_image_student(a.student):
         return cmd_evaluate_image(a)
+    manifests.check_pair_store(a.pairs)           # before torch: a wrong input fails fast
     from storage_schemas import Eval2DConfig
     from pipeline.storage import artifacts
     from pipeline.evaluation import evaluate2d as evaluate
@@ -192,8 +205,14 @@ def cmd_evaluate(a) -> None:
         if (old.student_version, old.pairs_version) != new:
             raise KDMError(f"--out {existing} holds the report of student {old.student_version} on pairs "
                            f"{old.pairs_version}, not of {new[0]} on {new[1]}; choose another --out (it is kept)")
+    created = not Path(out_dir).exists()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    report = evaluate.evaluate_student(a.student, a.pairs, cfg, out_dir)
+    try:
+        report = evaluate.evaluate_student(a.student, a.pairs, cfg, out_dir)
+    except Exception:
+        if created and not any(Path(out_dir).iterdir()):
+            Path(out_dir).rmdir()              # a failed evaluation leaves no empty --out behind
+        raise
     if out.endswith(".json") and Path(out).name != evaluate.REPORT:
         artifacts.write_json(out, report)
         Path(out_dir, evaluate.REPORT).unlink()
@@ -221,6 +240,9 @@ def cmd_report(a) -> None:
 
 
 def cmd_model_info(a) -> None:
+    from storage_schemas.kdm_image import IMAGE_PRESETS
+    if a.preset not in IMAGE_PRESETS:            # before torch
+        raise KDMError(f"unknown preset {a.preset!r}; valid presets: {', '.join(IMAGE_PRESETS)}")
     from pipeline.cli.model_info import format_model_info, model_info
     try:
         info = model_info(a.preset)

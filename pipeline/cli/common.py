@@ -3,11 +3,20 @@ the summary line, sub-command registration, and the option -> config steps of th
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from pipeline.errors import KDMError
 
 
 def summary(msg: str) -> None:
     """Every command ends with a one-line summary on stdout."""
     print(msg, flush=True)
+
+
+def require_local_input(path: str, what: str) -> None:
+    """A local input that does not exist fails before torch or Zarr is imported (a fast, clear error)."""
+    if "://" not in path and not Path(path).exists():
+        raise KDMError(f"{what} {path} does not exist; check the path")
 
 
 def add_command(parent, name: str, fn, help_: str, epilog=None) -> argparse.ArgumentParser:

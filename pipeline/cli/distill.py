@@ -72,9 +72,8 @@ def is_image_student(run: str) -> bool:
 def cmd_evaluate_image(a) -> None:
     """``kdm evaluate`` of an image student: FD/KID of teacher and student, ratio, MSE (LPIPS), grids."""
     from storage_schemas.distill_image import ImageEvalStageConfig
-    from pipeline.evaluation import image_metrics
     from pipeline import presets
-    from pipeline.evaluation.evaluate_image import evaluate_image
+    from pipeline.storage import manifests
     missing = [opt for opt, v in (("--dataset", a.dataset), ("--extractor", a.extractor)) if not v]
     if missing:
         raise KDMError(f"{a.student} is an image student: its evaluation also needs {' and '.join(missing)} (the "
@@ -83,6 +82,10 @@ def cmd_evaluate_image(a) -> None:
         raise KDMError(f"an image evaluation is a directory (metrics.json, manifest.json, PNGs): give --out DIR, "
                        f"not {a.out}")
     cfg = presets.validate(ImageEvalStageConfig, presets.apply_sets({}, a.set), "evaluation options")
+    manifests.check_pair_store(a.pairs)           # before torch: wrong inputs fail fast
+    manifests.check_dataset(a.dataset)
+    from pipeline.evaluation import image_metrics
+    from pipeline.evaluation.evaluate_image import evaluate_image
     m, existed = evaluate_image(a.out, a.dataset, a.extractor, a.pairs, a.student, cfg, a.device,
                                              a.root)
     print(image_metrics.metrics_markdown(image_metrics.read_report(a.out).metrics))

@@ -18,7 +18,7 @@ import sys
 
 from pipeline.cli.common import add_command as add
 from pipeline.cli.common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
-                                 summary)
+                                 require_local_input, summary)
 from pipeline.errors import KDMError
 
 EXAMPLES = """\
@@ -32,6 +32,7 @@ examples (CIFAR-10 teacher and pairs):
 
 
 def cmd_dataset_prepare(a) -> None:
+    require_local_input(a.archive, "archive")
     from pipeline.data.datasets import prepare_image_dataset
     m = prepare_image_dataset(a.archive, a.out, chunk_size=a.chunk_size, progress=not a.quiet)
     counts = ", ".join(f"{s} {i.count}" for s, i in m.splits.items())
@@ -50,6 +51,8 @@ def cmd_dataset_info(a) -> None:
 
 
 def cmd_teacher_bootstrap(a) -> None:
+    from pipeline.storage import manifests
+    manifests.check_dataset(a.dataset)            # before torch: a wrong path fails fast
     from pipeline.teachers import bootstrap as tb
     from pipeline.data.datasets import open_image_dataset
     cfg = tb.load_edm_teacher_config(a.preset, a.config, a.set)

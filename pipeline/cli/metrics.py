@@ -27,9 +27,11 @@ def cmd_extractor_train(a) -> None:
 
 
 def cmd_extractor_info(a) -> None:
-    from pipeline.evaluation import features
-    m = features.read_extractor_manifest(a.extractor)
+    from storage_schemas.protocol import FeatureExtractorManifest
+    from pipeline.storage import artifacts
+    m = artifacts.read_model(artifacts.join(a.extractor, artifacts.MANIFEST), FeatureExtractorManifest)
     if a.verify:
+        from pipeline.evaluation import features
         features.load_extractor(a.extractor)
     print(m.model_dump_json(indent=2))
     summary(f"{a.extractor}: extractor {m.id}, weights sha256 {m.weights_sha256[:16]}"

@@ -84,7 +84,8 @@ def _decode(name: str, data: bytes) -> np.ndarray:
             im.load()
             arr = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise KDMError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
+        reason = "not an image file PIL can identify" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise KDMError(f"cannot decode image {name} ({reason}); remove or replace it in the archive") from None
     return arr.transpose(2, 0, 1)   # (C, H, W)
 
 

@@ -42,15 +42,12 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from storage_schemas import (HELDOUT_GROUP, ImportInfo, PairsImportConfig, code_version, recipe_version,
                              VersionInputs, utc_now)
 
 from pipeline.storage import artifacts
-from pipeline.storage import pairstore
 from pipeline.errors import ArtifactExists, KDMError
-from pipeline.storage.pairstore import PairStore
 
 log = logging.getLogger("kdm.import")
 
@@ -168,6 +165,7 @@ class _NpzSource(_Source):
 
 
 def _torch_load(url: str):
+    import torch
     try:
         if artifacts.is_local(url):
             try:
@@ -208,6 +206,7 @@ class _GetSource(_Source):
         self.count = int(self.starts[-1])
 
     def _file(self, f: int):
+        import torch
         if f in self._cache:
             self._cache.move_to_end(f)
             return self._cache[f]
@@ -235,6 +234,7 @@ class _GetSource(_Source):
         return entry
 
     def get(self, idx):
+        import torch
         x_T = np.empty((len(idx), *self.sample_shape), np.float32)
         x_0 = np.empty_like(x_T)
         lab = np.empty(len(idx), np.int32)
@@ -297,6 +297,11 @@ def import_version(src: str, cfg: PairsImportConfig) -> str:
 
 # --- import --------------------------------------------------------------------------------------------
 
+def _store_manifest(url: str):
+    from pipeline.storage.manifests import check_pair_store
+    return check_pair_store(url)
+
+
 def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
     """Import ``src`` (format ``cfg.format``) into the pair store at ``out``; returns its version."""
     source_sha = None
@@ -304,15 +309,16 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
         if not artifacts.exists(src):
             raise KDMError(f"import source {src} does not exist")
         source_sha = source_digest(src, cfg)
-        if artifacts.check_target(out, _version(source_sha, cfg), pairstore.read_store_manifest):
+        if artifacts.check_target(out, _version(source_sha, cfg), _store_manifest):
             return _version(source_sha, cfg)
     source = open_source(src, cfg, source_sha)
     if source.count == 0 or 0 in tuple(source.sample_shape):
         raise KDMError(f"{src} holds no pairs (count {source.count}, sample shape {tuple(source.sample_shape)}); "
                        f"nothing to import")
     version = _version(source.sha256, cfg)
-    if artifacts.check_target(out, version, pairstore.read_store_manifest):
+    if artifacts.check_target(out, version, _store_manifest):
         return version
+    from pipeline.storage import pairstore     # Zarr: after the source is checked (a fast error exit)
     train_idx, held_idx = split_indices(source.count, cfg.holdout_fraction, cfg.split_seed)
     info = ImportInfo(format=cfg.format, source_uri=str(src), source_sha256=source.sha256,
                       holdout_fraction=cfg.holdout_fraction, split_seed=cfg.split_seed, order=cfg.order,
@@ -357,6 +363,7 @@ def export_kdm_npz(pairs_url: str, out_dir: str, *, order: str = "x0-first", spl
     or 'xT-first'. Conditional stores write ``endpoints`` + one-hot ``label`` (float32), others ``arr_0``.
     ``i`` is the row in the store. The folder is written as ``<out_dir>.partial`` and renamed when done.
     """
+    from pipeline.storage.pairstore import PairStore
     if order not in ("x0-first", "xT-first"):
         raise KDMError(f"order must be 'x0-first' or 'xT-first', got {order!r}")
     if artifacts.exists(out_dir):

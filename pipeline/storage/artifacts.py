@@ -23,6 +23,9 @@ from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
 
 M = TypeVar("M", bound=BaseModel)
 MANIFEST = "manifest.json"
+RUN_CONFIG = "config.json"        # a training run's config, written first (pipeline.storage.checkpoints.claim_run)
+CKPT_DIR = "checkpoints"          # a training run's checkpoints (pipeline.storage.checkpoints)
+METRICS_FILE = "metrics.jsonl"    # a training run's metrics log
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -220,6 +223,25 @@ def check_target(url: str, version: str, manifest_reader) -> bool:
         return True
     raise ArtifactExists(f"{url} already holds version {other}, not {version}; artifacts are immutable: "
                          f"choose another output location or delete the old one")
+
+
+def check_run_dir(run: Path, config_name: str) -> None:
+    """Refuse ``run`` as a run directory when it is a file, or holds anything but a run (a run has
+    ``config_name``, its checkpoints and metrics): a run never writes into another artifact. Commands
+    call it before they import torch."""
+    if run.exists() and not run.is_dir():
+        raise KDMError(f"{run} is a file, not a run directory; choose a directory path for --out")
+    if not run.is_dir() or (run / config_name).exists():
+        return
+    others = sorted(p.name for p in run.iterdir() if p.name not in (CKPT_DIR, METRICS_FILE))
+    if others:
+        found = committed_kind(str(run))
+        kind = (f"another kind of artifact, a committed {found}" if found else
+                "a Zarr store (e.g. a pair store)" if "zarr.json" in others else
+                "another kind of artifact" if "manifest.json" in others else "other files")
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ArtifactExists(f"{run} is not empty and is not a run of this config: it holds {kind} ({shown}); "
+                             f"choose a new or empty directory for --out")
 
 
 def local_path(url: str) -> Path:

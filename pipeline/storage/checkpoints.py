@@ -31,11 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import ArtifactExists, KDMError
+from pipeline.errors import ArtifactExists
+from pipeline.storage import artifacts
+from pipeline.storage.artifacts import CKPT_DIR, METRICS_FILE  # noqa: F401 (METRICS_FILE: re-exported)
 
-CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
-METRICS_FILE = "metrics.jsonl"
 FILES_KEY = "_files"          # state.json: {file name: [size, sha256]} of the checkpoint's other files
 log = logging.getLogger("kdm.checkpoints")
 
@@ -297,8 +297,7 @@ def claim_run(config_file: Path, version: str, config: dict, holds: str,
     <hint>") when it is not. A directory that holds anything but a run (a pair store, another artifact,
     unrelated files) is refused: a run never writes into it."""
     run = config_file.parent
-    if run.exists() and not run.is_dir():
-        raise KDMError(f"{run} is a file, not a run directory; choose a directory path for --out")
+    artifacts.check_run_dir(run, config_file.name)
     if config_file.exists():
         try:
             old = json.loads(config_file.read_text())
@@ -308,12 +307,5 @@ def claim_run(config_file: Path, version: str, config: dict, holds: str,
             old_v = old.get("version") if isinstance(old, dict) else None
             raise ArtifactExists(f"{holds} (version {old_v}, this is {version}); {hint}")
     else:
-        others = sorted(p.name for p in run.iterdir() if p.name not in (CKPT_DIR, METRICS_FILE)) if run.is_dir() else []
-        if others:
-            kind = ("a Zarr store (e.g. a pair store)" if "zarr.json" in others else
-                    "a kdm artifact" if "manifest.json" in others else "other files")
-            shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
-            raise ArtifactExists(f"{run} is not empty and is not a run of this config: it holds {kind} ({shown}); "
-                                 f"choose a new or empty directory for --out")
         run.mkdir(parents=True, exist_ok=True)
         config_file.write_text(json.dumps({"version": version, **config}, indent=2) + "\n")

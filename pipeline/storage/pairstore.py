@@ -19,13 +19,13 @@ from typing import Iterable, Iterator, Optional, Type, TypeVar
 
 import numpy as np
 import zarr
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas.pairs import HeldoutRef
 from storage_schemas import HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, ArraySpec, PairStoreManifest
 
-from pipeline.storage import artifacts
+from pipeline.storage import artifacts, manifests
 from pipeline.errors import ArtifactMissing, DataCorrupt, KDMError
 
 CODECS = ("zstd(level=3)", "crc32c")
@@ -47,40 +47,15 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
 def open_manifest_group(url: str, manifest_model: Type[M], what: str, writer: str = "kdm") -> tuple[zarr.Group, M]:
     """A committed kdm Zarr group (read-only) and its manifest (root attribute ``kdm``) as ``manifest_model``.
 
-    ``what`` names the artifact kind ('pair store') and ``writer`` the command that writes it, for the
-    ArtifactMissing / KDMError messages.
+    The manifest is read and checked first (``manifests.read_group_manifest``: ArtifactMissing / KDMError
+    naming the ``what`` and its ``writer``), then the group is opened.
     """
+    manifest = manifests.read_group_manifest(url, manifest_model, what, writer)
     try:
         g = open_group(url, "r")
     except FileNotFoundError:
         raise ArtifactMissing(f"no {what} at {url} (expected a Zarr v3 group written by {writer})") from None
-    raw = g.attrs.get(MANIFEST_KEY)
-    if raw is None:
-        raise ArtifactMissing(f"{url} is a Zarr group without a kdm manifest: it is incomplete or not a kdm {what}")
-    try:
-        manifest = manifest_model.model_validate(raw)
-    except ValidationError as e:
-        raise KDMError(_short_validation_error(e, f"{url} (attribute '{MANIFEST_KEY}')")
-                       + f"\nthe manifest was edited or damaged: rewrite the {what} with {writer}") from None
     return g, manifest
-
-
-def _short_validation_error(err: ValidationError, source: str) -> str:
-    """format_validation_error without echoing large inputs (a whole manifest for a model-level check);
-    a single problem fits on one line."""
-    items = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        if e["type"] == "missing":
-            items.append(f"{loc}: field required")
-            continue
-        msg = "unknown field (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-        msg = msg.removeprefix("Value error, ")
-        got = repr(e.get("input"))
-        items.append(f"{loc}: {msg}" + (f" (got {got})" if len(got) <= 80 else ""))
-    if len(items) == 1:
-        return f"invalid {err.title} in {source}: {items[0]}"
-    return "\n".join([f"invalid {err.title} in {source}:"] + [f"  - {i}" for i in items])
 
 
 def create_arrays(url: str, count: int, sample_shape: tuple[int, ...], chunk_size: int,

@@ -28,6 +28,7 @@ label int64; -1 = unconditional), in pinned memory when ``pin_memory`` is set so
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -278,8 +279,8 @@ class ChunkShuffleSampler:
     def __del__(self):
         try:
             self.close()
-        except Exception:
-            pass
+        except Exception as e:    # at interpreter exit the pools may already be gone; nothing is lost
+            logging.getLogger("kdm.image_data").debug("closing the pair loader: %s", e)
 
     # -- iteration ----------------------------------------------------------------------------------
     def _buffer_stream(self, cur: Cursor) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:

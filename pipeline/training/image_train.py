@@ -72,7 +72,7 @@ from models.discriminator import Discriminator, discriminator_loss, generator_ad
 from models.distances import DistanceUnavailable, make_distance
 from models.kdm_image import KDMImage
 from storage_schemas import code_version, recipe_version, stable_hash, utc_now
-from storage_schemas.kdm_image import (IMAGE_PRESETS, IMAGE_TRAIN_RUNTIME_FIELDS, ImageStudentManifest,
+from storage_schemas.kdm_image import (IMAGE_TRAIN_RUNTIME_FIELDS, ImageStudentManifest,
                                        ImageTrainConfig, KDMImageConfig, distance_label)
 from storage_schemas.perceptual import PerceptualNetRef
 
@@ -558,7 +558,7 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
             vgg16_weights, ChunkShuffleSampler, on_checkpoint, on_resume)
     if artifacts.is_local(out):
         return _train_in(artifacts.local_path(out), None, *args)
-    mirror = RunMirror(out, run_files=("config.json", checkpoints.METRICS_FILE))
+    mirror = RunMirror(out, run_files=(artifacts.RUN_CONFIG, checkpoints.METRICS_FILE))
     run = _shared_work_dir(di)
     try:
         if di.is_main:
@@ -578,7 +578,7 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
     m = store.manifest
     if di.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        checkpoints.claim_run(run / "config.json", version,
+        checkpoints.claim_run(run / artifacts.RUN_CONFIG, version,
                               {"pairs": pairs_url, "pairs_version": m.version, "pairs_content_hash": m.content_hash,
                                "preset": preset, "model": model_cfg.model_dump(mode="json"),
                                "train": tc.model_dump(mode="json")},
@@ -675,52 +675,3 @@ def _save_checkpoint(run: Path, step: int, trainer: ImageTrainer, cursor, keep: 
 
 
 # -- command line (wired into `kdm` by pipeline.cli) ----------------------------------------------
-
-def cmd_train_image(a) -> None:
-    from pipeline import presets
-    if bool(a.preset) == bool(a.config):
-        raise KDMError("give either --preset NAME or --config FILE (an image student config: preset, model, train)")
-    if a.config:
-        raw, source = presets.raw_config("student", None, a.config)
-        unknown = set(raw) - {"preset", "model", "train"}
-        if unknown or "model" not in raw:
-            raise KDMError(f"{source} must hold 'model' (KDMImageConfig), 'train' (ImageTrainConfig) and optionally "
-                           f"'preset' (the name recorded in the manifest); got keys {sorted(raw)}")
-        preset = str(raw.get("preset", "custom"))
-        base = {"model": raw["model"], "train": raw.get("train", {})}
-    else:
-        if a.preset not in IMAGE_PRESETS:
-            raise KDMError(f"unknown image preset {a.preset!r}; valid: {', '.join(IMAGE_PRESETS)}")
-        preset, source = a.preset, f"image preset {a.preset!r}"
-        base = {"model": IMAGE_PRESETS[a.preset].model_dump(mode="json"), "train": {}}
-    data = presets.apply_sets(base, a.set)
-    unknown = set(data) - {"model", "train"}
-    if unknown:
-        raise KDMError(f"--set keys must start with model. or train., got {sorted(unknown)}")
-    model_cfg = presets.validate(KDMImageConfig, data["model"], f"{source} (model)")
-    train_cfg = presets.validate(ImageTrainConfig, data["train"], f"{source} (train)")
-    if a.dry_run:
-        from pipeline.storage.pairstore import PairStore
-        v = image_run_version(PairStore.open(a.pairs).version, model_cfg, train_cfg)
-        print(f"dry run: would train {v} -> {a.out}\n{model_cfg.model_dump_json(indent=2)}\n"
-              f"{train_cfg.model_dump_json(indent=2)}", flush=True)
-        return
-    v = train_image_student(a.pairs, model_cfg, train_cfg, a.out, a.device, preset=preset,
-                            progress=not a.quiet, max_steps=a.max_steps,
-                            on_resume=lambda step: print(f"resumed from its step-{step} checkpoint in {a.out}",
-                                                         flush=True))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if artifacts.committed(a.out):
-        m = read_image_student_manifest(a.out)
-        print(f"image student {m.version}: {m.steps_done} steps ({m.nonfinite_steps} skipped as non-finite), "
-              f"{m.trainable_parameters} parameters, EMA weights at {a.out}/{m.weights_file}", flush=True)
-    else:
-        print(f"image student {v}: stopped at step {a.max_steps} with a checkpoint in {a.out}; run the same "
-              f"command without --max-steps to continue", flush=True)
-
-
-def add_image_commands(subparsers) -> None:
-    """Add ``train-image`` to the ``kdm`` sub-command parser (see pipeline.cli.train_image)."""
-    from pipeline.cli.train_image import add_commands
-    add_commands(subparsers)

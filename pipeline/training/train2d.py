@@ -34,7 +34,7 @@ from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
 from pipeline.storage.pairstore import PairStore
 from pipeline.storage.run_mirror import RunMirror
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = artifacts.RUN_CONFIG
 WEIGHTS_FILE = "student.safetensors"
 
 
