@@ -2,7 +2,7 @@
 """Image privacy filter benchmark: recall on planted copies of training images, drop rate of natural images, speed.
 
     python bench/filter_images.py --dataset runs/cifar10 --out runs/bench-filter --per-edit 200 --natural 2000
-    python bench/filter_images.py --dataset runs/cifar10 --out runs/bench-filter-gpu --device cuda --candidates 0 \\
+    python bench/filter_images.py --dataset runs/cifar10 --out runs/bench-filter-gpu --device cuda --set candidates=0 \\
         --per-edit 1000 --natural 10000 --scale-to 1000000      # speed at 1M pairs (tiled store)
 
 A pair store is built from CIFAR-10 test images (natural non-copies) and edited copies of training images, one

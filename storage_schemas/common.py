@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 PACKAGE_VERSION = "0.1.0"
@@ -130,6 +130,17 @@ class VersionInputs(Strict):
     @property
     def version(self) -> str:
         return f"{self.prefix}-{stable_hash(*self.parts)}"
+
+    def check(self, version: str, suffix: str = "", **named) -> None:
+        """Raise ValueError unless ``version`` is what these inputs hash to (plus ``suffix``) and each
+        ``named`` value (e.g. ``pairs_version=...``; None: not checked) is among the hashed inputs."""
+        expect = self.version + suffix
+        if version != expect:
+            raise ValueError(f"version {version} is not the hash of its recorded inputs ({expect})")
+        for what, value in named.items():
+            if value is not None and not self.mentions(value):
+                raise ValueError(f"{what.replace('_', ' ')} {value} is not among the inputs its version {version} "
+                                 f"hashes")
 
     def mentions(self, value: str) -> bool:
         """True when ``value`` is one of the hashed strings (at any depth)."""

@@ -22,7 +22,7 @@ This module is part of the leaf package: pydantic only.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, model_validator
 

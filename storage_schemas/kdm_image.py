@@ -18,7 +18,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, VersionInputs
 from .perceptual import PerceptualNetRef
 
 
@@ -153,6 +153,8 @@ class ImageStudentManifest(Strict):
     format: Literal["kdm-image-student"] = "kdm-image-student"
     schema_version: int = SCHEMA_VERSION
     version: str
+    version_inputs: Optional[VersionInputs] = Field(
+        None, description="what the version hashes; every read recomputes it (absent in runs from before it existed)")
     model: KDMImageConfig
     train: ImageTrainConfig
     preset: str
@@ -176,6 +178,12 @@ class ImageStudentManifest(Strict):
     train_seconds: float
     code_version: str
     created: str
+
+    @model_validator(mode="after")
+    def _version_is_its_inputs_hash(self) -> "ImageStudentManifest":
+        if self.version_inputs is not None:
+            self.version_inputs.check(self.version, pairs_version=self.pairs_version)
+        return self
 
 
 def distance_label(model: KDMImageConfig, net: Optional[PerceptualNetRef] = None) -> str:

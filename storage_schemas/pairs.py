@@ -184,17 +184,12 @@ class PairStoreManifest(Strict):
     def _check_version(self) -> None:
         """The version is what the recorded inputs hash to, names the teacher / source it records, and
         matches the held-out split committed with it."""
-        inputs = self.version_inputs
-        if inputs is not None:
-            expect = inputs.version + ("-heldout" if self.split == "heldout" else "")
-            if self.version != expect:
-                raise ValueError(f"version {self.version} is not the hash of its recorded inputs ({expect})")
+        if self.version_inputs is not None:
             what, value = {"teacher": ("teacher", self.teacher.id if self.teacher else None),
-                           "import": ("import source", self.import_info.source_sha256 if self.import_info else None),
-                           "filter": ("filter source", self.filter.source_version if self.filter else None)
+                           "import": ("import_source", self.import_info.source_sha256 if self.import_info else None),
+                           "filter": ("filter_source", self.filter.source_version if self.filter else None)
                            }[self.origin]
-            if value is not None and not inputs.mentions(value):
-                raise ValueError(f"{what} {value} is not among the inputs its version {self.version} hashes")
+            self.version_inputs.check(self.version, "-heldout" if self.split == "heldout" else "", **{what: value})
         # a filtered store keeps its source's held-out split (and version); others commit their own
         if (self.heldout is not None and self.origin != "filter"
                 and self.heldout.version != f"{self.version}-heldout"):

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, VersionInputs
 
 
 class KDM2DConfig(Strict):
@@ -60,6 +60,8 @@ class StudentManifest(Strict):
     format: Literal["kdm-student"] = "kdm-student"
     schema_version: int = SCHEMA_VERSION
     version: str
+    version_inputs: Optional[VersionInputs] = Field(
+        None, description="what the version hashes; every read recomputes it (absent in runs from before it existed)")
     model: KDM2DConfig
     train: TrainConfig
     preset: str
@@ -75,3 +77,9 @@ class StudentManifest(Strict):
     train_seconds: float
     code_version: str
     created: str
+
+    @model_validator(mode="after")
+    def _version_is_its_inputs_hash(self) -> "StudentManifest":
+        if self.version_inputs is not None:
+            self.version_inputs.check(self.version, pairs_version=self.pairs_version)
+        return self

@@ -110,7 +110,7 @@ def test_validation_errors_name_the_field_and_the_fix():
                                                                                         {"start": 10, "stop": 20}}})
     assert "teacher.use_labels=True but conditional=False: set conditional instead" in \
         msg({"preset": "smoke", "teacher": {"use_labels": True}})
-    assert "- pairs.sampler: Value error, sigma_min, rho and precision are settings of kind 'edm-heun' only" in \
+    assert "pairs.sampler: sigma_min, rho and precision are settings of kind 'edm-heun' only" in \
         msg({"preset": "smoke", "pairs": {"sampler": {"kind": "flow-matching-ode"}}})
 
 

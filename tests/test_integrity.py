@@ -619,3 +619,17 @@ def test_config_errors_are_one_line_without_the_whole_config(clean, tmp_path, ca
     err = capfd.readouterr().err.strip()
     assert err == ("kdm pairs: error: invalid PairsGenerateConfig in pairs generate options: (root): heldout_seeds "
                    "50-150 overlap seeds 0-99")
+
+
+def test_a_student_manifest_with_a_forged_version_is_refused(student, tmp_path, capfd):
+    run = tmp_path / "s"
+    shutil.copytree(student, run)
+    raw = json.loads((run / "manifest.json").read_text())
+    assert raw["version_inputs"]["prefix"] == "kdm" and raw["pairs_version"] in json.dumps(raw["version_inputs"])
+    (run / "manifest.json").write_text(json.dumps({**raw, "version": "kdm-0000000000000000"}))
+    assert main(["sample", "--student", str(run), "--num", "3", "--seed", "0", "--out", str(tmp_path / "x.npy")]) == 1
+    err = capfd.readouterr().err
+    assert "version kdm-0000000000000000 is not the hash of its recorded inputs" in err and "Traceback" not in err
+    (run / "manifest.json").write_text(json.dumps({**raw, "pairs_version": "pairs-0000000000000000"}))
+    with pytest.raises(KDMError, match="pairs version pairs-0000000000000000 is not among the inputs"):
+        train.read_student_manifest(str(run))

@@ -80,7 +80,11 @@ def test_invalid_student_config_names_every_field_path():
 def test_missing_field_is_reported_as_required():
     with pytest.raises(ValidationError) as e:
         SeedRange.model_validate({"start": 0})
-    assert "  - stop: field required" in format_validation_error(e.value)
+    assert format_validation_error(e.value) == "invalid SeedRange: stop: field required"
+    with pytest.raises(ValidationError) as e:
+        SeedRange.model_validate({})
+    assert format_validation_error(e.value, "x.yaml").splitlines() == [
+        "invalid SeedRange in x.yaml:", "  - start: field required", "  - stop: field required"]
 
 
 def test_overlapping_heldout_seeds_name_both_ranges():

@@ -61,9 +61,9 @@ def cmd_pairs_import(a) -> None:
 def cmd_pairs_filter(a) -> None:
     from pipeline.storage import manifests
     m = manifests.check_pair_store(a.pairs)      # before numpy / torch: a wrong input fails fast
-    if a.dataset:
-        manifests.check_dataset(a.dataset)
     if len(m.sample_shape) == 3:
+        if a.dataset:
+            manifests.check_dataset(a.dataset)
         return cmd_pairs_filter_images(a)
     from storage_schemas import FilterConfig
     from pipeline.pairs import filter as filt

@@ -71,7 +71,7 @@ from torch import nn
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss
 from models.distances import DistanceUnavailable, make_distance
 from models.kdm_image import KDMImage
-from storage_schemas import code_version, recipe_version, stable_hash, utc_now
+from storage_schemas import VersionInputs, code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.kdm_image import (IMAGE_TRAIN_RUNTIME_FIELDS, ImageStudentManifest,
                                        ImageTrainConfig, KDMImageConfig, distance_label)
 from storage_schemas.perceptual import PerceptualNetRef
@@ -474,12 +474,18 @@ class ImageTrainer:
 def image_run_version(pairs_version: str, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig) -> str:
     """Content-addressed run version. With distance 'lpips-own' it also hashes the perceptual network's id
     and weights sha256 (read from the manifest at ``train.perceptual_net``; the location itself does not count)."""
+    return image_run_version_inputs(pairs_version, model_cfg, train_cfg).version
+
+
+def image_run_version_inputs(pairs_version: str, model_cfg: KDMImageConfig,
+                             train_cfg: ImageTrainConfig) -> VersionInputs:
+    """What ``image_run_version`` hashes."""
     parts = [recipe_version(), "train-image", pairs_version, model_cfg.model_dump(mode="json"),
              train_cfg.model_dump(mode="json", exclude=set(IMAGE_TRAIN_RUNTIME_FIELDS))]
     if model_cfg.distance == "lpips-own":
         from pipeline.training.perceptual import perceptual_net_ref
         parts.append(perceptual_net_ref(train_cfg.perceptual_net).model_dump(mode="json"))
-    return "kdm-img-" + stable_hash(*parts)
+    return VersionInputs.of("kdm-img", *parts)
 
 
 def read_image_student_manifest(url: str) -> ImageStudentManifest:
@@ -647,7 +653,8 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
         weights = run / "student.safetensors"
         checkpoints.save_weights(trainer.ema, weights)
         manifest = ImageStudentManifest(
-            version=version, model=model_cfg, train=tc, preset=preset, pairs_version=m.version,
+            version=version, version_inputs=image_run_version_inputs(m.version, model_cfg, tc), model=model_cfg,
+            train=tc, preset=preset, pairs_version=m.version,
             pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,
             nonfinite_steps=trainer.nonfinite_steps, weights_sha256=artifacts.sha256_file(str(weights)),
             trainable_parameters=sum(p.numel() for p in trainer.params),

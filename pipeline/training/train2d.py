@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models.kdm2d import KDM2D
 from models.losses import kdm_losses
-from storage_schemas import (StudentManifest, StudentRunConfig, code_version, recipe_version, stable_hash,
+from storage_schemas import (StudentManifest, StudentRunConfig, VersionInputs, code_version, recipe_version,
                              utc_now)
 
 from pipeline.storage import artifacts
@@ -38,9 +38,13 @@ CONFIG_FILE = artifacts.RUN_CONFIG
 WEIGHTS_FILE = "student.safetensors"
 
 
+def run_version_inputs(pairs_version: str, cfg: StudentRunConfig) -> VersionInputs:
+    return VersionInputs.of("kdm", recipe_version(), "train", pairs_version,
+                            cfg.model_dump(mode="json", exclude={"preset": True, "train": {"device", "threads", "log_every"}}))
+
+
 def run_version(pairs_version: str, cfg: StudentRunConfig) -> str:
-    return "kdm-" + stable_hash(recipe_version(), "train", pairs_version,
-                                cfg.model_dump(mode="json", exclude={"preset": True, "train": {"device", "threads", "log_every"}}))
+    return run_version_inputs(pairs_version, cfg).version
 
 
 def read_student_manifest(url: str) -> StudentManifest:
@@ -205,7 +209,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     weights = run / WEIGHTS_FILE
     checkpoints.save_weights(ema, weights)
     manifest = StudentManifest(
-        version=version, model=cfg.model, train=cfg.train, preset=cfg.preset, pairs_version=m.version,
+        version=version, version_inputs=run_version_inputs(m.version, cfg), model=cfg.model, train=cfg.train,
+        preset=cfg.preset, pairs_version=m.version,
         pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,
         weights_sha256=artifacts.sha256_file(str(weights)), trainable_parameters=count_parameters(model),
         final_losses=losses, train_seconds=time.time() - log.t_start, code_version=code_version(), created=utc_now())
