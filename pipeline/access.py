@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 from urllib.parse import unquote
 
 from pipeline.errors import KDMError

@@ -7,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import pytest
 import zarr
 
+from pipeline import presets
 from pipeline.pairs import importer
+from pipeline.training import train2d as train
 from pipeline.storage import manifests
 from storage_schemas import MANIFEST_KEY
 
@@ -42,6 +46,19 @@ def w(tmp_path_factory):
     (forged / "zarr.json").write_text(json.dumps(meta))
     assert g.attrs[MANIFEST_KEY]["version"] != "pairs-0000000000000000"
     (d / "plain.txt").write_text("x")
+    importer.import_pairs(str(d / "traj.npy"), importer.PairsImportConfig(holdout_fraction=0.0, chunk_size=100),
+                          str(d / "noheld"))
+    shutil.copytree(d / "pairs", d / "damaged")
+    (d / "damaged" / "x_0" / "c" / "1" / "0").unlink()
+    shutil.copytree(d / "pairs", d / "held_damaged")
+    (d / "held_damaged" / "heldout" / "x_T" / "c" / "0" / "0").unlink()
+    np.save(d / "traj3.npy", np.random.default_rng(1).standard_normal((3, 300, 3)).astype(np.float32))
+    importer.import_pairs(str(d / "traj3.npy"), importer.PairsImportConfig(holdout_fraction=0.2, chunk_size=100),
+                          str(d / "pairs3d"))
+    train.train_student(str(d / "pairs"), presets.load("student", "smoke", None, ["train.steps=5", "train.threads=1"]),
+                        str(d / "student"), progress=False)
+    (d / "unfinished").mkdir()
+    (d / "unfinished" / "config.json").write_text("{}")
     return d
 
 
@@ -70,6 +87,19 @@ CASES = [   # (argv, exit code, words of the message, modules it may import)
     (["model", "info", "--preset", "nosuch"], 1, "unknown preset", ()),
     (["extractor", "info", "{w}/nope"], 1, "does not exist", ()),
     (["pairs", "info", "{w}/pairs", "--verify"], 0, "", ("zarr",)),      # reading data needs Zarr, not torch
+    (["train", "--pairs", "{w}/damaged", "--preset", "smoke", "--out", "{w}/t2"], 1, "chunk 1", ("zarr",)),
+    (["evaluate", "--student", "{w}/student", "--pairs", "{w}/pairs3d", "--out", "{w}/e1/r.json"], 1,
+     "generates 2-D points", ("zarr",)),
+    (["evaluate", "--student", "{w}/student", "--pairs", "{w}/noheld", "--out", "{w}/e2/r.json"], 1,
+     "has no held-out split", ("zarr",)),
+    (["evaluate", "--student", "{w}/student", "--pairs", "{w}/held_damaged", "--out", "{w}/e3/r.json"], 1,
+     "heldout: array 'x_T', chunk 0", ("zarr",)),
+    (["report", "--report", "{w}/nope/report.json"], 1, "does not exist", ("zarr",)),
+    (["sample", "--student", "{w}/pairs", "--num", "3", "--seed", "0", "--out", "{w}/s.npy"], 1,
+     "a Zarr store, not a student run", ()),
+    (["sample", "--student", "{w}/unfinished", "--num", "3", "--seed", "0", "--out", "{w}/s.npy"], 1,
+     "an unfinished student run", ()),
+    (["sample", "--student", "{w}/student", "--num", "3", "--seed", "0", "--out", "{w}"], 1, "is a directory", ()),
 ]
 
 

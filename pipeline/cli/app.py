@@ -42,7 +42,7 @@ def cmd_pairs_generate(a) -> None:
     require_local_input(a.teacher, "teacher")
     from pipeline.pairs import generate
     if a.dry_run:
-        from pipeline.teachers.flow_matching import read_teacher_manifest
+        from pipeline.storage.manifests import read_teacher_manifest
         pairs_dry_run(cfg, generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg), a.out)
         return
     v = generate.generate_pairs(a.teacher, cfg, a.out, progress=not a.quiet)
@@ -137,10 +137,12 @@ def cmd_train(a) -> None:
         artifacts.check_run_dir(artifacts.local_path(a.out), artifacts.RUN_CONFIG)
     from pipeline.storage.pairstore import PairStore
     store = PairStore.open(a.pairs)
-    from pipeline.training import train2d as train
     if tuple(store.manifest.sample_shape) != (cfg.model.dim,):
         raise KDMError(f"pairs {a.pairs} have sample shape {tuple(store.manifest.sample_shape)}; model.dim="
                        f"{cfg.model.dim} expects ({cfg.model.dim},): set model.dim to match the pairs")
+    if not a.dry_run:
+        store.verify(heldout=False)              # every chunk and the content hash, before torch is imported
+    from pipeline.training import train2d as train
     version = train.run_version(store.version, cfg)
     if a.dry_run:
         summary(f"dry run: would train {version} on {len(store)} pairs -> {a.out}\n{cfg.model_dump_json(indent=2)}")
@@ -156,13 +158,17 @@ def cmd_sample(a) -> None:
     if a.num is not None and a.num < 1:
         raise KDMError(f"--num must be at least 1, got {a.num}")
     require_local_input(a.student, "student")
-    import numpy as np
-    from pipeline.evaluation import sample
     out = Path(a.out)
     if out.is_dir():
         raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")     # what np.save writes
+    if a.noise is None and (a.num is None or a.seed is None):
+        raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
+    from pipeline.storage.manifests import read_student_manifest
+    read_student_manifest(a.student)              # before torch: not a finished student run fails fast
+    import numpy as np
+    from pipeline.evaluation import sample
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
     if out.exists():           # samples are a function of (student, seed, num / noise): keep what differs
         try:
@@ -195,7 +201,7 @@ def cmd_evaluate(a) -> None:
     existing = Path(out) if out.endswith(".json") else Path(out_dir, evaluate.REPORT)
     if existing.exists():      # a report is replaced only by the evaluation of the same student and pairs
         from pipeline.storage.pairstore import PairStore
-        from pipeline.training.train2d import read_student_manifest
+        from pipeline.storage.manifests import read_student_manifest
         try:
             old = evaluate.read_report(str(existing))
         except (KDMError, ValueError) as e:
@@ -430,7 +436,8 @@ def main(argv=None) -> int:
         print(f"kdm {a.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:      # read-only or full disks, a file where a directory belongs, ...
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        where = (f" ({e.filename})" if getattr(e, "filename", None) else
+                 f" (writing {a.out})" if getattr(a, "out", None) else "")
         print(f"kdm {a.command}: error: {e.strerror or e}{where}; check that the path is writable, has free space "
               f"and is what the command expects, then rerun (finished work is kept)", file=sys.stderr)
         return 1

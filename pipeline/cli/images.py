@@ -109,7 +109,7 @@ def _generate_images_config(a):
 
 def cmd_pairs_generate_images(a) -> None:
     from pipeline.pairs import generate
-    from pipeline.teachers.flow_matching import read_teacher_manifest
+    from pipeline.storage.manifests import read_teacher_manifest
     cfg = _generate_images_config(a)
     v = generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg)
     held = heldout_count(cfg)

@@ -27,7 +27,7 @@ def cmd_teacher_register(a) -> None:
             f"{'conditional (' + str(r.label_dim) + ' classes)' if r.conditional else 'unconditional'}"
             if r.model_kind == "edm" else r.model_kind)
     if reg.created and r.kind == "edm-pkl":
-        from pipeline.teachers.flow_matching import read_teacher_manifest
+        from pipeline.storage.manifests import read_teacher_manifest
         src = read_teacher_manifest(r.teacher_uri).source
         for w in (src.source_warnings if src else []):
             print(f"warning: {w}", file=sys.stderr)

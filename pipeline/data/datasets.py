@@ -174,6 +174,9 @@ def prepare_image_dataset(archive_path: str, out_url: str, *, chunk_size: int = 
                                             codecs=CODECS),
                         "label": ArraySpec(shape=(n,), dtype="int32", chunks=(c,), codecs=CODECS)},
                 content_hash=_split_hash(h_img.hexdigest(), h_lab.hexdigest(), (n, *image_shape), (n,)))
+    except KDMError:
+        artifacts.discard(out_url)         # a refused archive leaves nothing behind (preparation restarts anyway)
+        raise
     finally:
         if pool is not None:
             pool.shutdown()

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from storage_schemas import Eval2DConfig, EvaluationReport, MetricSet, SeedRange, code_version, utc_now
 
 from pipeline.storage import artifacts
-from pipeline.evaluation import metrics2d
 from pipeline.errors import KDMError
+from pipeline.storage.manifests import read_student_manifest
 from pipeline.storage.pairstore import PairStore
-from pipeline.evaluation.sample import generate, load_student, noise_for_seeds
 
 REPORT = "report.json"
 
 
 def _metric_set(points: np.ndarray, reference: np.ndarray, cfg: Eval2DConfig, board, pair_mse=None) -> MetricSet:
+    from pipeline.evaluation import metrics2d
     m = metrics2d.checkerboard_metrics(points, reference, swd_projections=cfg.swd_projections, swd_seed=cfg.swd_seed,
                                        eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples,
                                        z=cfg.zscore_threshold, low=board.low, high=board.high, scale=board.scale)
@@ -36,7 +35,7 @@ def _metric_set(points: np.ndarray, reference: np.ndarray, cfg: Eval2DConfig, bo
 def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
                      board=None) -> EvaluationReport:
     """Writes the plots, then ``report.json``, into ``out_dir`` (a local directory or a remote URL);
-    returns the report."""
+    returns the report. The inputs are checked and read (every chunk verified) before torch is imported."""
     from storage_schemas import CheckerboardSpec
     board = board or CheckerboardSpec()
     store = PairStore.open(pairs_url)
@@ -44,7 +43,7 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
     if held is None:
         raise KDMError(f"{pairs_url} has no held-out split (child group 'heldout'); generate pairs with "
                        f"--heldout-seeds or import with --holdout > 0")
-    model, student = load_student(run)
+    student = read_student_manifest(run)
     if tuple(store.manifest.sample_shape) != (student.model.dim,):
         raise KDMError(f"student {run} generates {student.model.dim}-D points but {pairs_url} holds samples of shape "
                        f"{tuple(store.manifest.sample_shape)}; evaluate it on pairs of its own dimension")
@@ -54,6 +53,9 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
                        f"are needed")
     hd = {k: held.read(k, 0, n) for k in ("x_T", "x_0")}
     reference, teacher_x0 = hd["x_0"], store.read("x_0", 0, n)
+    from pipeline.evaluation import metrics2d
+    from pipeline.evaluation.sample import generate, load_student, noise_for_seeds
+    model, student = load_student(run)
     seeds = SeedRange(start=cfg.sample_seed, stop=cfg.sample_seed + n)
     fresh = generate(model, noise_for_seeds(range(seeds.start, seeds.stop), student.model.dim,
                                             store.manifest.x_T_scale))
@@ -76,6 +78,8 @@ def _write_plots(out_dir: str, fresh, teacher_x0, x_T, paired, x_0, student_vers
     """The report's PNGs, drawn into ``out_dir`` (local) or drawn locally and uploaded (remote URL)."""
     plots = {"samples": "samples.png", "noise_structure_student": "noise_structure_student.png",
              "noise_structure_teacher": "noise_structure_teacher.png"}
+
+    from pipeline.evaluation import metrics2d
 
     def draw(d: Path) -> None:
         metrics2d.plot_samples(fresh, teacher_x0, str(d / plots["samples"]), title=f"student {student_version}")

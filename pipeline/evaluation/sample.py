@@ -15,7 +15,7 @@ from storage_schemas import StudentManifest
 from pipeline.storage import artifacts
 from pipeline.devices import resolve_device
 from pipeline.errors import KDMError
-from pipeline.training.train2d import read_student_manifest
+from pipeline.storage.manifests import read_student_manifest
 
 
 def _verified_student(run: str, manifest) -> dict:

@@ -27,7 +27,7 @@ class FlowMatchingTeacher(Stage):
         return {}
 
     def summary(self, cfg, uris, out):
-        from pipeline.teachers.flow_matching import read_teacher_manifest
+        from pipeline.storage.manifests import read_teacher_manifest
         m = read_teacher_manifest(out)
         return {"uri": out, "version": m.id, "sha256": m.weights_sha256, "final_loss": m.final_loss}
 
@@ -98,7 +98,7 @@ class Student2D(Stage):
         return {"resumed_from_step": resumed[0] if resumed else None}
 
     def summary(self, cfg, uris, out):
-        from pipeline.training.train2d import read_student_manifest
+        from pipeline.storage.manifests import read_student_manifest
         m = read_student_manifest(out)
         return {"uri": out, "version": m.version, "weights_sha256": m.weights_sha256, "steps": m.steps_done,
                 "final_losses": m.final_losses, "train_seconds": m.train_seconds,
@@ -117,7 +117,7 @@ class Evaluation2D(Stage):
 
     def output(self, cfg, uris):
         from pipeline.storage.pairstore import PairStore
-        from pipeline.training.train2d import read_student_manifest
+        from pipeline.storage.manifests import read_student_manifest
         version = "eval-" + stable_hash(recipe_version(), "evaluate", read_student_manifest(uris["student"]).version,
                                         PairStore.open(uris["filter"]).version, cfg.evaluation, cfg.teacher.data)
         return artifacts.join(cfg.root, "evaluations", version)

@@ -8,7 +8,6 @@ output exists needs no GPU. ``gpus`` > 1 runs the pairs and the student stage un
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from pipeline.errors import KDMError
 from pipeline.recipes.common import PairsStage, PairStoreStage
@@ -93,7 +92,7 @@ class Extractor(DevicePooled):
 
 def check_teacher(uri: str, conditional: bool):
     """The manifest of the EDM teacher at ``uri``, of the run's conditioning; a KDMError says what is wrong."""
-    from pipeline.teachers.flow_matching import read_teacher_manifest
+    from pipeline.storage.manifests import read_teacher_manifest
     try:
         m = read_teacher_manifest(uri)
     except KDMError as e:
@@ -149,7 +148,7 @@ class EDMTeacher(Stage):
         return {"resumed_from_step": resumed[0] if resumed else None}
 
     def summary(self, cfg, uris, out):
-        from pipeline.teachers.flow_matching import read_teacher_manifest
+        from pipeline.storage.manifests import read_teacher_manifest
         m = read_teacher_manifest(out)
         return {"uri": out, "version": m.id, "sha256": m.weights_sha256, "given": bool(cfg.teacher_uri),
                 "label_dim": m.model.label_dim, "final_loss": m.final_loss}

@@ -61,7 +61,7 @@ class PairsStage(PairStoreStage):
 
     def output(self, cfg, uris):
         from pipeline.pairs.generate import pairs_version
-        from pipeline.teachers.flow_matching import read_teacher_manifest
+        from pipeline.storage.manifests import read_teacher_manifest
         gen = self.generate_config(cfg).model_copy(update={"device": "cpu"})   # the device enters no version
         return artifacts.join(cfg.root, "pairs", pairs_version(read_teacher_manifest(uris["teacher"]).id, gen))
 

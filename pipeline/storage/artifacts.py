@@ -140,6 +140,13 @@ def begin(url: str, fresh: bool = False) -> str:
     return tmp
 
 
+def discard(url: str) -> None:
+    """Remove the temporary location of ``url`` (a writer that refused its input and cannot resume)."""
+    fs, path = url_to_fs(partial_url(url))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 # Files that make a directory readable as a committed artifact: copied last by a non-atomic commit.
 _MARKERS = (MANIFEST, "zarr.json")
 
@@ -216,8 +223,9 @@ def check_target(url: str, version: str, manifest_reader) -> bool:
         if found:
             raise ArtifactExists(f"{url} holds a committed {found}, not the artifact this command writes; choose "
                                  f"another output location (that one is kept)") from None
-        raise ArtifactExists(f"{url} exists but is not a committed kdm artifact; remove it or choose "
-                             f"another output location") from None
+        what = "is a file" if is_local(url) and local_path(url).is_file() else \
+            "exists but is not a committed kdm artifact"
+        raise ArtifactExists(f"{url} {what}; choose another output location (it is kept)") from None
     other = getattr(existing, "version", None) or getattr(existing, "id", None)
     if other == version:
         return True

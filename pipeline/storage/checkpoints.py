@@ -146,8 +146,10 @@ def write_checkpoint_files(path: Path, state: dict, modules: Mapping[str, nn.Mod
             torch.save(obj, path / f"{name}.pt")
         except RuntimeError as e:   # torch's zip writer reports a full disk as "unexpected pos ..."
             free = shutil.disk_usage(path).free
-            raise OSError(28, f"writing {name}.pt failed ({str(e).splitlines()[0][:120]}); {free} bytes free: "
-                              f"no space left on device?", str(path / f"{name}.pt")) from None
+            why = (f"No space left on device ({free} bytes free)" if free < (1 << 20) else
+                   f"torch.save failed ({str(e).splitlines()[0][:120]})")
+            raise OSError(28 if free < (1 << 20) else 5, f"{why} while writing a checkpoint",
+                          str(path / f"{name}.pt")) from e
     files = {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(path.iterdir())
              if f.is_file() and f.name != STATE_FILE}
     (path / STATE_FILE).write_text(json.dumps({**state, FILES_KEY: files}))

@@ -1,9 +1,10 @@
-"""The manifest of a kdm Zarr group (pair store, dataset), read from its ``zarr.json`` without importing Zarr.
+"""Artifact manifests read without importing Zarr, NumPy or torch: pair stores and datasets (a Zarr group's
+``zarr.json``, attribute ``kdm``), teachers and student runs (``manifest.json``).
 
 Every open of a pair store or dataset reads its manifest here first, so a wrong path, a store that is
 not kdm's or an edited manifest fails with one clear message, and the commands check their inputs this
-way before they import Zarr, NumPy or torch (an error exit in a fraction of a second). A Zarr v3 group's
-metadata is the JSON document ``<group>/zarr.json``; kdm's manifest is its attribute ``kdm``.
+way before the heavy imports (an error exit in a fraction of a second). A Zarr v3 group's metadata is the
+JSON document ``<group>/zarr.json``.
 """
 from __future__ import annotations
 
@@ -73,3 +74,33 @@ def check_dataset(url: str):
     """The manifest of the prepared dataset at ``url``, read without Zarr: fails now unless it is valid."""
     from storage_schemas.datasets import DatasetManifest
     return read_group_manifest(url, DatasetManifest, "dataset", writer="kdm dataset prepare")
+
+
+def read_teacher_manifest(url: str):
+    """The manifest of the teacher artifact at ``url``."""
+    from storage_schemas import TeacherManifest
+    from pipeline.storage import artifacts
+    return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), TeacherManifest)
+
+
+def read_student_manifest(url: str):
+    """The manifest of a finished student run; a clear error for an unfinished run or another artifact."""
+    from storage_schemas import StudentManifest
+    from pipeline.errors import ArtifactExists
+    from pipeline.storage import artifacts
+    path = artifacts.join(url, artifacts.MANIFEST)
+    try:
+        raw = artifacts.read_json(path)
+    except FileNotFoundError:
+        what = ("an unfinished student run (no manifest.json yet): finish it by rerunning its `kdm train`"
+                if artifacts.exists(artifacts.join(url, artifacts.RUN_CONFIG)) else
+                "a Zarr store, not a student run" if artifacts.exists(artifacts.join(url, "zarr.json")) else
+                "not a student run (no manifest.json)" if artifacts.exists(url) else "missing")
+        raise ArtifactMissing(f"{url} is {what}; give the --out directory of a finished `kdm train`") from None
+    except ValueError:
+        raise KDMError(f"{path} is not valid JSON: the run is damaged; train it again into a new --out") from None
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt != "kdm-student":
+        raise ArtifactExists(f"{url} holds another kind of artifact ({fmt or 'unknown'}), not a kdm student run; "
+                             f"give the directory of a finished `kdm train`")
+    return artifacts.read_model(path, StudentManifest)

@@ -22,16 +22,13 @@ from storage_schemas import (EDMNetConfig, TeacherManifest, TeacherTrainConfig, 
                              stable_hash, utc_now)
 
 from pipeline.storage import artifacts
+from pipeline.storage.manifests import read_teacher_manifest  # noqa: F401 (re-exported)
 from pipeline.devices import resolve_device
 from pipeline.errors import KDMError
 
 
 def teacher_version(cfg: TeacherTrainConfig) -> str:
     return "fm-" + stable_hash(recipe_version(), "teacher-train", cfg.model_dump(exclude={"device", "log_every", "preset"}))
-
-
-def read_teacher_manifest(url: str) -> TeacherManifest:
-    return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), TeacherManifest)
 
 
 def train_teacher(cfg: TeacherTrainConfig, out: str, progress: bool = True) -> TeacherManifest:

@@ -64,7 +64,7 @@ def _check_sha(sha256: Optional[str]) -> Optional[str]:
 def detect_kind(uri: str) -> str:
     """``kdm`` / ``flow-matching`` for a directory with a kdm teacher manifest, ``edm-pkl`` for a .pkl file."""
     if artifacts.exists(artifacts.join(uri, artifacts.MANIFEST)):
-        from pipeline.teachers.flow_matching import read_teacher_manifest
+        from pipeline.storage.manifests import read_teacher_manifest
         return "flow-matching" if read_teacher_manifest(uri).kind == "flow-matching-mlp" else "kdm"
     if str(uri).lower().endswith(".pkl"):
         return "edm-pkl"
@@ -122,7 +122,7 @@ class Registration:
 
 def _artifact_facts(teacher_uri: str, kind: str, sha256: Optional[str]) -> tuple[TeacherManifest, str]:
     """The manifest of a kdm teacher artifact and its verified weights sha256."""
-    from pipeline.teachers.flow_matching import read_teacher_manifest
+    from pipeline.storage.manifests import read_teacher_manifest
     if not artifacts.exists(artifacts.join(teacher_uri, artifacts.MANIFEST)):
         raise KDMError(f"{teacher_uri} is not a kdm teacher artifact (no {artifacts.MANIFEST}); a released EDM "
                        f"network pickle is registered with --kind edm-pkl --sha256 HEX")

@@ -237,7 +237,7 @@ class ChunkShuffleSampler:
         def fill(job: tuple[int, str]) -> None:
             i, name = job
             c = int(chunks[i])
-            lo, n = c * self.chunk_size, self._chunk_len(c)
+            n = self._chunk_len(c)
             direct = self._direct[name]
             if direct is not None:
                 arr, present = direct.read(c)

@@ -28,9 +28,10 @@ from storage_schemas import (StudentManifest, StudentRunConfig, VersionInputs, c
                              utc_now)
 
 from pipeline.storage import artifacts
+from pipeline.storage.manifests import read_student_manifest  # noqa: F401 (re-exported)
 from pipeline.storage import checkpoints
 from pipeline.devices import resolve_device
-from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
+from pipeline.errors import KDMError
 from pipeline.storage.pairstore import PairStore
 from pipeline.storage.run_mirror import RunMirror
 
@@ -45,26 +46,6 @@ def run_version_inputs(pairs_version: str, cfg: StudentRunConfig) -> VersionInpu
 
 def run_version(pairs_version: str, cfg: StudentRunConfig) -> str:
     return run_version_inputs(pairs_version, cfg).version
-
-
-def read_student_manifest(url: str) -> StudentManifest:
-    """The manifest of a finished student run; a clear error for an unfinished run or another artifact."""
-    path = artifacts.join(url, artifacts.MANIFEST)
-    try:
-        raw = artifacts.read_json(path)
-    except FileNotFoundError:
-        what = ("an unfinished student run (no manifest.json yet): finish it by rerunning its `kdm train`"
-                if artifacts.exists(artifacts.join(url, CONFIG_FILE)) else
-                "a Zarr store, not a student run" if artifacts.exists(artifacts.join(url, "zarr.json")) else
-                "not a student run (no manifest.json)" if artifacts.exists(url) else "missing")
-        raise ArtifactMissing(f"{url} is {what}; give the --out directory of a finished `kdm train`") from None
-    except ValueError:
-        raise KDMError(f"{path} is not valid JSON: the run is damaged; train it again into a new --out") from None
-    fmt = raw.get("format") if isinstance(raw, dict) else None
-    if fmt != "kdm-student":
-        raise ArtifactExists(f"{url} holds another kind of artifact ({fmt or 'unknown'}), not a kdm student run; "
-                             f"choose another directory")
-    return artifacts.read_model(path, StudentManifest)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
