@@ -29,6 +29,8 @@ or all stages at once, without Prefect:
 def cmd_teacher_train(a) -> None:
     from pipeline import presets
     cfg = presets.load("teacher", a.preset, a.config, a.set)
+    from pipeline.storage import artifacts
+    artifacts.precheck_target(a.out, "(kdm-teacher)")      # before torch: a wrong --out fails fast
     from pipeline.teachers import flow_matching as teacher
     if a.dry_run:
         summary(f"dry run: would train teacher {teacher.teacher_version(cfg)} -> {a.out}\n{cfg.model_dump_json(indent=2)}")
@@ -40,6 +42,8 @@ def cmd_teacher_train(a) -> None:
 def cmd_pairs_generate(a) -> None:
     cfg = pairs_generate_config(a, {"method": a.method, "steps": a.steps}, "pairs generate options")
     require_local_input(a.teacher, "teacher")
+    from pipeline.storage import artifacts
+    artifacts.precheck_target(a.out, "pair store")           # before torch: a wrong --out fails fast
     from pipeline.pairs import generate
     if a.dry_run:
         from pipeline.storage.manifests import read_teacher_manifest
@@ -163,10 +167,10 @@ def cmd_sample(a) -> None:
         raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")     # what np.save writes
-    if a.noise is None and (a.num is None or a.seed is None):
-        raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
     from pipeline.storage.manifests import read_student_manifest
     read_student_manifest(a.student)              # before torch: not a finished student run fails fast
+    if a.noise is None and (a.num is None or a.seed is None):
+        raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
     import numpy as np
     from pipeline.evaluation import sample
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)

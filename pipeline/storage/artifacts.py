@@ -23,6 +23,7 @@ from pipeline.errors import ArtifactExists, ArtifactMissing, KDMError
 
 M = TypeVar("M", bound=BaseModel)
 MANIFEST = "manifest.json"
+RUN_FORMATS = ("(kdm-student)", "(kdm-image-student)")   # committed_kind of a finished training run
 RUN_CONFIG = "config.json"        # a training run's config, written first (pipeline.storage.checkpoints.claim_run)
 CKPT_DIR = "checkpoints"          # a training run's checkpoints (pipeline.storage.checkpoints)
 METRICS_FILE = "metrics.jsonl"    # a training run's metrics log
@@ -219,18 +220,31 @@ def check_target(url: str, version: str, manifest_reader) -> bool:
     try:
         existing = manifest_reader(url)
     except ArtifactMissing:
-        found = committed_kind(url)
-        if found:
-            raise ArtifactExists(f"{url} holds a committed {found}, not the artifact this command writes; choose "
-                                 f"another output location (that one is kept)") from None
-        what = "is a file" if is_local(url) and local_path(url).is_file() else \
-            "exists but is not a committed kdm artifact"
-        raise ArtifactExists(f"{url} {what}; choose another output location (it is kept)") from None
+        _refuse_target(url, committed_kind(url))
     other = getattr(existing, "version", None) or getattr(existing, "id", None)
     if other == version:
         return True
     raise ArtifactExists(f"{url} already holds version {other}, not {version}; artifacts are immutable: "
                          f"choose another output location or delete the old one")
+
+
+def _refuse_target(url: str, found: str | None) -> None:
+    if found:
+        raise ArtifactExists(f"{url} holds a committed {found}, not the artifact this command writes; choose "
+                             f"another output location (that one is kept)") from None
+    what = "is a file" if is_local(url) and local_path(url).is_file() else "exists but is not a committed kdm artifact"
+    raise ArtifactExists(f"{url} {what}; choose another output location (it is kept)") from None
+
+
+def precheck_target(url: str, kind: str) -> None:
+    """The cheap part of ``check_target``, for a command to run before its heavy imports: refuse a local
+    ``url`` that exists and is not a committed artifact whose ``committed_kind`` ends with ``kind``. (Whether
+    it holds this very version is decided later, by check_target.)"""
+    if not is_local(url) or not local_path(url).exists():
+        return
+    found = committed_kind(url)
+    if found is None or not found.endswith(kind):
+        _refuse_target(url, found)
 
 
 def check_run_dir(run: Path, config_name: str) -> None:
@@ -239,7 +253,13 @@ def check_run_dir(run: Path, config_name: str) -> None:
     call it before they import torch."""
     if run.exists() and not run.is_dir():
         raise KDMError(f"{run} is a file, not a run directory; choose a directory path for --out")
-    if not run.is_dir() or (run / config_name).exists():
+    if not run.is_dir():
+        return
+    found = committed_kind(str(run))
+    if found and not found.endswith(RUN_FORMATS):     # e.g. a teacher (it has a config.json too)
+        raise ArtifactExists(f"{run} holds another kind of artifact, a committed {found}, not a training run; "
+                             f"choose a new or empty directory for --out (it is kept)")
+    if (run / config_name).exists():
         return
     others = sorted(p.name for p in run.iterdir() if p.name not in (CKPT_DIR, METRICS_FILE))
     if others:
