@@ -136,14 +136,14 @@ def cmd_train(a) -> None:
     if a.device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": a.device})})
     from pipeline.storage import artifacts, manifests
-    manifests.check_pair_store(a.pairs)           # before Zarr and torch: wrong inputs fail fast
+    m = manifests.check_pair_store(a.pairs)       # before Zarr and torch: wrong inputs fail fast
+    if tuple(m.sample_shape) != (cfg.model.dim,):
+        raise KDMError(f"pairs {a.pairs} have sample shape {tuple(m.sample_shape)}; model.dim="
+                       f"{cfg.model.dim} expects ({cfg.model.dim},): set model.dim to match the pairs")
     if artifacts.is_local(a.out):
         artifacts.check_run_dir(artifacts.local_path(a.out), artifacts.RUN_CONFIG)
     from pipeline.storage.pairstore import PairStore
     store = PairStore.open(a.pairs)
-    if tuple(store.manifest.sample_shape) != (cfg.model.dim,):
-        raise KDMError(f"pairs {a.pairs} have sample shape {tuple(store.manifest.sample_shape)}; model.dim="
-                       f"{cfg.model.dim} expects ({cfg.model.dim},): set model.dim to match the pairs")
     if not a.dry_run:
         store.verify(heldout=False)              # every chunk and the content hash, before torch is imported
     from pipeline.training import train2d as train

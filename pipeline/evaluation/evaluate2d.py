@@ -18,7 +18,6 @@ from storage_schemas import Eval2DConfig, EvaluationReport, MetricSet, SeedRange
 from pipeline.storage import artifacts
 from pipeline.errors import KDMError
 from pipeline.storage.manifests import read_student_manifest
-from pipeline.storage.pairstore import PairStore
 
 REPORT = "report.json"
 
@@ -37,6 +36,7 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
     """Writes the plots, then ``report.json``, into ``out_dir`` (a local directory or a remote URL);
     returns the report. The inputs are checked and read (every chunk verified) before torch is imported."""
     from storage_schemas import CheckerboardSpec
+    from pipeline.storage.pairstore import PairStore
     board = board or CheckerboardSpec()
     store = PairStore.open(pairs_url)
     held = store.heldout()

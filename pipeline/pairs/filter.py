@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from storage_schemas import HELDOUT_GROUP, FilterConfig, FilterRecord, VersionInputs, code_version, recipe_version, stable_hash, utc_now
 
@@ -39,6 +38,7 @@ def load_blocklist(uri: str, sample_shape: tuple[int, ...]) -> np.ndarray:
 def select(data: dict[str, np.ndarray], cfg: FilterConfig, blocklist: np.ndarray | None
            ) -> tuple[np.ndarray, dict[str, int]]:
     """Pure selection: returns (kept indices, dropped count per reason)."""
+    from scipy.spatial import cKDTree     # scipy only where the distances are searched
     n = len(data["seed"])
     x0 = data["x_0"].reshape(n, -1).astype(np.float64)
     keep = np.ones(n, bool)
