@@ -32,22 +32,21 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from models.edm import FastDenoiser
-from models.samplers import edm_heun, edm_latents, integrate_ode, seeded_noise
 from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, PairsGenerateConfig, SeedRange,
                              TeacherManifest, TeacherRef, VersionInputs, code_version, recipe_version, utc_now)
 
 from pipeline.storage import artifacts
 from pipeline.storage import pairstore
-from pipeline.devices import resolve_device
 from pipeline.errors import KDMError
-from pipeline.teachers.flow_matching import load_denoiser, load_teacher, read_teacher_manifest
+from pipeline.storage.manifests import check_pair_store, read_teacher_manifest
+
+if TYPE_CHECKING:
+    import torch
 
 PROGRESS_DIR = "_kdm_progress"
 IMAGE_BATCH = 1024   # default seeds per sampler call for image teachers (2-D: a whole shard)
@@ -117,10 +116,14 @@ def plan_shards(splits: list[Split], chunk_size: int) -> list[Shard]:
 
 
 class _Sampler:
-    """Turns a list of seeds into (x_T, x_0, label) for one teacher and sampler setting."""
+    """Turns a list of seeds into (x_T, x_0, label) for one teacher and sampler setting. (torch and the models
+    are imported here, once the output and the inputs are known to be worth the work.)"""
 
     def __init__(self, teacher_url: str, manifest: TeacherManifest, cfg: PairsGenerateConfig, device: torch.device,
                  batch_size: Optional[int], compile: bool = False):
+        import torch
+        from models.edm import FastDenoiser
+        from pipeline.teachers.flow_matching import load_denoiser, load_teacher
         self.cfg, self.device, self.batch_size = cfg, device, batch_size
         self.state_dtype = torch.float64
         s = cfg.sampler
@@ -145,6 +148,8 @@ class _Sampler:
                 self.shape, self.label_dim = (manifest.model.dim,), 0
 
     def __call__(self, seeds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+        from models.samplers import edm_heun, edm_latents, integrate_ode, seeded_noise
         s = self.cfg.sampler
         bs = self.batch_size or (min(len(seeds), IMAGE_BATCH) if len(self.shape) > 1 else len(seeds))
         x_Ts, x_0s, labs = [], [], []
@@ -230,11 +235,13 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
                     batch_size: Optional[int], poll_s: float, wait_timeout_s: Optional[float], compile: bool) -> str:
     manifest = read_teacher_manifest(teacher_url)
     version = pairs_version(manifest.id, cfg)
-    if artifacts.check_target(out, version, pairstore.read_store_manifest):
+    if artifacts.check_target(out, version, check_pair_store):
+        pairstore.PairStore.open(out)           # the store there is whole (its arrays as recorded)
         return version
     device_name = cfg.device
     if device_name == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
         device_name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    from pipeline.devices import resolve_device
     device = resolve_device(device_name)
     sampler = _Sampler(teacher_url, manifest, cfg, device, batch_size, compile=compile)
     sample_shape = sampler.shape

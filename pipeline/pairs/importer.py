@@ -297,9 +297,14 @@ def import_version(src: str, cfg: PairsImportConfig) -> str:
 
 # --- import --------------------------------------------------------------------------------------------
 
-def _store_manifest(url: str):
+def _done(out: str, version: str) -> bool:
+    """``out`` holds this very version, whole (a store of another kind or version is refused, without Zarr)."""
     from pipeline.storage.manifests import check_pair_store
-    return check_pair_store(url)
+    from pipeline.storage.pairstore import PairStore
+    if not artifacts.check_target(out, version, check_pair_store):
+        return False
+    PairStore.open(out)
+    return True
 
 
 def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
@@ -309,14 +314,14 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
         if not artifacts.exists(src):
             raise KDMError(f"import source {src} does not exist")
         source_sha = source_digest(src, cfg)
-        if artifacts.check_target(out, _version(source_sha, cfg), _store_manifest):
+        if _done(out, _version(source_sha, cfg)):
             return _version(source_sha, cfg)
     source = open_source(src, cfg, source_sha)
     if source.count == 0 or 0 in tuple(source.sample_shape):
         raise KDMError(f"{src} holds no pairs (count {source.count}, sample shape {tuple(source.sample_shape)}); "
                        f"nothing to import")
     version = _version(source.sha256, cfg)
-    if artifacts.check_target(out, version, _store_manifest):
+    if _done(out, version):
         return version
     from pipeline.storage import pairstore     # Zarr: after the source is checked (a fast error exit)
     train_idx, held_idx = split_indices(source.count, cfg.holdout_fraction, cfg.split_seed)
