@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from .common import SCHEMA_VERSION, Strict
+from .common import SCHEMA_VERSION, Strict, VersionInputs
 from .datasets import DatasetRef
 from .kdm_image import SongUNetConfig
 
@@ -162,6 +162,8 @@ class TeacherManifest(Strict):
     format: Literal["kdm-teacher"] = "kdm-teacher"
     schema_version: int = SCHEMA_VERSION
     id: str = Field(description="content-addressed version of the teacher")
+    version_inputs: Optional[VersionInputs] = Field(
+        None, description="what the id hashes; every read recomputes it (absent in teachers from before it existed)")
     kind: Literal["flow-matching-mlp", "edm"]
     model: TeacherModel
     weights_file: str = "weights.safetensors"
@@ -180,4 +182,6 @@ class TeacherManifest(Strict):
     def _kind_matches_model(self) -> "TeacherManifest":
         if self.kind != self.model.kind:
             raise ValueError(f"kind {self.kind!r} does not match model.kind {self.model.kind!r}")
+        if self.version_inputs is not None:
+            self.version_inputs.check(self.id)
         return self

@@ -635,3 +635,17 @@ def test_a_student_manifest_with_a_forged_version_is_refused(student, tmp_path, 
     (run / "manifest.json").write_text(json.dumps({**raw, "pairs_version": "pairs-0000000000000000"}))
     with pytest.raises(KDMError, match="pairs version pairs-0000000000000000 is not among the inputs"):
         train.read_student_manifest(str(run))
+
+
+def test_a_teacher_manifest_with_a_forged_id_is_refused(tmp_path, capfd):
+    from pipeline.teachers import flow_matching
+    cfg = presets.load("teacher", "smoke", None, [])
+    t = tmp_path / "t"
+    m = flow_matching.train_teacher(cfg, str(t), progress=False)
+    assert m.version_inputs.prefix == "fm" and m.version_inputs.version == m.id
+    raw = json.loads((t / "manifest.json").read_text())
+    (t / "manifest.json").write_text(json.dumps({**raw, "id": "fm-0000000000000000"}))
+    assert main(["pairs", "generate", "--teacher", str(t), "--seeds", "0-9", "--out", str(tmp_path / "p")]) == 1
+    err = capfd.readouterr().err
+    assert "version fm-0000000000000000 is not the hash of its recorded inputs" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()

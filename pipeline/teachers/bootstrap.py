@@ -39,7 +39,7 @@ from tqdm import tqdm
 from models.edm import LOSSES
 from models.samplers import edm_heun, edm_latents
 from storage_schemas import (EDM_TEACHER_RUNTIME_FIELDS, DatasetRef, EDMNetConfig, EDMTeacherTrainConfig,
-                             TeacherManifest, code_version, recipe_version, stable_hash, utc_now)
+                             TeacherManifest, VersionInputs, code_version, recipe_version, utc_now)
 
 from pipeline.storage import artifacts
 from pipeline.storage import checkpoints
@@ -80,9 +80,13 @@ def net_config(cfg: EDMTeacherTrainConfig, image_shape: tuple[int, int, int], nu
         raise KDMError(f"the teacher config does not fit the dataset ({w}x{h}, {c} channels): {e}") from None
 
 
+def bootstrap_version_inputs(dataset_content_hash: str, cfg: EDMTeacherTrainConfig) -> VersionInputs:
+    return VersionInputs.of("edm", recipe_version(), "teacher-bootstrap", dataset_content_hash,
+                            cfg.model_dump(mode="json", exclude=set(EDM_TEACHER_RUNTIME_FIELDS)))
+
+
 def bootstrap_version(dataset_content_hash: str, cfg: EDMTeacherTrainConfig) -> str:
-    return "edm-" + stable_hash(recipe_version(), "teacher-bootstrap", dataset_content_hash,
-                                cfg.model_dump(mode="json", exclude=set(EDM_TEACHER_RUNTIME_FIELDS)))
+    return bootstrap_version_inputs(dataset_content_hash, cfg).version
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -286,7 +290,8 @@ def _finish(work: Path, out: str, version: str, ncfg: EDMNetConfig, cfg: EDMTeac
                   nrow=math.ceil(math.sqrt(cfg.preview_samples)))
     shutil.rmtree(work / checkpoints.CKPT_DIR, ignore_errors=True)
     manifest = TeacherManifest(
-        id=version, kind="edm", model=ncfg, weights_sha256=artifacts.sha256_file(str(work / "weights.safetensors")),
+        id=version, version_inputs=bootstrap_version_inputs(dm.content_hash, cfg), kind="edm", model=ncfg,
+        weights_sha256=artifacts.sha256_file(str(work / "weights.safetensors")),
         dataset=DatasetRef(version=dm.version, content_hash=dm.content_hash, uri=str(dataset_url), split="train"),
         origin=(f"trained by kdm teacher bootstrap (preset {cfg.preset}, {cfg.steps} steps x batch {cfg.batch_size}, "
                 f"EMA weights, {seconds:.0f} s in the last session on {device.type})"),

@@ -47,7 +47,7 @@ from safetensors.torch import save as st_save
 from models.edm import PRECONDS
 from models.songunet import SongUNet
 from storage_schemas import (EDMNetConfig, EDMPickleSource, TeacherManifest, code_version, recipe_version,
-                             stable_hash, utc_now)
+                             VersionInputs, utc_now)
 from storage_schemas.kdm_image import SongUNetConfig
 from storage_schemas.teacher import PRECOND_CLASSES, PRECOND_DEFAULTS
 
@@ -302,8 +302,12 @@ def embedded_sources(obj) -> list[str]:
     return out
 
 
+def edm_teacher_id_inputs(pickle_sha256: str, key: str) -> VersionInputs:
+    return VersionInputs.of("edm", recipe_version(), "edm-pickle", pickle_sha256, key)
+
+
 def edm_teacher_id(pickle_sha256: str, key: str) -> str:
-    return "edm-" + stable_hash(recipe_version(), "edm-pickle", pickle_sha256, key)
+    return edm_teacher_id_inputs(pickle_sha256, key).version
 
 
 def import_edm_pickle(src: str, out: str, *, allow_pickle: bool = False, sha256: Optional[str] = None,
@@ -333,8 +337,8 @@ def import_edm_pickle(src: str, out: str, *, allow_pickle: bool = False, sha256:
     artifacts.write_json(artifacts.join(tmp, "config.json"), cfg)
     name = str(src).rstrip("/").rsplit("/", 1)[-1]
     manifest = TeacherManifest(
-        id=version, kind="edm", model=cfg, weights_sha256=artifacts.sha256_bytes(weights),
-        source=EDMPickleSource(uri=str(src), sha256=actual, key=key, class_name=rec.class_name,
+        id=version, version_inputs=edm_teacher_id_inputs(actual, key), kind="edm", model=cfg,
+        weights_sha256=artifacts.sha256_bytes(weights), source=EDMPickleSource(uri=str(src), sha256=actual, key=key, class_name=rec.class_name,
                                persistence_version=rec.version, loss=loss, network_source=layout,
                                source_warnings=source_warnings),
         origin=f"imported from EDM network pickle {name} (sha256 {actual}, entry {key!r}) by kdm teacher import-edm",

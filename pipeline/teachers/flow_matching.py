@@ -19,7 +19,7 @@ from models.checkerboard import sample_checkerboard
 from models.edm import PRECONDS, FlowMatchingDenoiser
 from models.flow_matching import VelocityMLP, cond_ot_loss
 from storage_schemas import (EDMNetConfig, TeacherManifest, TeacherTrainConfig, code_version, recipe_version,
-                             stable_hash, utc_now)
+                             VersionInputs, utc_now)
 
 from pipeline.storage import artifacts
 from pipeline.storage.manifests import read_teacher_manifest  # noqa: F401 (re-exported)
@@ -27,8 +27,13 @@ from pipeline.devices import resolve_device
 from pipeline.errors import KDMError
 
 
+def teacher_version_inputs(cfg: TeacherTrainConfig) -> VersionInputs:
+    return VersionInputs.of("fm", recipe_version(), "teacher-train",
+                            cfg.model_dump(exclude={"device", "log_every", "preset"}))
+
+
 def teacher_version(cfg: TeacherTrainConfig) -> str:
-    return "fm-" + stable_hash(recipe_version(), "teacher-train", cfg.model_dump(exclude={"device", "log_every", "preset"}))
+    return teacher_version_inputs(cfg).version
 
 
 def train_teacher(cfg: TeacherTrainConfig, out: str, progress: bool = True) -> TeacherManifest:
@@ -63,7 +68,8 @@ def train_teacher(cfg: TeacherTrainConfig, out: str, progress: bool = True) -> T
     manifest = TeacherManifest(
         id=version, kind="flow-matching-mlp", model=cfg.model, weights_sha256=artifacts.sha256_bytes(weights),
         data=cfg.data, origin=f"trained by `kdm teacher train` ({cfg.steps} steps, {time.time() - t0:.0f} s)",
-        training=cfg, final_loss=float(ema_loss), code_version=code_version(), created=utc_now())
+        training=cfg, final_loss=float(ema_loss), code_version=code_version(), created=utc_now(),
+        version_inputs=teacher_version_inputs(cfg))
     artifacts.write_json(artifacts.join(tmp, artifacts.MANIFEST), manifest)
     artifacts.commit(out)
     return manifest
