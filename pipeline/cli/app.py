@@ -141,7 +141,9 @@ def cmd_train(a) -> None:
         raise KDMError(f"pairs {a.pairs} have sample shape {tuple(m.sample_shape)}; model.dim="
                        f"{cfg.model.dim} expects ({cfg.model.dim},): set model.dim to match the pairs")
     if artifacts.is_local(a.out):
-        artifacts.check_run_dir(artifacts.local_path(a.out), artifacts.RUN_CONFIG)
+        from pipeline.training.versions import run_version
+        artifacts.check_run_version(artifacts.local_path(a.out) / artifacts.RUN_CONFIG, run_version(m.version, cfg),
+                                    holds=f"{a.out} holds a run of another config/pairs")
     from pipeline.storage.pairstore import PairStore
     store = PairStore.open(a.pairs)
     if not a.dry_run:

@@ -37,7 +37,10 @@ def cmd_train_image(a) -> None:
     train_cfg = presets.validate(ImageTrainConfig, data["train"], f"{source} (train)")
     pairs = manifests.check_pair_store(a.pairs)          # before torch: a wrong input fails fast
     if artifacts.is_local(a.out):
-        artifacts.check_run_dir(artifacts.local_path(a.out), artifacts.RUN_CONFIG)
+        from pipeline.training.versions import image_run_version
+        artifacts.check_run_version(artifacts.local_path(a.out) / artifacts.RUN_CONFIG,
+                                    image_run_version(pairs.version, model_cfg, train_cfg),
+                                    holds=f"{a.out} holds a run of another config/pairs")
     from pipeline.training.image_train import image_run_version, read_image_student_manifest, train_image_student
     if a.dry_run:
         v = image_run_version(pairs.version, model_cfg, train_cfg)

@@ -272,6 +272,24 @@ def check_run_dir(run: Path, config_name: str) -> None:
                              f"choose a new or empty directory for --out")
 
 
+def check_run_version(config_file: Path, version: str, holds: str,
+                      hint: str = "choose another --out to start a new run") -> bool:
+    """True when the run directory of ``config_file`` holds a run of ``version`` (resume it), False when it
+    holds no run yet; ArtifactExists ("<holds> (version ..., this is ...); <hint>") for a run of another
+    version, and check_run_dir's refusals for anything that is not a run. Torch-free: commands call it first."""
+    check_run_dir(config_file.parent, config_file.name)
+    if not config_file.exists():
+        return False
+    try:
+        old = json.loads(config_file.read_text())
+    except ValueError:
+        raise ArtifactExists(f"{config_file} is not a readable run config; {hint}") from None
+    if not isinstance(old, dict) or old.get("version") != version:
+        old_v = old.get("version") if isinstance(old, dict) else None
+        raise ArtifactExists(f"{holds} (version {old_v}, this is {version}); {hint}")
+    return True
+
+
 def local_path(url: str) -> Path:
     if not is_local(url):
         raise KDMError(f"{url} must be a local path here")

@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import ArtifactExists
 from pipeline.storage import artifacts
 from pipeline.storage.artifacts import CKPT_DIR, METRICS_FILE  # noqa: F401 (METRICS_FILE: re-exported)
 
@@ -73,7 +72,7 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
         except OSError:   # already set aside by another process of the same run (one per GPU)
             pass
         msg = (f"checkpoint {p} is damaged ({problem}); it was moved to {aside.name} and the run resumes from "
-               + (f"the previous checkpoint" if p is not done[0] else "the start (no older checkpoint)"))
+               + ("the previous checkpoint" if p is not done[0] else "the start (no older checkpoint)"))
         log.warning(msg)
     return None
 
@@ -299,15 +298,6 @@ def claim_run(config_file: Path, version: str, config: dict, holds: str,
     <hint>") when it is not. A directory that holds anything but a run (a pair store, another artifact,
     unrelated files) is refused: a run never writes into it."""
     run = config_file.parent
-    artifacts.check_run_dir(run, config_file.name)
-    if config_file.exists():
-        try:
-            old = json.loads(config_file.read_text())
-        except ValueError:
-            raise ArtifactExists(f"{config_file} is not a readable run config; {hint}") from None
-        if not isinstance(old, dict) or old.get("version") != version:
-            old_v = old.get("version") if isinstance(old, dict) else None
-            raise ArtifactExists(f"{holds} (version {old_v}, this is {version}); {hint}")
-    else:
+    if not artifacts.check_run_version(config_file, version, holds, hint):
         run.mkdir(parents=True, exist_ok=True)
         config_file.write_text(json.dumps({"version": version, **config}, indent=2) + "\n")

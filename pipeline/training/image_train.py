@@ -71,8 +71,8 @@ from torch import nn
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss
 from models.distances import DistanceUnavailable, make_distance
 from models.kdm_image import KDMImage
-from storage_schemas import VersionInputs, code_version, recipe_version, stable_hash, utc_now
-from storage_schemas.kdm_image import (IMAGE_TRAIN_RUNTIME_FIELDS, ImageStudentManifest,
+from storage_schemas import code_version, stable_hash, utc_now
+from storage_schemas.kdm_image import (ImageStudentManifest,
                                        ImageTrainConfig, KDMImageConfig, distance_label)
 from storage_schemas.perceptual import PerceptualNetRef
 
@@ -81,6 +81,7 @@ from pipeline.storage import checkpoints
 from pipeline.devices import resolve_device
 from pipeline.errors import KDMError
 from pipeline.storage.run_mirror import RunMirror
+from pipeline.training.versions import image_run_version, image_run_version_inputs  # noqa: F401 (re-exported)
 
 SANITIZE_INF = 1e5          # official nan_to_num bounds for +-inf gradients
 
@@ -470,23 +471,6 @@ class ImageTrainer:
 
 
 # -- runs -----------------------------------------------------------------------------------------
-
-def image_run_version(pairs_version: str, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig) -> str:
-    """Content-addressed run version. With distance 'lpips-own' it also hashes the perceptual network's id
-    and weights sha256 (read from the manifest at ``train.perceptual_net``; the location itself does not count)."""
-    return image_run_version_inputs(pairs_version, model_cfg, train_cfg).version
-
-
-def image_run_version_inputs(pairs_version: str, model_cfg: KDMImageConfig,
-                             train_cfg: ImageTrainConfig) -> VersionInputs:
-    """What ``image_run_version`` hashes."""
-    parts = [recipe_version(), "train-image", pairs_version, model_cfg.model_dump(mode="json"),
-             train_cfg.model_dump(mode="json", exclude=set(IMAGE_TRAIN_RUNTIME_FIELDS))]
-    if model_cfg.distance == "lpips-own":
-        from pipeline.training.perceptual import perceptual_net_ref
-        parts.append(perceptual_net_ref(train_cfg.perceptual_net).model_dump(mode="json"))
-    return VersionInputs.of("kdm-img", *parts)
-
 
 def read_image_student_manifest(url: str) -> ImageStudentManifest:
     return artifacts.read_model(artifacts.join(url, artifacts.MANIFEST), ImageStudentManifest)

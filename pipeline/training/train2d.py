@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from models.kdm2d import KDM2D
 from models.losses import kdm_losses
-from storage_schemas import (StudentManifest, StudentRunConfig, VersionInputs, code_version, recipe_version,
+from storage_schemas import (StudentManifest, StudentRunConfig, code_version,
                              utc_now)
 
 from pipeline.storage import artifacts
@@ -34,18 +34,10 @@ from pipeline.devices import resolve_device
 from pipeline.errors import KDMError
 from pipeline.storage.pairstore import PairStore
 from pipeline.storage.run_mirror import RunMirror
+from pipeline.training.versions import run_version, run_version_inputs  # noqa: F401 (re-exported)
 
 CONFIG_FILE = artifacts.RUN_CONFIG
 WEIGHTS_FILE = "student.safetensors"
-
-
-def run_version_inputs(pairs_version: str, cfg: StudentRunConfig) -> VersionInputs:
-    return VersionInputs.of("kdm", recipe_version(), "train", pairs_version,
-                            cfg.model_dump(mode="json", exclude={"preset": True, "train": {"device", "threads", "log_every"}}))
-
-
-def run_version(pairs_version: str, cfg: StudentRunConfig) -> str:
-    return run_version_inputs(pairs_version, cfg).version
 
 
 def count_parameters(model: torch.nn.Module) -> int:
