@@ -224,8 +224,12 @@ def check_target(url: str, version: str, manifest_reader) -> bool:
     other = getattr(existing, "version", None) or getattr(existing, "id", None)
     if other == version:
         return True
-    raise ArtifactExists(f"{url} already holds version {other}, not {version}; artifacts are immutable: "
-                         f"choose another output location or delete the old one")
+    raise _immutable(url, other, version)
+
+
+def _immutable(url, other: str | None, version: str) -> ArtifactExists:
+    return ArtifactExists(f"{url} already holds version {other}, not {version}; artifacts are immutable: "
+                          f"choose another output location or delete the old one")
 
 
 def _refuse_target(url: str, found: str | None) -> None:
@@ -286,6 +290,8 @@ def check_run_version(config_file: Path, version: str, holds: str,
         raise ArtifactExists(f"{config_file} is not a readable run config; {hint}") from None
     if not isinstance(old, dict) or old.get("version") != version:
         old_v = old.get("version") if isinstance(old, dict) else None
+        if (config_file.parent / MANIFEST).exists():     # a finished run: a committed artifact
+            raise _immutable(config_file.parent, old_v, version)
         raise ArtifactExists(f"{holds} (version {old_v}, this is {version}); {hint}")
     return True
 
