@@ -252,9 +252,6 @@ def cmd_report(a) -> None:
 
 
 def cmd_model_info(a) -> None:
-    from storage_schemas.kdm_image import IMAGE_PRESETS
-    if a.preset not in IMAGE_PRESETS:            # before torch
-        raise KDMError(f"unknown preset {a.preset!r}; valid presets: {', '.join(IMAGE_PRESETS)}")
     from pipeline.cli.model_info import format_model_info, model_info
     try:
         info = model_info(a.preset)

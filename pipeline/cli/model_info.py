@@ -6,14 +6,10 @@ frozen LPIPS network are not part of ``trainable_parameters``.
 """
 from __future__ import annotations
 
-import torch
-
-from models.discriminator import Discriminator
-from models.kdm_image import KDMImage
 from storage_schemas.kdm_image import IMAGE_PRESETS, KDMImageConfig
 
 
-def _count(module: torch.nn.Module) -> int:
+def _count(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
@@ -26,6 +22,9 @@ def model_info(preset: str | KDMImageConfig) -> dict:
         name, cfg = preset, IMAGE_PRESETS[preset]
     else:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(IMAGE_PRESETS)}")
+    import torch                        # only once the preset is known: an unknown one fails fast
+    from models.discriminator import Discriminator
+    from models.kdm_image import KDMImage
     with torch.device("meta"):
         model = KDMImage.from_config(cfg)
         disc = Discriminator(cfg.channels)

@@ -43,7 +43,7 @@ from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, PairsGene
 from pipeline.storage import artifacts
 from pipeline.storage import pairstore
 from pipeline.errors import KDMError
-from pipeline.storage.manifests import check_pair_store, read_teacher_manifest
+from pipeline.storage.manifests import holds_pair_store, read_teacher_manifest
 
 if TYPE_CHECKING:
     import torch
@@ -235,8 +235,7 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
                     batch_size: Optional[int], poll_s: float, wait_timeout_s: Optional[float], compile: bool) -> str:
     manifest = read_teacher_manifest(teacher_url)
     version = pairs_version(manifest.id, cfg)
-    if artifacts.check_target(out, version, check_pair_store):
-        pairstore.PairStore.open(out)           # the store there is whole (its arrays as recorded)
+    if holds_pair_store(out, version):
         return version
     device_name = cfg.device
     if device_name == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:

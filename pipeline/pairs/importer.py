@@ -47,6 +47,7 @@ from storage_schemas import (HELDOUT_GROUP, ImportInfo, PairsImportConfig, code_
                              VersionInputs, utc_now)
 
 from pipeline.storage import artifacts
+from pipeline.storage.manifests import holds_pair_store
 from pipeline.errors import ArtifactExists, KDMError
 
 log = logging.getLogger("kdm.import")
@@ -297,16 +298,6 @@ def import_version(src: str, cfg: PairsImportConfig) -> str:
 
 # --- import --------------------------------------------------------------------------------------------
 
-def _done(out: str, version: str) -> bool:
-    """``out`` holds this very version, whole (a store of another kind or version is refused, without Zarr)."""
-    from pipeline.storage.manifests import check_pair_store
-    from pipeline.storage.pairstore import PairStore
-    if not artifacts.check_target(out, version, check_pair_store):
-        return False
-    PairStore.open(out)
-    return True
-
-
 def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
     """Import ``src`` (format ``cfg.format``) into the pair store at ``out``; returns its version."""
     source_sha = None
@@ -314,14 +305,14 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
         if not artifacts.exists(src):
             raise KDMError(f"import source {src} does not exist")
         source_sha = source_digest(src, cfg)
-        if _done(out, _version(source_sha, cfg)):
+        if holds_pair_store(out, _version(source_sha, cfg)):
             return _version(source_sha, cfg)
     source = open_source(src, cfg, source_sha)
     if source.count == 0 or 0 in tuple(source.sample_shape):
         raise KDMError(f"{src} holds no pairs (count {source.count}, sample shape {tuple(source.sample_shape)}); "
                        f"nothing to import")
     version = _version(source.sha256, cfg)
-    if _done(out, version):
+    if holds_pair_store(out, version):
         return version
     from pipeline.storage import pairstore     # Zarr: after the source is checked (a fast error exit)
     train_idx, held_idx = split_indices(source.count, cfg.holdout_fraction, cfg.split_seed)

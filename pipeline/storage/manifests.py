@@ -70,6 +70,18 @@ def check_pair_store(url: str):
     return read_group_manifest(url, PairStoreManifest, "pair store")
 
 
+def holds_pair_store(out: str, version: str) -> bool:
+    """True when ``out`` holds the pair store of this very ``version``, whole (its arrays as recorded); False
+    when nothing is there. Another kind of artifact or another version is refused (artifacts.check_target)
+    from its manifest alone, before Zarr is imported."""
+    from pipeline.storage import artifacts
+    if not artifacts.check_target(out, version, check_pair_store):
+        return False
+    from pipeline.storage.pairstore import PairStore
+    PairStore.open(out)
+    return True
+
+
 def check_dataset(url: str):
     """The manifest of the prepared dataset at ``url``, read without Zarr: fails now unless it is valid."""
     from storage_schemas.datasets import DatasetManifest
