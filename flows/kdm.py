@@ -18,6 +18,10 @@ output exists is neither run nor dispatched. Without a registered ``gpu-stage`` 
 called from Python) GPU stages run as tasks here. Both pools must see the artifact ``root``. Tasks and
 stage runs pass URIs and configs, never arrays. One publisher makes the report of every recipe.
 
+Data (pipeline.data.sources): the cifar10 recipe's dataset is found in ``$KDM_DATA_DIR`` of the worker or
+downloaded into it before any stage; absent and offline, the run fails with one line naming the file, its
+checksum, its URL and the path to put it at.
+
 Access (pipeline.access): before any stage, every location of the config must lie under the worker's
 allowed roots (``KDM_ALLOWED_ROOTS``), and a run created by the ``kdm.teacher.registered`` trigger
 distills only a teacher the registry under the deployment's own root holds with that URI and sha256.
@@ -31,7 +35,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact, update_progress_artifact)
 
+from prefect.states import Failed
+
 from pipeline import access, recipes, stages
+from pipeline.data import sources
 from pipeline.errors import KDMError
 from pipeline.storage import artifacts
 from storage_schemas import (DistillCheckerboardConfig, Eval2DConfig, FilterConfig, PairsGenerateConfig,
@@ -157,6 +164,13 @@ def kdm(recipe: Optional[RecipeName] = None,
     # kdm.teacher.registered trigger distills only a teacher registered under the deployment's own root.
     access.guard_run(cfg, default_root=type(cfg).model_fields["root"].default, resolve=lambda r: stages.resolve_local(r, REPO),
                      log=logger.error)
+    # The named dataset (cifar10): found in the worker's $KDM_DATA_DIR or downloaded into it, before any
+    # stage; absent and offline, the run fails with the one line that says where to put the file.
+    try:
+        cfg = sources.resolve_config(cfg, progress=False, log=logger.info)
+    except KDMError as e:
+        logger.error("refused before any stage: %s", e)
+        return Failed(message=str(e), data=e)
     dispatch = _dispatch if cfg.recipe == "cifar10" and _gpu_deployment_exists() else None
     results: dict = {}
     uris: dict = {}

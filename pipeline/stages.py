@@ -161,16 +161,17 @@ def plan(cfg: Any) -> dict:
         unknown = [k for k in stage.inputs if k not in uris]
         missing = [k for k in stage.inputs if not stages[k]["exists"]]
         stage.check(cfg)
-        out = None
+        out, after = None, None
         if not unknown:
             try:
                 out = stage.output(cfg, {k: uris[k] for k in stage.inputs})
-            except Exception:
-                if not missing:
+            except Exception as e:
+                after = getattr(e, "plan_after", None)     # e.g. a dataset the run downloads first
+                if not missing and not after:
                     raise            # every input exists: the error is the config's, not the plan's
         if out is None:
             stages[stage.name] = {"uri": None, "version": None, "exists": False, "pool": stage.pool(cfg),
-                                  "after": (unknown or missing)[0]}
+                                  "after": after or (unknown or missing)[0]}
             continue
         uris[stage.name] = out
         stages[stage.name] = {"uri": out, "version": stage.version(out), "exists": stage.done(out),

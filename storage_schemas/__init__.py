@@ -11,7 +11,8 @@ import importlib
 _EXPORTS = {
     "common": ("PACKAGE_VERSION", "SCHEMA_VERSION", "ArraySpec", "SeedRange", "Strict", "VersionInputs",
                "code_version", "format_validation_error", "recipe_version", "stable_hash", "utc_now"),
-    "datasets": ("DATASET_ARRAYS", "DATASET_SPLITS", "DatasetManifest", "DatasetRef", "DatasetSplitInfo"),
+    "datasets": ("DATASET_ARRAYS", "DATASET_SPLITS", "DatasetManifest", "DatasetRef", "DatasetSource",
+                 "DatasetSplitInfo"),
     "evaluation": ("Eval2DConfig", "EvaluationReport", "MetricSet"),
     "pairs": ("HELDOUT_GROUP", "MANIFEST_KEY", "PAIR_ARRAYS", "FilterRecord", "ImportInfo", "PairStoreManifest",
               "SamplerSettings", "TeacherRef"),

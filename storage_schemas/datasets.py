@@ -7,7 +7,7 @@ Order inside a split: class names sorted, then file names sorted within each cla
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -33,6 +33,27 @@ class DatasetSplitInfo(Strict):
         return self
 
 
+class DatasetSource(Strict):
+    """Which published file a dataset was prepared from (pipeline/data/sources.py). Releases of one dataset
+    can differ in their pixels (the CIFAR-10 JPEG mirror is re-encoded), so every FD names its source."""
+
+    id: str = Field(description="cifar10-python (the official release), cifar10-jpeg-mirror, or archive (not a "
+                                "known file)")
+    dataset: Optional[str] = Field(None, description="the dataset's name (cifar10); None for an unknown archive")
+    file: str = Field(description="the published file name")
+    format: Literal["cifar10-python", "image-folder"]
+    url: Optional[str] = Field(None, description="where the published file is downloaded from (None: no URL)")
+    checksum: str = Field(description="the published checksum, '<algorithm>:<hex>'")
+    sha256: str = Field(min_length=64, max_length=64, description="sha256 of the file that was read")
+    description: str
+    note: str = Field(description="what the source means for comparing metrics (e.g. the JPEG mirror's pixels "
+                                  "differ from the official release)")
+
+    def text(self) -> str:
+        """One phrase for reports: ``<description> (<checksum>): <note>``."""
+        return f"{self.description} ({self.checksum}): {self.note}"
+
+
 class DatasetManifest(Strict):
     format: Literal["kdm-dataset"] = "kdm-dataset"
     schema_version: int = SCHEMA_VERSION
@@ -44,6 +65,8 @@ class DatasetManifest(Strict):
     chunk_size: int = Field(ge=1, description="images per Zarr chunk")
     source_uri: str
     source_sha256: str = Field(min_length=64, max_length=64)
+    source: Optional[DatasetSource] = Field(None, description="the published file it was prepared from (None: "
+                                                              "prepared before sources were recorded)")
     content_hash: str = Field(description="sha256 over the splits' content hashes, in sorted split order")
     prepare_seconds: float = Field(ge=0)
     code_version: str

@@ -38,15 +38,19 @@ from .teacher import EDMTeacherTrainConfig
 PresetName = Literal["smoke", "mini", "full"]
 PRESET_NAMES: tuple[str, ...] = ("smoke", "mini", "full")
 Device = Literal["cpu", "cuda"]
-DEFAULT_ARCHIVE = "../shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_DATASET = "cifar10"   # found in $KDM_DATA_DIR (~/.cache/kdm/data) or downloaded: pipeline/data/sources.py
 STAGE_NAMES = ("dataset", "extractor", "teacher", "pairs", "student", "evaluation")
 GPU_STAGES = ("teacher", "pairs", "student", "evaluation")   # run on pool kdm-gpu (extractor too when on cuda)
 
 
 class ImageDatasetStageConfig(Strict):
-    archive: str = Field(DEFAULT_ARCHIVE, description="ImageFolder tar(.gz): train|test/<class>/<file>; a relative "
-                                                      "path resolves against the repository (flow) or the working "
-                                                      "directory (kdm distill)")
+    name: Literal["cifar10"] = Field(DEFAULT_DATASET, description="the dataset by name: its archive is found in "
+                                                                  "$KDM_DATA_DIR (default ~/.cache/kdm/data) or "
+                                                                  "downloaded into it, unless archive is given")
+    archive: Optional[str] = Field(None, description="an explicit archive (first in the resolution order): an "
+                                                     "ImageFolder tar(.gz) (train|test/<class>/<file>) or CIFAR-10's "
+                                                     "python release; a relative path resolves against the "
+                                                     "repository (flow) or the working directory (kdm distill)")
     chunk_size: int = Field(10_000, ge=1, description="images per Zarr chunk (enters the dataset version)")
 
 

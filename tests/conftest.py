@@ -13,6 +13,14 @@ os.environ.pop("PREFECT_API_URL", None)
 for _name in ("PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING", "KDM_ALLOWED_ROOTS"):
     os.environ.pop(_name, None)
 
+# Named datasets (pipeline/data/sources.py) come from the project's shared data folder, never from a download:
+# KDM_DATA_DIR points there and KDM_OFFLINE forbids downloads (tests of the download path set their own).
+from shared_data import shared_data_dir  # noqa: E402
+
+os.environ["KDM_DATA_DIR"] = str(shared_data_dir())
+os.environ["KDM_OFFLINE"] = "1"
+os.environ.pop("KDM_DATA_MIRROR", None)
+
 # Under CI=true a skipped test is a failure: the suite installs what it needs (scripts/test.sh), so a skip
 # there means a missing piece. Only tests marked ``gpu`` (their outcome depends on whether a CUDA device is
 # visible) may skip.

@@ -21,6 +21,11 @@ def shared_data(name: str) -> Path:
     return REPO.parent / "shared" / "data" / name
 
 
+def shared_data_dir() -> Path:
+    """The shared data folder (what tests and .ci/run give as KDM_DATA_DIR)."""
+    return shared_data("cifar10-jpeg.tar.gz").parent
+
+
 def require(path: Path) -> Path:
     """``path`` when it exists; a test failure that says where the data should be otherwise (the project's
     data is part of its environment, never a reason to skip)."""

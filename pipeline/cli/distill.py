@@ -46,6 +46,9 @@ def cmd_distill(a) -> None:
                 f"{' conditional' if getattr(cfg, 'conditional', False) else ''}, {len(plan['todo'])} of "
                 f"{len(plan['stages'])} stages to do under {cfg.root}")
         return
+    from pipeline.data import sources
+    import sys
+    cfg = sources.resolve_config(cfg, progress=not a.quiet, log=lambda m: print(m, file=sys.stderr))
     res = stages.run_recipe(cfg, stages.StageContext(progress_bars=not a.quiet))
     print(recipes.RECIPES[cfg.recipe].report_parts(cfg, res)["table_text"])
     ev = res["evaluation"]

@@ -3,7 +3,8 @@
 Wire them in with ``add_commands(sub)`` after the built-in commands of pipeline/cli.py (it adds
 sub-commands to the existing ``teacher`` and ``pairs`` groups and creates ``dataset``):
 
-  kdm dataset prepare ARCHIVE --out URL            ImageFolder tar.gz -> Zarr dataset
+  kdm dataset prepare [ARCHIVE] --out URL          ImageFolder tar.gz or CIFAR-10 python release -> Zarr dataset
+                                                   (no ARCHIVE: cifar10 from $KDM_DATA_DIR, downloaded when absent)
   kdm dataset info URL [--verify]
   kdm teacher bootstrap --preset cifar10-mini --dataset URL --out DIR [--device cuda]
   kdm teacher import-edm PKL --allow-pickle --sha256 HEX --out DIR
@@ -23,7 +24,8 @@ from pipeline.errors import KDMError
 
 EXAMPLES = """\
 examples (CIFAR-10 teacher and pairs):
-  kdm dataset prepare .data/cifar10-jpeg.tar.gz --out runs/cifar10
+  kdm dataset prepare --out runs/cifar10          (cifar10 from $KDM_DATA_DIR, downloaded there when absent)
+  kdm dataset prepare cifar-10-python.tar.gz --out runs/cifar10
   kdm teacher bootstrap --preset cifar10-mini --dataset runs/cifar10 --out runs/teacher-cifar10 --device cuda
   kdm pairs generate-images --teacher runs/teacher-cifar10 --seeds 0-49999 --heldout-seeds 50000-59999 \\
       --device cuda --batch 1000 --out runs/pairs-cifar10
@@ -32,12 +34,17 @@ examples (CIFAR-10 teacher and pairs):
 
 
 def cmd_dataset_prepare(a) -> None:
-    require_local_input(a.archive, "archive")
+    from pipeline.data import sources
+    if a.archive:
+        require_local_input(a.archive, "archive")
+    archive = sources.resolve(a.name, a.archive, progress=not a.quiet,
+                              log=lambda m: print(m, file=sys.stderr)).archive
     from pipeline.data.datasets import prepare_image_dataset
-    m = prepare_image_dataset(a.archive, a.out, chunk_size=a.chunk_size, progress=not a.quiet)
+    m = prepare_image_dataset(archive, a.out, chunk_size=a.chunk_size, progress=not a.quiet)
     counts = ", ".join(f"{s} {i.count}" for s, i in m.splits.items())
     summary(f"dataset {m.version}: {counts} images {'x'.join(map(str, m.image_shape))}, {m.num_classes} classes, "
-            f"prepared in {m.prepare_seconds:.1f} s at {a.out}")
+            f"prepared in {m.prepare_seconds:.1f} s at {a.out}; source: {m.source.description} "
+            f"({m.source.checksum})")
 
 
 def cmd_dataset_info(a) -> None:
@@ -164,9 +171,14 @@ def add_commands(sub) -> None:
     """Register the image commands on the top-level sub-parsers of ``kdm`` (pipeline/cli.py)."""
 
     ds = _group(sub, "dataset", "image datasets: prepare, info (alias: data)", aliases=("data",))
-    sp = add(ds, "prepare", cmd_dataset_prepare, "turn an ImageFolder tar.gz (train|test/<class>/<file>) into a "
-             "versioned Zarr dataset", "example: kdm dataset prepare .data/cifar10-jpeg.tar.gz --out runs/cifar10")
-    sp.add_argument("archive")
+    sp = add(ds, "prepare", cmd_dataset_prepare, "turn an ImageFolder tar.gz (train|test/<class>/<file>) or "
+             "CIFAR-10's python release into a versioned Zarr dataset; without ARCHIVE, the dataset --name from "
+             "$KDM_DATA_DIR (default ~/.cache/kdm/data), downloaded there when absent",
+             "examples:\n  kdm dataset prepare --out runs/cifar10\n"
+             "  kdm dataset prepare cifar-10-python.tar.gz --out runs/cifar10")
+    sp.add_argument("archive", nargs="?", default=None,
+                    help="an explicit archive (default: the dataset --name, found or downloaded)")
+    sp.add_argument("--name", default="cifar10", choices=("cifar10",), help="the dataset by name (default cifar10)")
     sp.add_argument("--out", required=True, help="the Zarr group to write (any fsspec URL)")
     sp.add_argument("--chunk-size", type=int, default=10000, help="images per Zarr chunk")
     sp = add(ds, "info", cmd_dataset_info, "print a dataset's manifest", "example: kdm dataset info runs/cifar10 --verify")

@@ -1,7 +1,12 @@
-"""Image datasets: an ImageFolder archive (``train|test/<class>/<file>``) -> a versioned Zarr v3 group.
+"""Image datasets: an ImageFolder archive (``train|test/<class>/<file>``) or CIFAR-10's official python
+release (``cifar-10-batches-py/`` pickled batches) -> a versioned Zarr v3 group of the same layout.
+
+Which archive a named dataset uses (given, found in ``$KDM_DATA_DIR``, or downloaded): pipeline/data/sources.py;
+the manifest records the published file it was (``source``).
 
 Layout and manifest: storage_schemas/datasets.py. Order is deterministic: classes sorted by name (the
-label is the index into the sorted names), files sorted by name within a class. Images are decoded
+label is the index into the sorted names), files sorted by name within a class (the python release: the
+batches' order within a class, data_batch_1..5 for train, test_batch for test). Images are decoded
 with PIL and converted to RGB; every image must have the same size. The archive is read once,
 sequentially (its compressed bytes are held in memory, then decoded chunk by chunk in sorted order).
 The group is written under ``<url>.partial`` by one process, the manifest goes into the root
@@ -10,12 +15,15 @@ attributes last, then the directory is renamed to ``<url>``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
+import pickle
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -25,6 +33,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas import (DATASET_SPLITS, MANIFEST_KEY, ArraySpec, DatasetManifest, DatasetSplitInfo,
                              code_version, recipe_version, stable_hash, utc_now)
+
+from pipeline.data import sources
 
 from pipeline.storage import artifacts
 from pipeline.errors import KDMError
@@ -40,6 +50,77 @@ def dataset_version(source_sha256: str, chunk_size: int) -> str:
 
 def read_dataset_manifest(url: str) -> DatasetManifest:
     return ImageDataset.open(url).manifest
+
+
+def source_text(m: DatasetManifest) -> str:
+    """Which published file the dataset comes from, for every report that shows an FD."""
+    if m.source is None:
+        return f"{Path(m.source_uri).name} (sha256 {m.source_sha256}; source not recorded: prepared by an older version)"
+    return m.source.text()
+
+
+PYTHON_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"),
+                  ("_codecs", "encode")}        # bytes in a protocol-2 pickle written by Python 3
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """CIFAR-10's pickled batches hold dicts of lists, strings and numpy arrays: nothing else is loaded."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = module.replace("numpy.core", "numpy._core", 1)
+        return getattr(importlib.import_module(module), name)
+
+
+def _read_python_release(archive: str) -> tuple[tuple[str, ...], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(class names, {split: (images uint8 (N, 3, 32, 32), labels int32)}) of CIFAR-10's python release,
+    labels as indices into the sorted class names, images ordered by class (stable: the batches' order)."""
+    want = {f"{sources.PYTHON_RELEASE_DIR}/{n}" for ns in PYTHON_BATCHES.values() for n in ns}
+    want.add(f"{sources.PYTHON_RELEASE_DIR}/batches.meta")
+    raw: dict[str, dict] = {}
+    fs, path = artifacts.url_to_fs(archive)
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                name = m.name[2:] if m.name.startswith("./") else m.name
+                if name in want and m.isfile():
+                    try:
+                        raw[name.split("/")[-1]] = _BatchUnpickler(tar.extractfile(m), encoding="latin1").load()
+                    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+                        raise KDMError(f"{archive}: {name} is not a CIFAR-10 python batch ({e})") from None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise KDMError(f"{archive} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    missing = sorted(n.split("/")[-1] for n in want if n.split("/")[-1] not in raw)
+    if missing:
+        raise KDMError(f"{archive} lacks {sources.PYTHON_RELEASE_DIR}/{{{','.join(missing)}}}: it is not a complete "
+                       f"CIFAR-10 python release; download it again ({sources.CIFAR10_PYTHON.url})")
+    names = tuple(str(n) for n in raw["batches.meta"].get("label_names", ()))
+    if not names:
+        raise KDMError(f"{archive}: batches.meta has no label_names")
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    to_sorted = np.empty(len(names), dtype=np.int32)
+    to_sorted[order] = np.arange(len(names), dtype=np.int32)
+    out = {}
+    for split, batches in PYTHON_BATCHES.items():
+        xs, ys = [], []
+        for b in batches:
+            d = raw[b]
+            data, labels = np.asarray(d.get("data")), np.asarray(d.get("labels"), dtype=np.int64)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data) \
+                    or (len(labels) and (labels.min() < 0 or labels.max() >= len(names))):
+                raise KDMError(f"{archive}: {b} does not hold uint8 data (N, 3072) with N labels in "
+                               f"0..{len(names) - 1}")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.append(to_sorted[labels])
+        x, y = np.concatenate(xs), np.concatenate(ys).astype(np.int32)
+        idx = np.argsort(y, kind="stable")
+        out[split] = (np.ascontiguousarray(x[idx]), y[idx])
+    return tuple(sorted(names)), out
 
 
 def _read_archive(archive: str) -> dict[str, dict[str, list[tuple[str, bytes]]]]:
@@ -107,64 +188,79 @@ def _create(group: zarr.Group, name: str, shape, chunks, dtype) -> zarr.Array:
 
 def prepare_image_dataset(archive_path: str, out_url: str, *, chunk_size: int = 10_000, progress: bool = True,
                           threads: Optional[int] = None) -> DatasetManifest:
-    """Convert an ImageFolder tar(.gz) archive into the dataset group at ``out_url`` (no-op if present)."""
+    """Convert an ImageFolder tar(.gz) archive, or CIFAR-10's python release, into the dataset group at
+    ``out_url`` (no-op if present); the manifest records which published file it was."""
     if chunk_size < 1:
         raise KDMError(f"chunk_size must be >= 1, got {chunk_size}")
     t0 = time.time()
     try:
-        source_sha = artifacts.sha256_file(archive_path)
+        digests = sources.file_digests(archive_path)
     except FileNotFoundError:
         raise KDMError(f"archive {archive_path} does not exist") from None
+    source_sha = digests["sha256"]
     version = dataset_version(source_sha, chunk_size)
     if artifacts.check_target(out_url, version, read_dataset_manifest):
         return read_dataset_manifest(out_url)
-    members = _read_archive(archive_path)
+    fmt = sources.archive_format(archive_path)
+    # per split: (labels int32, block(start, stop) -> uint8 (n, C, H, W))
+    splits: dict[str, tuple[np.ndarray, object]] = {}
+    pool = None
+    if fmt == "cifar10-python":
+        classes, arrays = _read_python_release(archive_path)
+        image_shape = tuple(arrays["train"][0].shape[1:])
+        for split, (x, y) in arrays.items():
+            splits[split] = (y, (lambda a, b, x=x: x[a:b]))
+    else:
+        members = _read_archive(archive_path)
+        class_sets = {s: sorted(c) for s, c in members.items()}
+        classes = sorted(set().union(*class_sets.values()))
+        for s, cs in class_sets.items():
+            missing = [c for c in classes if c not in cs]
+            if missing:
+                raise KDMError(f"{archive_path}: split {s!r} has no images of class(es) {missing}; every split needs "
+                               f"the same classes")
+        index = {c: i for i, c in enumerate(classes)}
+        ordered = {s: [(f"{s}/{c}/{fn}", index[c], data) for c in classes for fn, data in sorted(members[s][c])]
+                   for s in DATASET_SPLITS if s in members}
+        first_name, first_bytes = ordered[next(iter(ordered))][0][0], ordered[next(iter(ordered))][0][2]
+        image_shape = tuple(_decode(first_name, first_bytes).shape)
+        cpus = os.cpu_count() or 1
+        workers = threads or (1 if cpus <= 2 else min(8, cpus // 2))
+        pool = ThreadPoolExecutor(workers) if workers > 1 else None
 
-    class_sets = {s: sorted(c) for s, c in members.items()}
-    classes = sorted(set().union(*class_sets.values()))
-    for s, cs in class_sets.items():
-        missing = [c for c in classes if c not in cs]
-        if missing:
-            raise KDMError(f"{archive_path}: split {s!r} has no images of class(es) {missing}; every split needs "
-                           f"the same classes")
-    index = {c: i for i, c in enumerate(classes)}
-    ordered = {s: [(f"{s}/{c}/{fn}", index[c], data) for c in classes for fn, data in sorted(members[s][c])]
-               for s in DATASET_SPLITS if s in members}
-    first_name, first_bytes = ordered[next(iter(ordered))][0][0], ordered[next(iter(ordered))][0][2]
-    image_shape = tuple(_decode(first_name, first_bytes).shape)
+        def decode(batch):
+            arrs = list(pool.map(lambda it: _decode(it[0], it[2]), batch)) if pool else \
+                [_decode(it[0], it[2]) for it in batch]
+            for (name, _, _), arr in zip(batch, arrs):
+                if arr.shape != image_shape:
+                    raise KDMError(f"{archive_path}: mixed image sizes: {first_name} is "
+                                   f"{image_shape[2]}x{image_shape[1]} but {name} is {arr.shape[2]}x{arr.shape[1]} "
+                                   f"(width x height); resize the images to one size first")
+            return np.stack(arrs)
+
+        for split, items in ordered.items():
+            splits[split] = (np.array([lab for _, lab, _ in items], dtype=np.int32),
+                             (lambda a, b, items=items: decode(items[a:b])))
 
     tmp = artifacts.begin(out_url, fresh=True)
     root = open_group(tmp, "w")
     root.attrs["kdm_status"] = "writing"
-    cpus = os.cpu_count() or 1
-    workers = threads or (1 if cpus <= 2 else min(8, cpus // 2))
-    total = sum(len(v) for v in ordered.values())
+    total = sum(len(y) for y, _ in splits.values())
     bar = tqdm(total=total, desc="decode", unit="img", disable=not progress, mininterval=1.0)
     infos: dict[str, DatasetSplitInfo] = {}
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    decode = (lambda batch: list(pool.map(lambda it: _decode(it[0], it[2]), batch))) if pool else \
-        (lambda batch: [_decode(it[0], it[2]) for it in batch])
     try:
-        for split, items in ordered.items():
-            n = len(items)
+        for split, (labels, block_of) in splits.items():
+            n = len(labels)
             g = root.create_group(split)
             c = max(1, min(chunk_size, n))
             images = _create(g, "images", (n, *image_shape), (c, *image_shape), "uint8")
             labels_arr = _create(g, "label", (n,), (c,), "int32")
             h_img, h_lab = hashlib.sha256(), hashlib.sha256()
-            labels = np.array([lab for _, lab, _ in items], dtype=np.int32)
             for s in range(0, n, c):
-                batch = items[s:s + c]
-                decoded = decode(batch)
-                for (name, _, _), arr in zip(batch, decoded):
-                    if arr.shape != image_shape:
-                        raise KDMError(f"{archive_path}: mixed image sizes: {first_name} is "
-                                       f"{image_shape[2]}x{image_shape[1]} but {name} is {arr.shape[2]}x{arr.shape[1]} "
-                                       f"(width x height); resize the images to one size first")
-                block = np.ascontiguousarray(np.stack(decoded), dtype=np.uint8)
-                images[s:s + len(batch)] = block
+                block = np.ascontiguousarray(block_of(s, min(s + c, n)), dtype=np.uint8)
+                images[s:s + len(block)] = block
                 h_img.update(block.tobytes())
-                bar.update(len(batch))
+                bar.update(len(block))
             labels_arr[:] = labels
             h_lab.update(labels.astype("<i4").tobytes())
             hist = np.bincount(labels, minlength=len(classes)).tolist()
@@ -181,14 +277,16 @@ def prepare_image_dataset(archive_path: str, out_url: str, *, chunk_size: int = 
         if pool is not None:
             pool.shutdown()
         bar.close()
+    source = sources.source_record(archive_path, fmt, source_sha, digests["md5"])
     manifest = DatasetManifest(
         version=version, class_names=tuple(classes), image_shape=image_shape, splits=infos, chunk_size=chunk_size,
-        source_uri=str(archive_path), source_sha256=source_sha,
+        source_uri=str(archive_path), source_sha256=source_sha, source=source,
         content_hash=_combine({s: i.content_hash for s, i in infos.items()}),
         prepare_seconds=round(time.time() - t0, 3), code_version=code_version(), created=utc_now())
     attrs = {MANIFEST_KEY: manifest.model_dump(mode="json"),
              "description": (f"kdm image dataset: child groups {', '.join(infos)} with images (uint8, N x C x H x W) "
-                             f"and label (int32, index into class_names); manifest under attribute '{MANIFEST_KEY}'")}
+                             f"and label (int32, index into class_names), from {source.description}; manifest "
+                             f"under attribute '{MANIFEST_KEY}'")}
     root.attrs.clear()
     root.attrs.update(attrs)
     artifacts.commit(out_url)

@@ -21,18 +21,41 @@ def _dataset_hash(uri: str) -> str:
     return open_image_dataset(uri).manifest.content_hash
 
 
+class DatasetMissing(KDMError):
+    """The named dataset is neither given, nor in the data directory (the plan: it is downloaded by the run)."""
+
+    plan_after = "dataset download"
+
+
+def dataset_archive(cfg) -> str:
+    """The archive of the run's dataset: ``dataset.archive``, else the data directory's known file (found,
+    never downloaded here: the flow and ``kdm distill`` resolve, and download, before any stage)."""
+    if cfg.dataset.archive:
+        return cfg.dataset.archive
+    from pipeline.data import sources
+    try:
+        return sources.resolve(cfg.dataset.name, download_missing=False).archive
+    except KDMError as e:
+        raise DatasetMissing(str(e)) from None
+
+
 class Dataset(Stage):
-    """The ImageFolder archive prepared into a versioned Zarr group, ``<root>/datasets/<version>``."""
+    """The dataset (by name: ``pipeline.data.sources``; or an explicit archive) prepared into a versioned
+    Zarr group, ``<root>/datasets/<version>``."""
 
     name, kind, inputs = "dataset", "datasets", ()
 
     def output(self, cfg, uris):
         from pipeline.data.datasets import dataset_version
+        archive = dataset_archive(cfg)
+        from pipeline.data.sources import file_digests
         try:
-            sha = artifacts.sha256_file(cfg.dataset.archive)
+            sha = file_digests(archive, ("sha256",))["sha256"]
         except FileNotFoundError:
-            raise KDMError(f"dataset archive {cfg.dataset.archive} does not exist; set dataset.archive to a CIFAR-10 "
-                           f"ImageFolder tar.gz (train|test/<class>/<file>)") from None
+            raise KDMError(f"dataset archive {archive} does not exist; set dataset.archive to a CIFAR-10 archive "
+                           f"(the python release cifar-10-python.tar.gz or an ImageFolder tar.gz "
+                           f"train|test/<class>/<file>), or leave it unset to use {cfg.dataset.name} from "
+                           f"$KDM_DATA_DIR") from None
         return artifacts.join(cfg.root, "datasets", dataset_version(sha, cfg.dataset.chunk_size))
 
     def done(self, out):
@@ -40,17 +63,20 @@ class Dataset(Stage):
 
     def run(self, cfg, uris, out, ctx):
         from pipeline.data.datasets import prepare_image_dataset
-        prepare_image_dataset(cfg.dataset.archive, out, chunk_size=cfg.dataset.chunk_size, progress=ctx.progress_bars)
+        prepare_image_dataset(dataset_archive(cfg), out, chunk_size=cfg.dataset.chunk_size,
+                              progress=ctx.progress_bars)
         return {}
 
     def summary(self, cfg, uris, out):
-        from pipeline.data.datasets import open_image_dataset
+        from pipeline.data.datasets import open_image_dataset, source_text
         m = open_image_dataset(out).manifest
         return {"uri": out, "version": m.version, "content_hash": m.content_hash, "classes": len(m.class_names),
-                "image_shape": list(m.image_shape), **{f"{s}_images": info.count for s, info in m.splits.items()}}
+                "image_shape": list(m.image_shape), "source": source_text(m),
+                **{f"{s}_images": info.count for s, info in m.splits.items()}}
 
     def lineage(self, s):
-        return f"dataset `{s['version']}` ({s.get('train_images', 0)} train images, content `{s['content_hash'][:16]}`)"
+        return (f"dataset `{s['version']}` ({s.get('train_images', 0)} train images, content "
+                f"`{s['content_hash'][:16]}`; source: {s.get('source', 'not recorded')})")
 
 
 class Extractor(DevicePooled):
@@ -347,8 +373,9 @@ def report_parts(cfg, results: dict) -> dict:
                 f"{first.seeds.text()} (same noise for both), quantised with EDM's uint8 formula; "
                 f"{ev['metric_names']['fd']} and {ev['metric_names']['kid']} against the train split "
                 f"(reference `{first.reference.id}`, {first.reference.num_images} images) on the offline extractor "
-                f"`{first.feature_extractor.id}` (not FID; CIFAR-10 here is a JPEG re-encoded mirror); KID over "
-                f"{first.kid_subsets} subsets of {first.kid_subset_size}; MSE on the float outputs.")
+                f"`{first.feature_extractor.id}` (not FID); KID over "
+                f"{first.kid_subsets} subsets of {first.kid_subset_size}; MSE on the float outputs. Dataset: "
+                f"{ev['notes'].get('dataset_source') or results['dataset'].get('source', 'source not recorded')}.")
     d, t = results["dataset"], results["teacher"]
     key = f"cifar10-{d['version'].removeprefix('ds-')[:8]}-{t['version']}"
     notes = [f"{k}: {v}" for k, v in ev["notes"].items()]
