@@ -93,7 +93,7 @@ def build_config(a):
     # Model instances replace the preset's sections whole (a mapping would merge into them).
     return DistillImageConfig.model_validate({
         "preset": "mini", "root": a.root, "device": device,
-        "dataset": ImageDatasetStageConfig(archive=a.archive), "extractor": extractor, "teacher": teacher,
+        "dataset": ImageDatasetStageConfig(archive=a.archive or _cifar10_archive()), "extractor": extractor, "teacher": teacher,
         "pairs": pairs, "filter": filt, "student": student,
         "evaluation": ImageEvalStageConfig(kid_subsets=a.kid_subsets, reference_images=a.reference_images)})
 
@@ -341,7 +341,8 @@ class Bench:
             copy_if_exists(Path(r["uri"]) / f, self.out / f)
         info = {"evaluation": r["uri"], "skipped": r["skipped"], "fd_ratio_student_over_teacher": r["fd_ratio"],
                 "kid_teacher": r["kid_teacher"], "kid_student": r["kid_student"], "mse": r["mse"],
-                "plots": dict(r["plots"]), **({"lpips": r["notes"]["lpips"]} if "lpips" in r["notes"] else {})}
+                "plots": dict(r["plots"]), "dataset_source": r["notes"].get("dataset_source", "not recorded"),
+                **({"lpips": r["notes"]["lpips"]} if "lpips" in r["notes"] else {})}
         # Local structure: the teacher as a denoiser under EDM's Heun sampler, the student in one step.
         student, _ = load_image_student(self.uris["student"], self.a.device)
         den, _ = load_denoiser(self.uris["teacher"], self.a.device)
@@ -377,7 +378,8 @@ class Bench:
             print(f"\nfilter ({fi['rule']}): " + ", ".join(f"{k} {v}" for k, v in fi["counts"].items()))
         ev = self.stages.get("evaluation", {})
         if ev.get("status") == "ok":
-            print(f"\nFD ratio student / teacher: {ev['fd_ratio_student_over_teacher']:.3f}")
+            print(f"\nFD ratio student / teacher: {ev['fd_ratio_student_over_teacher']:.3f} (dataset: "
+                  f"{ev.get('dataset_source', 'not recorded')})")
         if self.metrics:
             print("\n" + im.metrics_markdown(self.metrics))
         print(f"\nwrote {self.out / 'results.json'} and {self.out / im.REPORT}")
@@ -423,10 +425,15 @@ def student_metrics(uri: str) -> list[dict]:
 STAGES = ("dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation")
 
 
+def _cifar10_archive() -> str:
+    from pipeline.data import sources
+    return sources.resolve("cifar10").archive
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_archive = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-    p.add_argument("--archive", default=str(default_archive), help="CIFAR-10 ImageFolder tar.gz")
+    p.add_argument("--archive", default=None, help="a CIFAR-10 archive (default: cifar10 from $KDM_DATA_DIR, "
+                   "downloaded there when absent; pipeline/data/sources.py)")
     p.add_argument("--out", required=True, help="results directory (results.json, metrics.json, PNGs)")
     p.add_argument("--root", default=None, help="artifact root (default OUT/artifacts)")
     p.add_argument("--device", default="cuda")

@@ -2,7 +2,7 @@
 """CIFAR-10 teacher and pairs on one GPU: prepare the dataset, bootstrap the ``cifar10-mini`` EDM teacher,
 generate 50k train + 10k held-out EDM-Heun pairs (18 steps, 35 NFE, x_T = 80 eps).
 
-    python bench/cifar10_teacher_pairs.py --archive .data/cifar10-jpeg.tar.gz --root runs/cifar10 --device cuda
+    python bench/cifar10_teacher_pairs.py --root runs/cifar10 --device cuda
 
 Every stage is content-addressed and resumable: running the same command again skips finished stages
 and continues an interrupted teacher run or pair generation. Prints one line per stage with its time
@@ -34,7 +34,8 @@ from storage_schemas import PairsGenerateConfig, SamplerSettings, SeedRange, sta
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archive", default=str(REPO / ".data" / "cifar10-jpeg.tar.gz"))
+    p.add_argument("--archive", default=None, help="a CIFAR-10 archive (default: cifar10 from $KDM_DATA_DIR, "
+                   "downloaded there when absent)")
     p.add_argument("--root", default=str(REPO / "runs" / "cifar10-teacher-pairs"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--preset", default="cifar10-mini")
@@ -57,7 +58,8 @@ def main(argv=None) -> dict:
 
     if "dataset" in stages:
         t0 = time.time()
-        m = prepare_image_dataset(a.archive, ds_url, progress=not a.quiet)
+        from pipeline.data import sources
+        m = prepare_image_dataset(sources.resolve("cifar10", a.archive).archive, ds_url, progress=not a.quiet)
         summary["dataset"] = {"version": m.version, "train": m.splits["train"].count,
                               "test": m.splits["test"].count if "test" in m.splits else 0,
                               "classes": m.num_classes, "prepare_s": m.prepare_seconds, "stage_s": time.time() - t0}

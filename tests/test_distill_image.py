@@ -182,6 +182,11 @@ def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
     assert (first["pairs"]["count"], first["pairs"]["heldout_count"], first["pairs"]["nfe"]) == (32, 16, 35)
     assert first["student"]["steps"] == 4
     ev = first["evaluation"]
+    # which file the dataset came from is in its summary and in the evaluation's notes (every FD names it)
+    source = first["dataset"]["source"]
+    assert source.startswith("an archive that is not a known release (tiny-cifar.tgz) (sha256:") and \
+        source.endswith("FD/FID on it is comparable only with numbers on this same archive")
+    assert ev["notes"]["dataset_source"] == source
     fd = f"FD-{first['extractor']['id']}"
     assert ev["metric_names"]["fd"] == fd and ev["num_samples"] == 16 and ev["lpips"] is None
     assert ev["fd_ratio"] == pytest.approx(ev["fd_student"] / ev["fd_teacher"])
@@ -289,6 +294,7 @@ def test_flow_runs_the_stages_in_process_and_publishes_artifacts(harness, done, 
     md = next(a for a in arts if a.key == f"{key}-report").data
     assert "## Lineage" in md and res["student"]["version"] in md and res["teacher"]["version"] in md
     assert "data:image/png;base64," in md and f"FD-{res['extractor']['id']}" in md and "not FID" in md
+    assert f"Dataset: {res['dataset']['source']}." in md and "source: an archive that is not a known release" in md
     table = next(a for a in arts if a.key == f"{key}-metrics")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["subject"] for r in rows} >= {"teacher", "student", "student / teacher"}

@@ -55,7 +55,7 @@ def cmd_distill(a) -> None:
     if cfg.recipe == "cifar10":
         summary(f"distilled: student {res['student']['version']}, {ev['metric_names']['fd']} teacher "
                 f"{ev['fd_teacher']:.4g} student {ev['fd_student']:.4g} (ratio {ev['fd_ratio']:.3f}), MSE "
-                f"{ev['mse']:.4g}, report {ev['report']}")
+                f"{ev['mse']:.4g}, report {ev['report']}; dataset: {res['dataset'].get('source', 'source not recorded')}")
     else:
         summary(f"distilled: student {res['student']['version']}, report {ev['report']}")
 
@@ -95,7 +95,8 @@ def cmd_evaluate_image(a) -> None:
     s = m.summary
     summary(f"{m.metric_names['fd']} teacher {s['fd_teacher']:.4g} student {s['fd_student']:.4g} (ratio "
             f"{s['fd_ratio']:.3f}), MSE {s['mse']:.4g} on {m.num_samples} held-out seeds -> {a.out}"
-            + (" (already there)" if existed else ""))
+            + (" (already there)" if existed else "")
+            + f"; dataset: {m.notes.get('dataset_source', 'source not recorded')}")
 
 
 def add_evaluate_options(sp) -> None:

@@ -95,6 +95,8 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     # the student's training distance, named; refused when it ran on this evaluation's extractor network
     notes = {k: (f"{v['id']} (sha256 {v['sha256'][:16]})" if isinstance(v, dict) else str(v))
              for k, v in im.training_distance_notes(sm, fxm).items()}
+    from pipeline.data.datasets import source_text
+    notes["dataset_source"] = source_text(ds.manifest)     # FDs of different releases are not comparable
     lpips = None
     if cfg.lpips:
         try:
@@ -113,7 +115,8 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     names = im.metric_names(fx.id)
     report = im.make_report(t_ms + s_ms + p_ms, plots=plots,
                             notes={"fd_ratio_student_over_teacher": summary["fd_ratio"], "student": sm.version,
-                                   "teacher": teacher_id, "pairs": store.version, "dataset": ds.version, **notes})
+                                   "teacher": teacher_id, "pairs": store.version, "dataset": ds.version,
+                                   "dataset_source": notes["dataset_source"], **notes})
     tmp = artifacts.begin(out, fresh=True)
     with tempfile.TemporaryDirectory() as d:
         im.save_teacher_student_grid(t_x0[:g], s_x0[:g], Path(d, GRID_TEACHER_STUDENT))
