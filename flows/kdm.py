@@ -167,7 +167,7 @@ def kdm(recipe: Optional[RecipeName] = None,
     # The named dataset (cifar10): found in the worker's $KDM_DATA_DIR or downloaded into it, before any
     # stage; absent and offline, the run fails with the one line that says where to put the file.
     try:
-        cfg = sources.resolve_config(cfg, progress=False, log=logger.info)
+        sources.ensure_dataset(cfg, progress=False, log=logger.info)
     except KDMError as e:
         logger.error("refused before any stage: %s", e)
         return Failed(message=str(e), data=e)

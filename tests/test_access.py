@@ -177,8 +177,10 @@ def test_every_location_field_of_a_config_is_checked(tmp_path):
 
 def test_the_image_distillation_config_fields_are_found():
     from storage_schemas.distill_image import DistillImageConfig
-    fields = access.location_fields(DistillImageConfig(teacher_uri="/t"))
+    fields = access.location_fields(DistillImageConfig(teacher_uri="/t", dataset={"archive": "/a.tar"}))
     assert {"root", "teacher_uri", "dataset.archive"} <= set(fields)
+    # the dataset by name (the default) has no location: it is the worker's own KDM_DATA_DIR
+    assert "dataset.archive" not in access.location_fields(DistillImageConfig())
 
 
 # ----------------------------------------------------------------------------- triggered runs

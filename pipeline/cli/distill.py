@@ -48,7 +48,7 @@ def cmd_distill(a) -> None:
         return
     from pipeline.data import sources
     import sys
-    cfg = sources.resolve_config(cfg, progress=not a.quiet, log=lambda m: print(m, file=sys.stderr))
+    sources.ensure_dataset(cfg, progress=not a.quiet, log=lambda m: print(m, file=sys.stderr))
     res = stages.run_recipe(cfg, stages.StageContext(progress_bars=not a.quiet))
     print(recipes.RECIPES[cfg.recipe].report_parts(cfg, res)["table_text"])
     ev = res["evaluation"]

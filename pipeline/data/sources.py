@@ -280,10 +280,12 @@ def resolve(name: str, archive: Optional[str] = None, *, download_missing: bool 
     raise KDMError(_missing_line(name, directory, why, environ))
 
 
-def resolve_config(cfg, *, download_missing: bool = True, progress: bool = True, log: Callable[[str], None] = print):
-    """A cifar10-recipe config with ``dataset.archive`` set to the resolved archive (other recipes unchanged)."""
+def ensure_dataset(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> Optional[Resolved]:
+    """Before any stage of a cifar10-recipe run: the named dataset is found in the data directory or
+    downloaded into it (None for other recipes or an explicit archive). The config is left as it is (the
+    dataset stage finds the file again), so no local path of this machine travels to other workers."""
     if getattr(cfg, "recipe", None) != "cifar10" or cfg.dataset.archive:
-        return cfg
-    r = resolve(cfg.dataset.name, None, download_missing=download_missing, progress=progress, log=log)
+        return None
+    r = resolve(cfg.dataset.name, None, progress=progress, log=log)
     log(f"dataset {cfg.dataset.name}: {r.archive} ({r.how}; {r.source.description}; {r.source.checksum})")
-    return cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"archive": r.archive})})
+    return r
