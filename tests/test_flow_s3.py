@@ -36,29 +36,25 @@ def smoke(root: str):
     return presets.load("distill", "smoke", sets=[f"root={root}"])
 
 
-def _server_text() -> str:
-    """Every log message and artifact body the Prefect server holds (after the log queue is drained)."""
-    from prefect.client.orchestration import get_client
-    from prefect.logging.handlers import APILogWorker
-    APILogWorker.drain_all(timeout=30)
+def _run_text(*states) -> str:
+    """The log messages of the given flow runs and every artifact body the server holds (after the log queue
+    is drained); log lines of other runs, e.g. of an earlier test on the same server, are not read."""
+    from prefect_helpers import flow_run_log_text, read_prefect_artifacts
+    logs = [flow_run_log_text(s.state_details.flow_run_id) for s in states]
+    arts = [json.dumps(a.data) if not isinstance(a.data, str) else a.data for a in read_prefect_artifacts()]
+    return "\n".join(logs + arts)
 
-    async def read():
-        out = []
-        async with get_client() as client:
-            offset = 0
-            while batch := await client.read_logs(limit=200, offset=offset):
-                out += [log.message for log in batch]
-                offset += len(batch)
-            out += [json.dumps(a.data) if not isinstance(a.data, str) else a.data
-                    for a in await client.read_artifacts()]
-        return "\n".join(out)
-    return asyncio.run(read())
+
+def _run(cfg):
+    """(the flow's result, its final state) of one ``kdm`` run."""
+    from flows.kdm import kdm
+    state = kdm(config=cfg, return_state=True)
+    return state.result(), state
 
 
 def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run(harness, s3, tmp_path):
-    from flows.kdm import kdm
     root = f"s3://{BUCKET}/runs"
-    first = kdm(config=smoke(root))
+    first, first_state = _run(smoke(root))
     files, rel = committed_files(s3, BUCKET, root, first,
                                  dict(zip(STAGES, ("teachers", "pairs", "pairs", "students", "evaluations"))))
     assert first["student"]["resumed_from_step"] is None
@@ -90,13 +86,13 @@ def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run
     assert "student (1 NFE)" in out
 
     before = listing(s3, BUCKET, "runs")
-    second = kdm(config=smoke(root))
+    second, second_state = _run(smoke(root))
     for stage in STAGES:
         assert second[stage]["skipped"] is True, stage
         assert second[stage]["version"] == first[stage]["version"], stage
     assert listing(s3, BUCKET, "runs") == before                      # a re-run writes nothing
 
-    local = kdm(config=smoke(str(tmp_path)))
+    local, local_state = _run(smoke(str(tmp_path)))
     for stage in STAGES:
         assert local[stage]["version"] == first[stage]["version"], stage
         assert local[stage]["uri"] == first[stage]["uri"].replace(root, str(tmp_path)), stage
@@ -107,8 +103,13 @@ def test_flow_on_s3_writes_every_artifact_skips_on_rerun_and_matches_a_local_run
     assert local["student"]["weights_sha256"] == first["student"]["weights_sha256"]
     assert evaluate_rows(local) == evaluate_rows(first)
 
-    shipped = _server_text()
-    assert "(exists, skipped)" in shipped and "## Lineage" in shipped       # the logs and artifacts arrived
+    from prefect_helpers import flow_run_log_text
+    first_log, second_log = (flow_run_log_text(s.state_details.flow_run_id) for s in (first_state, second_state))
+    assert "(exists, skipped)" not in first_log                             # the first run made every stage
+    for stage in STAGES:                                                    # the re-run's own log says it skipped
+        assert f"{stage} {second[stage]['version']} (exists, skipped)" in second_log, stage
+    shipped = _run_text(first_state, second_state, local_state)
+    assert "## Lineage" in shipped                                          # the artifacts arrived
     assert SECRET not in shipped
 
 
@@ -143,11 +144,11 @@ def test_failed_student_run_rerun_skips_finished_stages_and_resumes_from_its_che
         assert artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000020", "state.json"))
         assert not artifacts.exists(artifacts.join(partial, "checkpoints", "step-00000040"))
 
-    again = kdm(config=cfg)                                           # the same parameters: what "Retry" does
+    again, again_state = _run(cfg)                                    # the same parameters: what "Retry" does
     for stage in ("teacher", "pairs", "filter"):
         assert again[stage]["skipped"] is True, stage
     assert again["student"]["skipped"] is False and again["student"]["resumed_from_step"] == 20
-    shipped = _server_text()           # the log lines the README tells users to look for
+    shipped = _run_text(again_state)   # the log lines the README tells users to look for, of this run
     assert f"student {again['student']['version']} resumed from its step-20 checkpoint" in shipped
     for stage in ("teacher", "pairs", "filter"):
         assert f"{stage} {again[stage]['version']} (exists, skipped)" in shipped, stage
