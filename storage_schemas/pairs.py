@@ -78,7 +78,7 @@ class TeacherRef(Strict):
 
 
 class ImportInfo(Strict):
-    format: Literal["kdm-trajectories", "kdm-npz", "get-pt"]
+    format: Literal["kdm-trajectories", "kdm-npz", "get-pt", "npz"]
     source_uri: str
     source_sha256: str
     holdout_fraction: float = Field(ge=0.0, lt=1.0)

@@ -41,11 +41,12 @@ class PairsImportConfig(Strict):
     ``order`` (kdm-npz only, required there): which end of ``arr_0`` / ``endpoints`` is x_T: 'xT-first'
     (the official CIFAR-10 unconditional training set) or 'x0-first' (every other official set).
     ``noise_scale`` (image formats): the resulting store has x_T = noise_scale * eps; get-pt files hold
-    the unit eps and are multiplied by it, kdm-npz files already hold x_T at this scale. Default 80.
+    the unit eps and are multiplied by it, kdm-npz and npz files already hold x_T at this scale (recorded
+    as x_T_scale). Default 80 (EDM's sigma_max).
     Unset options are left out of the dump, so kdm-trajectories versions are unchanged by them.
     """
 
-    format: Literal["kdm-trajectories", "kdm-npz", "get-pt"] = "kdm-trajectories"
+    format: Literal["kdm-trajectories", "kdm-npz", "get-pt", "npz"] = "kdm-trajectories"
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int = 0
     chunk_size: int = Field(10_000, ge=1)
@@ -60,7 +61,7 @@ class PairsImportConfig(Strict):
         if self.format != "kdm-npz" and self.order is not None:
             raise ValueError(f"order applies to format 'kdm-npz' only, not {self.format!r}")
         if self.format == "kdm-trajectories" and self.noise_scale is not None:
-            raise ValueError("noise_scale applies to the image formats (kdm-npz, get-pt) only")
+            raise ValueError("noise_scale applies to the image formats (kdm-npz, get-pt, npz) only")
         return self
 
     @model_serializer(mode="wrap")

@@ -15,7 +15,8 @@ EXAMPLES = """\
 examples (the whole checkerboard pipeline, step by step):
   kdm teacher train --preset checkerboard --out runs/teacher
   kdm pairs generate --teacher runs/teacher --seeds 0-49999 --heldout-seeds 50000-59999 --out runs/pairs
-  kdm pairs import ../shared/data/checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official
+  kdm pairs import checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official
+  kdm pairs import gen.npz --format npz --holdout 0 --out runs/pairs      # also kdm-npz (--order), get-pt
   kdm pairs filter --pairs runs/pairs --near-duplicate-radius 0.0005 --out runs/pairs-filtered
   kdm train --pairs runs/pairs-filtered --preset checkerboard --set train.steps=4000 --out runs/student
   kdm sample --student runs/student --num 1000 --seed 0 --out samples.npy
@@ -53,13 +54,32 @@ def cmd_pairs_generate(a) -> None:
     summary(f"pairs {v}: {len(cfg.seeds)} train + {heldout_count(cfg)} held out at {a.out}")
 
 
+IMPORT_FORMATS = {
+    "kdm-trajectories": "the official KDM checkerboard file: one numeric (T, N, D) .npy, x_T=[0], x_0=[-1]",
+    "kdm-npz": "the official KDM image data: a folder of path<i>.npz (arr_0, or endpoints + one-hot label); "
+               "needs --order",
+    "get-pt": "GET's pairs: a folder with latent/ and image/ torch.save files (unit latents x --noise-scale)",
+    "npz": "one .npz with arrays x_T, x_0 (N, C, H, W) and optionally seed (N,), label (N,) or one-hot (N, K), "
+           "as other samplers export them",
+}
+
+
 def cmd_pairs_import(a) -> None:
-    cfg = pairs_import_config(a, "pairs import options")
+    if a.format == "kdm-npz" and a.order is None:
+        raise KDMError("--format kdm-npz needs --order: xT-first (the official CIFAR-10 unconditional training set) "
+                       "or x0-first (conditional CIFAR-10, FFHQ, AFHQv2, the test sets)")
+    if a.format != "kdm-npz" and a.order is not None:
+        raise KDMError(f"--order applies to --format kdm-npz only, not {a.format}")
+    if a.format == "kdm-trajectories" and a.noise_scale is not None:
+        raise KDMError("--noise-scale applies to the image formats (kdm-npz, get-pt, npz), not kdm-trajectories")
+    cfg = pairs_import_config(a, "pairs import options", order=a.order, noise_scale=a.noise_scale)
     require_local_input(a.src, "source")
     from pipeline.pairs import importer
     v = importer.import_pairs(a.src, cfg, a.out)
     s, held = open_pairs(a.out)
-    summary(f"imported {v}: {len(s)} train + {held} held out from {a.src} at {a.out}")
+    scale = "" if cfg.format == "kdm-trajectories" else \
+        f" (x_T_scale {s.manifest.x_T_scale:g}, {s.manifest.num_classes} classes)"
+    summary(f"imported {v}: {len(s)} train + {held} held out from {a.src}{scale} at {a.out}")
 
 
 def cmd_pairs_filter(a) -> None:
@@ -297,11 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--out", required=True, help="the Zarr group to write (arrays at its root)")
     sp.add_argument("--dry-run", action="store_true")
-    sp = add(pr, "import", cmd_pairs_import, "import external pairs into a pair store",
-             "example: kdm pairs import ../shared/data/checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official")
-    sp.add_argument("src")
-    sp.add_argument("--format", required=True, help="kdm-trajectories: a numeric (T, N, D) .npy, stored as float32; "
-                    "x_T=[0], x_0=[-1]")
+    sp = add(pr, "import", cmd_pairs_import, "import external pairs into a pair store (formats: "
+             + ", ".join(IMPORT_FORMATS) + ")",
+             "formats:\n" + "".join(f"  {k:<17} {v}\n" for k, v in IMPORT_FORMATS.items()) +
+             "examples:\n"
+             "  kdm pairs import checkerboard-fm-trajectories.npy --format kdm-trajectories --holdout 0.2 --out runs/official\n"
+             "  kdm pairs import data/cifar10_uncond --format kdm-npz --order xT-first --holdout 0.01 --out runs/kdm-npz\n"
+             "  kdm pairs import get/cifar_uncond --format get-pt --holdout 0.01 --out runs/get\n"
+             "  kdm pairs import gen.npz --format npz --holdout 0 --out runs/pairs")
+    sp.add_argument("src", help="the file (kdm-trajectories, npz) or folder (kdm-npz, get-pt) to import")
+    sp.add_argument("--format", required=True, choices=list(IMPORT_FORMATS), help="one of: "
+                    + "; ".join(f"{k}: {v}" for k, v in IMPORT_FORMATS.items()))
+    sp.add_argument("--order", default=None, choices=["xT-first", "x0-first"],
+                    help="kdm-npz only (required there): which end of arr_0/endpoints is x_T; xT-first for the "
+                         "official CIFAR-10 unconditional training set, x0-first for every other official set")
+    sp.add_argument("--noise-scale", type=float, default=None,
+                    help="image formats (kdm-npz, get-pt, npz): the x_T scale of the result (default 80, EDM's "
+                         "sigma_max); get-pt latents are multiplied by it, kdm-npz and npz x_T are stored as found")
     sp.add_argument("--holdout", type=float, required=True, help="fraction held out for evaluation (may be 0)")
     sp.add_argument("--split-seed", type=int, default=0)
     sp.add_argument("--chunk-size", type=int, default=10000)

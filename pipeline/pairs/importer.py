@@ -13,6 +13,11 @@ Formats (``PairsImportConfig.format``):
     ``endpoints`` (2, C, H, W) in the same sense plus ``label`` (one-hot, length = number of classes).
     x_T is stored as found: the official sets already hold x_T = 80 * eps (``noise_scale``, default 80,
     is recorded as x_T_scale).
+``npz``
+    What users of other samplers export: one ``.npz`` holding arrays ``x_T`` and ``x_0`` of the same shape
+    (N, C, H, W) (any (N, ...) works), optionally ``seed`` (N,) integers (stored as the pairs' seeds;
+    default: the index) and ``label`` (N,) class indices (-1 = none) or (N, K) one-hot. x_T is stored as
+    found; ``noise_scale`` (default 80) is recorded as its x_T_scale. Read with ``allow_pickle=False``.
 ``get-pt``
     GET's published pairs (locuslab/get data/generate.py): a folder with ``latent/`` and ``image/``, each
     holding ``torch.save`` files named by the last seed they cover (``<int>.pkl`` or ``.pt``), paired by
@@ -38,6 +43,7 @@ import hashlib
 import io
 import logging
 import re
+import zipfile
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -116,6 +122,10 @@ class _Source(abc.ABC):
     @abc.abstractmethod
     def get(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pairs at ``idx`` (sorted source indices)."""
+
+    def seeds(self, idx: np.ndarray) -> np.ndarray:
+        """The seeds stored for the pairs at ``idx``: their index in the source unless it records seeds."""
+        return np.asarray(idx, dtype=np.int64)
 
 
 class _NpzSource(_Source):
@@ -260,9 +270,72 @@ class _ArraySource(_Source):
         return self.x_T[idx], self.x_0[idx], np.full(len(idx), -1, np.int32)
 
 
+class _NpzArraysSource(_Source):
+    """One .npz with x_T, x_0 (N, ...) and optionally seed (N,), label (N,) or one-hot (N, K)."""
+
+    def __init__(self, src: str):
+        try:
+            raw = artifacts.read_bytes(src)
+        except FileNotFoundError:
+            raise KDMError(f"import source {src} does not exist") from None
+        except IsADirectoryError:
+            raise KDMError(f"{src} is a folder; format npz is one .npz file with arrays x_T and x_0 (a folder of "
+                           f"path<i>.npz files: format kdm-npz)") from None
+        self.sha256 = artifacts.sha256_bytes(raw)
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise KDMError(f"{src} is not a .npz file numpy can read without pickles ({e}); format npz is "
+                           f"numpy.savez(path, x_T=..., x_0=..., [seed=...], [label=...])") from None
+        missing = [k for k in ("x_T", "x_0") if k not in arrays]
+        if missing:
+            raise KDMError(f"{src}: format npz needs arrays x_T and x_0 (N, C, H, W); missing {', '.join(missing)} "
+                           f"(arrays: {', '.join(sorted(arrays)) or 'none'})")
+        x_T, x_0 = arrays["x_T"], arrays["x_0"]
+        for name, a in (("x_T", x_T), ("x_0", x_0)):
+            if a.dtype.kind not in "fiu" or a.ndim < 2:
+                raise KDMError(f"{src}: {name} must be a numeric (N, C, H, W) array, got {a.dtype} {a.shape}")
+        if x_T.shape != x_0.shape:
+            raise KDMError(f"{src}: x_T {x_T.shape} and x_0 {x_0.shape} differ in shape; both are (N, C, H, W)")
+        n = len(x_0)
+        self.x_T, self.x_0 = x_T.astype(np.float32, copy=False), x_0.astype(np.float32, copy=False)
+        self.count, self.sample_shape = n, tuple(x_0.shape[1:])
+        self._seeds = None
+        if "seed" in arrays:
+            seed = arrays["seed"]
+            if seed.dtype.kind not in "iu" or seed.shape != (n,) or (n and (seed.min() < 0 or
+                                                                           seed.max() > np.iinfo(np.int64).max)):
+                raise KDMError(f"{src}: seed must be (N,) = ({n},) non-negative integers, got {seed.dtype} {seed.shape}")
+            self._seeds = seed.astype(np.int64)
+        self.labels, self.num_classes = np.full(n, -1, np.int32), 0
+        if "label" in arrays:
+            lab = arrays["label"]
+            if lab.ndim == 2 and lab.shape[0] == n and lab.shape[1] >= 1:    # one-hot (N, K)
+                self.labels, self.num_classes = lab.argmax(axis=1).astype(np.int32), int(lab.shape[1])
+            elif lab.shape == (n,) and lab.dtype.kind in "iu" and (n == 0 or lab.min() >= -1):
+                self.labels = lab.astype(np.int32)
+                self.num_classes = int(self.labels.max()) + 1 if n and self.labels.max() >= 0 else 0
+            else:
+                raise KDMError(f"{src}: label must be (N,) = ({n},) class indices (-1 = none) or (N, K) one-hot, "
+                               f"got {lab.dtype} {lab.shape}")
+        unknown = sorted(set(arrays) - {"x_T", "x_0", "seed", "label"})
+        if unknown:
+            log.warning("%s: arrays %s are not imported (format npz reads x_T, x_0, seed, label)", src,
+                        ", ".join(unknown))
+
+    def get(self, idx):
+        return self.x_T[idx], self.x_0[idx], self.labels[idx]
+
+    def seeds(self, idx):
+        return self._seeds[idx] if self._seeds is not None else super().seeds(idx)
+
+
 def open_source(src: str, cfg: PairsImportConfig, sha256: Optional[str] = None) -> _Source:
     if cfg.format == "kdm-trajectories":
         return _ArraySource(src)
+    if cfg.format == "npz":
+        return _NpzArraysSource(src)
     if cfg.format == "kdm-npz":
         return _NpzSource(src, cfg.order, sha256)
     return _GetSource(src, cfg.x_T_scale, sha256)
@@ -270,7 +343,7 @@ def open_source(src: str, cfg: PairsImportConfig, sha256: Optional[str] = None) 
 
 def source_digest(src: str, cfg: PairsImportConfig) -> str:
     """sha256 of a file source, or of a folder source's sorted (name, sha256) list."""
-    if cfg.format == "kdm-trajectories":
+    if cfg.format in ("kdm-trajectories", "npz"):
         return artifacts.sha256_file(src)
     if cfg.format == "kdm-npz":
         return folder_digest(src, _list_files(src, (".npz",)))
@@ -301,7 +374,7 @@ def import_version(src: str, cfg: PairsImportConfig) -> str:
 def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
     """Import ``src`` (format ``cfg.format``) into the pair store at ``out``; returns its version."""
     source_sha = None
-    if cfg.format != "kdm-trajectories":     # folders: hash first, so an existing version costs no decoding
+    if cfg.format not in ("kdm-trajectories", "npz"):   # folders: hash first, so an existing version costs no decoding
         if not artifacts.exists(src):
             raise KDMError(f"import source {src} does not exist")
         source_sha = source_digest(src, cfg)
@@ -333,7 +406,7 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
             nonfinite[split] += int((~(np.isfinite(np.reshape(x_T, (len(x_T), -1))).all(1)
                                        & np.isfinite(np.reshape(x_0, (len(x_0), -1))).all(1))).sum())
             pairstore.write_region(group, s, {"x_T": x_T, "x_0": x_0, "label": lab,
-                                              "seed": idx[s:s + c].astype(np.int64)})
+                                              "seed": source.seeds(idx[s:s + c])})
         groups.append((split, group))
     for split, group in reversed(groups):   # the root manifest is the last write
         pairstore.finalize(group, version=version if split == "train" else f"{version}-heldout", split=split,
