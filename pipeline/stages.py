@@ -203,7 +203,10 @@ def run_request(request, ctx: Optional[StageContext] = None) -> dict:
 
 
 def resolve_local(v: Optional[str], base) -> Optional[str]:
-    """A relative local path taken relative to ``base``; absolute paths and URLs unchanged."""
+    """A relative local path taken relative to ``base``; a leading ``$KDM_DATA_DIR/`` is the data directory
+    (pipeline.data.sources.data_dir); absolute paths and URLs unchanged."""
+    from pipeline.data.sources import expand_data_dir
+    v = expand_data_dir(v)
     if v and artifacts.is_local(v) and not Path(v).expanduser().is_absolute():
         return str((Path(base) / v).resolve())
     return v

@@ -19,6 +19,12 @@ if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
+# Named datasets (cifar10) and the checkerboard trajectories come from the data directory: the shared data
+# folder beside the checkout when there is one (CI runs a clean clone next to ../shared); tests never download.
+if [ -z "${KDM_DATA_DIR:-}" ] && [ -d "$REPO/../shared/data" ]; then
+    export KDM_DATA_DIR="$(cd "$REPO/../shared/data" && pwd)"
+fi
+
 export PREFECT_HOME="$(mktemp -d)/prefect"
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 unset PREFECT_API_URL

@@ -91,6 +91,15 @@ def data_dir(environ: Optional[dict] = None) -> Path:
     return Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
 
 
+def expand_data_dir(v: Optional[str], environ: Optional[dict] = None) -> Optional[str]:
+    """``$KDM_DATA_DIR/<name>`` (or ``${KDM_DATA_DIR}/<name>``) -> ``<data dir>/<name>``; anything else unchanged.
+    Presets name their data files this way (configs/distill/checkerboard-import.yaml)."""
+    for prefix in (f"${DATA_DIR_ENV}/", f"${{{DATA_DIR_ENV}}}/"):
+        if v and str(v).startswith(prefix):
+            return str(data_dir(environ) / str(v)[len(prefix):])
+    return v
+
+
 def _offline(environ=None) -> bool:
     env = os.environ if environ is None else environ
     return (env.get(OFFLINE_ENV) or "").strip().lower() not in ("", "0", "false", "no")

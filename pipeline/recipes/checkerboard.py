@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipeline.recipes.common import PairsStage, PairStoreStage
 from pipeline.stages import Stage, StageContext
+from pipeline.errors import KDMError
 from pipeline.storage import artifacts
 from storage_schemas import recipe_version, stable_hash
 
@@ -42,6 +43,10 @@ class ImportedPairs(PairStoreStage):
 
     def output(self, cfg, uris):
         from pipeline.pairs.importer import import_version
+        if not artifacts.exists(cfg.import_uri):
+            raise KDMError(f"import_uri {cfg.import_uri} does not exist: put the file there (the checkerboard-import "
+                           f"preset reads the official KDM trajectories checkerboard-fm-trajectories.npy from "
+                           f"$KDM_DATA_DIR, default ~/.cache/kdm/data) or set import_uri to its path")
         return artifacts.join(cfg.root, "pairs", import_version(cfg.import_uri, cfg.import_config))
 
     def run(self, cfg, uris, out, ctx):
