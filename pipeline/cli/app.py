@@ -55,16 +55,20 @@ def cmd_pairs_generate(a) -> None:
 
 
 IMPORT_FORMATS = {
-    "kdm-trajectories": "the official KDM checkerboard file: one numeric (T, N, D) .npy, x_T=[0], x_0=[-1]",
+    "kdm-trajectories": "the official KDM checkerboard file: one numeric (T, N, D) .npy, x_T=[0], x_0=[-1], "
+                        "stored as float32",
     "kdm-npz": "the official KDM image data: a folder of path<i>.npz (arr_0, or endpoints + one-hot label); "
                "needs --order",
     "get-pt": "GET's pairs: a folder with latent/ and image/ torch.save files (unit latents x --noise-scale)",
     "npz": "one .npz with arrays x_T, x_0 (N, C, H, W) and optionally seed (N,), label (N,) or one-hot (N, K), "
-           "as other samplers export them",
+           "as other samplers export them (images are stored as float32 too)",
 }
 
 
 def cmd_pairs_import(a) -> None:
+    if a.format not in IMPORT_FORMATS:
+        raise KDMError(f"--format {a.format!r} is not a known import format; formats: {', '.join(IMPORT_FORMATS)} "
+                       f"(kdm pairs import --help describes them)")
     if a.format == "kdm-npz" and a.order is None:
         raise KDMError("--format kdm-npz needs --order: xT-first (the official CIFAR-10 unconditional training set) "
                        "or x0-first (conditional CIFAR-10, FFHQ, AFHQv2, the test sets)")
@@ -326,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
              "  kdm pairs import get/cifar_uncond --format get-pt --holdout 0.01 --out runs/get\n"
              "  kdm pairs import gen.npz --format npz --holdout 0 --out runs/pairs")
     sp.add_argument("src", help="the file (kdm-trajectories, npz) or folder (kdm-npz, get-pt) to import")
-    sp.add_argument("--format", required=True, choices=list(IMPORT_FORMATS), help="one of: "
+    sp.add_argument("--format", required=True, metavar="{" + ",".join(IMPORT_FORMATS) + "}", help="one of: "
                     + "; ".join(f"{k}: {v}" for k, v in IMPORT_FORMATS.items()))
     sp.add_argument("--order", default=None, choices=["xT-first", "x0-first"],
                     help="kdm-npz only (required there): which end of arr_0/endpoints is x_T; xT-first for the "
