@@ -143,16 +143,23 @@ def test_the_events_websocket_needs_the_auth_string(server):
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
     base, _, _ = server
 
-    async def emit() -> None:
+    run = uuid.uuid4().hex[:12]
+    refused, accepted = f"kdm.test.ws.refused-{run}", f"kdm.test.ws.accepted-{run}"
+
+    async def emit(resource_id: str) -> None:
         async with PrefectEventsClient(api_url=f"{base}/api") as client:
-            await client.emit(Event(event="kdm.auth.ws", resource={"prefect.resource.id": "kdm.test.ws"}))
+            await client.emit(Event(event="kdm.auth.ws", resource={"prefect.resource.id": resource_id}))
 
     for wrong in (None, "kdm-admin:wrong"):
         with temporary_settings(updates={PREFECT_API_URL: f"{base}/api", PREFECT_API_AUTH_STRING: wrong}):
             with pytest.raises(Exception, match="(?i)unable to authenticate|401|1008|rejected"):
-                asyncio.run(emit())
+                asyncio.run(emit(refused))
     with temporary_settings(updates={PREFECT_API_URL: f"{base}/api", PREFECT_API_AUTH_STRING: AUTH}):
-        asyncio.run(emit())
+        asyncio.run(emit(accepted))
+    api = Api(base)
+    got = _events(api, accepted)                  # the event sent with the auth string arrived, once
+    assert [(e["event"], e["resource"]["prefect.resource.id"]) for e in got] == [("kdm.auth.ws", accepted)]
+    assert _events(api, refused, timeout=2) == []   # and the refused ones never did
 
 
 def _events(api: Api, resource_id: str, timeout: float = 30) -> list:
