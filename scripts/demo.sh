@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start a local Prefect server (SQLite under .kdm/), register the deployments, start a worker, run
 # kdm/distill-checkerboard, wait for it, print the metrics; the server stays up for the UI.
+# KDM_DEMO_RUN=0 stops after the workers (no checkerboard run). The workers inherit this shell's
+# environment: KDM_DATA_DIR (where datasets are found and downloaded, default ~/.cache/kdm/data) among it.
 # The demo server has no authentication and listens on 127.0.0.1 only: it is reachable from this machine
 # alone. Never publish it; a shared server is docker/compose.yaml (basic auth + CSRF, docker/README.md).
 set -euo pipefail
@@ -42,6 +44,12 @@ if ! alive "$STATE/gpu-worker.pid"; then
   setsid nohup prefect worker start --pool kdm-gpu --limit "$gpus" >"$STATE/gpu-worker.log" 2>&1 &
   echo $! >"$STATE/gpu-worker.pid"
   echo "worker started on pool kdm-gpu, concurrency $gpus (log: .kdm/gpu-worker.log)"
+fi
+
+if [[ "${KDM_DEMO_RUN:-1}" == 0 ]]; then      # KDM_DEMO_RUN=0 make demo: everything but the checkerboard run
+  echo "KDM_DEMO_RUN=0: server, deployments and workers are up; no run started"
+  echo "Prefect UI: http://127.0.0.1:$KDM_PORT  (make stop stops the workers and the server)"
+  exit 0
 fi
 
 start=$(date +%s)
