@@ -154,4 +154,9 @@ def test_real_cifar10(tmp_path):
     assert m.splits["train"].count == 50_000 and m.splits["test"].count == 10_000
     assert m.num_classes == 10 and m.class_names[0] == "airplane" and m.image_shape == (3, 32, 32)
     assert m.splits["train"].label_histogram == (5000,) * 10
+    # the manifest says which published file it is, and that its pixels are not the official release's
+    assert (m.source.id, m.source.file, m.source.format, m.source.url) == (
+        "cifar10-jpeg-mirror", "cifar10-jpeg.tar.gz", "image-folder", None)
+    assert m.source.checksum == "sha256:d877bdec11f54282b92da36e9f045bd305d663b1223e3822baff39ca9ff6690a"
+    assert "pixels differ from the official release" in m.source.note
     print(f"CIFAR-10 prepared in {m.prepare_seconds:.1f} s")
