@@ -20,7 +20,7 @@ def stage_calls(monkeypatch):
     return calls
 
 
-def test_the_kdm_flow_refuses_a_root_outside_the_allowed_roots(harness, tmp_path, monkeypatch, stage_calls):
+def test_the_real_flow_refuses_a_root_outside_the_allowed_roots(harness, tmp_path, monkeypatch, stage_calls):
     from flows.kdm import kdm
     allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
     monkeypatch.setenv("KDM_ALLOWED_ROOTS", str(allowed))
@@ -38,7 +38,7 @@ def test_the_kdm_flow_refuses_a_root_outside_the_allowed_roots(harness, tmp_path
         state.result()
 
 
-def test_the_kdm_flow_fails_with_the_offline_line_before_any_stage(harness, tmp_path, monkeypatch, stage_calls):
+def test_the_real_flow_fails_with_the_offline_line_before_any_stage(harness, tmp_path, monkeypatch, stage_calls):
     from flows.kdm import kdm
     from pipeline.data import sources
     data = tmp_path / "data"
