@@ -47,14 +47,14 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name.strip(), sets
 
 
-def row_config(preset: str, cond: bool, root: str, steps: int, sets: dict[str, str]):
+def row_config(preset: str, cond: bool, root: str, steps: int, sets: dict[str, str], extra: list[str] = ()):
     """The validated recipe config of one row (the preset with the student's steps, EMA and the variant)."""
     from pipeline.recipes import build_config
     from storage_schemas.distill_image import ema_for_steps
     base = [f"root={root}", f"student.train.steps={steps}", f"student.train.ema_decay={ema_for_steps(steps)}",
             f"student.train.checkpoint_every={steps}"]
     return build_config({"recipe": "cifar10", "preset": preset, "conditional": cond},
-                        sets=base + [f"{k}={v}" for k, v in sets.items()])
+                        sets=base + list(extra) + [f"{k}={v}" for k, v in sets.items()])
 
 
 def measure(cfg, quiet: bool) -> dict[str, Any]:
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="300,1000,2000,4000", help="comma-separated student step counts")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                    help="a student variant (keys under student., e.g. model.adv_weight=0.01); default: the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every row, e.g. dataset.archive=/data/cifar10.tar.gz")
     p.add_argument("--dry-run", action="store_true", help="validate every row's config and print it")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
         for line in rows_path.read_text().splitlines():
             r = json.loads(line)
             done[(r["variant"], r["steps"], json.dumps(r["sets"], sort_keys=True))] = r
-    plan = [(name, sets, n, row_config(a.preset, a.cond, a.root, n, sets)) for name, sets in variants for n in steps]
+    plan = [(name, sets, n, row_config(a.preset, a.cond, a.root, n, sets, a.set)) for name, sets in variants for n in steps]
     if a.dry_run:
         for name, sets, n, cfg in plan:
             m = cfg.student.model

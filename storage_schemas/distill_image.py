@@ -49,6 +49,11 @@ GPU_STAGES = ("teacher", "pairs", "student", "evaluation")   # run on pool kdm-g
 MINI_DISTANCE = "lpips-own"
 FULL_DISTANCE = "lpips-own"
 MINI_STUDENT_STEPS = 3000
+# The discriminator stays off by default until a variant with it is measured to pay (BENCHMARKS.md): with
+# lpips-own its generator term pulls as hard as the distance already at a weight of about 0.01
+# (bench/adversarial_scale.py), and 0.05 collapsed the mini student. The paper's setting:
+# student.model.adv_weight=0.01.
+FULL_ADV_WEIGHT = 0.0
 
 
 def ema_for_steps(steps: int) -> float:
@@ -96,7 +101,8 @@ class ImagePairsStageConfig(Strict):
 
 class ImageStudentStageConfig(Strict):
     preset: str = Field("cifar10-uncond", description="name recorded in the student manifest")
-    model: KDMImageConfig = IMAGE_PRESETS["cifar10-uncond"].model_copy(update={"distance": FULL_DISTANCE})
+    model: KDMImageConfig = IMAGE_PRESETS["cifar10-uncond"].model_copy(update={"distance": FULL_DISTANCE,
+                                                                               "adv_weight": FULL_ADV_WEIGHT})
     train: ImageTrainConfig = ImageTrainConfig()
 
 
@@ -158,7 +164,8 @@ def _preset_data(name: str, conditional: bool) -> dict:
     if name == "full":
         d = dict(device="cuda", extractor=ExtractorStageConfig(device="cuda"), teacher=TEACHER_FULL,
                  pairs=ImagePairsStageConfig(), filter=ImageFilterConfig(device="cuda"),
-                 student=dict(preset=student_preset, model=_student_model(conditional, distance=FULL_DISTANCE),
+                 student=dict(preset=student_preset, model=_student_model(conditional, distance=FULL_DISTANCE,
+                                                                   adv_weight=FULL_ADV_WEIGHT),
                               train=ImageTrainConfig()),
                  evaluation=ImageEvalStageConfig())
     elif name == "mini":

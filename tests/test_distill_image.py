@@ -66,7 +66,8 @@ def test_presets_are_the_documented_recipes():
     assert (len(full.pairs.seeds), len(full.pairs.heldout_seeds), full.pairs.sampler.nfe) == (1_000_000, 50_000, 35)
     assert full.student.train.steps == 800_000 and full.student.train.batch_size == 128
     # every preset but smoke trains with lpips-own (BENCHMARKS.md "Student objective"); otherwise the paper's model
-    assert full.student.model == image_preset("cifar10-uncond").model_copy(update={"distance": "lpips-own"})
+    assert full.student.model == image_preset("cifar10-uncond").model_copy(update={"distance": "lpips-own",
+                                                                                   "adv_weight": 0.0})
     assert full.teacher == load_edm_teacher_config("cifar10-edm")
     mini = distill_image_preset("mini")
     assert mini.teacher == load_edm_teacher_config("cifar10-mini") and mini.teacher.steps == 2000
@@ -90,7 +91,7 @@ def test_presets_are_the_documented_recipes():
         cond = distill_image_preset(name, conditional=True)
         assert cond.conditional and cond.teacher.use_labels and cond.student.model.label_dim == 10
     assert distill_image_preset("full", True).student.model == image_preset("cifar10-cond").model_copy(
-        update={"distance": "lpips-own"})
+        update={"distance": "lpips-own", "adv_weight": 0.0})
 
 
 def test_preset_override_semantics():
