@@ -31,7 +31,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-STAGE_NAMES = {"dataset", "extractor", "teacher", "pairs", "filter", "student", "evaluation", "publish"}
+STAGE_NAMES = {"dataset", "extractor", "perceptual", "teacher", "pairs", "filter", "student", "evaluation", "publish"}
 
 
 def free_port() -> int:

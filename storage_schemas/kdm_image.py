@@ -71,9 +71,21 @@ class KDMImageConfig(Strict):
                              "perceptual network (train.perceptual_net), never the evaluation's FD extractor")
     pseudo_huber_c: float = Field(0.03, gt=0)
     adv_weight: float = Field(0.01, ge=0, description="weight of the generator's adversarial term; 0 disables D")
+    adv_start: float = Field(0.0, ge=0, le=1, description="fraction of train.steps before the generator's "
+                                                          "adversarial term starts (D trains from step 0); 0: "
+                                                          "from the start (official)")
+    adv_rampup: float = Field(0.0, ge=0, le=1, description="fraction of train.steps over which the adversarial "
+                                                           "weight ramps linearly from 0 to adv_weight after "
+                                                           "adv_start; 0: at once (official)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "KDMImageConfig":
+        if (self.adv_start or self.adv_rampup) and not self.adv_weight:
+            raise ValueError("adv_start / adv_rampup schedule the adversarial term: set adv_weight > 0 (or leave "
+                             "them at 0)")
+        if self.adv_start + self.adv_rampup > 1:
+            raise ValueError(f"adv_start + adv_rampup = {self.adv_start + self.adv_rampup:g} exceeds 1: the "
+                             f"adversarial weight would never reach adv_weight within train.steps")
         if self.spectral_loss != "none" and self.operator != "factorized":
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
         levels = len(self.unet.channel_mult)
@@ -81,6 +93,16 @@ class KDMImageConfig(Strict):
             raise ValueError(f"img_resolution {self.img_resolution} is not divisible by 2^{levels - 1} "
                              f"(channel_mult has {levels} levels)")
         return self
+
+    def adv_weight_at(self, step: int, steps: int) -> float:
+        """The generator's adversarial weight at optimisation step ``step`` (0-based) of ``steps``: 0 before
+        ``adv_start * steps``, then a linear ramp over ``adv_rampup * steps`` steps up to ``adv_weight``."""
+        start, ramp = self.adv_start * steps, self.adv_rampup * steps
+        if step < start:
+            return 0.0
+        if ramp <= 0:
+            return self.adv_weight
+        return self.adv_weight * min(1.0, (step - start + 1) / ramp)
 
     @property
     def latent_dim(self) -> int:

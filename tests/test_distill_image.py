@@ -65,27 +65,40 @@ def test_presets_are_the_documented_recipes():
     assert full == DistillImageConfig() and full.preset == "full" and full.device == "cuda"
     assert (len(full.pairs.seeds), len(full.pairs.heldout_seeds), full.pairs.sampler.nfe) == (1_000_000, 50_000, 35)
     assert full.student.train.steps == 800_000 and full.student.train.batch_size == 128
-    assert full.student.model == image_preset("cifar10-uncond")
+    # every preset but smoke trains with lpips-own (BENCHMARKS.md "Student objective"); otherwise the paper's model
+    assert full.student.model == image_preset("cifar10-uncond").model_copy(update={"distance": "lpips-own",
+                                                                                   "adv_weight": 0.0})
     assert full.teacher == load_edm_teacher_config("cifar10-edm")
     mini = distill_image_preset("mini")
-    assert mini.teacher == load_edm_teacher_config("cifar10-mini")
-    assert (len(mini.pairs.seeds), len(mini.pairs.heldout_seeds), mini.student.train.steps) == (20_000, 5_000, 4000)
-    assert mini.student.model.unet.model_channels == 64 and mini.student.model.distance == "pseudo-huber"
-    assert (mini.student.train.batch_size, mini.student.train.precision, mini.student.train.channels_last) == \
-        (256, "fp32", False)          # the CIFAR-10 mini benchmark's measured settings (BENCHMARKS.md)
+    assert mini.teacher == load_edm_teacher_config("cifar10-mini") and mini.teacher.steps == 2000
+    assert (len(mini.pairs.seeds), len(mini.pairs.heldout_seeds), mini.student.train.steps) == (20_000, 5_000, 3000)
+    assert mini.student.model.unet.model_channels == 64 and mini.student.model.distance == "lpips-own"
+    assert mini.student.model.adv_weight == 0.0          # D off: it did not pay at this budget (BENCHMARKS.md)
+    assert (mini.student.train.batch_size, mini.student.train.precision, mini.student.train.channels_last,
+            mini.student.train.ema_decay) == (256, "bf16", False, 0.996667)   # the engine's fast path, EMA 1 - 10/steps
+    for name, distance in (("smoke", "pseudo-huber"), ("mini", "lpips-own"), ("full", "lpips-own")):
+        for cond in (False, True):
+            cfg = distill_image_preset(name, conditional=cond)
+            assert cfg.student.model.distance == distance
+            names = [s.name for s in recipes.stages_of(cfg)]
+            # the perceptual network is a stage of every run that trains with lpips-own, before the student
+            assert ("perceptual" in names) == (distance == "lpips-own"), names
+            if distance == "lpips-own":
+                assert names.index("extractor") < names.index("perceptual") < names.index("student")
     sm = distill_image_preset("smoke")
     assert sm.device == "cpu" and sm.extractor.device == "cpu" and sm.pairs.sampler.steps == 18
     for name in ("smoke", "mini", "full"):
         cond = distill_image_preset(name, conditional=True)
         assert cond.conditional and cond.teacher.use_labels and cond.student.model.label_dim == 10
-    assert distill_image_preset("full", True).student.model == image_preset("cifar10-cond")
+    assert distill_image_preset("full", True).student.model == image_preset("cifar10-cond").model_copy(
+        update={"distance": "lpips-own", "adv_weight": 0.0})
 
 
 def test_preset_override_semantics():
     cfg = DistillImageConfig.model_validate({"preset": "mini", "student": {"train": {"steps": 100}}})
     mini = distill_image_preset("mini")
     assert cfg.student.train.steps == 100
-    assert cfg.student.train.model_copy(update={"steps": 4000}) == mini.student.train     # the rest stays mini's
+    assert cfg.student.train.model_copy(update={"steps": 3000}) == mini.student.train     # the rest stays mini's
     assert cfg.student.model == mini.student.model and cfg.teacher == mini.teacher
     assert DistillImageConfig.model_validate({"preset": "smoke", "conditional": True}) == distill_image_preset("smoke", True)
     # flow parameters: the cond deployment's {"conditional": true} + a caller's config mapping

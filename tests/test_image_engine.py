@@ -425,3 +425,40 @@ def test_sigkilled_train_image_command_resumes_to_the_uninterrupted_weights(pair
     mout = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in mout] == list(range(1, 8))                   # step 4 logged once, not twice
     assert [r["loss_total"] for r in mout] == [r["loss_total"] for r in mref]
+
+
+def test_adversarial_schedule_values_and_validation():
+    m = model_cfg(res=32, adv_weight=0.02, adv_start=0.5, adv_rampup=0.25)
+    # 8 steps: off for steps 0-3, then a 2-step ramp (half, full), then full
+    assert [m.adv_weight_at(s, 8) for s in range(8)] == [0, 0, 0, 0, 0.01, 0.02, 0.02, 0.02]
+    assert [model_cfg(adv_weight=0.01).adv_weight_at(s, 8) for s in (0, 7)] == [0.01, 0.01]   # official: constant
+    with pytest.raises(ValueError, match="set adv_weight > 0"):
+        model_cfg(adv_weight=0.0, adv_start=0.5)
+    with pytest.raises(ValueError, match="exceeds 1"):
+        model_cfg(adv_weight=0.01, adv_start=0.8, adv_rampup=0.3)
+
+
+def test_adversarial_term_follows_its_schedule_in_training(tmp_path):
+    """The engine applies adv_weight_at(step): no generator adversarial term before adv_start (the generator's
+    update equals a D-less run's), D trains from step 0, the logged weight follows the ramp."""
+    store = tmp_path / "pairs"
+    write_synthetic_store(str(store), 16, (3, 32, 32), chunk_size=8)
+    unet = TINY.model_copy(update={"dropout": 0.0})
+    mc = model_cfg(res=32, unet=unet, latent_proj_dim=16, adv_weight=0.5, adv_start=0.5, adv_rampup=0.25)
+    tc = train_cfg(steps=8, log_every=1, checkpoint_every=8)
+    train_image_student(str(store), mc, tc, str(tmp_path / "run"), device="cpu", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["adv_weight"], 6) for r in recs] == [0, 0, 0, 0, 0.25, 0.5, 0.5, 0.5]
+    assert all(r["loss_disc"] > 0 for r in recs)               # D is trained from the first step
+    # before adv_start the generator does what a run without D does (same data order and noise)
+    plain = mc.model_copy(update={"adv_weight": 0.0, "adv_start": 0.0, "adv_rampup": 0.0})
+    short = tc.model_copy(update={"steps": 4, "checkpoint_every": 4})
+    a = ImageTrainer(mc, tc, CPU)
+    b = ImageTrainer(plain, short, CPU)
+    for i in range(3):
+        xT, x0 = batch(res=32, seed=i)
+        a.set_step(i)
+        b.set_step(i)
+        assert a.train_step(xT, x0) and b.train_step(xT, x0)
+    sa, sb = snapshot(a.model), snapshot(b.model)
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)

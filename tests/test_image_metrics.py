@@ -351,3 +351,20 @@ def test_local_structure_grid(tmp_path):
     from PIL import Image
     with Image.open(out["path"]) as img:
         assert img.size == (2 * (4 * 10 + 2) + 8, 7 * 10 + 2)
+
+
+def test_collapse_flag_below_recall_threshold_and_in_the_headline():
+    from pipeline.recipes.cifar10 import headline
+    assert im.COLLAPSE_RECALL == 0.05
+    ok = {"fd_ratio": 1.2, "recall_student": 0.05, "recall_teacher": 0.5, "precision_student": 0.7,
+          "precision_teacher": 0.7, "notes": {"training_distance": "lpips-own:pnet-x"}}
+    assert im.collapse_note(ok) is None                           # at the threshold: not flagged
+    assert im.collapse_note({"recall_student": None}) is None     # no recall computed: nothing to say
+    bad = {**ok, "recall_student": 0.007, "precision_student": 1.0}
+    note = im.collapse_note(bad)
+    assert note.startswith("collapsed: student recall 0.007 < 0.05 (teacher 0.500)")
+    text = headline({**bad, "notes": {**ok["notes"], "collapse": note}})
+    assert "FD ratio student / teacher: **1.200**" in text and "`lpips-own:pnet-x`" in text
+    assert "precision / recall student 1.000 / 0.007, teacher 0.700 / 0.500" in text
+    assert "**Student collapsed: student recall 0.007" in text
+    assert "collapsed" not in headline(ok)

@@ -9,7 +9,7 @@ from pipeline.errors import KDMError
 REGISTER_EXAMPLES = """\
 examples:
   kdm teacher register artifacts/teachers/edm-0123456789abcdef --root artifacts
-  kdm teacher register ../shared/edm-cifar10-32x32-uncond-vp.pkl --kind edm-pkl --sha256 HEX --root artifacts
+  kdm teacher register edm-cifar10-32x32-uncond-vp.pkl --kind edm-pkl --sha256 HEX --root artifacts
   kdm teacher register s3://bucket/teachers/my-teacher --kind kdm --root s3://bucket/kdm --no-event
 
 The record is <root>/registry/teachers/<id>.json; registering the same teacher again changes nothing.

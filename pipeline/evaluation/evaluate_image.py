@@ -112,6 +112,9 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     summary = {"fd_teacher": t_ms[0].value, "fd_student": s_ms[0].value, "fd_ratio": im.ratio(s_ms[0], t_ms[0]),
                "kid_teacher": t_ms[1].value, "kid_student": s_ms[1].value, "mse": p_ms[0].value,
                "lpips": p_ms[1].value if len(p_ms) > 1 else None, **im.precision_recall_summary(t_ms + s_ms)}
+    collapsed = im.collapse_note(summary)
+    if collapsed:
+        notes["collapse"] = collapsed
     names = im.metric_names(fx.id)
     report = im.make_report(t_ms + s_ms + p_ms, plots=plots,
                             notes={"fd_ratio_student_over_teacher": summary["fd_ratio"], "student": sm.version,

@@ -74,7 +74,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -654,6 +654,21 @@ def precision_recall_summary(metrics: Iterable[ImageMetric]) -> dict[str, float]
             if m.name.startswith(f"{kind}-"):
                 out[f"{kind.lower()}_{m.subject}"] = m.value
     return out
+
+
+COLLAPSE_RECALL = 0.05   # a student whose recall falls below this is flagged as collapsed
+
+
+def collapse_note(summary: Mapping[str, Any]) -> Optional[str]:
+    """The report's flag for a collapsed student (recall below COLLAPSE_RECALL: its samples cover almost
+    none of the data, whatever their precision), or None. ``summary``: an evaluation summary with
+    ``recall_student`` (and ``recall_teacher``, quoted when present)."""
+    r = summary.get("recall_student")
+    if r is None or r >= COLLAPSE_RECALL:
+        return None
+    t = summary.get("recall_teacher")
+    return (f"collapsed: student recall {r:.3f} < {COLLAPSE_RECALL}" + (f" (teacher {t:.3f})" if t is not None else "")
+            + ": its samples cover almost none of the data distribution (mode collapse or a blurred average)")
 
 
 def training_distance_notes(student_manifest: Any, extractor: Any) -> dict[str, Any]:

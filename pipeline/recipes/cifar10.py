@@ -358,6 +358,19 @@ class ImageEvaluation(Stage):
                 **m.summary}
 
 
+def headline(ev: dict) -> str:
+    """The report's first line: the FD ratio, the training distance and, for a collapsed student, the flag."""
+    text = f"FD ratio student / teacher: **{ev['fd_ratio']:.3f}**"
+    pr = [ev.get(k) for k in ("precision_student", "recall_student", "precision_teacher", "recall_teacher")]
+    if None not in pr:
+        text += f"; precision / recall student {pr[0]:.3f} / {pr[1]:.3f}, teacher {pr[2]:.3f} / {pr[3]:.3f}"
+    if ev.get("notes", {}).get("training_distance"):
+        text += f"; student trained with `{ev['notes']['training_distance']}`"
+    if ev.get("notes", {}).get("collapse"):
+        text += f"\n\n**Student {ev['notes']['collapse']}**"
+    return text
+
+
 def report_parts(cfg, results: dict) -> dict:
     """The recipe-specific parts of the run report: title, metric rows, protocol, headline."""
     from pipeline.evaluation import image_metrics
@@ -387,7 +400,7 @@ def report_parts(cfg, results: dict) -> dict:
             "key": key, "metrics": rows,
             "metrics_description": f"teacher and student vs the train split, student vs teacher on held-out seeds "
                                    f"({ev['num_samples']} samples)",
-            "headline": f"FD ratio student / teacher: **{ev['fd_ratio']:.3f}**", "protocol": protocol,
+            "headline": headline(ev), "protocol": protocol,
             "table_text": image_metrics.metrics_markdown(report.metrics), "notes": notes}
 
 

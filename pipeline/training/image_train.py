@@ -9,7 +9,9 @@ One training step keeps the official recipe and order (notes Sec. 4.2-4.4):
    is the same function); the KDM-F spectral penalty outside autocast;
 2. discriminator: BCE(D(x0), 1) + BCE(D(x_push.detach()), 0), real and fake in separate passes
    (separate BatchNorm statistics), then its own Adam step;
-3. generator: L_rec + L_lat + L_pred + adv_weight * BCE(D_updated(x_push), 1) (+ KDM-F spectral loss),
+3. generator: L_rec + L_lat + L_pred + w_adv * BCE(D_updated(x_push), 1) (+ KDM-F spectral loss), with
+   w_adv = adv_weight throughout (official) or scheduled by ``adv_start`` / ``adv_rampup`` (off, then a
+   linear ramp; D trains from the first step either way),
    L_lat = MSE(z_push, clean z0), d(.,.) of L_rec/L_pred from ``models.distances``; Adam step;
 4. EMA of the generator parameters (multi-tensor lerp), every step.
 
@@ -243,6 +245,10 @@ class ImageTrainer:
         self._skipped = torch.zeros((), device=device)            # skipped steps not yet in _nonfinite
         self._d_found_inf = torch.zeros((), device=device)
         self._g_found_inf = torch.zeros((), device=device)
+        # The generator's adversarial weight of the current step (model_cfg.adv_weight_at), a device scalar
+        # written before each step so that a captured graph reads the scheduled value.
+        self._adv_w = torch.full((), float(model_cfg.adv_weight_at(0, tc.steps)), device=device)
+        self._adv_w_value = float(self._adv_w.item())
         self._graph: Optional[torch.cuda.CUDAGraph] = None        # cuda_graphs: the captured step
         self._static: Optional[tuple] = None                      # ... and its input buffers
         self._warm_steps = 0
@@ -274,6 +280,15 @@ class ImageTrainer:
                 raise KDMError("a conditional model (label_dim > 0) needs labels")
             y = F.one_hot(label.to(**kw).long(), self.model_cfg.label_dim).float()
         return x0, xT, y
+
+    def set_step(self, step: int) -> None:
+        """Schedule of the step about to run (0-based): the adversarial weight (``adv_start``/``adv_rampup``)."""
+        if self.disc is None:
+            return
+        w = float(self.model_cfg.adv_weight_at(step, self.cfg.steps))
+        if w != self._adv_w_value:          # a device write only when the value changes
+            self._adv_w.fill_(w)
+            self._adv_w_value = w
 
     def train_step(self, x_T: torch.Tensor, x_0: torch.Tensor, label: Optional[torch.Tensor] = None) -> bool:
         """One optimisation step on a batch; returns False when the non-finite guard skipped it (one host
@@ -328,8 +343,8 @@ class ImageTrainer:
             with self._autocast():
                 adv = generator_adversarial_loss(self.disc(x_push).float())
             self.disc.requires_grad_(True)
-            total = total + mc.adv_weight * adv
-            terms.update(disc=d_loss.detach(), adv=adv)
+            total = total + self._adv_w * adv
+            terms.update(disc=d_loss.detach(), adv=adv, adv_weight=self._adv_w.clone())
 
         self.opt.zero_grad(set_to_none=True)
         total.backward()
@@ -601,12 +616,15 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
     try:
         while step < stop:
             batch = next(batches)
+            trainer.set_step(step)
             trainer.train_step(batch.x_T, batch.x_0, batch.label)
             step += 1
             if step % tc.log_every == 0 or step == tc.steps:
                 losses = trainer.pop_metrics()
-                rec = log.record(step, {**{f"loss_{k}": v for k, v in losses.items() if k != "grad_norm"},
+                rec = log.record(step, {**{f"loss_{k}": v for k, v in losses.items()
+                                           if k not in ("grad_norm", "adv_weight")},
                                         "grad_norm": losses.get("grad_norm"),
+                                        **({"adv_weight": losses["adv_weight"]} if "adv_weight" in losses else {}),
                                         "nonfinite_steps": trainer.nonfinite_steps,
                                         "epoch": sampler.cursor.epoch})
                 final = {k.removeprefix("loss_"): v for k, v in rec.items() if k.startswith("loss_")}
