@@ -136,6 +136,10 @@ def test_download_over_http_progress_temporary_name_checksum_rename(empty_data_d
     assert seen and seen[0].startswith(".cifar-10-python.tar.gz.") and seen[0].endswith(".download")
     assert sorted(x.name for x in empty_data_dir.iterdir()) == ["cifar-10-python.tar.gz"]
     assert logs == [f"downloading {url}/cifar-10-python.tar.gz -> {p}", f"downloaded {p} (md5 {src.digest} verified)"]
+    # without a progress bar (a worker's log) a line every 10 %
+    logs = []
+    sources.download(src, empty_data_dir / "again", f"{url}/cifar-10-python.tar.gz", progress=False, log=logs.append)
+    assert logs[1:-1] == [f"cifar-10-python.tar.gz: {k:.1f} of 3.0 MiB ({int(100 * k / 3)} %)" for k in (1.0, 2.0, 3.0)]
 
 
 def test_a_checksum_mismatch_keeps_nothing(empty_data_dir, http_dir, monkeypatch):

@@ -214,9 +214,10 @@ def find(name: str, directory: Optional[Path] = None) -> Optional[tuple[Path, Kn
 
 def download(source: KnownSource, directory: Path, url: Optional[str] = None, *, progress: bool = True,
              log: Callable[[str], None] = print, timeout: float = 60.0) -> Path:
-    """Fetch ``source`` into ``directory``: to a temporary name, with a progress bar, checked against the
-    published checksum, then renamed to its file name. Raises ``urllib.error.URLError`` / ``OSError`` when
-    the URL cannot be read (the caller words it) and KDMError on a checksum mismatch (nothing is kept)."""
+    """Fetch ``source`` into ``directory``: to a temporary name, with a progress bar (``progress``; else a log
+    line every 10 %, for worker logs), checked against the published checksum, then renamed to its file name.
+    Raises ``urllib.error.URLError`` / ``OSError`` when the URL cannot be read (the caller words it) and
+    KDMError on a checksum mismatch (nothing is kept)."""
     from tqdm import tqdm
     url = url or download_url(source)
     if not url:
@@ -236,10 +237,16 @@ def download(source: KnownSource, directory: Path, url: Optional[str] = None, *,
             total = r.headers.get("Content-Length") if getattr(r, "headers", None) is not None else None
             with tqdm(total=int(total) if total and str(total).isdigit() else None, unit="B", unit_scale=True,
                       unit_divisor=1024, desc=source.filename, disable=not progress, mininterval=1.0) as bar:
+                done, logged = 0, 0
+                size = int(total) if total and str(total).isdigit() else 0
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
+                    done += len(chunk)
+                    if not progress and size and done * 10 // size > logged:
+                        logged = done * 10 // size
+                        log(f"{source.filename}: {done / 2**20:.1f} of {size / 2**20:.1f} MiB ({100 * done // size} %)")
         if h.hexdigest() != source.digest:
             raise KDMError(f"the download of {source.filename} from {url} has {source.algorithm} {h.hexdigest()}, "
                            f"not the published {source.checksum}: nothing was kept; try again, or fetch the file "
