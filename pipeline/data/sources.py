@@ -183,12 +183,13 @@ def archive_format(archive: str) -> str:
 
 # --- resolution -----------------------------------------------------------------------------------------
 
-def _missing_line(name: str, directory: Path, why: str, environ=None) -> str:
-    first = next((s for s in KNOWN_SOURCES[name] if download_url(s, environ)), KNOWN_SOURCES[name][0])
+def _missing_line(name: str, directory: Path, why: str) -> str:
+    """The one line of an absent dataset: the file, its checksum, its official URL, the exact path."""
+    first = next((s for s in KNOWN_SOURCES[name] if s.url), KNOWN_SOURCES[name][0])
     others = [s for s in KNOWN_SOURCES[name] if s is not first]
     alt = "".join(f" (or {s.filename}, {s.checksum}, at {directory / s.filename})" for s in others)
     return (f"dataset {name} is not in {directory} and {why}: fetch {first.filename} ({first.checksum}) from "
-            f"{download_url(first, environ) or first.url} on a machine with access and put it at "
+            f"{first.url} on a machine with access and put it at "
             f"{directory / first.filename}{alt}, set {DATA_DIR_ENV} to the folder holding it, or give the "
             f"archive explicitly (dataset.archive / kdm dataset prepare PATH)")
 
@@ -279,9 +280,10 @@ def resolve(name: str, archive: Optional[str] = None, *, download_missing: bool 
     if found is not None:
         return Resolved(str(found[0]), found[1], "found")
     if not download_missing:
-        raise KDMError(_missing_line(name, directory, "is downloaded only by a run (not by a dry run)", environ))
+        raise KDMError(_missing_line(name, directory, "is not downloaded here (kdm distill, kdm dataset prepare and "
+                                                      "the flow download it before any stage)"))
     if _offline(environ):
-        raise KDMError(_missing_line(name, directory, f"{OFFLINE_ENV} forbids a download", environ))
+        raise KDMError(_missing_line(name, directory, f"{OFFLINE_ENV} forbids a download"))
     errors = []
     for s in KNOWN_SOURCES[name]:
         url = download_url(s, environ)
@@ -293,7 +295,7 @@ def resolve(name: str, archive: Optional[str] = None, *, download_missing: bool 
             reason = getattr(e, "reason", None) or e
             errors.append(f"{url}: {type(e).__name__}: {reason}")
     why = "cannot be downloaded (" + "; ".join(errors).replace("\n", " ") + ")" if errors else "has no download URL"
-    raise KDMError(_missing_line(name, directory, why, environ))
+    raise KDMError(_missing_line(name, directory, why))
 
 
 def ensure_dataset(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> Optional[Resolved]:
