@@ -1085,9 +1085,12 @@ def case_42(c):
 @case(43, "wrong `--set` values (7 runs)")
 def case_43(c):
     c.need("pairs")
-    for kv in ("train.steps=abc", "train.steps=1.5", "train.steps=0", "train.lr=-1", "train.lr=nan",
-               "train.batch_size=-4", "train.ema_decay=2"):
-        c.fail("train", "--pairs", "pairs", "--preset", "smoke", "--set", kv, "--out", "s43", keys=[kv.split("=")[0]])
+    for kv, why in (("train.steps=abc", "should be a valid integer"), ("train.steps=1.5", "should be a valid integer"),
+                    ("train.steps=0", "greater than or equal to 1"), ("train.lr=-1", "should be greater than 0"),
+                    ("train.lr=nan", "should be greater than 0"), ("train.batch_size=-4", "greater than or equal to 1"),
+                    ("train.ema_decay=2", "should be less than 1")):
+        c.fail("train", "--pairs", "pairs", "--preset", "smoke", "--set", kv, "--out", "s43",
+               keys=[kv.split("=")[0], why])
     c.absent("s43")
 
 
@@ -1334,7 +1337,7 @@ def case_62(c):
                keys=[full, "full_t/"])
         # nothing later treats the leftovers as valid
         c.fail("pairs", "info", "full_g/p", keys=["full_g/p", "no pair store"])
-        c.fail("sample", "--student", "full_t/s", "--num", "10", "--out", "smp62.npy", keys=["full_t/s", "is not a student run"])
+        c.fail("sample", "--student", "full_t/s", "--num", "10", "--out", "smp62.npy", keys=["full_t/s", ("is an unfinished student run", "is not a student run")])
         # what a full disk may leave: the resumable state (the generation's .partial, the run directory with
         # its partial checkpoints), which the two refusals above show no reader takes for a result
         left = sorted(str(p.relative_to(c.w)) for d in (fg, ft) for p in d.iterdir())
