@@ -297,3 +297,24 @@ def test_the_dry_run_plans_the_download(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "dataset     to do    kdm-cpu  (known after the dataset download stage)" in r.stdout
     assert not (tmp_path / "data").exists()
+
+
+def test_presets_name_data_files_in_the_data_dir(tmp_path, monkeypatch):
+    """configs/distill/checkerboard-import.yaml reads $KDM_DATA_DIR/checkerboard-fm-trajectories.npy: no
+    product default points into ../shared; absent, the dry run says where to put the file."""
+    from pipeline import stages
+    monkeypatch.setenv("KDM_DATA_DIR", str(tmp_path / "d"))
+    assert stages.resolve_local("$KDM_DATA_DIR/x.npy", "/elsewhere") == str(tmp_path / "d" / "x.npy")
+    assert stages.resolve_local("${KDM_DATA_DIR}/x.npy", "/elsewhere") == str(tmp_path / "d" / "x.npy")
+    assert stages.resolve_local("x.npy", "/elsewhere") == "/elsewhere/x.npy"
+    assert "shared" not in (REPO / "configs" / "distill" / "checkerboard-import.yaml").read_text()
+    r = _kdm("distill", "--recipe", "checkerboard", "--preset", "checkerboard-import", "--root", str(tmp_path / "r"),
+             "--dry-run", env={"KDM_DATA_DIR": str(tmp_path / "d")})
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"kdm distill: error: import_uri {tmp_path / 'd' / 'checkerboard-fm-trajectories.npy'} does not exist: put "
+        f"the file there (the checkerboard-import preset reads the official KDM trajectories "
+        f"checkerboard-fm-trajectories.npy from $KDM_DATA_DIR, default ~/.cache/kdm/data) or set import_uri to its path")
+    require(shared_data("checkerboard-fm-trajectories.npy"))
+    r = _kdm("distill", "--recipe", "checkerboard", "--preset", "checkerboard-import", "--root", str(tmp_path / "r"),
+             "--dry-run", env={"KDM_DATA_DIR": str(shared_data("checkerboard-fm-trajectories.npy").parent)})
+    assert r.returncode == 0 and "pairs       to do    kdm-cpu  " in r.stdout, r.stderr
