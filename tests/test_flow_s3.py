@@ -3,7 +3,6 @@
 Every stage reads and writes through the root URL; the student trains in a local temporary directory
 mirrored to ``<url>.partial`` and resumes from the checkpoints stored there.
 """
-import asyncio
 import contextlib
 import io
 import json

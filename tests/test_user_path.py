@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from s3_server import free_port
 from shared_data import REPO, require, shared_data
