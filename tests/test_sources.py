@@ -176,15 +176,45 @@ def test_resolve_downloads_from_a_file_url_mirror(empty_data_dir, tmp_path, monk
 NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+class Py2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the release: str and bytes as py2 ``str`` (BINSTRING), numpy's
+    globals under ``numpy.core.multiarray``; read back with ``encoding='latin1'``."""
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "")
+        if module.startswith("numpy._core"):
+            name = name or obj.__qualname__
+            module = module.replace("numpy._core", "numpy.core", 1)
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+
+
+def py2_dumps(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
 def python_release(path: Path, per_batch: int = 6, seed: int = 0, names=NAMES, extra: dict | None = None):
-    """A miniature cifar-10-python.tar.gz (the release's layout and pickles, ``per_batch`` images a batch);
-    returns (path, {batch: (data (n, 3072) uint8, labels)})."""
+    """A miniature cifar-10-python.tar.gz (the release's layout, pickled as Python 2 did, ``per_batch`` images
+    a batch); returns (path, {batch: (data (n, 3072) uint8, labels)})."""
     rng = np.random.default_rng(seed)
     batches = {}
     with tarfile.open(path, "w:gz") as tar:
         def add(name, obj):
             raw = extra.get(name, None) if extra else None
-            raw = raw if raw is not None else pickle.dumps(obj, protocol=2)
+            raw = raw if raw is not None else py2_dumps(obj)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
