@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 RUN groupadd --gid 10001 kdm \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin kdm \
+ && mkdir -p /var/lib/kdm/data && chown kdm:kdm /var/lib/kdm/data \
  && python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
@@ -27,7 +28,8 @@ RUN pip install ".[metrics]" \
  && rm -rf build *.egg-info \
  && chown -R kdm:kdm /opt/kdm
 
-# PREFECT_API_URL (http://prefect-server:4200/api), AWS_* and KDM_ROOT come from docker/compose.yaml.
+# PREFECT_API_URL (http://prefect-server:4200/api), AWS_* and KDM_ROOT come from docker/compose.yaml;
+# KDM_DATA_DIR (named datasets, /var/lib/kdm/data: the volume kdm-data, owned by the worker user) too.
 ENV KDM_REPO=/opt/kdm \
     PREFECT_HOME=/home/kdm/.prefect \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \

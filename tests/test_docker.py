@@ -93,6 +93,10 @@ def test_workers(compose):
     devices = s["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert "deploy" not in s["worker-cpu"]
+    # the dataset stage runs on the CPU worker: its data directory (named datasets) outlives the container
+    data_dir = _env(s["worker-cpu"])["KDM_DATA_DIR"]
+    assert f"kdm-data:{data_dir}" in s["worker-cpu"]["volumes"] and "kdm-data" in compose["volumes"]
+    assert f"mkdir -p {data_dir} && chown kdm:kdm {data_dir}" in (DOCKER / "worker-cpu.Dockerfile").read_text()
 
 
 def test_no_literal_secrets(compose):
