@@ -8,7 +8,7 @@ student -> evaluation. ``preset`` names the recipe every field the user did not 
 | preset | teacher | pairs | student | device |
 |---|---|---|---|---|
 | ``full`` | cifar10-edm (EDM's recipe, 390,625 steps x 512) | 1,000,000 + 50,000 held out, Heun 18 steps (35 NFE) | cifar10-uncond / -cond, 800k steps x 128 (the paper's), lpips-own | cuda |
-| ``mini`` | cifar10-mini (2k steps x 256) | 20,000 + 5,000 held out, 35 NFE | 64 channels, 1 block, lpips-own, no D, 3k steps x 256, bf16 | cuda |
+| ``mini`` | cifar10-mini (1.5k steps x 256) | 20,000 + 5,000 held out, 35 NFE | 64 channels, 1 block, lpips-own, no D, 3k steps x 256, bf16 | cuda |
 | ``smoke`` | 8-channel U-Net, 20 steps | 64 + 32 held out, 35 NFE | 8-channel U-Nets, 20 steps | cpu |
 
 Override semantics (``DistillImageConfig.model_validate``): the input is deep-merged onto the named
@@ -144,7 +144,7 @@ TEACHER_FULL = EDMTeacherTrainConfig(
     ema_rampup_ratio=0.05, precision="bf16", checkpoint_every=10_000, log_every=500)
 TEACHER_MINI = EDMTeacherTrainConfig(
     preset="cifar10-mini", unet=_unet(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2, dropout=0.10),
-    xflip=True, batch_size=256, steps=2000, lr=1e-3, lr_rampup_images=500_000, ema_halflife_images=100_000,
+    xflip=True, batch_size=256, steps=1500, lr=1e-3, lr_rampup_images=500_000, ema_halflife_images=100_000,
     ema_rampup_ratio=0.05, precision="bf16", checkpoint_every=500, log_every=100)
 SMOKE_UNET = dict(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,), dropout=0.0)
 TEACHER_SMOKE = EDMTeacherTrainConfig(
