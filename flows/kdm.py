@@ -34,7 +34,6 @@ from typing import Literal, Optional, Union
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact, update_progress_artifact)
-
 from prefect.states import Failed
 
 from pipeline import access, recipes, stages

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from pipeline.cli.common import add_command as add, summary
@@ -47,7 +48,6 @@ def cmd_distill(a) -> None:
                 f"{len(plan['stages'])} stages to do under {cfg.root}")
         return
     from pipeline.data import sources
-    import sys
     sources.ensure_dataset(cfg, progress=not a.quiet, log=lambda m: print(m, file=sys.stderr))
     res = stages.run_recipe(cfg, stages.StageContext(progress_bars=not a.quiet))
     print(recipes.RECIPES[cfg.recipe].report_parts(cfg, res)["table_text"])
