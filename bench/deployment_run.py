@@ -124,6 +124,8 @@ def main() -> int:
         run_s = round(time.time() - t_run, 1)
         line = next((ln for ln in out.splitlines() if "UUID:" in ln), "")
         run_id = line.split("UUID:")[-1].strip()
+        if not run_id:
+            raise SystemExit(f"prefect deployment run printed no flow run id:\n{out[-3000:]}")
         parent = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
         children = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {
             "any_": [run_id]}}, "limit": 200}, timeout=30).json()

@@ -45,6 +45,7 @@ from storage_schemas import (DistillCheckerboardConfig, Eval2DConfig, FilterConf
 from storage_schemas.distill_image import (Device, DistillImageConfig, ExtractorStageConfig, ImageDatasetStageConfig,
                                            ImageEvalStageConfig, ImagePairsStageConfig, ImageStudentStageConfig)
 from storage_schemas.filter_images import ImageFilterConfig
+from storage_schemas.perceptual import PerceptualStageConfig
 from storage_schemas.recipes import PresetName, RecipeName, StageRequest
 from storage_schemas.teacher import EDMTeacherTrainConfig
 
@@ -142,7 +143,7 @@ def kdm(recipe: Optional[RecipeName] = None,
         preset: Optional[PresetName] = None, conditional: Optional[bool] = None, root: Optional[str] = None,
         device: Optional[Device] = None, gpus: Optional[int] = None,
         dataset: Optional[ImageDatasetStageConfig] = None, extractor: Optional[ExtractorStageConfig] = None,
-        teacher_uri: Optional[str] = None,
+        perceptual: Optional[PerceptualStageConfig] = None, teacher_uri: Optional[str] = None,
         teacher: Optional[Union[EDMTeacherTrainConfig, TeacherTrainConfig]] = None,
         source: Optional[Literal["teacher", "import"]] = None, import_uri: Optional[str] = None,
         import_config: Optional[PairsImportConfig] = None,
@@ -154,7 +155,7 @@ def kdm(recipe: Optional[RecipeName] = None,
     default checkerboard) and publish the report. Relative paths resolve against the repository."""
     cfg = recipes.build_config(config, recipe=recipe, preset=preset, conditional=conditional, root=root,
                                device=device, gpus=gpus, dataset=dataset, extractor=extractor,
-                               teacher_uri=teacher_uri, teacher=teacher, source=source, import_uri=import_uri,
+                               perceptual=perceptual, teacher_uri=teacher_uri, teacher=teacher, source=source, import_uri=import_uri,
                                import_config=import_config, pairs=pairs, filter=filter, student=student,
                                evaluation=evaluation)
     cfg = stages.resolve_paths(cfg, REPO)
