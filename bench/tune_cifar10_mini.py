@@ -23,7 +23,8 @@ A configuration already in ``OUT/tune.jsonl`` (same name and same settings) is n
 sweep continues where it stopped. The knobs of a configuration (``Config``): distance (pseudo-huber |
 lpips-own), adv_weight (0 = no discriminator), ema (None: 1 - 10 / steps clipped to [0.9, 0.999], the mini
 benchmark's rule), lr, batch, operator (linear = KDM | factorized = KDM-F with the unit-disk-uniform
-spectral loss), channels (U-Net model_channels), blocks, pseudo_huber_c, precision.
+spectral loss), channels (U-Net model_channels), blocks, pseudo_huber_c, precision, adv_start / adv_rampup (the
+adversarial schedule, fractions of the steps).
 
 End-to-end budget (issue: the mini pipeline within 10 minutes on one GPU): a row records the student's and
 the evaluation's seconds and, for ``lpips-own``, the perceptual network's training seconds (a one-time stage
@@ -55,6 +56,8 @@ class Config:
     name: str
     distance: str = "pseudo-huber"
     adv_weight: float = 0.0
+    adv_start: float = 0.0
+    adv_rampup: float = 0.0
     ema: Optional[float] = None
     lr: float = 4e-4
     batch: int = 256
@@ -78,6 +81,7 @@ def _grid() -> list[Config]:
         Config("own-adv0.01", adv_weight=0.01, **own),
         Config("own-adv0.05", adv_weight=0.05, **own),
         Config("own-adv0.1", adv_weight=0.1, **own),
+        Config("own-adv0.005-late", adv_weight=0.005, adv_start=0.5, adv_rampup=0.2, **own),
         Config("own-ema0.98", ema=0.98, **own),
         Config("own-ema0.995", ema=0.995, **own),
         Config("own-lr2e-4", lr=2e-4, **own),
@@ -122,7 +126,8 @@ def model_and_train(c: Config, steps: int, seed: int, device_kind: str, perceptu
     from storage_schemas.kdm_image import ImageTrainConfig, KDMImageConfig, image_preset
     base = image_preset("cifar10-uncond-f" if c.operator == "factorized" else "cifar10-uncond").model_dump()
     base["unet"].update(model_channels=c.channels, num_blocks=c.blocks)
-    base.update(distance=c.distance, adv_weight=c.adv_weight, pseudo_huber_c=c.pseudo_huber_c)
+    base.update(distance=c.distance, adv_weight=c.adv_weight, adv_start=c.adv_start, adv_rampup=c.adv_rampup,
+                pseudo_huber_c=c.pseudo_huber_c)
     model = KDMImageConfig.model_validate(base)
     ema = c.ema if c.ema is not None else min(0.999, max(0.9, 1 - 10 / steps))
     train = ImageTrainConfig(steps=steps, batch_size=c.batch, lr=c.lr, ema_decay=ema,

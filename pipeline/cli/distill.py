@@ -56,6 +56,8 @@ def cmd_distill(a) -> None:
         summary(f"distilled: student {res['student']['version']}, {ev['metric_names']['fd']} teacher "
                 f"{ev['fd_teacher']:.4g} student {ev['fd_student']:.4g} (ratio {ev['fd_ratio']:.3f}), MSE "
                 f"{ev['mse']:.4g}, report {ev['report']}; dataset: {res['dataset'].get('source', 'source not recorded')}")
+        if ev.get("notes", {}).get("collapse"):
+            print(f"warning: student {ev['notes']['collapse']}", file=sys.stderr)
     else:
         summary(f"distilled: student {res['student']['version']}, report {ev['report']}")
 
@@ -97,6 +99,8 @@ def cmd_evaluate_image(a) -> None:
             f"{s['fd_ratio']:.3f}), MSE {s['mse']:.4g} on {m.num_samples} held-out seeds -> {a.out}"
             + (" (already there)" if existed else "")
             + f"; dataset: {m.notes.get('dataset_source', 'source not recorded')}")
+    if m.notes.get("collapse"):
+        print(f"warning: student {m.notes['collapse']}", file=sys.stderr)
 
 
 def add_evaluate_options(sp) -> None:
