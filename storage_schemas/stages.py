@@ -35,6 +35,25 @@ class PairsGenerateConfig(Strict):
         return self
 
 
+def _field(field: Optional[str], value: Optional[str] = None) -> str:
+    return " ".join(x for x in (field, None if value is None else repr(value)) if x)
+
+
+def import_options_problem(fmt: str, order: Optional[str], noise_scale: Optional[float],
+                           name=_field) -> Optional[str]:
+    """What is wrong with the per-format options of an import, or None. ``name(field, value=None)`` spells a
+    field (and its value) as the caller's user knows it: config fields by default, the CLI passes its flags."""
+    if fmt == "kdm-npz" and order is None:
+        return (f"{name('format', 'kdm-npz')} needs {name('order')}: {name(None, 'xT-first')} (the official CIFAR-10 "
+                f"unconditional training set) or {name(None, 'x0-first')} (conditional CIFAR-10, FFHQ, AFHQv2, the "
+                f"test sets)")
+    if fmt != "kdm-npz" and order is not None:
+        return f"{name('order')} applies to {name('format', 'kdm-npz')} only, not {name(None, fmt)}"
+    if fmt == "kdm-trajectories" and noise_scale is not None:
+        return f"{name('noise_scale')} applies to the image formats (kdm-npz, get-pt, npz), not kdm-trajectories"
+    return None
+
+
 class PairsImportConfig(Strict):
     """Import of external pairs (pipeline/pairs/importer.py describes the formats).
 
@@ -55,13 +74,9 @@ class PairsImportConfig(Strict):
 
     @model_validator(mode="after")
     def _format_options(self) -> "PairsImportConfig":
-        if self.format == "kdm-npz" and self.order is None:
-            raise ValueError("format 'kdm-npz' needs order: 'xT-first' (official CIFAR-10 unconditional "
-                             "training set) or 'x0-first' (conditional CIFAR-10, FFHQ, AFHQv2, test sets)")
-        if self.format != "kdm-npz" and self.order is not None:
-            raise ValueError(f"order applies to format 'kdm-npz' only, not {self.format!r}")
-        if self.format == "kdm-trajectories" and self.noise_scale is not None:
-            raise ValueError("noise_scale applies to the image formats (kdm-npz, get-pt, npz) only")
+        problem = import_options_problem(self.format, self.order, self.noise_scale)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_serializer(mode="wrap")

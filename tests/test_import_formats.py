@@ -86,7 +86,7 @@ def test_kdm_npz_conditional_with_holdout(tmp_path):
 
 
 def test_kdm_npz_options_and_errors(tmp_path):
-    with pytest.raises(ValidationError, match="needs order"):
+    with pytest.raises(ValidationError, match="needs order: .xT-first."):
         cfg("kdm-npz")
     with pytest.raises(ValidationError, match="applies to format .kdm-npz. only"):
         cfg("get-pt", order="x0-first")

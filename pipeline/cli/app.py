@@ -65,17 +65,20 @@ IMPORT_FORMATS = {
 }
 
 
+def _flag(field, value=None) -> str:
+    """A config field (and value) as the kdm pairs import command line spells it."""
+    text = "--" + field.replace("_", "-") if field else ""
+    return f"{text} {value}".strip() if value is not None else text
+
+
 def cmd_pairs_import(a) -> None:
     if a.format not in IMPORT_FORMATS:
         raise KDMError(f"--format {a.format!r} is not a known import format; formats: {', '.join(IMPORT_FORMATS)} "
                        f"(kdm pairs import --help describes them)")
-    if a.format == "kdm-npz" and a.order is None:
-        raise KDMError("--format kdm-npz needs --order: xT-first (the official CIFAR-10 unconditional training set) "
-                       "or x0-first (conditional CIFAR-10, FFHQ, AFHQv2, the test sets)")
-    if a.format != "kdm-npz" and a.order is not None:
-        raise KDMError(f"--order applies to --format kdm-npz only, not {a.format}")
-    if a.format == "kdm-trajectories" and a.noise_scale is not None:
-        raise KDMError("--noise-scale applies to the image formats (kdm-npz, get-pt, npz), not kdm-trajectories")
+    from storage_schemas.stages import import_options_problem
+    problem = import_options_problem(a.format, a.order, a.noise_scale, name=_flag)
+    if problem:
+        raise KDMError(problem)
     cfg = pairs_import_config(a, "pairs import options", order=a.order, noise_scale=a.noise_scale)
     require_local_input(a.src, "source")
     from pipeline.pairs import importer
