@@ -90,7 +90,7 @@ def _read_error(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "checksum" in text.lower():
         return "its crc32c checksum does not match: the file was altered or truncated"
-    return text[:120]
+    return artifacts.short(text, 120)
 
 
 def chunk_digest(rows: np.ndarray) -> str:
@@ -130,6 +130,9 @@ def scan(group: zarr.Group, names: Optional[Iterable[str]] = None,
             try:
                 b = _le(a[s:s + rows])
             except Exception as e:   # crc32c mismatch, truncated chunk
+                transport = artifacts.transport_error(f"{group.store_path}: array '{name}', chunk {s // rows}", e)
+                if transport is not None:
+                    raise transport from None
                 if not tolerant:
                     raise DataCorrupt(f"{group.store_path}: array '{name}', chunk {s // rows} cannot be read "
                                       f"({_read_error(e)})") from None
@@ -296,6 +299,9 @@ class PairStore:
         try:
             data = a[c * rows:(c + 1) * rows]
         except Exception as e:   # zarr's crc32c check, a truncated or undecodable chunk, a failed read
+            transport = artifacts.transport_error(self._where(name, c), e)
+            if transport is not None:     # the store was not reached: not damage
+                raise transport from None
             raise DataCorrupt(f"{self._where(name, c)} cannot be read ({_read_error(e)}); {DAMAGED_HINT}") from None
         self.check_chunk(name, c, data)
         return data

@@ -10,6 +10,8 @@ remote (``s3://bucket/prefix/students/<version>``) this mirror keeps ``<url>.par
 A run restarted anywhere pulls the config, the metrics log and the newest complete checkpoint into a
 fresh local directory and resumes from it. When training ends the weights and ``manifest.json`` (last)
 are pushed and ``pipeline.storage.artifacts.commit`` copies ``.partial`` to the final URL, the manifest last.
+Every upload is verified (``artifacts.put_file``: the size and sha256 the store holds), so a store that keeps a
+short body never gets a manifest naming it.
 
 Credentials and endpoints reach the file system only through the standard environment (see
 ``pipeline.storage.artifacts.url_to_fs``); nothing here logs them.
@@ -42,7 +44,7 @@ class RunMirror:
         return "/".join([self.path.rstrip("/"), *parts])
 
     def _put(self, local: Path, *parts: str) -> None:
-        self.fs.put_file(str(local), self._remote(*parts))
+        artifacts.put_file(self.fs, local, self._remote(*parts), artifacts.join(self.url, *parts))
 
     def complete_checkpoints(self) -> list[str]:
         """Names (``step-NNNNNNNN``) of the complete remote checkpoints, oldest first."""
