@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pipeline.errors import KDMError
 from pipeline.storage import artifacts
 from pipeline.storage.checkpoints import CKPT_DIR, METRICS_FILE, STATE_FILE, checkpoint_problem, log
 
@@ -57,7 +58,19 @@ class RunMirror:
 
     def pull(self, run: Path) -> Optional[int]:
         """Download the run files and the newest complete checkpoint into the local directory ``run``;
-        returns that checkpoint's step (None when the remote run has none)."""
+        returns that checkpoint's step (None when the remote run has none). A transport or permission error
+        is a KDMError that says so (the remote run is intact: rerun)."""
+        try:
+            return self._pull(run)
+        except KDMError:
+            raise
+        except Exception as e:
+            err = artifacts.transport_error(self.url, e)
+            if err is None:
+                raise
+            raise err from None
+
+    def _pull(self, run: Path) -> Optional[int]:
         run.mkdir(parents=True, exist_ok=True)
         self.fs.invalidate_cache(self.path)
         for name in self.run_files:
