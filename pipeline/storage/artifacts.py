@@ -31,6 +31,20 @@ CKPT_DIR = "checkpoints"          # a training run's checkpoints (pipeline.stora
 METRICS_FILE = "metrics.jsonl"    # a training run's metrics log
 
 
+IO_WORKERS = max(1, int(os.environ.get("KDM_IO_WORKERS", "8")))   # requests in flight at once on an object store
+
+
+def io_map(fn, items, remote: bool = True) -> list:
+    """``[fn(x) for x in items]``, on an object store (``remote``) with up to IO_WORKERS calls at a time (the
+    first exception, in item order, is raised); serial on local disks."""
+    items = list(items)
+    if not remote or len(items) < 2 or IO_WORKERS == 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(IO_WORKERS, len(items)), thread_name_prefix="kdm-io") as ex:
+        return list(ex.map(fn, items))
+
+
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The file system and path of ``url``. Remote credentials and endpoints come from the environment
     (for s3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL[_S3], read by botocore)."""
@@ -356,12 +370,15 @@ def _commit_remote(fs, url: str, tmp: str, src: str, dst: str, markers: tuple[st
             raise KDMError(f"committing {url}: the copy of {r} holds {held.get(r, 'no')} bytes, {tmp} holds "
                            f"{sizes[r]}; the object store damaged the copy: rerun (the commit is finished from "
                            f"{tmp})")
-    for r in rels[len(data):]:
-        fs.copy(f"{src}/{r}", f"{dst}/{r}")
-        problem = stored_problem(fs, f"{dst}/{r}", sizes[r])
-        if problem is not None:
-            raise KDMError(f"committing {url}: the copy of {r} is damaged ({problem}); rerun (the commit is "
-                           f"finished from {tmp})")
+    marks = rels[len(data):]
+    for depth in sorted({r.count("/") for r in marks}, reverse=True):   # deepest first, the root's last
+        level = [r for r in marks if r.count("/") == depth]
+        io_map(lambda r: fs.copy(f"{src}/{r}", f"{dst}/{r}"), level)
+        for r in level:
+            problem = stored_problem(fs, f"{dst}/{r}", sizes[r])
+            if problem is not None:
+                raise KDMError(f"committing {url}: the copy of {r} is damaged ({problem}); rerun (the commit is "
+                               f"finished from {tmp})")
     fs.rm(src, recursive=True)
     fs.invalidate_cache()
 

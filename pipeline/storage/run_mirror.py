@@ -83,8 +83,10 @@ class RunMirror:
             pending.mkdir(parents=True)
             src = self._remote(CKPT_DIR, name)
             files = [f.rsplit("/", 1)[-1] for f in self.fs.find(src)]
-            for f in sorted(files, key=lambda f: f == STATE_FILE):       # state.json last
-                self.fs.get_file(f"{src}/{f}", str(pending / f))
+            artifacts.io_map(lambda f: self.fs.get_file(f"{src}/{f}", str(pending / f)),
+                             [f for f in files if f != STATE_FILE])
+            if STATE_FILE in files:
+                self.fs.get_file(f"{src}/{STATE_FILE}", str(pending / STATE_FILE))
             problem = checkpoint_problem(pending)
             if problem is not None:      # set aside remotely (out of resuming and pruning), try the previous one
                 shutil.rmtree(pending)
@@ -108,9 +110,10 @@ class RunMirror:
         for name in self.run_files:
             if (run / name).exists():
                 self._put(run / name, name)
-        files = sorted((p for p in ck.iterdir() if p.is_file()), key=lambda p: (p.name == STATE_FILE, p.name))
-        for p in files:
-            self._put(p, CKPT_DIR, ck.name, p.name)
+        files = sorted(p for p in ck.iterdir() if p.is_file() and p.name != STATE_FILE)
+        artifacts.io_map(lambda p: self._put(p, CKPT_DIR, ck.name, p.name), files)   # several at a time
+        if (ck / STATE_FILE).is_file():
+            self._put(ck / STATE_FILE, CKPT_DIR, ck.name, STATE_FILE)                 # state.json last
         done = self.complete_checkpoints()
         for name in done[:-keep]:
             self.fs.rm(self._remote(CKPT_DIR, name), recursive=True)
