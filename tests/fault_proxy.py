@@ -40,15 +40,17 @@ class Fault:
     method: Optional[str] = None      # e.g. "PUT"; None: any
     key: str = ""                     # a substring of the request's object path ("" matches every request)
     times: Optional[int] = 1          # how many matching requests it hits; None: every one until removed
+    copy: Optional[bool] = None       # True: only server-side copies (x-amz-copy-source); False: no copies
     seconds: float = 0.0              # latency
     fn: Optional[Callable[[], None]] = None   # call
     hits: int = 0
     hit_paths: list = field(default_factory=list)
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, copy: bool) -> bool:
         if self.times is not None and self.hits >= self.times:
             return False
-        return (self.method is None or self.method == method) and self.key in path
+        return ((self.method is None or self.method == method) and self.key in path
+                and (self.copy is None or self.copy == copy))
 
 
 class FaultProxy:
@@ -88,11 +90,11 @@ class FaultProxy:
         with self.lock:
             self.faults.clear()
 
-    def _take(self, method: str, path: str) -> Optional[Fault]:
+    def _take(self, method: str, path: str, copy: bool = False) -> Optional[Fault]:
         with self.lock:
             self.requests.append((method, path))
             for f in self.faults:
-                if f.matches(method, path):
+                if f.matches(method, path, copy):
                     f.hits += 1
                     f.hit_paths.append(path)
                     return f
@@ -102,7 +104,7 @@ class FaultProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path)
-        fault = self._take(h.command, path)
+        fault = self._take(h.command, path, "x-amz-copy-source" in {k.lower() for k in h.headers.keys()})
         action = fault.action if fault else None
         if action == "call":
             fault.fn()

@@ -217,6 +217,30 @@ def test_foreign_data_and_an_unfinished_commit_of_another_version_are_refused_na
     assert PairStore.open(out).version == v and PairStore.open(out).verify() > 0
 
 
+def test_a_flow_stage_whose_commit_was_cut_is_finished_by_its_rerun(s3, local):
+    """The checkerboard evaluation stage (report.json is its marker) with an S3 root: the copy of report.json
+    fails for good; the stage's rerun commits it."""
+    from pipeline import stages
+    from pipeline.recipes.checkerboard import Evaluation2D
+    from storage_schemas import Eval2DConfig
+    fs, proxy = s3
+    cfg = presets.load("distill", "smoke", sets=[f"root={url('flowroot')}"]).model_copy(
+        update={"evaluation": Eval2DConfig(num_samples=50, swd_projections=8, plots=True)})
+    inputs = {"student": local["student"], "filter": local["pairs"]}
+    proxy.add("error500", method="PUT", key="/flowroot/evaluations/", copy=True, times=None)
+    with pytest.raises(KDMError, match=r"committing s3://kdm-faults/flowroot/evaluations/\S+ failed with a transport "
+                                       r"error: .*the rerun of the same command finishes the commit"):
+        stages.run_stage(Evaluation2D(), cfg, inputs, stages.StageContext(progress_bars=False))
+    proxy.clear()
+    ev = stages.run_stage(Evaluation2D(), cfg, inputs, stages.StageContext(progress_bars=False))
+    rel = ev["uri"].removeprefix(f"s3://{BUCKET}/")
+    assert ev["skipped"] is False and {"report.json", "samples.png"} <= set(keys(fs, rel))
+    assert keys(fs, rel + ".partial") == []
+    assert json.loads(fs.cat(f"{BUCKET}/{rel}/report.json"))["student_version"] == \
+        train.read_student_manifest(local["student"]).version
+    assert stages.run_stage(Evaluation2D(), cfg, inputs, stages.StageContext(progress_bars=False))["skipped"] is True
+
+
 # --- 3. kdm evaluate --out s3://... -------------------------------------------------------------------------
 
 def test_evaluate_writes_to_s3_and_keeps_another_students_report(s3, local, tmp_path, monkeypatch, capsys):
@@ -243,6 +267,20 @@ def test_evaluate_writes_to_s3_and_keeps_another_students_report(s3, local, tmp_
         assert "choose another --out (it is kept)" in err
     assert json.loads(fs.cat(f"{BUCKET}/ev/c/report.json"))["student_version"] == "another-student"
     assert keys(fs, "ev/c") == ["report.json"]
+
+
+def test_sample_writes_to_s3(s3, local, tmp_path, monkeypatch, capsys):
+    fs, _ = s3
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", "--student", local["student"], "--num", "7", "--seed", "3"]
+    assert main(args + ["--out", url("samples", "a")]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip().endswith(f"to {url('samples', 'a.npy')}")
+    x = np.load(io.BytesIO(fs.cat(f"{BUCKET}/samples/a.npy")))
+    assert x.shape == (7, 2) and list(tmp_path.iterdir()) == []
+    assert main(args + ["--out", url("samples", "a.npy")]) == 0                       # the same samples: kept
+    assert "already holds these 7 one-step samples" in capsys.readouterr().out
+    assert main(args[:-1] + ["4", "--out", url("samples", "a.npy")]) == 1              # other samples: refused
+    assert "holds other data than these samples; choose another --out (it is kept)" in capsys.readouterr().err
 
 
 # --- 4. transport errors are not damage --------------------------------------------------------------------

@@ -188,21 +188,29 @@ def cmd_sample(a) -> None:
     if a.num is not None and a.num < 1:
         raise KDMError(f"--num must be at least 1, got {a.num}")
     require_local_input(a.student, "student")
-    out = Path(a.out)
-    if out.is_dir():
-        raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
-    if out.suffix != ".npy":
-        out = out.with_name(out.name + ".npy")     # what np.save writes
+    from pipeline.storage import artifacts
+    remote = not artifacts.is_local(a.out)      # --out is a URL: a local path or e.g. s3://bucket/samples.npy
+    if remote:
+        out = a.out if a.out.endswith(".npy") else a.out + ".npy"
+        if a.out.endswith("/"):
+            raise KDMError(f"--out {a.out} is a directory; give a file name such as {a.out}samples.npy")
+    else:
+        out = Path(a.out)
+        if out.is_dir():
+            raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
+        if out.suffix != ".npy":
+            out = out.with_name(out.name + ".npy")     # what np.save writes
     from pipeline.storage.manifests import read_student_manifest
     read_student_manifest(a.student)              # before torch: not a finished student run fails fast
     if a.noise is None and (a.num is None or a.seed is None):
         raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
+    import io
     import numpy as np
     from pipeline.evaluation import sample
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
-    if out.exists():           # samples are a function of (student, seed, num / noise): keep what differs
+    if artifacts.exists(str(out)):  # samples are a function of (student, seed, num / noise): keep what differs
         try:
-            same = np.array_equal(np.load(out, allow_pickle=False), x0)
+            same = np.array_equal(np.load(io.BytesIO(artifacts.read_bytes(str(out))), allow_pickle=False), x0)
         except (OSError, ValueError):
             same = False
         if not same:
@@ -210,8 +218,13 @@ def cmd_sample(a) -> None:
                            f"(it is kept)")
         summary(f"{out} already holds these {len(x0)} one-step samples {tuple(x0.shape)}")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, x0)
+    if remote:
+        buf = io.BytesIO()
+        np.save(buf, x0)
+        artifacts.write_bytes(out, buf.getvalue())
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x0)
     summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {out}")
 
 
