@@ -332,6 +332,11 @@ def test_the_proxy_answers_s3_errors_and_adds_latency(s3):
     with pytest.raises(KDMError, match=r"reading s3://kdm-faults/p/x failed with a transport error: .*internal "
                                        r"error.*rerun"):
         artifacts.read_bytes(url("p", "x"))
+    proxy.clear()
+    proxy.add("error500", method="PUT", key="/p/y", times=None)
+    with pytest.raises(KDMError, match=r"writing s3://kdm-faults/p/y failed with a transport error: .*internal "
+                                       r"error.*rerun"):
+        artifacts.write_bytes(url("p", "y"), b"data")
 
 
 def test_import_is_unchanged_by_slowdowns_and_resets(s3, traj):

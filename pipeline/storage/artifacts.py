@@ -84,10 +84,15 @@ def write_bytes(url: str, data: bytes) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     for attempt in range(UPLOAD_ATTEMPTS):
-        with fs.open(path, "wb") as f:
-            f.write(data)
         if is_local(url):
+            with fs.open(path, "wb") as f:
+                f.write(data)
             return
+        try:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+        except Exception as e:
+            raise _remote_write_error(url, e) from None
         problem = stored_problem(fs, path, len(data), sha256_bytes(data))
         if problem is None:
             return
@@ -101,12 +106,20 @@ def put_file(fs, local: str | Path, path: str, url: Optional[str] = None) -> Non
     local = Path(local)
     size, digest = local.stat().st_size, _sha256_local(local)
     for attempt in range(UPLOAD_ATTEMPTS):
-        fs.put_file(str(local), path)
+        try:
+            fs.put_file(str(local), path)
+        except Exception as e:
+            raise _remote_write_error(url or fs.unstrip_protocol(path), e) from None
         problem = stored_problem(fs, path, size, digest)
         if problem is None:
             return
         log.warning("upload of %s to %s was damaged (%s); sending it again", local, path, problem)
     raise damaged_upload(url or fs.unstrip_protocol(path), problem)
+
+
+def _remote_write_error(url: str, e: Exception) -> Exception:
+    """A transport or permission error while writing ``url`` as such (KDMError); anything else unchanged."""
+    return transport_error(url, e, "writing") or e
 
 
 def _sha256_local(path: Path) -> str:

@@ -151,7 +151,8 @@ def scan(group: zarr.Group, names: Optional[Iterable[str]] = None,
                    for r in zip(starts[w:w + window], artifacts.io_map(read, starts[w:w + window], _remote(group))))
         for s, (b, e) in results:
             if e is not None:
-                transport = artifacts.transport_error(f"{group.store_path}: array '{name}', chunk {s // rows}", e)
+                where = f"{group.store_path}: array '{name}', chunk {s // rows}"
+                transport = artifacts.transport_error(where, e) if _remote(group) else None
                 if transport is not None:
                     raise transport from None
                 if not tolerant:
@@ -320,7 +321,7 @@ class PairStore:
         try:
             data = a[c * rows:(c + 1) * rows]
         except Exception as e:   # zarr's crc32c check, a truncated or undecodable chunk, a failed read
-            transport = artifacts.transport_error(self._where(name, c), e)
+            transport = None if artifacts.is_local(self.url) else artifacts.transport_error(self._where(name, c), e)
             if transport is not None:     # the store was not reached: not damage
                 raise transport from None
             raise DataCorrupt(f"{self._where(name, c)} cannot be read ({_read_error(e)}); {DAMAGED_HINT}") from None
