@@ -192,6 +192,22 @@ def test_train_commit_cut_by_a_permanent_error_is_finished_by_the_rerun(s3, loca
     assert m.weights_sha256 == train.read_student_manifest(local["student"]).weights_sha256
 
 
+def test_generate_commit_cut_by_a_permanent_error_is_finished_by_the_rerun(s3, local):
+    fs, proxy = s3
+    cfg = PairsGenerateConfig(seeds=SeedRange(start=0, stop=200), heldout_seeds=SeedRange(start=1000, stop=1050),
+                              sampler=SamplerSettings(method="euler", steps=2), chunk_size=100)
+    out = url("pairs", "gen-cut")
+    proxy.add("error500", method="PUT", key="/pairs/gen-cut/heldout/zarr.json", copy=True, times=None)
+    with pytest.raises(KDMError, match="the rerun of the same command finishes the commit"):
+        generate.generate_pairs(local["teacher"], cfg, out, progress=False)
+    assert any("/c/" in k for k in keys(fs, "pairs/gen-cut")) and "zarr.json" not in keys(fs, "pairs/gen-cut")
+    proxy.clear()
+    v = generate.generate_pairs(local["teacher"], cfg, out, progress=False)
+    store = PairStore.open(out)
+    assert store.version == v and store.verify() > 0 and len(store.heldout()) == 50
+    assert keys(fs, "pairs/gen-cut.partial") == []
+
+
 def test_foreign_data_and_an_unfinished_commit_of_another_version_are_refused_naming_what_to_delete(s3, traj):
     fs, proxy = s3
     fs.pipe(f"{BUCKET}/pairs/foreign/notes.txt", b"not kdm")
