@@ -191,21 +191,29 @@ def cmd_sample(a) -> None:
     if a.num is not None and a.num < 1:
         raise KDMError(f"--num must be at least 1, got {a.num}")
     require_local_input(a.student, "student")
-    out = Path(a.out)
-    if out.is_dir():
-        raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
-    if out.suffix != ".npy":
-        out = out.with_name(out.name + ".npy")     # what np.save writes
+    from pipeline.storage import artifacts
+    remote = not artifacts.is_local(a.out)      # --out is a URL: a local path or e.g. s3://bucket/samples.npy
+    if remote:
+        out = a.out if a.out.endswith(".npy") else a.out + ".npy"
+        if a.out.endswith("/"):
+            raise KDMError(f"--out {a.out} is a directory; give a file name such as {a.out}samples.npy")
+    else:
+        out = Path(a.out)
+        if out.is_dir():
+            raise KDMError(f"--out {a.out} is a directory; give a file name such as {out / 'samples.npy'}")
+        if out.suffix != ".npy":
+            out = out.with_name(out.name + ".npy")     # what np.save writes
     from pipeline.storage.manifests import read_student_manifest
     read_student_manifest(a.student)              # before torch: not a finished student run fails fast
     if a.noise is None and (a.num is None or a.seed is None):
         raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
+    import io
     import numpy as np
     from pipeline.evaluation import sample
     x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
-    if out.exists():           # samples are a function of (student, seed, num / noise): keep what differs
+    if artifacts.exists(str(out)):  # samples are a function of (student, seed, num / noise): keep what differs
         try:
-            same = np.array_equal(np.load(out, allow_pickle=False), x0)
+            same = np.array_equal(np.load(io.BytesIO(artifacts.read_bytes(str(out))), allow_pickle=False), x0)
         except (OSError, ValueError):
             same = False
         if not same:
@@ -213,8 +221,13 @@ def cmd_sample(a) -> None:
                            f"(it is kept)")
         summary(f"{out} already holds these {len(x0)} one-step samples {tuple(x0.shape)}")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, x0)
+    if remote:
+        buf = io.BytesIO()
+        np.save(buf, x0)
+        artifacts.write_bytes(out, buf.getvalue())
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x0)
     summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {out}")
 
 
@@ -229,14 +242,18 @@ def cmd_evaluate(a) -> None:
     from pipeline.evaluation import evaluate2d as evaluate
     from pipeline import presets
     cfg = presets.validate(Eval2DConfig, presets.apply_sets({}, a.set), "evaluation options")
-    out = a.out
-    out_dir = str(Path(out).parent) if out.endswith(".json") else out
-    existing = Path(out) if out.endswith(".json") else Path(out_dir, evaluate.REPORT)
-    if existing.exists():      # a report is replaced only by the evaluation of the same student and pairs
+    out = a.out.rstrip("/")
+    # --out is a URL (a local path or e.g. s3://bucket/prefix): DIR, or DIR/NAME.json for the report's name
+    out_dir = out.rsplit("/", 1)[0] if out.endswith(".json") and "/" in out else ("." if out.endswith(".json") else out)
+    # a report is replaced only by the evaluation of the same student and pairs: --out's, and the report.json
+    # the evaluation writes beside the plots before it is renamed to --out's name
+    beside = artifacts.join(out_dir, evaluate.REPORT)
+    found = [u for u in dict.fromkeys([out if out.endswith(".json") else beside, beside]) if artifacts.exists(u)]
+    for existing in found:
         from pipeline.storage.pairstore import PairStore
         from pipeline.storage.manifests import read_student_manifest
         try:
-            old = evaluate.read_report(str(existing))
+            old = evaluate.read_report(existing)
         except (KDMError, ValueError) as e:
             raise KDMError(f"--out {existing} exists and is not an evaluation report ({e}); choose another --out") \
                 from None
@@ -244,17 +261,21 @@ def cmd_evaluate(a) -> None:
         if (old.student_version, old.pairs_version) != new:
             raise KDMError(f"--out {existing} holds the report of student {old.student_version} on pairs "
                            f"{old.pairs_version}, not of {new[0]} on {new[1]}; choose another --out (it is kept)")
-    created = not Path(out_dir).exists()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    local = artifacts.is_local(out_dir)
+    created = local and not artifacts.local_path(out_dir).exists()
+    if local:
+        artifacts.local_path(out_dir).mkdir(parents=True, exist_ok=True)
     try:
         report = evaluate.evaluate_student(a.student, a.pairs, cfg, out_dir)
     except Exception:
-        if created and not any(Path(out_dir).iterdir()):
-            Path(out_dir).rmdir()              # a failed evaluation leaves no empty --out behind
+        if created and not any(artifacts.local_path(out_dir).iterdir()):
+            artifacts.local_path(out_dir).rmdir()      # a failed evaluation leaves no empty --out behind
         raise
-    if out.endswith(".json") and Path(out).name != evaluate.REPORT:
+    if out.endswith(".json") and out.rsplit("/", 1)[-1] != evaluate.REPORT:
         artifacts.write_json(out, report)
-        Path(out_dir, evaluate.REPORT).unlink()
+        if beside not in found:                    # the same student's report.json that was there stays
+            fs, path = artifacts.url_to_fs(beside)
+            fs.rm(path)
     print(evaluate.format_table(evaluate.metrics_table(report)))
     s, t = report.student, report.teacher_reference
     summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "

@@ -371,6 +371,15 @@ def import_version(src: str, cfg: PairsImportConfig) -> str:
 
 # --- import --------------------------------------------------------------------------------------------
 
+def _chunks_per_write(out: str, chunk_size: int, sample_shape) -> int:
+    """Whole chunks per write: on an object store several (Zarr uploads a write's chunks at once), within
+    about 64 MiB of x_T and x_0; one on local disks."""
+    if artifacts.is_local(out):
+        return 1
+    row = 8 * int(np.prod(sample_shape, dtype=np.int64))
+    return int(max(1, min(artifacts.IO_WORKERS, (64 << 20) // max(1, chunk_size * row))))
+
+
 def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
     """Import ``src`` (format ``cfg.format``) into the pair store at ``out``; returns its version."""
     source_sha = None
@@ -401,12 +410,13 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
     nonfinite = {"train": 0, "heldout": 0}
     for split, url, idx in splits:          # root first: creating it would wipe an existing child
         group = pairstore.create_arrays(url, len(idx), source.sample_shape, c)
-        for s in range(0, len(idx), c):
-            x_T, x_0, lab = source.get(idx[s:s + c])
+        step = c * _chunks_per_write(out, c, source.sample_shape)
+        for s in range(0, len(idx), step):
+            x_T, x_0, lab = source.get(idx[s:s + step])
             nonfinite[split] += int((~(np.isfinite(np.reshape(x_T, (len(x_T), -1))).all(1)
                                        & np.isfinite(np.reshape(x_0, (len(x_0), -1))).all(1))).sum())
             pairstore.write_region(group, s, {"x_T": x_T, "x_0": x_0, "label": lab,
-                                              "seed": source.seeds(idx[s:s + c])})
+                                              "seed": source.seeds(idx[s:s + step])})
         groups.append((split, group))
     for split, group in reversed(groups):   # the root manifest is the last write
         pairstore.finalize(group, version=version if split == "train" else f"{version}-heldout", split=split,

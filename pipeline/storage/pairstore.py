@@ -72,15 +72,27 @@ def create_arrays(url: str, count: int, sample_shape: tuple[int, ...], chunk_siz
     return g
 
 
+def _remote(group: zarr.Group) -> bool:
+    return not isinstance(group.store, zarr.storage.LocalStore)
+
+
 def write_region(group: zarr.Group, start: int, data: dict[str, np.ndarray]) -> None:
+    """Write rows ``start:start + n`` of every array in ``data`` (on an object store, the arrays at once)."""
     n = None
+    arrays = {}
     for name, arr in data.items():
         arr = np.ascontiguousarray(arr, dtype=DTYPES[name])
         if n is None:
             n = arr.shape[0]
         elif arr.shape[0] != n:
             raise ValueError(f"region arrays disagree in length: {name} has {arr.shape[0]}, expected {n}")
+        arrays[name] = arr
+
+    def put(item) -> None:
+        name, arr = item
         group[name][start:start + n] = arr
+
+    artifacts.io_map(put, arrays.items(), _remote(group))
 
 
 UNREADABLE = "unreadable"
@@ -90,7 +102,7 @@ def _read_error(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "checksum" in text.lower():
         return "its crc32c checksum does not match: the file was altered or truncated"
-    return text[:120]
+    return artifacts.short(text, 120)
 
 
 def chunk_digest(rows: np.ndarray) -> str:
@@ -126,10 +138,23 @@ def scan(group: zarr.Group, names: Optional[Iterable[str]] = None,
         h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
         rows = max(1, int(a.chunks[0])) if a.chunks else 1
         out = digests[name] = []
-        for s in range(0, a.shape[0], rows):
+
+        def read(s: int, a=a, rows=rows):
             try:
-                b = _le(a[s:s + rows])
-            except Exception as e:   # crc32c mismatch, truncated chunk
+                return _le(a[s:s + rows]), None
+            except Exception as e:   # crc32c mismatch, truncated chunk, a failed request
+                return None, e
+
+        starts = list(range(0, a.shape[0], rows))
+        window = 2 * artifacts.IO_WORKERS if _remote(group) else 1     # chunks read at once, in order
+        results = (r for w in range(0, len(starts), window)
+                   for r in zip(starts[w:w + window], artifacts.io_map(read, starts[w:w + window], _remote(group))))
+        for s, (b, e) in results:
+            if e is not None:
+                where = f"{group.store_path}: array '{name}', chunk {s // rows}"
+                transport = artifacts.transport_error(where, e) if _remote(group) else None
+                if transport is not None:
+                    raise transport from None
                 if not tolerant:
                     raise DataCorrupt(f"{group.store_path}: array '{name}', chunk {s // rows} cannot be read "
                                       f"({_read_error(e)})") from None
@@ -296,6 +321,9 @@ class PairStore:
         try:
             data = a[c * rows:(c + 1) * rows]
         except Exception as e:   # zarr's crc32c check, a truncated or undecodable chunk, a failed read
+            transport = None if artifacts.is_local(self.url) else artifacts.transport_error(self._where(name, c), e)
+            if transport is not None:     # the store was not reached: not damage
+                raise transport from None
             raise DataCorrupt(f"{self._where(name, c)} cannot be read ({_read_error(e)}); {DAMAGED_HINT}") from None
         self.check_chunk(name, c, data)
         return data
@@ -309,7 +337,8 @@ class PairStore:
         if stop <= start:
             return np.zeros((0, *a.shape[1:]), a.dtype)
         rows = self.chunk_rows(name)
-        parts = [self.read_chunk(name, c) for c in range(start // rows, (stop - 1) // rows + 1)]
+        parts = artifacts.io_map(lambda c: self.read_chunk(name, c), range(start // rows, (stop - 1) // rows + 1),
+                                 not artifacts.is_local(self.url))
         first = (start // rows) * rows
         return np.concatenate(parts)[start - first:stop - first]
 

@@ -10,6 +10,8 @@ remote (``s3://bucket/prefix/students/<version>``) this mirror keeps ``<url>.par
 A run restarted anywhere pulls the config, the metrics log and the newest complete checkpoint into a
 fresh local directory and resumes from it. When training ends the weights and ``manifest.json`` (last)
 are pushed and ``pipeline.storage.artifacts.commit`` copies ``.partial`` to the final URL, the manifest last.
+Every upload is verified (``artifacts.put_file``: the size and sha256 the store holds), so a store that keeps a
+short body never gets a manifest naming it.
 
 Credentials and endpoints reach the file system only through the standard environment (see
 ``pipeline.storage.artifacts.url_to_fs``); nothing here logs them.
@@ -21,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pipeline.errors import KDMError
 from pipeline.storage import artifacts
 from pipeline.storage.checkpoints import CKPT_DIR, METRICS_FILE, STATE_FILE, checkpoint_problem, log
 
@@ -42,7 +45,7 @@ class RunMirror:
         return "/".join([self.path.rstrip("/"), *parts])
 
     def _put(self, local: Path, *parts: str) -> None:
-        self.fs.put_file(str(local), self._remote(*parts))
+        artifacts.put_file(self.fs, local, self._remote(*parts), artifacts.join(self.url, *parts))
 
     def complete_checkpoints(self) -> list[str]:
         """Names (``step-NNNNNNNN``) of the complete remote checkpoints, oldest first."""
@@ -55,7 +58,19 @@ class RunMirror:
 
     def pull(self, run: Path) -> Optional[int]:
         """Download the run files and the newest complete checkpoint into the local directory ``run``;
-        returns that checkpoint's step (None when the remote run has none)."""
+        returns that checkpoint's step (None when the remote run has none). A transport or permission error
+        is a KDMError that says so (the remote run is intact: rerun)."""
+        try:
+            return self._pull(run)
+        except KDMError:
+            raise
+        except Exception as e:
+            err = artifacts.transport_error(self.url, e)
+            if err is None:
+                raise
+            raise err from None
+
+    def _pull(self, run: Path) -> Optional[int]:
         run.mkdir(parents=True, exist_ok=True)
         self.fs.invalidate_cache(self.path)
         for name in self.run_files:
@@ -68,8 +83,10 @@ class RunMirror:
             pending.mkdir(parents=True)
             src = self._remote(CKPT_DIR, name)
             files = [f.rsplit("/", 1)[-1] for f in self.fs.find(src)]
-            for f in sorted(files, key=lambda f: f == STATE_FILE):       # state.json last
-                self.fs.get_file(f"{src}/{f}", str(pending / f))
+            artifacts.io_map(lambda f: self.fs.get_file(f"{src}/{f}", str(pending / f)),
+                             [f for f in files if f != STATE_FILE])
+            if STATE_FILE in files:
+                self.fs.get_file(f"{src}/{STATE_FILE}", str(pending / STATE_FILE))
             problem = checkpoint_problem(pending)
             if problem is not None:      # set aside remotely (out of resuming and pruning), try the previous one
                 shutil.rmtree(pending)
@@ -93,9 +110,10 @@ class RunMirror:
         for name in self.run_files:
             if (run / name).exists():
                 self._put(run / name, name)
-        files = sorted((p for p in ck.iterdir() if p.is_file()), key=lambda p: (p.name == STATE_FILE, p.name))
-        for p in files:
-            self._put(p, CKPT_DIR, ck.name, p.name)
+        files = sorted(p for p in ck.iterdir() if p.is_file() and p.name != STATE_FILE)
+        artifacts.io_map(lambda p: self._put(p, CKPT_DIR, ck.name, p.name), files)   # several at a time
+        if (ck / STATE_FILE).is_file():
+            self._put(ck / STATE_FILE, CKPT_DIR, ck.name, STATE_FILE)                 # state.json last
         done = self.complete_checkpoints()
         for name in done[:-keep]:
             self.fs.rm(self._remote(CKPT_DIR, name), recursive=True)

@@ -555,7 +555,9 @@ def _train(pairs_url, model_cfg, tc, out, dev, di, preset, progress, on_log, max
     _check_store(store, model_cfg, pairs_url)
     m = store.manifest
     version = image_run_version(m.version, model_cfg, tc)
-    if artifacts.committed(out) and artifacts.check_target(out, version, read_image_student_manifest):
+    # a local run directory is written in place (resumed below); a remote one: a cut-off commit is finished
+    if (artifacts.committed(out) or not artifacts.is_local(out)) and \
+            artifacts.check_target(out, version, read_image_student_manifest):
         return version
     if tc.batch_size % di.world_size:
         raise KDMError(f"train.batch_size {tc.batch_size} is not divisible by the {di.world_size} processes")

@@ -81,7 +81,9 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
     if m.count == 0:
         raise KDMError(f"pairs {pairs_url} hold no train pairs; generate or import a non-empty store")
     version = run_version(m.version, cfg)
-    if artifacts.check_target(out, version, read_student_manifest) if artifacts.committed(out) else False:
+    # a local run directory is written in place (resumed below); a remote one: a cut-off commit is finished
+    if (artifacts.committed(out) or not artifacts.is_local(out)) and \
+            artifacts.check_target(out, version, read_student_manifest):
         return version
     args = dict(store=store, pairs_url=pairs_url, cfg=cfg, version=version, progress=progress, on_log=on_log,
                 stop_after=stop_after, on_resume=on_resume)
