@@ -60,7 +60,8 @@ class KDM2D(nn.Module):
     def from_config(cls, cfg) -> "KDM2D":
         return cls(dim=cfg.dim, hidden=cfg.hidden, latent_dim=cfg.latent_dim,
                    encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
-                   operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T)
+                   operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T,
+                   fourier_features=cfg.fourier_features, fourier_scale=cfg.fourier_scale)
 
     def forward(self, x0: torch.Tensor, xT: torch.Tensor, decode_push: bool = True,
                 generator: torch.Generator | None = None, *, eps0: torch.Tensor | None = None,
