@@ -9,7 +9,7 @@ x_0, outlier rate, held-out pair MSE), at the milestones given. One JSON line pe
         --config '{"hidden": 256, "latent": 128, "steps": 8000, "schedule": "cosine"}' [--config ...]
 
 Config keys (defaults = the `checkerboard` student preset): hidden, latent, layers, latent_noise,
-pred (L_pred on), fourier (Fourier feature frequencies, 0 = none), fourier_scale, batch, lr,
+pred (L_pred on), act ('swish' | 'relu'), fourier (Fourier feature frequencies, 0 = none), fourier_scale, batch, lr,
 schedule ('constant' | 'cosine'), warmup, lr_min (fraction of lr at the end of the cosine), steps, ema,
 seed, milestones (list of steps at which to score).
 """
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.kdm2d import KDM2D  # noqa: E402
 from models.losses import kdm_losses  # noqa: E402
+from models.mlp2d import Swish  # noqa: E402
 from pipeline.evaluation import metrics2d  # noqa: E402
 from pipeline.evaluation.sample import generate, noise_for_seeds  # noqa: E402
 from pipeline.storage.pairstore import PairStore  # noqa: E402
@@ -34,7 +35,7 @@ from storage_schemas import Eval2DConfig  # noqa: E402
 
 DEFAULTS = dict(hidden=128, latent=64, layers=5, latent_noise=0.4, pred=False, fourier=0, fourier_scale=1.0,
                 batch=512, lr=3e-3, schedule="constant", warmup=0, lr_min=0.0, steps=12000, ema=0.999, seed=0,
-                milestones=None)
+                milestones=None, act="swish")
 
 
 def load_protocol(pairs: str, cfg: Eval2DConfig):
@@ -62,7 +63,11 @@ def build(c: dict) -> KDM2D:
               latent_noise=c["latent_noise"])
     if c["fourier"]:
         kw.update(fourier_features=c["fourier"], fourier_scale=c["fourier_scale"])
-    return KDM2D(**kw)
+    model = KDM2D(**kw)
+    if c["act"] != "swish":   # swap the activation modules in place (no parameters)
+        for net in (model.x0_encoder, model.xT_encoder, model.decoder):
+            net.main = torch.nn.Sequential(*[torch.nn.ReLU() if isinstance(m, Swish) else m for m in net.main])
+    return model
 
 
 def lr_at(c: dict, step: int) -> float:
@@ -74,7 +79,7 @@ def lr_at(c: dict, step: int) -> float:
     return c["lr"] * (c["lr_min"] + (1 - c["lr_min"]) * 0.5 * (1 + np.cos(np.pi * p)))
 
 
-def run(pairs: str, c: dict, out) -> None:
+def run(pairs: str, c: dict, out, save: str | None = None) -> None:
     c = {**DEFAULTS, **c}
     ev = Eval2DConfig()
     x_T, x_0, hd, fresh_noise, _ = load_protocol(pairs, ev)
@@ -108,6 +113,8 @@ def run(pairs: str, c: dict, out) -> None:
             out.write(line + "\n")
             out.flush()
             t0 += time.time() - t0 - secs   # scoring time is not training time
+    if save:
+        torch.save({"config": c, "ema": ema.state_dict()}, save)
 
 
 def main() -> None:
@@ -116,11 +123,13 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSONL to append to")
     p.add_argument("--config", action="append", default=[], help="JSON object of settings (repeatable)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save", help="write the last config's EMA weights (torch.save) here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with open(a.out, "a") as out:
-        for cfg in a.config or ["{}"]:
-            run(a.pairs, json.loads(cfg), out)
+        configs = a.config or ["{}"]
+        for i, cfg in enumerate(configs):
+            run(a.pairs, json.loads(cfg), out, a.save if i == len(configs) - 1 else None)
 
 
 if __name__ == "__main__":
