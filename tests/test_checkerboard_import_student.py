@@ -139,3 +139,24 @@ def test_official_preset_keeps_the_official_settings():
     assert cfg.model.fourier_features == 0 and cfg.train.lr_schedule == "constant"
     assert (cfg.model.hidden, cfg.model.latent_dim, cfg.model.latent_noise) == (256, 256, 0.4)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.steps) == (3e-4, 4096, 20000)
+
+
+def test_checkerboard_import_uses_the_chosen_student_settings():
+    cfg = presets.load("distill", "checkerboard-import")
+    assert cfg.source == "import"
+    s = cfg.student
+    assert s == presets.load("student", "checkerboard-import") and s.preset == "checkerboard-import"
+    m, t = s.model, s.train
+    assert (m.hidden, m.latent_dim, m.encoder_layers, m.decoder_layers, m.operator) == (256, 128, 5, 5, "linear")
+    assert (m.latent_noise, m.use_pred_loss, m.fourier_features, m.fourier_scale) == (0.2, False, 4, 0.5)
+    assert (t.lr, t.lr_schedule, t.lr_min, t.batch_size, t.steps, t.ema_decay) == (3e-3, "cosine", 0.0, 512, 16000,
+                                                                                 0.999)
+    assert t.lr_at(0) == 3e-3 and t.lr_at(16000) == 0.0
+
+
+def test_demo_student_preset_is_unchanged():
+    """`make demo` keeps the fast `checkerboard` student (constant lr, no Fourier features)."""
+    s = presets.load("distill", "checkerboard").student
+    assert s.preset == "checkerboard"
+    assert (s.model.hidden, s.model.latent_dim, s.model.latent_noise, s.model.fourier_features) == (128, 64, 0.4, 0)
+    assert (s.train.lr, s.train.lr_schedule, s.train.batch_size, s.train.steps) == (3e-3, "constant", 512, 12000)
