@@ -1,5 +1,6 @@
 """Checkerboard results table: students trained on the imported official KDM trajectories with the
-`checkerboard` preset (L_pred on / off) and, on a GPU, the official model + schedule; each evaluated
+`checkerboard-import` student preset (official objective, and with L_pred) and, on a GPU, the official
+model + schedule; each evaluated
 with the same protocol next to the teacher's own x_0. Variants run in parallel processes.
 
     python bench/checkerboard_results.py --data checkerboard-fm-trajectories.npy --root /tmp/cb --out results.json
@@ -15,14 +16,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
-    "import / checkerboard preset (L_pred on)": ["--preset", "checkerboard-import", "--set", "student.train.threads=2"],
-    "import / checkerboard preset (L_pred off, official objective)": [
-        "--preset", "checkerboard-import", "--set", "student.model.use_pred_loss=false",
+    "import / checkerboard-import preset (L_pred off, official objective)": [
+        "--preset", "checkerboard-import", "--set", "student.train.threads=2"],
+    "import / checkerboard-import preset with L_pred": [
+        "--preset", "checkerboard-import", "--set", "student.model.use_pred_loss=true",
         "--set", "student.train.threads=2"],
     "import / checkerboard-official student on GPU": [
         "--preset", "checkerboard-import", "--set", "student.preset=checkerboard-official",
         "--set", "student.model.hidden=256", "--set", "student.model.latent_dim=256",
         "--set", "student.model.use_pred_loss=false", "--set", "student.train.lr=0.0003",
+        "--set", "student.model.latent_noise=0.4", "--set", "student.model.fourier_features=0",
+        "--set", "student.model.fourier_scale=1.0", "--set", "student.train.lr_schedule=constant",
         "--set", "student.train.batch_size=4096", "--set", "student.train.steps=20000",
         "--set", "student.train.device=cuda"],
 }

@@ -48,11 +48,11 @@ def add_latent_noise(z: torch.Tensor, std: float, eps: Optional[torch.Tensor] = 
 class KDM2D(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 256, latent_dim: int = 256, encoder_layers: int = 5,
                  decoder_layers: int = 5, operator: str = "linear", latent_noise: float = 0.4,
-                 time_T: float = 1.0):
+                 time_T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0):
         super().__init__()
         self.dim, self.latent_dim, self.latent_noise, self.time_T = dim, latent_dim, latent_noise, time_T
-        self.x0_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers)
-        self.xT_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers)
+        self.x0_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
+        self.xT_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
         self.decoder = MLPDecoder(dim, hidden, latent_dim, decoder_layers)
         self.koopman = make_operator(operator, latent_dim)
 
@@ -60,7 +60,8 @@ class KDM2D(nn.Module):
     def from_config(cls, cfg) -> "KDM2D":
         return cls(dim=cfg.dim, hidden=cfg.hidden, latent_dim=cfg.latent_dim,
                    encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
-                   operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T)
+                   operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T,
+                   fourier_features=cfg.fourier_features, fourier_scale=cfg.fourier_scale)
 
     def forward(self, x0: torch.Tensor, xT: torch.Tensor, decode_push: bool = True,
                 generator: torch.Generator | None = None, *, eps0: torch.Tensor | None = None,

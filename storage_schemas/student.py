@@ -5,6 +5,7 @@ state) and, once finished, ``student.safetensors`` (EMA weights) + ``manifest.js
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
@@ -27,16 +28,25 @@ class KDM2DConfig(Strict):
     spectral_loss: Literal["none", "inverse", "unit-disk-uniform"] = Field(
         "none", description="KDM-F only: penalty on P_inv P and/or the eigenvalues")
     time_T: float = 1.0
+    fourier_features: int = Field(
+        0, ge=0, le=12, description="F > 0: both encoders also see sin/cos(fourier_scale * 2^k * x), k < F, of "
+                                    "each coordinate (not in the official code; 0 = off)")
+    fourier_scale: float = Field(1.0, gt=0, description="lowest Fourier feature frequency (radians per unit)")
 
     @model_validator(mode="after")
     def _spectral_needs_factorized(self) -> "KDM2DConfig":
         if self.spectral_loss != "none" and self.operator != "factorized":
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
+        if self.fourier_features == 0 and self.fourier_scale != 1.0:
+            raise ValueError("fourier_scale is set but fourier_features is 0 (Fourier features off)")
         return self
 
 
 class TrainConfig(Strict):
     lr: float = Field(3e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="'cosine': lr decays from lr to lr_min over the steps (half a cosine period)")
+    lr_min: float = Field(0.0, ge=0, description="final lr of the cosine schedule")
     batch_size: int = Field(4096, ge=1)
     steps: int = Field(4000, ge=1)
     ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -46,6 +56,21 @@ class TrainConfig(Strict):
     seed: int = 0
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch default")
+
+    @model_validator(mode="after")
+    def _lr_min_needs_cosine(self) -> "TrainConfig":
+        if self.lr_schedule == "constant" and self.lr_min != 0.0:
+            raise ValueError("lr_min is the final lr of lr_schedule='cosine'; the constant schedule has none")
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min ({self.lr_min}) exceeds lr ({self.lr})")
+        return self
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = min(step, self.steps) / self.steps
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class StudentRunConfig(Strict):

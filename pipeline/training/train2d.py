@@ -150,6 +150,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
         while step < tc.steps:
             if stop_after is not None and step >= stop_after:
                 return False
+            for group in opt.param_groups:
+                group["lr"] = tc.lr_at(step)
             idx = torch.randint(0, n, (tc.batch_size,), generator=gens["data"]).to(device)
             logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
             # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
@@ -167,7 +169,7 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
                 if not np.isfinite(losses["total"]):
                     raise KDMError(f"training diverged at step {step}: losses {losses}; lower train.lr "
                                    f"(now {tc.lr}) or resume from an earlier checkpoint")
-                rec = log.record(step, {f"loss_{k}": v for k, v in losses.items()})
+                rec = log.record(step, {f"loss_{k}": v for k, v in losses.items()} | {"lr": tc.lr_at(step - 1)})
                 log.write(rec)
                 bar.set_postfix(loss=f"{losses['total']:.4f}")
                 if on_log is not None:
