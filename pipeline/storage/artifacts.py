@@ -104,7 +104,7 @@ def put_file(fs, local: str | Path, path: str, url: Optional[str] = None) -> Non
     """Upload the local file ``local`` to ``path`` of the (remote) file system ``fs``, verified like
     ``write_bytes`` (size and sha256 of what the store holds, sent again when damaged)."""
     local = Path(local)
-    size, digest = local.stat().st_size, _sha256_local(local)
+    size, digest = local.stat().st_size, sha256_file(str(local))
     for attempt in range(UPLOAD_ATTEMPTS):
         try:
             fs.put_file(str(local), path)
@@ -122,12 +122,6 @@ def _remote_write_error(url: str, e: Exception) -> Exception:
     return transport_error(url, e, "writing") or e
 
 
-def _sha256_local(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stored_problem(fs, path: str, size: int, sha256: Optional[str] = None) -> Optional[str]:
@@ -200,17 +194,25 @@ def transport_error(url: str, e: BaseException, doing: str = "reading") -> Optio
                     f"object store is reachable (finished work is kept)")
 
 
-def read_bytes(url: str) -> bytes:
+@contextlib.contextmanager
+def _opened(url: str):
+    """``url`` open for reading; a transport or permission error of an object store is raised as such
+    (``_remote_read_error``), a missing file as FileNotFoundError, local errors unchanged."""
     fs, path = url_to_fs(url)
     try:
         with fs.open(path, "rb") as f:
-            return f.read()
+            yield f
     except FileNotFoundError:
         raise
     except Exception as e:
         if is_local(url):
             raise
         raise _remote_read_error(url, e) from None
+
+
+def read_bytes(url: str) -> bytes:
+    with _opened(url) as f:
+        return f.read()
 
 
 def _remote_read_error(url: str, e: Exception) -> Exception:
@@ -257,18 +259,10 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(url: str, block: int = 1 << 22) -> str:
-    fs, path = url_to_fs(url)
     h = hashlib.sha256()
-    try:
-        with fs.open(path, "rb") as f:
-            while chunk := f.read(block):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        if is_local(url):
-            raise
-        raise _remote_read_error(url, e) from None
+    with _opened(url) as f:
+        while chunk := f.read(block):
+            h.update(chunk)
     return h.hexdigest()
 
 

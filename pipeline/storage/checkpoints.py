@@ -17,7 +17,6 @@ warning and the run resumes from the previous complete one. The newest ``keep`` 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -78,11 +77,7 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    return artifacts.sha256_file(str(path))
 
 
 def checkpoint_problem(ck: Path) -> Optional[str]:
