@@ -147,7 +147,7 @@ def test_checkerboard_import_uses_the_chosen_student_settings():
     s = cfg.student
     assert s == presets.load("student", "checkerboard-import") and s.preset == "checkerboard-import"
     m, t = s.model, s.train
-    assert (m.hidden, m.latent_dim, m.encoder_layers, m.decoder_layers, m.operator) == (256, 128, 5, 5, "linear")
+    assert (m.hidden, m.latent_dim, m.encoder_layers, m.decoder_layers, m.operator) == (256, 256, 5, 5, "linear")
     assert (m.latent_noise, m.use_pred_loss, m.fourier_features, m.fourier_scale) == (0.2, False, 4, 0.5)
     assert (t.lr, t.lr_schedule, t.lr_min, t.batch_size, t.steps, t.ema_decay) == (3e-3, "cosine", 0.0, 512, 16000,
                                                                                  0.999)
