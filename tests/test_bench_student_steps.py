@@ -1,7 +1,6 @@
 """bench/student_steps.py: rows are the recipe's own config with the steps, the presets' EMA rule and a variant."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -61,4 +60,3 @@ def test_dry_run_prints_each_row(capsys):
                    "late steps=1000: distance=lpips-own adv_weight=0.005 adv_start=0.5 adv_rampup=0.2 ema=0.99 "
                    "precision=bf16"]
     assert not Path("unused").exists()
-    json.dumps(out)

@@ -247,8 +247,8 @@ class ImageTrainer:
         self._g_found_inf = torch.zeros((), device=device)
         # The generator's adversarial weight of the current step (model_cfg.adv_weight_at), a device scalar
         # written before each step so that a captured graph reads the scheduled value.
-        self._adv_w = torch.full((), float(model_cfg.adv_weight_at(0, tc.steps)), device=device)
-        self._adv_w_value = float(self._adv_w.item())
+        self._adv_w_value = float(model_cfg.adv_weight_at(0, tc.steps))
+        self._adv_w = torch.full((), self._adv_w_value, device=device)
         self._graph: Optional[torch.cuda.CUDAGraph] = None        # cuda_graphs: the captured step
         self._static: Optional[tuple] = None                      # ... and its input buffers
         self._warm_steps = 0
