@@ -1,0 +1,167 @@
+"""The official KDM checkerboard model and a kdm student on one protocol, with the sampling spread of every metric.
+
+The held-out protocol (storage_schemas.Eval2DConfig, RESULTS.md) scores one draw of 10,000 student samples
+against 10,000 held-out teacher x_0. Two independent 10,000-point sets of the same distribution differ by
+an SWD of 0.03-0.07 on this board, so one draw cannot rank two models whose SWDs differ by 0.01. This script
+puts the official model (``experiments/checkerboard/model.pt`` of azencot-group/KDM, loaded with its own
+classes) and a kdm student on the same footing:
+
+* draw 0 is the protocol itself (seeds 1,000,000 + [0, n)), so its row equals the student's report;
+* draws 1..R-1 use the next disjoint seed ranges; both models map the *same* x_T of every draw, so the
+  per-draw difference student - official is paired and its standard error is small;
+* the teacher row scores disjoint n-point slices of the train split's x_0 against the same reference: the
+  floor a perfect student would reach;
+* held-out pair MSE on the n held-out pairs (the official model was trained on all 50,000 trajectories,
+  the held-out ones included, so its pair MSE is not held out for it).
+
+    python bench/checkerboard_official_model.py --pairs ROOT/pairs/filtered-... --student ROOT/students/kdm-... \\
+        --official-code KDM_CHECKOUT --official-model KDM_CHECKOUT/experiments/checkerboard/model.pt --out OUTDIR
+
+Writes OUTDIR/official-vs-student.json and .md, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+METRICS = ("in_cell_fraction", "swd", "outlier_rate")
+
+
+def load_official(code_dir: str, model_path: str):
+    """The pickled ``KoopmanDistillModelCheckerBoard`` and its one-step map x_T -> x_0 (as its ``sample``)."""
+    import torch
+    # Both projects name their package `models`: kdm's is set aside while the pickle imports the official one,
+    # then put back (the loaded object keeps its own classes).
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "models" or k.startswith("models.")}
+    code = str(Path(code_dir).resolve())
+    sys.path.insert(0, code)
+    try:
+        model = torch.load(model_path, weights_only=False, map_location="cpu").eval()
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"--official-code {code_dir} does not hold the official classes ({e}); pass the root of "
+                         f"an azencot-group/KDM checkout") from e
+    finally:
+        sys.path.remove(code)
+        for k in [k for k in sys.modules if k == "models" or k.startswith("models.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+
+    @torch.no_grad()
+    def one_step(x_T: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(x_T, np.float32))
+        T, t = torch.ones(len(x)), torch.zeros(len(x))
+        return model.x0_observables_decoder(model.koopman_operator(model.xT_observables_encoder(x, T)), t).numpy()
+
+    return one_step
+
+
+def summarise(values: list[float]) -> dict:
+    v = np.asarray(values, np.float64)
+    return {"draw0": float(v[0]), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "draws": [float(x) for x in v]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", required=True, help="the pair store the student was evaluated on (held-out split)")
+    ap.add_argument("--student", required=True, help="a committed 2-D kdm student")
+    ap.add_argument("--official-code", required=True, help="root of an azencot-group/KDM checkout")
+    ap.add_argument("--official-model", required=True, help="its experiments/checkerboard/model.pt")
+    ap.add_argument("--draws", type=int, default=10, help="sample draws per model (draw 0 = the protocol's)")
+    ap.add_argument("--out", default=None, help="directory for official-vs-student.json / .md")
+    a = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(1)
+    from storage_schemas import CheckerboardSpec, Eval2DConfig
+    from pipeline.evaluation import metrics2d
+    from pipeline.evaluation.sample import generate, load_student, noise_for_seeds
+    from pipeline.storage.pairstore import PairStore
+
+    cfg, board = Eval2DConfig(), CheckerboardSpec()
+    store = PairStore.open(a.pairs)
+    held = store.heldout()
+    if held is None:
+        raise SystemExit(f"{a.pairs} has no held-out split")
+    n = min(cfg.num_samples, len(held), len(store))
+    reference, held_xT = held.read("x_0", 0, n), held.read("x_T", 0, n)
+    train_x0 = store.read("x_0", 0, (len(store) // n) * n)
+    student, manifest = load_student(a.student)
+    official = load_official(a.official_code, a.official_model)
+
+    def metrics(points: np.ndarray) -> dict:
+        return metrics2d.checkerboard_metrics(points, reference, swd_projections=cfg.swd_projections,
+                                              swd_seed=cfg.swd_seed, eps=cfg.dbscan_eps,
+                                              min_samples=cfg.dbscan_min_samples, z=cfg.zscore_threshold,
+                                              low=board.low, high=board.high, scale=board.scale)
+
+    rows = {"student": {m: [] for m in METRICS}, "official": {m: [] for m in METRICS}}
+    for r in range(a.draws):
+        start = cfg.sample_seed + r * n
+        x_T = noise_for_seeds(range(start, start + n), manifest.model.dim, store.manifest.x_T_scale)
+        for name, fn in (("student", lambda x: generate(student, x)), ("official", official)):
+            m = metrics(fn(x_T))
+            for k in METRICS:
+                rows[name][k].append(m[k])
+    teacher = {m: [] for m in METRICS}
+    for s in range(0, len(train_x0), n):
+        m = metrics(train_x0[s:s + n])
+        for k in METRICS:
+            teacher[k].append(m[k])
+
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "protocol": cfg.model_dump(), "n": n, "draws": a.draws,
+        "pairs": a.pairs, "pairs_version": store.version, "student": a.student,
+        "student_version": manifest.version, "official_model": a.official_model,
+        "rows": {name: {k: summarise(v) for k, v in d.items()} for name, d in rows.items()},
+        "teacher_train_slices": {k: summarise(v) for k, v in teacher.items()},
+        "pair_mse": {"student": metrics2d.pair_mse(generate(student, held_xT), reference),
+                     "official": metrics2d.pair_mse(official(held_xT), reference)},
+        "paired_difference_student_minus_official": {
+            k: summarise(list(np.subtract(rows["student"][k], rows["official"][k]))) for k in METRICS},
+    }
+    for d in result["paired_difference_student_minus_official"].values():
+        d["stderr"] = d["std"] / np.sqrt(a.draws)
+    md = table(result)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "official-vs-student.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "official-vs-student.md").write_text(md + "\n")
+    return 0
+
+
+def table(result: dict) -> str:
+    def cell(s: dict, fmt: str) -> str:
+        return f"{s['draw0']:{fmt}} ({s['mean']:{fmt}} ± {s['std']:{fmt}})"
+
+    lines = [f"n = {result['n']} points per draw; draw 0 is the protocol's, (mean ± std) over {result['draws']} "
+             f"draws (teacher: {len(result['teacher_train_slices']['swd']['draws'])} disjoint train slices)", "",
+             "| model | in-cell | SWD | outliers | held-out pair MSE |", "|---|---|---|---|---|"]
+    for name, label in (("student", f"kdm student {result['student_version']}"),
+                        ("official", "official KDM model (experiments/checkerboard/model.pt)")):
+        r = result["rows"][name]
+        lines.append(f"| {label} | {cell(r['in_cell_fraction'], '.4f')} | {cell(r['swd'], '.4f')} | "
+                     f"{cell(r['outlier_rate'], '.4f')} | {result['pair_mse'][name]:.3g} |")
+    t = result["teacher_train_slices"]
+    lines.append(f"| teacher x_0 (train split) | {cell(t['in_cell_fraction'], '.4f')} | {cell(t['swd'], '.4f')} | "
+                 f"{cell(t['outlier_rate'], '.4f')} | - |")
+    d = result["paired_difference_student_minus_official"]
+    lines.append(f"| student - official, paired (mean ± stderr) | {d['in_cell_fraction']['mean']:+.4f} ± "
+                 f"{d['in_cell_fraction']['stderr']:.4f} | {d['swd']['mean']:+.4f} ± {d['swd']['stderr']:.4f} | "
+                 f"{d['outlier_rate']['mean']:+.4f} ± {d['outlier_rate']['stderr']:.4f} | - |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
