@@ -6,14 +6,27 @@
 With --compile the warm-up includes compiling the three U-Nets (forward and backward), several
 minutes for cifar10-uncond; ``warmup_s`` in the JSON records it.
 
-Measures, on random data of the right shapes (x_T = 80 * eps, x_0 uniform in [-1, 1]) and distance
-'pseudo-huber' (LPIPS needs VGG16 weights that are not assumed here):
-  (a) ``reference_step``: the official semantics, eager fp32, no TF32, no channels_last, plain
-      (for-loop) Adam, per-parameter EMA loop, decoder run twice, discriminator step first;
+    python bench/bench_kdm_image.py --objectives pseudo-huber,pseudo-huber+D,lpips-own,lpips-own+D \
+        --variants graphs-nchw,graphs@lpips-own --profile --sampling none --out engine.json   # the presets' objectives
+    python bench/bench_kdm_image.py --student mini --objectives lpips-own --variants graphs-nchw --skip-reference \
+        --sampling none --out mini.json                 # the mini preset's student at its batch (256)
+
+Measures, on random data of the right shapes (x_T = 80 * eps, x_0 uniform in [-1, 1]), for each training
+objective of --objectives (distance 'pseudo-huber' or 'lpips-own', '+D' with the discriminator and its
+adversarial term at the preset's weight; 'lpips' needs VGG16 weights that are not assumed here; 'lpips-own'
+runs on the pipeline's perceptual network with random weights: the step's cost does not depend on them):
+  (a) ``reference_step`` (objective pseudo-huber+D): the official semantics, eager fp32, no TF32 (the
+      official code leaves TF32 on: ``bench/speed_vs_official.py`` times the official code itself), no
+      channels_last, plain (for-loop) Adam, per-parameter EMA loop, decoder run twice, discriminator step first;
   (b) the engine step (``pipeline.training.image_train.ImageTrainer``): bf16 autocast, TF32, channels_last, fused
-      Adam, multi-tensor EMA, one decoder pass; also in fp32 (+TF32) and, with --compile, compiled;
-  peak GPU memory of each, speedup (a)/(b), and one-step sampling images/s at batch --sample-batch
-  (bf16 and fp32). Prints the GPU name and the date; writes everything as JSON to --out.
+      Adam, multi-tensor EMA, one decoder pass; also in fp32 (+TF32), NCHW, as a whole-step CUDA graph and,
+      with --compile, compiled (--variants; ``NAME@OBJECTIVE`` runs a variant for that objective only);
+  peak GPU memory of each, speedup (a)/(b), with --profile the GPU time by kernel class, kernels per step
+  and the idle GPU time per step (wall time per step minus GPU busy time), and one-step sampling images/s
+  at batch --sample-batch (bf16 and fp32). ``--student mini`` times the mini preset's student (64 channels,
+  1 block, batch 256) instead of the full preset's U-Nets. Prints the GPU name and the date; writes
+  everything as JSON to --out. Results of objective pseudo-huber+D keep the variant's name
+  (``engine_bf16``); the others are named ``<variant>@<objective>``.
 """
 from __future__ import annotations
 
@@ -100,20 +113,33 @@ def bench_reference(model_cfg, train_cfg, device, data, args) -> dict:
     return res
 
 
+def random_perceptual_net(device: torch.device):
+    """The 'lpips-own' distance on the perceptual network of the default recipe, random weights (seed 0)."""
+    from models.perceptual import OwnLPIPS, PerceptualConvNet
+    from storage_schemas.perceptual import PerceptualNetTrainConfig
+    torch.manual_seed(0)
+    return OwnLPIPS(PerceptualConvNet(PerceptualNetTrainConfig().width)).to(device)
+
+
 def bench_engine(model_cfg, train_cfg, device, data, args, fused_attention: bool = False, **changes) -> dict:
     reset_memory(device)
     tc = train_cfg.model_copy(update={"cuda_graphs": False, **changes})      # eager unless a variant asks
-    trainer = ImageTrainer(model_cfg, tc, device)
+    own = random_perceptual_net(device) if model_cfg.distance == "lpips-own" else None
+    trainer = ImageTrainer(model_cfg, tc, device, perceptual=own)
     if fused_attention:
         use_fused_attention(trainer.model)
     x0, xT = data
     res = time_steps(lambda: trainer.train_step(xT, x0), device, args.warmup, args.steps)
     if args.profile:
-        res["profile"] = kernel_breakdown(lambda: trainer.train_step(xT, x0), device, calls=3)
+        res["profile"] = prof = kernel_breakdown(lambda: trainer.train_step(xT, x0), device, calls=3)
+        if prof:   # the GPU idles while the host prepares or launches work: wall time minus busy time
+            prof["gpu_idle_ms_per_step"] = max(0.0, 1e3 * res["step_s"] - prof["gpu_ms_per_call"])
     res["final_loss"] = trainer.pop_metrics().get("total")
     res["nonfinite_steps"] = trainer.nonfinite_steps
     res["settings"] = {k: getattr(tc, k) for k in ("precision", "tf32", "channels_last", "compile",
-                                                   "cuda_graphs")}
+                                                   "cuda_graphs", "batch_size")}
+    res["settings"].update(distance=model_cfg.distance, adv_weight=model_cfg.adv_weight)
+    res["pairs_per_s"] = tc.batch_size / res["step_s"]
     del trainer
     return res
 
@@ -183,12 +209,55 @@ def bench_sampling(model_cfg, device, batch: int, v: Sampling, args) -> dict:
     return res
 
 
+OBJECTIVES = ("pseudo-huber", "pseudo-huber+D", "lpips-own", "lpips-own+D")
+DEFAULT_OBJECTIVE = "pseudo-huber+D"          # results keep the bare variant names (earlier JSON files)
+ENGINE_VARIANTS = {   # name -> (result name, engine settings)
+    "fp32": ("engine_fp32_tf32", dict(precision="fp32", channels_last=True)),
+    "bf16": ("engine_bf16", dict(channels_last=True)),
+    "nchw": ("engine_bf16_nchw", dict(channels_last=False)),
+    "fp32-nchw": ("engine_fp32_tf32_nchw", dict(precision="fp32", channels_last=False)),
+    "graphs": ("engine_bf16_cuda_graphs", dict(cuda_graphs=True, channels_last=True)),
+    "graphs-nchw": ("engine_bf16_nchw_cuda_graphs", dict(cuda_graphs=True, channels_last=False)),
+    "graphs-sdpa": ("engine_bf16_cuda_graphs_sdpa", dict(fused_attention=True, cuda_graphs=True, channels_last=True)),
+}
+
+
+def objective_config(base: KDMImageConfig, objective: str, adv_weight: float) -> KDMImageConfig:
+    """``base`` with the objective's distance, and the discriminator at ``adv_weight`` ('+D') or off."""
+    distance, _, d = objective.partition("+")
+    return KDMImageConfig.model_validate({**base.model_dump(), "distance": distance,
+                                          "adv_weight": adv_weight if d == "D" else 0.0,
+                                          "adv_start": 0.0, "adv_rampup": 0.0})
+
+
+def parse_variants(text: str, objectives: list[str], ap) -> list[tuple[str, str]]:
+    """'graphs-nchw,graphs@lpips-own' -> [(variant, objective), ...] in the order given."""
+    runs = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token or token == "none":
+            continue
+        name, _, only = token.partition("@")
+        if name not in ENGINE_VARIANTS:
+            ap.error(f"unknown engine variant {name!r}; valid: {', '.join(ENGINE_VARIANTS)} (NAME@OBJECTIVE for one "
+                     f"objective)")
+        if only and only not in OBJECTIVES:
+            ap.error(f"unknown objective {only!r} in {token!r}; valid: {', '.join(OBJECTIVES)}")
+        runs += [(name, o) for o in ([only] if only else objectives) if (name, o) not in runs]
+    return runs
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="cifar10-uncond")
+    ap.add_argument("--student", choices=("preset", "mini"), default="preset",
+                    help="preset: the --preset U-Nets (default); mini: the mini distill preset's student "
+                         "(64 channels, 1 block) and batch")
     ap.add_argument("--tiny", action="store_true", help="a tiny U-Net (smoke test, e.g. on the CPU)")
-    ap.add_argument("--batch", type=int, default=None, help="default 128 (4 with --tiny)")
+    ap.add_argument("--batch", type=int, default=None, help="default 128, the mini student's 256 with --student "
+                                                            "mini (4 with --tiny)")
+    ap.add_argument("--objectives", default=DEFAULT_OBJECTIVE,
+                    help=f"comma-separated training objectives of the engine variants: {', '.join(OBJECTIVES)}")
     ap.add_argument("--sample-batch", default=None,
                     help="one or more comma-separated batch sizes for sampling; default 1000 (8 with --tiny)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
@@ -200,37 +269,55 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--variants", default="fp32,bf16,nchw",
-                    help="engine variants besides the reference: any of fp32, bf16, nchw, graphs, graphs-nchw, "
-                         "graphs-sdpa (whole-step CUDA graph) (--compile adds compile)")
+                    help="engine variants besides the reference: any of fp32, bf16, nchw, fp32-nchw, graphs, graphs-nchw, "
+                         "graphs-sdpa (whole-step CUDA graph), each for every objective or as NAME@OBJECTIVE for "
+                         "one (--compile adds compile); none for no engine variant")
     ap.add_argument("--sampling", default="bf16,fp32",
-                    help=f"one-step sampling variants, any of {', '.join(SAMPLING_VARIANTS)}")
+                    help=f"one-step sampling variants, any of {', '.join(SAMPLING_VARIANTS)}; none for none")
     ap.add_argument("--fused-attention", action="store_true",
                     help="engine variants with torch's fused attention (models.songunet.use_fused_attention)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
-    unknown = {v.strip() for v in args.sampling.split(",") if v.strip()} - set(SAMPLING_VARIANTS)
+    sampling = [v.strip() for v in args.sampling.split(",") if v.strip() and v.strip() != "none"]
+    unknown = set(sampling) - set(SAMPLING_VARIANTS)
     if unknown:
         ap.error(f"unknown sampling variants {sorted(unknown)}; valid: {', '.join(SAMPLING_VARIANTS)}")
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives:
+        ap.error(f"unknown objectives {bad}; valid: {', '.join(OBJECTIVES)}")
+    runs = parse_variants(args.variants, objectives, ap)
 
     device = resolve_device(args.device)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-    model_cfg = image_preset(args.preset).model_copy(update={"distance": "pseudo-huber"})
+    base_cfg = image_preset(args.preset)
+    default_batch = 128
+    train_base: dict = {}
+    if args.student == "mini":
+        from storage_schemas.distill_image import distill_image_preset
+        mini = distill_image_preset("mini").student
+        base_cfg, default_batch = mini.model, mini.train.batch_size
+        train_base = {k: getattr(mini.train, k) for k in ("precision", "lr", "ema_decay")}
+    model_cfg = base_cfg.model_copy(update={"distance": "pseudo-huber"})
     if args.tiny:
         model_cfg = KDMImageConfig.model_validate({**model_cfg.model_dump(), "unet": TINY_UNET.model_dump(),
                                                    "latent_proj_dim": None, "img_resolution": 32})
-    batch = args.batch or (4 if args.tiny else 128)
+    # the discriminator's weight of '+D' objectives: the preset's, else the official 0.01
+    adv_weight = image_preset(args.preset).adv_weight or 0.01
+    batch = args.batch or (4 if args.tiny else default_batch)
     sample_batches = [int(b) for b in str(args.sample_batch or (8 if args.tiny else 1000)).split(",")]
-    train_cfg = ImageTrainConfig(device="cuda" if device.type == "cuda" else "cpu", batch_size=batch)
+    train_cfg = ImageTrainConfig(device="cuda" if device.type == "cuda" else "cpu", batch_size=batch, **train_base)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": gpu,
             "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "preset": args.preset, "tiny": args.tiny, "batch": batch, "distance": "pseudo-huber",
+            "preset": args.preset, "student": args.student, "tiny": args.tiny, "batch": batch,
+            "distance": "pseudo-huber", "objectives": objectives, "adv_weight": adv_weight,
             "trainable_parameters": sum(p.numel() for p in KDMImage.from_config(model_cfg).parameters())}
     print(f"# {info['date']}  device {device} ({gpu or platform.processor() or 'cpu'})  torch {torch.__version__}  "
-          f"preset {args.preset}{' (tiny)' if args.tiny else ''}  batch {batch}", flush=True)
+          f"preset {args.preset}{' (tiny)' if args.tiny else ''}  student {args.student}  batch {batch}", flush=True)
 
     g = torch.Generator(device="cpu").manual_seed(0)
     R, C = model_cfg.img_resolution, model_cfg.channels
@@ -254,46 +341,36 @@ def main(argv=None) -> dict:
                   flush=True)
             prof = r.get("profile")
             if prof:
-                print(f"{'':28s} GPU {prof['gpu_ms_per_call']:.1f} ms/step, {prof['launches_per_call']} launches: "
+                print(f"{'':28s} GPU {prof['gpu_ms_per_call']:.1f} ms/step (idle {prof['gpu_idle_ms_per_step']:.1f}), "
+                      f"{prof['launches_per_call']} kernels: "
                       + ", ".join(f"{k} {ms:.1f}" for k, ms in prof["ms_by_class"].items()), flush=True)
 
+    ref_cfg = objective_config(model_cfg, DEFAULT_OBJECTIVE, adv_weight)
     if not args.skip_reference:
-        record("reference_fp32_eager", lambda: bench_reference(model_cfg, train_cfg, device, data, args))
-    variants = {v.strip() for v in args.variants.split(",") if v.strip()}
-    if "fp32" in variants:
-        record("engine_fp32_tf32", lambda: bench_engine(model_cfg, train_cfg, device, data, args, precision="fp32"))
-    if "bf16" in variants:
-        record("engine_bf16", lambda: bench_engine(model_cfg, train_cfg, device, data, args))
-    if "nchw" in variants:
-        record("engine_bf16_nchw", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
-                                                        channels_last=False))
-    if "graphs" in variants:
-        record("engine_bf16_cuda_graphs", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
-                                                               cuda_graphs=True))
-    if "graphs-nchw" in variants:
-        record("engine_bf16_nchw_cuda_graphs", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
-                                                                    cuda_graphs=True, channels_last=False))
-    if "graphs-sdpa" in variants:
-        record("engine_bf16_cuda_graphs_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
-                                                                    fused_attention=True, cuda_graphs=True))
+        record("reference_fp32_eager", lambda: bench_reference(ref_cfg, train_cfg, device, data, args))
+    for name, objective in runs:
+        key, changes = ENGINE_VARIANTS[name]
+        key = key if objective == DEFAULT_OBJECTIVE else f"{key}@{objective}"
+        mc = objective_config(model_cfg, objective, adv_weight)
+        record(key, lambda: bench_engine(mc, train_cfg, device, data, args, **changes))
     if args.fused_attention:
-        record("engine_fp32_tf32_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+        record("engine_fp32_tf32_sdpa", lambda: bench_engine(ref_cfg, train_cfg, device, data, args,
                                                              fused_attention=True, precision="fp32"))
-        record("engine_bf16_sdpa", lambda: bench_engine(model_cfg, train_cfg, device, data, args,
+        record("engine_bf16_sdpa", lambda: bench_engine(ref_cfg, train_cfg, device, data, args,
                                                         fused_attention=True))
     if args.compile:
-        record("engine_bf16_compile", lambda: bench_engine(model_cfg, train_cfg, device, data, args, compile=True))
+        record("engine_bf16_compile", lambda: bench_engine(ref_cfg, train_cfg, device, data, args, compile=True))
 
     ref = results["train_step"].get("reference_fp32_eager", {})
     speedups = {}
     for name, r in results["train_step"].items():
-        if name != "reference_fp32_eager" and "step_s" in r and "step_s" in ref:
+        if name != "reference_fp32_eager" and "@" not in name and "step_s" in r and "step_s" in ref:
             speedups[name] = ref["step_s"] / r["step_s"]
     results["speedup_vs_reference"] = speedups
     for name, s in speedups.items():
         print(f"speedup {name:20s} {s:6.2f}x", flush=True)
 
-    for name in [v.strip() for v in args.sampling.split(",") if v.strip()]:
+    for name in sampling:
         for sample_batch in sample_batches:
             key = name if len(sample_batches) == 1 else f"{name}@{sample_batch}"
             try:

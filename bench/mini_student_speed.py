@@ -14,7 +14,11 @@ logged intervals after the first (the CUDA-graph capture and cuDNN autotuning fa
 * ``fp32``: the earlier mini engine settings (precision fp32, the same layout and graph);
 * ``pseudo-huber``: the earlier distance (what lpips-own costs per step).
 
-From the rates it prints the student stage's time at the preset's step count.
+Per row: ``pairs_per_s``, the median wall-clock rate of the logged intervals after the first, and
+``steady_pairs_per_s``, the figure the student stage itself logs and records in its manifest (its intervals
+after warm-up, checkpoint writes and hooks left out), which ``bench/bench_kdm_image.py --student mini``
+times as a bare step. From the rates it prints the student stage's time at the preset's step count.
+``--tiny`` swaps in the benchmarks' tiny U-Net and a narrow perceptual network (a CPU check of the plumbing).
 """
 from __future__ import annotations
 
@@ -37,17 +41,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", default="preset,preset+D,fp32,pseudo-huber")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's; smaller for a CPU check)")
+    p.add_argument("--tiny", action="store_true", help="tiny U-Nets and perceptual network (CPU check)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     import numpy as np
     import torch
     from pipeline.training.image_data import write_synthetic_store
-    from pipeline.training.image_train import train_image_student
+    from pipeline.training.image_train import read_image_student_manifest, train_image_student
     from pipeline.training.perceptual import train_perceptual_net_arrays
     from storage_schemas.distill_image import distill_image_preset
     from storage_schemas.perceptual import PerceptualNetTrainConfig
 
     mini = distill_image_preset("mini").student
+    if a.tiny:
+        sys.path.insert(0, str(REPO / "bench"))
+        from bench_kdm_image import TINY_UNET
+        mini = mini.model_copy(update={"model": mini.model.model_copy(update={"unet": TINY_UNET})})
     variants = {
         "preset": ({}, {}),
         "preset+D": ({"adv_weight": 0.005}, {}),
@@ -59,10 +68,11 @@ def main(argv=None) -> int:
         store = str(Path(d, "pairs"))
         write_synthetic_store(store, a.pairs, (3, 32, 32), chunk_size=min(2048, a.pairs))
         rng = np.random.default_rng(0)
-        imgs = rng.integers(0, 256, (2048, 3, 32, 32), dtype=np.uint8)
+        n_img = 64 if a.tiny else 2048
+        imgs = rng.integers(0, 256, (n_img, 3, 32, 32), dtype=np.uint8)
         pnet = str(Path(d, "pnet"))
-        train_perceptual_net_arrays(imgs, rng.integers(0, 10, 2048), PerceptualNetTrainConfig(epochs=1), pnet,
-                                    device=a.device, progress=False)
+        pcfg = PerceptualNetTrainConfig(epochs=1, **({"width": 4, "batch_size": 32} if a.tiny else {}))
+        train_perceptual_net_arrays(imgs, rng.integers(0, 10, n_img), pcfg, pnet, device=a.device, progress=False)
         for name in a.rows.split(","):
             mchg, tchg = variants[name]
             model = mini.model.model_copy(update=mchg)
@@ -74,11 +84,15 @@ def main(argv=None) -> int:
                                                   **tchg})
             recs: list[dict] = []
             t = time.time()
-            train_image_student(store, model, train, str(Path(d, f"run-{name}")), device=a.device, progress=False,
+            run = str(Path(d, f"run-{name}"))
+            train_image_student(store, model, train, run, device=a.device, progress=False,
                                 on_log=recs.append, max_steps=a.steps)
-            rates = [r["pairs_per_s"] for r in recs[1:]]
+            rates = [r["pairs_per_s"] for r in recs[1:]] or [r["pairs_per_s"] for r in recs]
             rate = statistics.median(rates)
+            steady = read_image_student_manifest(run).steady_pairs_per_s
             rows[name] = {"pairs_per_s": round(rate, 1), "steps_per_s": round(rate / train.batch_size, 2),
+                          "steady_pairs_per_s": steady,
+                          "interval_train_pairs_per_s": [r.get("train_pairs_per_s") for r in recs],
                           "wall_s": round(time.time() - t, 1), "distance": model.distance,
                           "adv_weight": model.adv_weight, "precision": train.precision,
                           "preset_steps_s": round(mini.train.steps * train.batch_size / rate, 1)}

@@ -7,8 +7,8 @@ student -> evaluation. ``preset`` names the recipe every field the user did not 
 
 | preset | teacher | pairs | student | device |
 |---|---|---|---|---|
-| ``full`` | cifar10-edm (EDM's recipe, 390,625 steps x 512) | 1,000,000 + 50,000 held out, Heun 18 steps (35 NFE) | cifar10-uncond / -cond, 800k steps x 128 (the paper's), lpips-own | cuda |
-| ``mini`` | cifar10-mini (1.5k steps x 256) | 20,000 + 5,000 held out, 35 NFE | 64 channels, 1 block, lpips-own, no D, 3k steps x 256, bf16 | cuda |
+| ``full`` | cifar10-edm (EDM's recipe, 390,625 steps x 512) | 1,000,000 + 50,000 held out, Heun 18 steps (35 NFE) | cifar10-uncond / -cond, 800k steps x 128 (the paper's), lpips-own, bf16, NCHW | cuda |
+| ``mini`` | cifar10-mini (1.5k steps x 256) | 20,000 + 5,000 held out, 35 NFE | 64 channels, 1 block, lpips-own, no D, 3k steps x 256, bf16, NCHW | cuda |
 | ``smoke`` | 8-channel U-Net, 20 steps | 64 + 32 held out, 35 NFE | 8-channel U-Nets, 20 steps | cpu |
 
 Override semantics (``DistillImageConfig.model_validate``): the input is deep-merged onto the named
@@ -54,6 +54,14 @@ MINI_STUDENT_STEPS = 3000
 # (bench/adversarial_scale.py), and 0.05 collapsed the mini student. The paper's setting:
 # student.model.adv_weight=0.01.
 FULL_ADV_WEIGHT = 0.0
+# The full student's engine settings: bf16 autocast, NCHW and (on one GPU, the default) the whole step as one
+# CUDA graph. NCHW because with the graph it is the faster layout on the full cifar10-uncond U-Nets at batch
+# 128 in every call that timed both (BENCHMARKS.md, "KDM image training step", calls 4-6: 163.0 / 140.2 /
+# 142.4 ms NCHW against 205.3 / 181.9 / 181.3 ms channels_last, H200, pseudo-Huber); the CUDA GroupNorm
+# kernel wants NCHW. Eager steps (gpus > 1 under DDP) were faster channels_last in the same calls; the
+# single-GPU default decides. Not yet timed: the lpips-own network's share of the step in each layout
+# (bench/speed_vs_official.py measures it).
+FULL_STUDENT_TRAIN = ImageTrainConfig(precision="bf16", channels_last=False)
 
 
 def ema_for_steps(steps: int) -> float:
@@ -107,7 +115,7 @@ class ImageStudentStageConfig(Strict):
     preset: str = Field("cifar10-uncond", description="name recorded in the student manifest")
     model: KDMImageConfig = IMAGE_PRESETS["cifar10-uncond"].model_copy(update={"distance": FULL_DISTANCE,
                                                                                "adv_weight": FULL_ADV_WEIGHT})
-    train: ImageTrainConfig = ImageTrainConfig()
+    train: ImageTrainConfig = FULL_STUDENT_TRAIN
 
 
 class ImageEvalStageConfig(Strict):
@@ -170,7 +178,7 @@ def _preset_data(name: str, conditional: bool) -> dict:
                  pairs=ImagePairsStageConfig(), filter=ImageFilterConfig(device="cuda"),
                  student=dict(preset=student_preset, model=_student_model(conditional, distance=FULL_DISTANCE,
                                                                    adv_weight=FULL_ADV_WEIGHT),
-                              train=ImageTrainConfig()),
+                              train=FULL_STUDENT_TRAIN),
                  evaluation=ImageEvalStageConfig())
     elif name == "mini":
         # One GPU, the whole run within 15 minutes: the teacher's preset (TEACHER_MINI, 1,500 steps), 20,000 +

@@ -198,6 +198,10 @@ class ImageStudentManifest(Strict):
     world_size: int = 1
     final_losses: dict[str, float]
     train_seconds: float
+    steady_pairs_per_s: Optional[float] = Field(
+        None, description="training throughput of the last session in steady state: pairs over the seconds of "
+                          "its log intervals that began after warm-up (cuDNN autotuning, compilation, CUDA-graph "
+                          "capture), checkpoint writes and hooks left out; comparable with bench/bench_kdm_image.py")
     code_version: str
     created: str
 

@@ -65,6 +65,12 @@ def test_presets_are_the_documented_recipes():
     assert full == DistillImageConfig() and full.preset == "full" and full.device == "cuda"
     assert (len(full.pairs.seeds), len(full.pairs.heldout_seeds), full.pairs.sampler.nfe) == (1_000_000, 50_000, 35)
     assert full.student.train.steps == 800_000 and full.student.train.batch_size == 128
+    # the engine's fast path: bf16, NCHW (faster than channels_last with the CUDA graph: BENCHMARKS.md calls
+    # 4-6), the whole-step CUDA graph by default on one GPU; the conditional variant trains the same way
+    assert (full.student.train.precision, full.student.train.channels_last, full.student.train.cuda_graphs,
+            full.student.train.compile) == ("bf16", False, None, False)
+    assert distill_image_preset("full", True).student.train == full.student.train
+    assert distill_image_preset("mini", True).student.train == distill_image_preset("mini").student.train
     # every preset but smoke trains with lpips-own (BENCHMARKS.md "Student objective"); otherwise the paper's model
     assert full.student.model == image_preset("cifar10-uncond").model_copy(update={"distance": "lpips-own",
                                                                                    "adv_weight": 0.0})

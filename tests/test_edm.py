@@ -371,6 +371,32 @@ def test_bootstrap_trains_resumes_and_writes_a_teacher(dataset, tmp_path):
         train_edm_teacher(dataset, tiny_teacher_cfg(steps=5), out, progress=False)
 
 
+def test_teacher_log_has_steady_rates_and_host_readings(dataset, tmp_path, monkeypatch):
+    """Each teacher record carries the interval's steady-state images/s (none for the first interval of a
+    session, checkpoint writes left out) and the host readings; off CUDA no GPU fields."""
+    import time
+    from pipeline.storage import checkpoints
+    save, pause = checkpoints.save_checkpoint, 0.4
+
+    def slow_save(*args, **kw):
+        time.sleep(pause)
+        return save(*args, **kw)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", slow_save)
+    cfg = tiny_teacher_cfg(steps=5, checkpoint_every=2, preview_samples=0)
+    out = tmp_path / "t"
+    logs = []
+    train_edm_teacher(dataset, cfg, str(out), progress=False, on_log=logs.append)
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5]
+    assert list(logs[0])[:6] == ["step", "loss", "lr", "ema_beta", "images_per_s", "elapsed_s"]
+    assert logs[0]["train_images_per_s"] is None and all(r["train_images_per_s"] > 0 for r in logs[1:])
+    for r in (logs[2], logs[4]):          # after the checkpoints of steps 2 and 4
+        assert cfg.batch_size / r["images_per_s"] - cfg.batch_size / r["train_images_per_s"] >= pause - 0.01
+    assert all(r["host_cpu_ms_per_step"] > 0 and r["host_cpu_cores"] >= 0 for r in logs)
+    assert not any(k.startswith("gpu_") for r in logs for k in r)
+    saved = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert saved == logs
+
+
 @pytest.mark.gpu
 def test_bootstrap_asks_for_a_gpu_that_is_absent(dataset, tmp_path):
     if torch.cuda.is_available():

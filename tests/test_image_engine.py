@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,42 @@ def test_resume_is_bitwise_equal_and_saves_the_ema(pairs, tmp_path):
     assert m.discriminator_parameters > 0 and set(m.final_losses) >= {"rec", "lat", "pred", "adv", "disc", "total"}
     # a finished run is found, not retrained
     assert train_image_student(pairs, mc, tc, str(a), progress=False) == va
+
+
+def test_logged_throughput_leaves_out_warm_up_and_checkpoint_writes(pairs, tmp_path, monkeypatch):
+    """Each record's train_pairs_per_s counts only the interval's steps: the first interval (cuDNN autotuning,
+    compilation or the CUDA-graph capture fall there) has none, and the time of a checkpoint write is left
+    out; the manifest's steady_pairs_per_s is the pairs of the steady intervals over their training seconds."""
+    from pipeline.training import image_train
+    save = image_train._save_checkpoint
+    pause = 0.4
+
+    def slow_save(*args, **kw):        # a checkpoint write that takes at least `pause` seconds
+        time.sleep(pause)
+        save(*args, **kw)
+    monkeypatch.setattr(image_train, "_save_checkpoint", slow_save)
+    mc = model_cfg(**{**RUN_MODEL, "adv_weight": 0.0})
+    tc = train_cfg(steps=5, log_every=1, checkpoint_every=2, buffer_chunks=2)
+    logs = []
+    train_image_student(pairs, mc, tc, str(tmp_path / "r"), progress=False, on_log=logs.append)
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5]
+    assert logs[0]["train_pairs_per_s"] is None                         # warm-up interval
+    rates = [r["train_pairs_per_s"] for r in logs[1:]]
+    assert all(r > 0 for r in rates)
+    # the intervals after the checkpoints of steps 2 and 4 hold the write: their wall rate is lower by it
+    for r in (logs[2], logs[4]):
+        wall_s, train_s = tc.batch_size / r["pairs_per_s"], tc.batch_size / r["train_pairs_per_s"]
+        assert wall_s - train_s >= pause - 0.01, r
+    r = logs[1]                          # no checkpoint in it: only the logging itself is left out
+    assert 0 <= tc.batch_size / r["pairs_per_s"] - tc.batch_size / r["train_pairs_per_s"] < pause / 2
+    m = read_image_student_manifest(str(tmp_path / "r"))
+    steady = 4 * tc.batch_size / sum(tc.batch_size / r for r in rates)
+    assert m.steady_pairs_per_s == pytest.approx(steady, abs=0.051)
+    # host readings with every record; no GPU fields on the CPU
+    assert all(r["host_cpu_ms_per_step"] > 0 and "load_avg_1m" in r for r in logs)
+    assert not any(k.startswith("gpu_") for r in logs for k in r)
+    saved = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_pairs_per_s"] for r in saved] == [r["train_pairs_per_s"] for r in logs]
 
 
 @pytest.mark.gpu

@@ -295,14 +295,18 @@ class ImageStudent(Stage):
             resumed: list[int] = []
 
             def on_log(rec: dict) -> None:
+                rate = rec.get("train_pairs_per_s")
                 ctx.progress(rec["step"] / steps, f"student step {rec['step']} loss "
-                                                  f"{rec.get('loss_total', float('nan')):.4f} ({rec['pairs_per_s']:.0f} pairs/s)")
+                                                  f"{rec.get('loss_total', float('nan')):.4f} "
+                                                  f"({rate or rec['pairs_per_s']:.0f} pairs/s"
+                                                  f"{'' if rate else ', warm-up'})")
 
             train_image_student(uris["filter"], s.model, train_cfg, out, device=device, preset=s.preset,
                                 progress=ctx.progress_bars, on_log=on_log, on_resume=resumed.append,
                                 on_checkpoint=self.on_checkpoint)
             if resumed:
                 ctx.log(f"student {self.version(out)} resumed from its step-{resumed[0]} checkpoint")
+            ctx.log(steady_rate_line(out, train_cfg.batch_size))
             return {"resumed_from_step": resumed[0] if resumed else None}
         from pipeline.training.torchrun import run_kdm_command
         if self.on_checkpoint is not None:
@@ -320,11 +324,25 @@ class ImageStudent(Stage):
         m = read_image_student_manifest(out)
         return {"uri": out, "version": m.version, "weights_sha256": m.weights_sha256, "resumed_from_step": None,
                 "steps": m.steps_done, "nonfinite_steps": m.nonfinite_steps, "final_losses": m.final_losses,
-                "train_seconds": m.train_seconds, "trainable_parameters": m.trainable_parameters}
+                "train_seconds": m.train_seconds, "steady_pairs_per_s": m.steady_pairs_per_s,
+                "trainable_parameters": m.trainable_parameters}
 
     def lineage(self, s):
+        rate = f", {s['steady_pairs_per_s']:,.0f} pairs/s in steady state" if s.get("steady_pairs_per_s") else ""
         return (f"student `{s['version']}` ({s['trainable_parameters']:,} parameters, {s['steps']} steps, "
-                f"{s['train_seconds']:.0f} s)")
+                f"{s['train_seconds']:.0f} s{rate})")
+
+
+def steady_rate_line(out: str, batch_size: int) -> str:
+    """The student stage's closing log line: its steady-state training rate, as the manifest records it."""
+    from pipeline.training.image_train import read_image_student_manifest
+    m = read_image_student_manifest(out)
+    if m.steady_pairs_per_s is None:
+        return (f"student: {m.steps_done} steps in {m.train_seconds:.1f} s; no steady-state rate (no log interval "
+                f"began after the warm-up)")
+    return (f"student: {m.steps_done} steps x {batch_size} in {m.train_seconds:.1f} s; steady state "
+            f"{m.steady_pairs_per_s:,.0f} pairs/s ({m.steady_pairs_per_s / batch_size:.2f} steps/s; warm-up, "
+            f"checkpoint writes and hooks left out, as bench/bench_kdm_image.py times a step)")
 
 
 class ImageEvaluation(Stage):

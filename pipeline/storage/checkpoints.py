@@ -23,8 +23,9 @@ import os
 import shutil
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -247,23 +248,63 @@ class MetricsLog:
     record (``batch_size`` per step) and the seconds since opening (``t_start``); ``write`` appends it as
     one flushed JSON line. With ``write=False`` (a process that does not write, under DDP) records are
     made but the file is neither truncated nor written.
+
+    Steady-state rate (``record(..., steady=...)``): ``"train_<rate_name>"`` is the rate of the interval's
+    training steps alone: the time spent in ``with log.exclude():`` blocks (checkpoint writes, hooks) and in
+    the ``probes`` is left out, and an interval that began before the loop was steady (warm-up: cuDNN
+    autotuning, compilation, CUDA-graph capture) gets None. ``steady_rate`` is the rate over all steady
+    intervals of this session (their samples over their training seconds), the figure comparable with a
+    benchmark's mean time per step after warm-up. ``probes`` are called with the interval's step count and
+    return extra fields of each record (``pipeline.training.monitor``: GPU clocks, host CPU time).
     """
 
     def __init__(self, path: Path, step: int, batch_size: int, write: bool = True,
-                 rate_name: str = "pairs_per_s"):
+                 rate_name: str = "pairs_per_s", probes: Sequence[Callable[[int], Mapping[str, Any]]] = ()):
         self.batch_size, self.rate_name = batch_size, rate_name
+        self.probes = list(probes)
         self._file = None
         if write:
             truncate_metrics(path, step)
             self._file = path.open("a")
         self.t_start = self._t_last = time.time()
         self._last_step = step
+        self._excluded = 0.0
+        self.steady_samples, self.steady_seconds = 0, 0.0
 
-    def record(self, step: int, fields: Mapping[str, Any]) -> dict:
+    @contextmanager
+    def exclude(self, sync: Optional[Callable[[], None]] = None):
+        """Time spent inside is not training time (``train_<rate>``). ``sync`` (e.g. a device synchronise)
+        runs first, so that queued training work is not counted as excluded."""
+        if sync is not None:
+            sync()
+        t = time.time()
+        try:
+            yield
+        finally:
+            self._excluded += time.time() - t
+
+    @property
+    def steady_rate(self) -> Optional[float]:
+        """Samples per second over the steady intervals recorded so far; None before the first one."""
+        return self.steady_samples / self.steady_seconds if self.steady_seconds > 0 else None
+
+    def record(self, step: int, fields: Mapping[str, Any], steady: Optional[bool] = None) -> dict:
         now = time.time()
+        n = step - self._last_step
         rec = {"step": step, **fields,
-               self.rate_name: (step - self._last_step) * self.batch_size / max(now - self._t_last, 1e-9),
+               self.rate_name: n * self.batch_size / max(now - self._t_last, 1e-9),
                "elapsed_s": now - self.t_start}
+        if steady is not None:
+            train_s = now - self._t_last - self._excluded
+            rate = None
+            if steady and n > 0 and train_s > 0:
+                rate = n * self.batch_size / train_s
+                self.steady_samples += n * self.batch_size
+                self.steady_seconds += train_s
+            rec[f"train_{self.rate_name}"] = rate
+        for probe in self.probes:
+            rec.update(probe(n))
+        self._excluded = time.time() - now      # the probes' time falls into the next interval: not training
         self._t_last, self._last_step = now, step
         return rec
 

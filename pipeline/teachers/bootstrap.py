@@ -24,7 +24,6 @@ checkpoints) is committed to ``<out>`` with its manifest last.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shutil
 import tempfile
@@ -196,7 +195,6 @@ def _train_in(work: Path, mirror: Optional[RunMirror], ds, dataset_url: str, cfg
         if on_resume is not None:
             on_resume(step)
     metrics_path = work / checkpoints.METRICS_FILE
-    checkpoints.truncate_metrics(metrics_path, step)
 
     images_np, labels_np = ds.load("train")
     images = torch.from_numpy(images_np).to(device)
@@ -208,10 +206,18 @@ def _train_in(work: Path, mirror: Optional[RunMirror], ds, dataset_url: str, cfg
     fwd = torch.compile(net) if (cfg.compile and cuda) else net
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.precision == "bf16") else None
 
-    t_start = t_last = time.time()
-    last_step, last_loss, loss_acc, loss_n = step, None, 0.0, 0
+    t_start = time.time()
+    last_loss, loss_acc, loss_n = None, 0.0, 0
     bar = tqdm(total=cfg.steps, initial=step, desc="teacher", unit="step", disable=not progress, mininterval=2.0)
-    with metrics_path.open("a") as log:
+    # Per log interval: images/s (wall), the steady-state rate (first interval of a session, with cuDNN's
+    # autotuning and any compilation, and checkpoint writes left out), host CPU time per step, GPU clocks,
+    # temperature, power and the processes on the GPU (pipeline.training.monitor): what a run that slows
+    # down needs to show why.
+    from pipeline.training.monitor import interval_probes
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else None
+    session_steps = 0
+    steady = False
+    with checkpoints.MetricsLog(metrics_path, step, B, rate_name="images_per_s", probes=interval_probes(device)) as log:
         while step < cfg.steps:
             if stop_after is not None and step >= stop_after:
                 bar.close()
@@ -242,6 +248,7 @@ def _train_in(work: Path, mirror: Optional[RunMirror], ds, dataset_url: str, cfg
                         torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
             opt.step()
             step += 1
+            session_steps += 1
             halflife = cfg.ema_halflife_images
             if cfg.ema_rampup_ratio is not None:        # EDM: on the images seen before this step
                 halflife = min(halflife, images_seen * cfg.ema_rampup_ratio)
@@ -256,21 +263,23 @@ def _train_in(work: Path, mirror: Optional[RunMirror], ds, dataset_url: str, cfg
                 if not math.isfinite(last_loss):
                     raise KDMError(f"teacher training diverged at step {step} (loss {last_loss}); lower lr "
                                    f"(now {cfg.lr}) or resume from an earlier checkpoint")
-                now = time.time()
-                rec = {"step": step, "loss": last_loss, "lr": opt.param_groups[0]["lr"], "ema_beta": beta,
-                       "images_per_s": (step - last_step) * B / max(now - t_last, 1e-9), "elapsed_s": now - t_start}
-                t_last, last_step = now, step
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['images_per_s']:.0f}")
-                if on_log is not None:
-                    on_log(rec)
+                rec = log.record(step, {"loss": last_loss, "lr": opt.param_groups[0]["lr"], "ema_beta": beta},
+                                 steady=steady)
+                steady = session_steps >= (2 if fwd is not net else 1)
+                with log.exclude():
+                    log.write(rec)
+                    bar.set_postfix(loss=f"{last_loss:.4f}",
+                                    img_s=f"{rec['train_images_per_s'] or rec['images_per_s']:.0f}")
+                    if on_log is not None:
+                        on_log(rec)
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                ck = checkpoints.save_checkpoint(work, step, cfg.keep_checkpoints, modules={"net": net, "ema": ema},
-                                                 objects={"optimizer": opt.state_dict()})
-                if mirror is not None:
-                    mirror.push_checkpoint(work, ck, cfg.keep_checkpoints)
+                with log.exclude(sync):
+                    ck = checkpoints.save_checkpoint(work, step, cfg.keep_checkpoints,
+                                                     modules={"net": net, "ema": ema},
+                                                     objects={"optimizer": opt.state_dict()})
+                    if mirror is not None:
+                        mirror.push_checkpoint(work, ck, cfg.keep_checkpoints)
     bar.close()
     if last_loss is None:
         recs = checkpoints.read_metrics(metrics_path)

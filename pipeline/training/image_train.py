@@ -162,7 +162,11 @@ class ImageTrainer:
     """Model, EMA, discriminator, optimizers, RNG streams and the training step of one process."""
 
     def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device,
-                 dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None):
+                 dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None,
+                 perceptual: Optional[nn.Module] = None):
+        """``perceptual``: for distance 'lpips-own', a network (``OwnLPIPS`` or ``PerceptualConvNet``) used
+        instead of loading ``train_cfg.perceptual_net`` (benchmarks: the step's cost does not depend on its
+        weights); the run then records no network reference."""
         tc = train_cfg
         self.model_cfg, self.cfg, self.device = model_cfg, tc, device
         self.dist = dist_info or DistInfo()
@@ -181,7 +185,10 @@ class ImageTrainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.distance_net: Optional[PerceptualNetRef] = None
         own = None
-        if model_cfg.distance == "lpips-own":
+        if model_cfg.distance == "lpips-own" and perceptual is not None:
+            from models.perceptual import OwnLPIPS
+            own = perceptual if isinstance(perceptual, OwnLPIPS) else OwnLPIPS(perceptual)
+        elif model_cfg.distance == "lpips-own":
             from pipeline.training.perceptual import load_perceptual_distance
             own = load_perceptual_distance(tc.perceptual_net, device)
             self.distance_net = PerceptualNetRef(id=own.net_id, sha256=own.sha256)
@@ -252,6 +259,16 @@ class ImageTrainer:
         self._graph: Optional[torch.cuda.CUDAGraph] = None        # cuda_graphs: the captured step
         self._static: Optional[tuple] = None                      # ... and its input buffers
         self._warm_steps = 0
+        self.steps_run = 0                                        # train_step calls of this trainer
+
+    @property
+    def steady(self) -> bool:
+        """Whether the next step runs as every later one will: the CUDA graph is captured (``cuda_graphs``),
+        or, eagerly, the first step (cuDNN autotuning, compilation) is done. Throughput logs count only
+        intervals that start steady."""
+        if self.cuda_graphs:
+            return self._graph is not None
+        return self.steps_run >= (2 if self.cfg.compile else 1)
 
     @property
     def nonfinite_steps(self) -> int:
@@ -294,6 +311,7 @@ class ImageTrainer:
         """One optimisation step on a batch; returns False when the non-finite guard skipped it (one host
         sync). With ``cuda_graphs`` it returns True without a sync: skips show in ``nonfinite_steps``."""
         x0, xT, y = self._prepare(x_T, x_0, label)
+        self.steps_run += 1
         if self.cuda_graphs:
             return self._graph_step(x0, xT, y)
         eps = torch.randn((2, x0.shape[0], self.model.latent_dim), generator=self.noise_gen, device=self.device)
@@ -608,13 +626,17 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             on_resume(step)
     metrics_path = run / checkpoints.METRICS_FILE
     stop = tc.steps if max_steps is None else min(tc.steps, max_steps)
-    log = checkpoints.MetricsLog(metrics_path, step, tc.batch_size, write=di.is_main)
+    from pipeline.training.monitor import interval_probes
+    log = checkpoints.MetricsLog(metrics_path, step, tc.batch_size, write=di.is_main,
+                                 probes=interval_probes(dev) if di.is_main else ())
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
     final: dict[str, float] = {}
     bar = None
     if progress and di.is_main:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=step, desc="train-image", mininterval=1.0)
     batches = iter(sampler)
+    steady = trainer.steady          # whether the current log interval started in steady state
     try:
         while step < stop:
             batch = next(batches)
@@ -628,20 +650,25 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
                                         "grad_norm": losses.get("grad_norm"),
                                         **({"adv_weight": losses["adv_weight"]} if "adv_weight" in losses else {}),
                                         "nonfinite_steps": trainer.nonfinite_steps,
-                                        "epoch": sampler.cursor.epoch})
+                                        "epoch": sampler.cursor.epoch}, steady=steady)
+                steady = trainer.steady
                 final = {k.removeprefix("loss_"): v for k, v in rec.items() if k.startswith("loss_")}
                 if di.is_main:
-                    log.write(rec)
-                    if on_log is not None:
-                        on_log(rec)
+                    with log.exclude():
+                        log.write(rec)
+                        if on_log is not None:
+                            on_log(rec)
                 if bar is not None and "total" in losses:
-                    bar.set_postfix(loss=f"{losses['total']:.4f}", skipped=trainer.nonfinite_steps)
+                    rate = rec.get("train_pairs_per_s") or rec["pairs_per_s"]
+                    bar.set_postfix(loss=f"{losses['total']:.4f}", pairs_s=f"{rate:.0f}",
+                                    skipped=trainer.nonfinite_steps)
             if bar is not None:
                 bar.update(1)
             if step % tc.checkpoint_every == 0 or step == stop:
-                _save_checkpoint(run, step, trainer, sampler.cursor, tc.keep_checkpoints, di, mirror)
-                if on_checkpoint is not None and di.is_main:
-                    on_checkpoint(step, trainer.ema)
+                with log.exclude(sync):
+                    _save_checkpoint(run, step, trainer, sampler.cursor, tc.keep_checkpoints, di, mirror)
+                    if on_checkpoint is not None and di.is_main:
+                        on_checkpoint(step, trainer.ema)
     finally:
         batches.close()
         sampler.close()
@@ -665,12 +692,17 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             discriminator_parameters=sum(p.numel() for p in trainer.disc.parameters()) if trainer.disc else 0,
             distance_name=trainer.distance_name, distance_net=trainer.distance_net,
             world_size=di.world_size, final_losses={k: float(v) for k, v in final.items()},
-            train_seconds=time.time() - log.t_start, code_version=code_version(), created=utc_now())
+            train_seconds=time.time() - log.t_start, steady_pairs_per_s=_rounded(log.steady_rate),
+            code_version=code_version(), created=utc_now())
         artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
         if mirror is not None:
             mirror.commit(run, final_files=(weights.name, artifacts.MANIFEST))
     _barrier(di)
     return version
+
+
+def _rounded(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 1)
 
 
 def _save_checkpoint(run: Path, step: int, trainer: ImageTrainer, cursor, keep: int, di: DistInfo,
