@@ -64,8 +64,9 @@ def test_mini_summary_and_pairs_and_sampling_goals():
     stage["rows"]["preset"]["steady_pairs_per_s"] = 1700.0
     assert not svo.mini_summary(bench, stage, "engine_bf16_nchw_cuda_graphs", "preset")["met"]
     p = svo.pairs_summary({"throughput": {"reference": {"pairs_per_s": 78.5}, "fp16-compile": {"pairs_per_s": 251.1}},
-                           "drift": {"fp16-compile": {"mean": 1e-4, "max": 1.4e-3}}})
-    assert p["speedup"] == pytest.approx(3.199, abs=1e-3) and not p["met"] and p["drift_mean"] == 1e-4
+                           "drift": {"teacher": "/t", "fp16-compile": {"mean_abs": 1e-4, "max_abs": 1.4e-3}}})
+    assert p["speedup"] == pytest.approx(3.199, abs=1e-3) and not p["met"]
+    assert (p["drift_mean"], p["drift_max"], p["drift_teacher"]) == (1e-4, 1.4e-3, "/t")
     s = svo.sampling_summary({"sampling": {"bf16-sdpa-compile": {"images_per_s": 15099.0, "batch": 1000}}}, OFFICIAL)
     assert s == {"engine_images_per_s": 15099.0, "batch": 1000, "official_images_per_s": 4203.0, "goal": 15000,
                  "met": True}
@@ -109,7 +110,7 @@ def test_cpu_path_writes_the_json_and_the_table(tmp_path):
     official.write_text(json.dumps(OFFICIAL))
     out = tmp_path / "out"
     rec = svo.main(["--device", "cpu", "--tiny", "--official-json", str(official), "--archive", str(archive),
-                    "--out-dir", str(out)])
+                    "--out-dir", str(out), "--keep-logs"])
     saved = json.loads((out / "speed-vs-official.json").read_text())
     assert saved["kind"] == "speed-vs-official" and saved["device"] == "cpu" and saved["tiny"] is True
     assert saved["parts"] == json.loads(json.dumps(rec["parts"]))
@@ -144,3 +145,7 @@ def test_cpu_path_writes_the_json_and_the_table(tmp_path):
     assert md.startswith("### Official code as it runs (`bench/speed_vs_official.py`, cpu, ")
     assert f"| Huber | Huber + D | 373.5 | 19.25 | pseudo-huber+D | {1e3 * steps[names[0]]['step_s']:.1f} |" in md
     assert "Not measured in this call: pairs (skipped: needs CUDA" in md
+    logs = (out / "speed-vs-official-parts.log").read_text()
+    assert [ln for ln in logs.splitlines() if ln.startswith("===== ")] == ["===== engine", "===== mini", "===== teacher"]
+    assert sorted(p.name for p in out.iterdir()) == ["speed-vs-official-parts.log", "speed-vs-official.json",
+                                                      "speed-vs-official.md"]
