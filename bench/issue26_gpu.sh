@@ -19,7 +19,12 @@ DEST=${OUT:-docs/bench}
 mkdir -p "$DEST"
 exec > >(tee "$DEST/issue26-gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
-smi() { nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit,memory.used,clocks_event_reasons.active --format=csv 2>&1 || true; }
+smi() {
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,power.limit,memory.used --format=csv 2>&1
+  nvidia-smi --query-gpu=clocks_event_reasons.active --format=csv 2>/dev/null
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv 2>&1
+  true
+}
 echo "== $(date -Is) start"; smi
 
 if [ -d .whl ]; then

@@ -189,6 +189,20 @@ def test_plan_with_a_given_teacher_knows_whether_it_has_its_student(done, archiv
         stages.run_stage(cifar10.EDMTeacher(), smoke(archive, tmp_path, teacher_uri=str(bad)), {"dataset": ds})
 
 
+def test_student_stage_reports_its_steady_rate(monkeypatch):
+    from types import SimpleNamespace
+    from pipeline.training import image_train
+    m = SimpleNamespace(steps_done=3000, train_seconds=456.7, steady_pairs_per_s=1843.4)
+    monkeypatch.setattr(image_train, "read_image_student_manifest", lambda uri: m)
+    assert cifar10.steady_rate_line("/r/students/s", 256) == (
+        "student: 3000 steps x 256 in 456.7 s; steady state 1,843 pairs/s (7.20 steps/s; warm-up, checkpoint writes "
+        "and hooks left out, as bench/bench_kdm_image.py times a step)")
+    s = {"version": "v", "trainable_parameters": 1234, "steps": 3000, "train_seconds": 456.7}
+    assert cifar10.ImageStudent().lineage(s) == "student `v` (1,234 parameters, 3000 steps, 457 s)"
+    assert cifar10.ImageStudent().lineage({**s, "steady_pairs_per_s": 1843.4}) == \
+        "student `v` (1,234 parameters, 3000 steps, 457 s, 1,843 pairs/s in steady state)"
+
+
 def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
     first, second, root = done["first"], done["second"], Path(done["root"])
     kinds = dict(dataset="datasets", extractor="extractors", teacher="teachers", pairs="pairs", filter="pairs",
@@ -200,6 +214,10 @@ def test_smoke_preset_end_to_end_and_skipped_on_rerun(done):
     assert (first["dataset"]["train_images"], first["dataset"]["classes"]) == (24, 3)
     assert (first["pairs"]["count"], first["pairs"]["heldout_count"], first["pairs"]["nfe"]) == (32, 16, 35)
     assert first["student"]["steps"] == 4
+    # 4 steps logged once (log_every 5): that one interval holds the warm-up, so there is no steady-state rate
+    assert first["student"]["steady_pairs_per_s"] is None and second["student"]["steady_pairs_per_s"] is None
+    assert cifar10.steady_rate_line(first["student"]["uri"], 16).startswith(
+        "student: 4 steps in ") and "no steady-state rate" in cifar10.steady_rate_line(first["student"]["uri"], 16)
     ev = first["evaluation"]
     # which file the dataset came from is in its summary and in the evaluation's notes (every FD names it)
     source = first["dataset"]["source"]

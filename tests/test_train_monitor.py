@@ -67,13 +67,16 @@ def test_metrics_log_steady_rate_is_none_before_a_steady_interval(tmp_path):
 class FakeSmi:
     """nvidia-smi answers: the GPU query (rejecting the field names in ``unknown``) and the process list."""
 
-    def __init__(self, gpu_line: str, apps: str = "", unknown=()):
+    def __init__(self, gpu_line: str, apps: str = "", unknown=(), absent=()):
         self.gpu_line, self.apps, self.unknown, self.calls = gpu_line, apps, set(unknown), []
+        self.absent = set(absent)          # -i values it does not know
 
     def __call__(self, cmd, capture_output, text, timeout):
         assert capture_output and text and timeout == monitor.TIMEOUT_S
         self.calls.append(cmd)
         query = cmd[1]
+        if cmd[-1] in self.absent:
+            return subprocess.CompletedProcess(cmd, 6, "", "No devices were found")
         bad = [f for f in self.unknown if f in query]
         if bad:
             return subprocess.CompletedProcess(cmd, 2, "", f'Field "{bad[0]}" is not a valid field to query.')
@@ -148,3 +151,24 @@ def test_decode_reasons_and_host_readings(monkeypatch):
     assert h.read(100) == {"host_cpu_ms_per_step": 30.0, "host_cpu_cores": 1.5, "load_avg_1m": 3.25}
     cpu.t, wall.t = 13.5, 103.0
     assert h.read(10)["host_cpu_ms_per_step"] == 50.0
+
+
+def test_gpu_readings_try_the_index_when_the_uuid_is_unknown(monkeypatch):
+    monkeypatch.setattr(monitor, "gpu_selectors", lambda device: ["GPU-bad", "3"])
+    smi = FakeSmi("1980, 1980, 2619, 40, 100, 700, 5, 800, 0x0", "1\n", absent=["GPU-bad"])
+    g = GpuReadings(CUDA, runner=smi, exe="smi")
+    assert g.read()["gpu_clock_reasons"] == [] and g._selector == "3"
+    # the unknown UUID cost three tries (both reason field names, then none) and left the field list alone
+    assert [c[-1] for c in smi.calls] == ["GPU-bad"] * 3 + ["3", "3"]
+    assert "clocks_event_reasons.active" in smi.calls[3][1]
+    smi.calls.clear()
+    g.read()
+    assert [c[-1] for c in smi.calls] == ["3", "3"]
+
+
+def test_uuid_selector_from_torch_properties():
+    class Raw:
+        bytes = bytes(range(16))
+    assert monitor.uuid_selector(Raw()) == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+    assert monitor.uuid_selector("58F0F7D4-1c2b-4e3f-9a8b-7c6d5e4f3a2b") == "GPU-58f0f7d4-1c2b-4e3f-9a8b-7c6d5e4f3a2b"
+    assert monitor.uuid_selector("no uuid here") is None and monitor.uuid_selector(None) is None

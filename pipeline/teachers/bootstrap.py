@@ -11,7 +11,8 @@ device and settings).
 
 Work directory ``<out>.partial`` (local):
   run.json                       the config, dataset and teacher id (written first)
-  metrics.jsonl                  one JSON line per logged step
+  metrics.jsonl                  one JSON line per logged step (loss, lr, EMA beta; images/s wall-clock and
+                                 in steady state, host CPU and GPU readings)
   checkpoints/step-NNNNNNNN/     net + EMA (safetensors), optimizer, step (renamed into place when complete)
 When training ends the EMA weights are written as ``weights.safetensors`` with ``config.json`` (the
 EDMNetConfig), ``preview.png`` (EMA samples, 18-step Heun) and ``manifest.json`` last; the checkpoints

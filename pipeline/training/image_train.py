@@ -41,7 +41,9 @@ training pass) and the discriminator pair.
 
 Run directory (``out``; the layout and resume semantics of ``pipeline.training.train2d``, via ``pipeline.storage.checkpoints``):
   config.json                        run config and pair store (written first)
-  metrics.jsonl                      one JSON line per logged step (interval means of the losses)
+  metrics.jsonl                      one JSON line per logged step (interval means of the losses; pairs/s
+                                     wall-clock and in steady state, host CPU and GPU readings:
+                                     pipeline.storage.checkpoints.MetricsLog, pipeline.training.monitor)
   checkpoints/step-NNNNNNNN/         model, ema, disc (safetensors), optimizer.pt, disc_optimizer.pt,
                                      rng.pt (every rank's RNG states), state.json (step, data cursor,
                                      nonfinite_steps); written under a temporary name and renamed

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
+import uuid
 from typing import Callable, Optional
 
 import torch
@@ -59,16 +61,27 @@ def _number(text: str) -> Optional[float]:
         return None
 
 
-def gpu_selector(device: torch.device) -> str:
-    """What ``nvidia-smi -i`` takes for this CUDA device: its UUID (the same whatever CUDA_VISIBLE_DEVICES
-    does to the numbering), else the physical index CUDA_VISIBLE_DEVICES maps it to."""
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def uuid_selector(value) -> Optional[str]:
+    """'GPU-<uuid>' from torch's device-properties uuid (its 16 bytes, or a text holding the UUID); None
+    when it is neither."""
+    raw = getattr(value, "bytes", None)
+    if raw is not None and len(bytes(raw)) == 16:
+        return f"GPU-{uuid.UUID(bytes=bytes(raw))}"
+    found = _UUID.search(str(value)) if value is not None else None
+    return f"GPU-{found.group(0).lower()}" if found else None
+
+
+def gpu_selectors(device: torch.device) -> list[str]:
+    """What ``nvidia-smi -i`` may take for this CUDA device, best first: its UUID (the same whatever
+    CUDA_VISIBLE_DEVICES does to the numbering), then the index CUDA_VISIBLE_DEVICES maps it to."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-    if uuid is not None:
-        text = str(uuid)
-        return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+    by_uuid = uuid_selector(getattr(torch.cuda.get_device_properties(index), "uuid", None))
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return visible[index] if index < len(visible) else str(index)
+    by_index = visible[index] if index < len(visible) else str(index)
+    return [x for x in (by_uuid, by_index) if x]
 
 
 class GpuReadings:
@@ -101,15 +114,18 @@ class GpuReadings:
 
     def _query(self, sel: str) -> dict:
         base = [f for f, _ in GPU_QUERY]
-        while True:
-            fields = base + self._reason_fields[:1]
+        error: Optional[RuntimeError] = None
+        for reason in [*self._reason_fields, None]:      # an older driver knows the reasons by the old name
+            fields = base + ([reason] if reason else [])
             try:
                 out = self._run([f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", sel])
-                break
-            except RuntimeError:
-                if not self._reason_fields:      # the basic query itself fails
-                    raise
-                self._reason_fields.pop(0)       # an older or newer driver: try the other name, then none
+            except RuntimeError as e:
+                error = e
+                continue
+            self._reason_fields = [reason] if reason else []     # what this nvidia-smi answers, from now on
+            break
+        else:
+            raise error
         lines = [ln for ln in out.splitlines() if ln.strip()]
         values = [v.strip() for v in lines[0].split(",")] if lines else []
         if len(values) != len(fields):
@@ -126,8 +142,15 @@ class GpuReadings:
             note, self.note = self.note, None        # the note goes into one record only
             return {"gpu_note": note} if note else {}
         try:
-            sel = self._selector or gpu_selector(self.device)
-            rec = self._query(sel)
+            selectors = [self._selector] if self._selector else gpu_selectors(self.device)
+            for i, sel in enumerate(selectors):
+                try:
+                    rec = self._query(sel)
+                    break
+                except RuntimeError:        # e.g. a UUID this nvidia-smi does not know: the next selector
+                    if i == len(selectors) - 1:
+                        raise
+            self._selector = sel                # the one that answered, from now on
         except (OSError, RuntimeError, subprocess.TimeoutExpired, IndexError) as e:
             self._fail(f"{type(e).__name__}: {e}")
             return self.read()
