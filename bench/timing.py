@@ -1,6 +1,7 @@
 """Measurement helpers shared by the benchmarks: device sync, peak memory, timed loops."""
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -12,6 +13,9 @@ def sync(device: torch.device) -> None:
 
 
 def reset_memory(device: torch.device) -> None:
+    """Free what the previous measurement left (objects in reference cycles too, e.g. a trainer holding a
+    captured CUDA graph) and restart the peak-memory count, so the next peak is its own."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
