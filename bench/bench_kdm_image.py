@@ -333,6 +333,8 @@ def main(argv=None) -> dict:
         except Exception as e:   # keep the other measurements
             r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
         results["train_step"][name] = r
+        if args.out:            # after every variant: a run cut off by a time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         if "error" in r:
             print(f"{name:28s} failed: {r['error']}", flush=True)
         else:

@@ -374,6 +374,7 @@ class Driver:
         if out.exists():
             res = json.loads(out.read_text())
             self.rec["engine_raw"] = res
+            self.rec["gpu"] = self.rec["gpu"] or res["info"].get("gpu")
             # the presets' path (the comparison's rows), then the layout and eager checks
             eng = self.rec["engine"] = {"preset_path": {"variant": v, "rows": engine_rows(res, key)}}
             if self.cuda:
@@ -417,6 +418,15 @@ class Driver:
             self.rec["teacher"] = res["summary"]
             self.rec["teacher_records"] = res["records"]
             self.teacher_uri = res["teacher"]
+        else:      # cut off: the records the run logged so far (its work directory is <uri>.partial)
+            from pipeline.storage import checkpoints
+            from storage_schemas.distill_image import TEACHER_MINI
+            logs = sorted((self.tmp / "teacher").glob("teacher*/metrics.jsonl"))
+            records = checkpoints.read_metrics(logs[0]) if logs else []
+            if records:
+                batch = TINY_TEACHER_BATCH if self.a.tiny else TEACHER_MINI.batch_size
+                self.rec["teacher"] = {**teacher_summary(records, batch), "cut_off_at_step": records[-1]["step"]}
+                self.rec["teacher_records"] = records
         return why
 
     def pairs(self) -> Optional[str]:
@@ -465,8 +475,9 @@ class Driver:
 
 # --- the teacher part (its own process) -----------------------------------------------------------------
 
+TINY_TEACHER_BATCH = 8
 TINY_TEACHER_SETS = ["unet.model_channels=8", "unet.channel_mult=[1,2]", "unet.num_blocks=1",
-                     "unet.attn_resolutions=[4]", "batch_size=8", "steps=6", "checkpoint_every=3", "log_every=2",
+                     "unet.attn_resolutions=[4]", f"batch_size={TINY_TEACHER_BATCH}", "steps=6", "checkpoint_every=3", "log_every=2",
                      "preview_samples=0", "lr_rampup_images=16", "ema_halflife_images=32"]
 
 

@@ -149,3 +149,31 @@ def test_cpu_path_writes_the_json_and_the_table(tmp_path):
     assert [ln for ln in logs.splitlines() if ln.startswith("===== ")] == ["===== engine", "===== mini", "===== teacher"]
     assert sorted(p.name for p in out.iterdir()) == ["speed-vs-official-parts.log", "speed-vs-official.json",
                                                       "speed-vs-official.md"]
+
+
+def test_a_teacher_part_cut_off_keeps_the_intervals_it_logged(tmp_path, monkeypatch):
+    import argparse
+    archive = tmp_path / "a.tgz"
+    archive.write_bytes(b"")
+    a = argparse.Namespace(device="cpu", tiny=True, parts=["teacher"], budget_s=100.0, official_dir="",
+                           official_json=None, archive=str(archive), steps=1, mini_steps=4, keep_logs=False,
+                           out_dir=str(tmp_path / "out"))
+    d = svo.Driver(a)
+    logged = [{"step": 2, "images_per_s": 50.0, "train_images_per_s": None},
+              {"step": 4, "images_per_s": 80.0, "train_images_per_s": 96.0},
+              {"step": 6, "images_per_s": 40.0, "train_images_per_s": 48.0}]
+
+    def killed(name, cmd, env=None, cwd=None):     # the run is killed after its third record
+        work = d.tmp / "teacher" / "teacher.partial"
+        work.mkdir(parents=True)
+        (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged) + '{"step": 8, "lo')
+        return "timed out after 95 s"
+    monkeypatch.setattr(d, "run", killed)
+    rec = d.main()
+    assert rec["parts"]["teacher"]["status"] == "failed" and rec["parts"]["teacher"]["note"] == "timed out after 95 s"
+    t = rec["teacher"]
+    assert t["cut_off_at_step"] == 6 and t["steady_intervals"] == 2 and t["steps_per_s"] == [12.0, 6.0]
+    assert t["verdict"].startswith("slowed to 0.50 of the first steady interval's rate")
+    assert rec["teacher_records"] == logged
+    saved = json.loads((tmp_path / "out" / "speed-vs-official.json").read_text())
+    assert saved["teacher"] == t and list(saved["parts"]) == ["teacher"]
