@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run the test suite with an isolated Prefect home (no server needed: tests use prefect_test_harness).
+# Run the test suite with an isolated Prefect home (tests start their own Prefect servers).
 # The headless-browser tests (tests/test_ui.py) need Debian's `chromium`: installed here when absent and
-# running as root (CI), otherwise a message says how. Under CI=true a skipped non-GPU test fails
+# running as root (CI), otherwise a message says how. The server tests need PostgreSQL on 127.0.0.1:5432
+# (trust authentication) and Redis on 127.0.0.1:6379: the machine runs them (CI's and development
+# machines start both before the tests) and this script starts neither; when one is absent the whole
+# suite stops at once with one line per missing service. Under CI=true a skipped non-GPU test fails
 # (tests/conftest.py), so nothing the tests need may be missing there.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,6 +26,14 @@ fi
 # folder beside the checkout when there is one (CI runs a clean clone next to ../shared); tests never download.
 if [ -z "${KDM_DATA_DIR:-}" ] && [ -d "$REPO/../shared/data" ]; then
     export KDM_DATA_DIR="$(cd "$REPO/../shared/data" && pwd)"
+fi
+
+# PostgreSQL and Redis (tests/services.py says what is missing and how to start it). Checked before the
+# whole suite only: a run of chosen tests goes ahead, and a test that needs a missing service fails with
+# the same line.
+if [ "$#" = 0 ] && ! .venv/bin/python tests/services.py; then
+    echo "test.sh: start the service(s) named above and run make test again (the tests never start them)" >&2
+    exit 1
 fi
 
 export PREFECT_HOME="$(mktemp -d)/prefect"

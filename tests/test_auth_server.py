@@ -1,13 +1,13 @@
-"""A real ``prefect server start`` on 127.0.0.1 configured like the production stack (docker/compose.yaml):
-an auth string (PREFECT_SERVER_API_AUTH_STRING) and CSRF protection. Checked: which calls are refused
-without (or with wrong) credentials and succeed with them, that the UI is told to prompt for them, that
-``kdm teacher register`` emits its event with PREFECT_API_AUTH_STRING and fails loudly without it, and that
-a process worker with the string runs flow runs whose checks (pipeline.access) refuse forged
-``kdm.teacher.registered`` events and parameters outside its KDM_ALLOWED_ROOTS before any work."""
+"""A real ``prefect server start`` on 127.0.0.1 configured as the production stack configures it
+(docker/compose.yaml's ``prefect-server`` environment: PostgreSQL, an auth string, CSRF protection) on a
+PostgreSQL database of its own. Checked: which calls are refused without (or with wrong) credentials and
+succeed with them, that the UI is told to prompt for them, that ``kdm teacher register`` emits its event
+with PREFECT_API_AUTH_STRING and fails loudly without it, and that a process worker with the string runs
+flow runs whose checks (pipeline.access) refuse forged ``kdm.teacher.registered`` events (delivered by the
+trigger's automation) and parameters outside its KDM_ALLOWED_ROOTS before any work."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import secrets
 import subprocess
@@ -20,48 +20,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefect_server import PREFECT, prefect_server, start, stop, tail
+from prefect_server import PREFECT, Api, production_server, start, stop, tail
 from test_registry import kdm_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 AUTH = f"kdm-admin:{secrets.token_urlsafe(18)}"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 SERVER_ONLY = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_SERVER_CSRF_PROTECTION_ENABLED")
-
-
-def basic(auth: str) -> str:
-    return "Basic " + base64.b64encode(auth.encode()).decode()
-
-
-class Api:
-    """Raw HTTP calls with chosen credentials: ``auth`` (None: no Authorization header) and ``csrf``
-    (a (client, token) pair, or None: no CSRF headers)."""
-
-    def __init__(self, base: str):
-        self.api = f"{base}/api"
-
-    def call(self, method: str, path: str, body=None, auth=None, csrf=None) -> httpx.Response:
-        headers = {}
-        if auth is not None:
-            headers["Authorization"] = basic(auth)
-        if csrf is not None:
-            headers.update({"Prefect-Csrf-Client": csrf[0], "Prefect-Csrf-Token": csrf[1]})
-        return httpx.request(method, self.api + path, json=body, headers=headers, timeout=30)
-
-    def csrf(self) -> tuple[str, str]:
-        client = str(uuid.uuid4())
-        r = self.call("GET", f"/csrf-token?client={client}", auth=AUTH)
-        assert r.status_code == 200, r.text
-        return client, r.json()["token"]
-
-    def ok(self, method: str, path: str, body=None):
-        for attempt in range(5):   # SQLite under concurrent writes answers 503 at times (Prefect's client retries too)
-            r = self.call(method, path, body, auth=AUTH, csrf=self.csrf() if method != "GET" else None)
-            if r.status_code not in (429, 503):
-                break
-            time.sleep(1 + attempt)
-        assert r.status_code < 300, f"{method} {path}: {r.status_code} {r.text}"
-        return r.json() if r.content else None
 
 
 def client_env(env: dict, auth: str | None = AUTH, **extra) -> dict:
@@ -81,17 +46,15 @@ def event(name: str, resource_id: str, payload: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-auth")
-    with prefect_server(home, ui=True, PREFECT_SERVER_API_AUTH_STRING=AUTH,
-                        PREFECT_SERVER_CSRF_PROTECTION_ENABLED="true",
-                        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false") as (base, env):
-        yield base, env, home
+    with production_server(home, ui=True, auth=AUTH, PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false") as srv:
+        yield srv.base, srv.env, home, srv.database
 
 
 @pytest.fixture(scope="module")
 def idle_deployment(server):
     """A deployment on a pool without a worker (its runs stay scheduled): (api, deployment id)."""
-    base, _, _ = server
-    api = Api(base)
+    base, _, _, _ = server
+    api = Api(base, AUTH)
     flow_id = api.ok("POST", "/flows/", {"name": "kdm-auth-idle"})["id"]
     api.ok("POST", "/work_pools/", {"name": "kdm-auth-idle", "type": "process"})
     dep = api.ok("POST", "/deployments/", {"name": "idle", "flow_id": flow_id, "work_pool_name": "kdm-auth-idle",
@@ -141,7 +104,7 @@ def test_the_events_websocket_needs_the_auth_string(server):
     from prefect.events import Event
     from prefect.events.clients import PrefectEventsClient
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-    base, _, _ = server
+    base, _, _, _ = server
 
     run = uuid.uuid4().hex[:12]
     refused, accepted = f"kdm.test.ws.refused-{run}", f"kdm.test.ws.accepted-{run}"
@@ -156,7 +119,7 @@ def test_the_events_websocket_needs_the_auth_string(server):
                 asyncio.run(emit(refused))
     with temporary_settings(updates={PREFECT_API_URL: f"{base}/api", PREFECT_API_AUTH_STRING: AUTH}):
         asyncio.run(emit(accepted))
-    api = Api(base)
+    api = Api(base, AUTH)
     got = _events(api, accepted)                  # the event sent with the auth string arrived, once
     assert [(e["event"], e["resource"]["prefect.resource.id"]) for e in got] == [("kdm.auth.ws", accepted)]
     assert _events(api, refused, timeout=2) == []   # and the refused ones never did
@@ -177,8 +140,8 @@ def kdm(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_kdm_teacher_register_sends_the_auth_string(server, tmp_path):
-    base, env, _ = server
-    api = Api(base)
+    base, env, _, _ = server
+    api = Api(base, AUTH)
     root = tmp_path / "root"
     t = kdm_teacher(tmp_path / "t", seed=21)
     for auth, said in ((None, "refused no credentials (HTTP 401)"),
@@ -223,8 +186,8 @@ def test_a_worker_runs_guarded_flow_runs_and_forged_events_start_nothing(server,
     and KDM_ALLOWED_ROOTS=tmp_path. One genuine registration, three forged events, one direct run with a
     root outside the allowed roots."""
     from prefect.cli.deploy._triggers import DeploymentTriggerAdapter
-    base, env, home = server
-    api = Api(base)
+    base, env, home, database = server
+    api = Api(base, AUTH)
     root, foreign = tmp_path / "root", tmp_path / "foreign"
     flow_id = api.ok("POST", "/flows/", {"name": "kdm-access-probe"})["id"]
     api.ok("POST", "/work_pools/", {"name": "kdm-auth-cpu", "type": "process"})
@@ -279,3 +242,8 @@ def test_a_worker_runs_guarded_flow_runs_and_forged_events_start_nothing(server,
     logs = _logs(api, run["id"])
     assert run["state"]["type"] == "FAILED" and "root /var/tmp/elsewhere is outside the artifact roots" in logs, logs
     assert not (foreign / "registry" / "students").exists() and not Path("/var/tmp/kdm-evil").exists()
+    # the server keeps them in its PostgreSQL database (compose's backend), the automation's too
+    stored = database.query("SELECT id::text, created_by->>'type' FROM flow_run WHERE deployment_id = $1",
+                            uuid.UUID(dep))
+    assert sorted(stored) == sorted((r["id"], (r["created_by"] or {}).get("type")) for r in runs)
+    assert sum(t == "AUTOMATION" for _, t in stored) == 4

@@ -1,6 +1,8 @@
-"""The CIFAR-10 deployments across the two work pools, end to end: a real Prefect server, the process
-pools kdm-cpu and kdm-gpu (concurrency limit 1), the deployments of prefect.yaml registered with
-``prefect --no-prompt deploy --all`` and one process worker per pool. ``kdm/distill-cifar10``
+"""The CIFAR-10 deployments across the two work pools, end to end: a real Prefect server configured as
+docker/compose.yaml configures it (PostgreSQL, auth string, CSRF protection; tests/prefect_server.py), the
+process pools kdm-cpu and kdm-gpu (concurrency limit 1), the deployments of prefect.yaml registered with
+``prefect --no-prompt deploy --all`` and one process worker per pool, every client with compose's worker
+settings (the auth string) and KDM_ALLOWED_ROOTS. ``kdm/distill-cifar10``
 runs a tiny smoke configuration on pool kdm-cpu and starts each GPU stage as a run of
 ``gpu-stage/gpu-stage`` on pool kdm-gpu; a second run with the same parameters dispatches nothing."""
 from __future__ import annotations
@@ -10,12 +12,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from image_fixtures import image_folder, write_archive
-from prefect_server import PREFECT, prefect_server, start, stop, tail
+from prefect_server import PREFECT, Api, production_server, start, stop, tail
 from storage_schemas.distill_image import DistillImageConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +40,12 @@ def ok(res: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def pools(tmp_path_factory):
-    """(API URL, environment, worker logs): server, pools, deployments and one worker per pool."""
+    """(API, environment, worker logs): server, pools, deployments and one worker per pool."""
     home = tmp_path_factory.mktemp("prefect-deployments")
     # no scheduler: the hourly redistill deployment must not start runs during the test
-    with prefect_server(home, PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false") as (base, env):
-        env = env | {"KDM_REPO": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1", "OMP_NUM_THREADS": "1",
-                     "MKL_NUM_THREADS": "1"}
+    with production_server(home, PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false") as srv:
+        env = srv.env | {"KDM_REPO": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1", "OMP_NUM_THREADS": "1",
+                         "MKL_NUM_THREADS": "1", "KDM_ALLOWED_ROOTS": str(tmp_path_factory.getbasetemp())}
         ok(cli(env, "work-pool", "create", "kdm-cpu", "--type", "process"))
         ok(cli(env, "work-pool", "create", "kdm-gpu", "--type", "process"))
         ok(cli(env, "work-pool", "set-concurrency-limit", "kdm-gpu", "1"))
@@ -55,7 +56,7 @@ def pools(tmp_path_factory):
                 logs[pool] = home / f"worker-{pool}.log"
                 workers.append(start([PREFECT, "worker", "start", "--pool", pool, "--type", "process",
                                       "--name", f"test-{pool}"], env, logs[pool], cwd=home))
-            yield f"{base}/api", env, logs
+            yield srv.api, env, logs
         finally:
             for w in workers:
                 stop(w)
@@ -77,20 +78,12 @@ def tiny_params(archive: str, root: Path) -> dict:
             "filter": {"neighbours": 4, "candidates": 8, "calibration_samples": 6, "grid_size": 4}}
 
 
-def post(api: str, path: str, body: dict) -> list | dict:
-    r = httpx.post(f"{api}{path}", json=body, timeout=30)
-    assert r.status_code in (200, 201), f"{path}: {r.status_code} {r.text}"
-    return r.json()
+def flow_runs(api: Api, **flt) -> list[dict]:
+    return api.post("/flow_runs/filter", {"flow_runs": flt, "limit": 200})
 
 
-def flow_runs(api: str, **flt) -> list[dict]:
-    return post(api, "/flow_runs/filter", {"flow_runs": flt, "limit": 200})
-
-
-def deployment(api: str, name: str) -> dict:
-    r = httpx.get(f"{api}/deployments/name/{name}", timeout=30)
-    assert r.status_code == 200, f"deployment {name}: {r.status_code} {r.text}"
-    return r.json()
+def deployment(api: Api, name: str) -> dict:
+    return api.get(f"/deployments/name/{name}")
 
 
 def run_deployment_cli(env: dict, params: dict) -> str:
@@ -101,10 +94,10 @@ def run_deployment_cli(env: dict, params: dict) -> str:
     return line.split("UUID:")[1].strip()
 
 
-def wait_done(api: str, flow_run_id: str, logs: dict, timeout: float = 900) -> dict:
+def wait_done(api: Api, flow_run_id: str, logs: dict, timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        fr = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()
+        fr = api.get(f"/flow_runs/{flow_run_id}")
         if fr["state"] and fr["state"]["type"] in TERMINAL:
             return fr
         if time.monotonic() > deadline:
@@ -133,7 +126,7 @@ def test_deployments_and_pools_are_registered(pools):
     assert deployment(api, "kdm/distill-cifar10-cond")["parameters"] == {"recipe": "cifar10", "conditional": True}
     assert deployment(api, DEPLOYMENT)["parameters"] == {"recipe": "cifar10"}
     assert deployment(api, "kdm/distill-checkerboard")["parameters"] == {"recipe": "checkerboard"}
-    limits = {name: httpx.get(f"{api}/work_pools/{name}", timeout=30).json()["concurrency_limit"]
+    limits = {name: api.get(f"/work_pools/{name}")["concurrency_limit"]
               for name in ("kdm-cpu", "kdm-gpu")}
     assert limits == {"kdm-cpu": None, "kdm-gpu": 1}
 
@@ -151,7 +144,7 @@ def test_parent_on_kdm_cpu_starts_one_gpu_stage_run_per_gpu_stage_on_kdm_gpu(fir
     for c in children:
         assert c["state"]["type"] == "COMPLETED", describe(c, logs)
         assert c["work_pool_name"] == "kdm-gpu", c["name"]
-        task_run = httpx.get(f"{api}/task_runs/{c['parent_task_run_id']}", timeout=30).json()
+        task_run = api.get(f"/task_runs/{c['parent_task_run_id']}")
         assert task_run["flow_run_id"] == parent["id"], c["name"]
     assert {c["id"] for c in flow_runs(api, parent_flow_run_id={"any_": [parent["id"]]})} == \
         {c["id"] for c in children}
@@ -182,7 +175,7 @@ def test_parent_publishes_report_and_table_under_stable_keys(first):
     api, parent = first["api"], first["parent"]
     plan = stages.plan(DistillImageConfig.model_validate(first["params"]))
     key = f"cifar10-{plan['stages']['dataset']['version'][3:11]}-{plan['stages']['teacher']['version']}"
-    arts = post(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [parent["id"]]}}})
+    arts = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [parent["id"]]}}})
     by_key = {a["key"]: a for a in arts if a["key"]}
     assert {f"{key}-report", f"{key}-metrics", f"{key}-teacher-student", f"{key}-student-samples",
             *(f"{key}-{n}-link" for n in STAGES)} <= set(by_key)
@@ -197,8 +190,8 @@ def test_parent_publishes_report_and_table_under_stable_keys(first):
     # the GPU stages' progress bars belong to their own runs on kdm-gpu
     gpu = deployment(api, "gpu-stage/gpu-stage")
     child_ids = [c["id"] for c in flow_runs(api, deployment_id={"any_": [gpu["id"]]})]
-    progress = post(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": child_ids},
-                                                             "type": {"any_": ["progress"]}}})
+    progress = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": child_ids},
+                                                            "type": {"any_": ["progress"]}}})
     assert len(progress) == 3 and all(p["data"] == 100.0 for p in progress)        # teacher, pairs, student
 
 
@@ -227,10 +220,8 @@ def test_bad_parameters_are_refused_before_a_run_is_created(first):
     assert "Validation failed for field 'preset'" in res.stdout and \
         "'huge' is not one of ['smoke', 'mini', 'full'," in res.stdout, res.stdout + res.stderr
     # the same request straight to the API: refused by the server itself
-    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"preset": "huge"}},
-                   timeout=30)
+    r = api.request("POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"preset": "huge"}})
     assert r.status_code == 409 and "'huge' is not one of" in r.text, (r.status_code, r.text)
-    r = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={"parameters": {"student": {"trian": {}}}},
-                   timeout=30)
+    r = api.request("POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"student": {"trian": {}}}})
     assert r.status_code == 409 and "trian" in r.text, (r.status_code, r.text)
     assert {r["id"] for r in flow_runs(api, deployment_id={"any_": [dep["id"]]})} == before

@@ -1,12 +1,15 @@
 """The Prefect UI shows a checkerboard run's artifacts: a real `prefect server start` (UI enabled) on a
-free 127.0.0.1 port, a smoke-sized `kdm` flow run against it, and headless Chromium rendering the flow
-run's Artifacts tab, the artifacts page and the report artifact (screenshots + rendered DOM). And the
-UI's "Retry" of a failed deployment run (the state change the UI sends) re-runs it with the same
+free 127.0.0.1 port, configured as docker/compose.yaml configures it (PostgreSQL, auth string, CSRF
+protection; tests/prefect_server.py), a smoke-sized `kdm` flow run against it, and headless Chromium
+rendering the flow run's Artifacts tab, the artifacts page and the report artifact (screenshots +
+rendered DOM), logged in as the UI's login form does it (the auth string in the browser's local storage).
+And the UI's "Retry" of a failed deployment run (the state change the UI sends) re-runs it with the same
 parameters: the finished stages are skipped.
 
 ``KDM_UI_SCREENSHOTS=DIR`` keeps the screenshots in DIR (the README's docs/ui-artifacts.png is the
 flow run page's).
 """
+import base64
 import io
 import json
 import os
@@ -20,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefect_server import prefect_server, tail as _tail
+from prefect_server import Api, production_server, tail as _tail
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -42,15 +45,42 @@ WINDOW = (1400, 1000)
 
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
-    """``prefect server start`` with the UI, its own PREFECT_HOME (SQLite) and UI static directory."""
-    with prefect_server(tmp_path_factory.mktemp("prefect-ui"), ui=True) as (base, env):
-        yield base, env
+    """``prefect server start`` with the UI, its own PREFECT_HOME, UI static directory and PostgreSQL
+    database; its clients may use the test's temporary directories (KDM_ALLOWED_ROOTS)."""
+    home = tmp_path_factory.mktemp("prefect-ui")
+    with production_server(home, ui=True) as srv:
+        add_login_page(home / "ui", srv.auth)
+        yield srv._replace(env=srv.env | {"KDM_ALLOWED_ROOTS": str(tmp_path_factory.getbasetemp())})
+
+
+LOGIN_PAGE = "kdm-test-login.html"
+
+
+def add_login_page(static_root: Path, auth: str) -> None:
+    """A page in each served UI bundle that does what the UI's login form does with the auth string (stores
+    it base64-encoded under ``prefect-password`` in local storage) and then opens the page named after ``#``."""
+    page = ("<!doctype html><meta charset='utf-8'><script>"
+            f"localStorage.setItem('prefect-password', '{base64.b64encode(auth.encode()).decode()}');"
+            "location.replace(decodeURIComponent(location.hash.slice(1)));</script>")
+    bundles = [d for d in (static_root, *static_root.iterdir()) if (d / "UI_SERVE_BASE").is_file()]
+    assert bundles, f"no UI bundle under {static_root}"
+    for d in bundles:
+        (d / LOGIN_PAGE).write_text(page)
+
+
+def logged_in(url: str) -> str:
+    """``url`` opened through the login page of its UI (same origin, so the same local storage)."""
+    from urllib.parse import quote, urlsplit
+    parts = urlsplit(url)
+    ui_root = _ui_base(f"{parts.scheme}://{parts.netloc}")
+    assert url.startswith(ui_root + "/"), (url, ui_root)
+    return f"{ui_root}/{LOGIN_PAGE}#{quote(url, safe='')}"
 
 
 @pytest.fixture(scope="module")
 def flow_run(ui_server, tmp_path_factory):
     """A smoke-sized `kdm` flow run reported to the UI server: (flow run id, its name, its artifacts)."""
-    base, env = ui_server
+    base, env = ui_server.base, ui_server.env
     root = tmp_path_factory.mktemp("ui-artifacts")
     code = ("import json\nfrom flows.kdm import kdm\n"
             f"state = kdm(recipe='checkerboard', preset='smoke', root='{root}', return_state=True)\n"
@@ -63,10 +93,9 @@ def flow_run(ui_server, tmp_path_factory):
     assert res.returncode == 0 and line, \
         f"flow run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     run = json.loads(line.removeprefix("KDM_FLOW_RUN="))
-    api = f"{base}/api"
-    name = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=10).json()["name"]
-    arts = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
-                      timeout=10).json()
+    api = ui_server.api
+    name = api.get(f"/flow_runs/{run['id']}")["name"]
+    arts = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     return run | {"name": name, "artifacts": arts}
 
 
@@ -87,7 +116,7 @@ def chromium(url: str, tmp: Path, *flags: str) -> subprocess.CompletedProcess:
 
 def screenshot(url: str, tmp: Path, name: str) -> Path:
     path = tmp / f"{name}.png"
-    chromium(url, tmp, f"--screenshot={path}", f"--window-size={WINDOW[0]},{WINDOW[1]}")
+    chromium(logged_in(url), tmp, f"--screenshot={path}", f"--window-size={WINDOW[0]},{WINDOW[1]}")
     keep = os.environ.get("KDM_UI_SCREENSHOTS")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
@@ -96,7 +125,7 @@ def screenshot(url: str, tmp: Path, name: str) -> Path:
 
 
 def dump_dom(url: str, tmp: Path) -> str:
-    return chromium(url, tmp, "--dump-dom").stdout
+    return chromium(logged_in(url), tmp, "--dump-dom").stdout
 
 
 def assert_rendered_png(path: Path) -> None:
@@ -114,7 +143,7 @@ def assert_rendered_png(path: Path) -> None:
 
 @needs_chromium
 def test_flow_run_page_shows_the_runs_artifacts(ui_server, flow_run, tmp_path):
-    base, _ = ui_server
+    base = ui_server.base
     keys = sorted(a["key"] for a in flow_run["artifacts"] if a["key"])
     assert {"checkerboard-smoke-report", "checkerboard-smoke-metrics", "checkerboard-smoke-samples",
             "checkerboard-smoke-student-link"} <= set(keys)
@@ -128,7 +157,7 @@ def test_flow_run_page_shows_the_runs_artifacts(ui_server, flow_run, tmp_path):
 
 @needs_chromium
 def test_artifacts_page_lists_every_artifact_key_of_the_run(ui_server, flow_run, tmp_path):
-    base, _ = ui_server
+    base = ui_server.base
     url = f"{_ui_base(base)}/artifacts"
     assert_rendered_png(screenshot(url, tmp_path, "ui-artifacts-page"))
     dom = dump_dom(url, tmp_path)
@@ -138,7 +167,7 @@ def test_artifacts_page_lists_every_artifact_key_of_the_run(ui_server, flow_run,
 
 @needs_chromium
 def test_report_artifact_renders_lineage_metrics_and_plots(ui_server, flow_run, tmp_path):
-    base, _ = ui_server
+    base = ui_server.base
     report = next(a for a in flow_run["artifacts"] if a["key"] == "checkerboard-smoke-report")
     url = f"{_ui_base(base)}/artifacts/artifact/{report['id']}"
     assert_rendered_png(screenshot(url, tmp_path, "ui-report"))
@@ -158,23 +187,23 @@ kdm.serve(name="retry-check", print_starting_message=False)
 """
 
 
-def _wait_state(api: str, flow_run_id: str, types: set, timeout: float = 400) -> dict:
+def _wait_state(api: Api, flow_run_id: str, types: set, timeout: float = 400) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fr = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+        fr = api.get(f"/flow_runs/{flow_run_id}")
         if fr["state"] and fr["state"]["type"] in types:
             return fr
         time.sleep(1)
     pytest.fail(f"flow run {flow_run_id} did not reach {types} within {timeout:.0f} s (last state: {fr['state']})")
 
 
-def _logs(api: str, flow_run_id: str) -> list[str]:
-    logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
-                                                   "sort": "TIMESTAMP_ASC"}, timeout=10).json()
+def _logs(api: Api, flow_run_id: str) -> list[str]:
+    logs = api.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200,
+                                     "sort": "TIMESTAMP_ASC"})
     return [log["message"] for log in logs]
 
 
-def _wait_logs(api: str, flow_run_id: str, until, timeout: float = 60) -> list[str]:
+def _wait_logs(api: Api, flow_run_id: str, until, timeout: float = 60) -> list[str]:
     """The run's log messages once one satisfies ``until`` (a run's process ships its last lines as it
     exits, after its final state is set); all of them after ``timeout`` seconds otherwise."""
     deadline = time.monotonic() + timeout
@@ -190,26 +219,23 @@ def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, t
     that is fixed, the UI's Retry (state AwaitingRetry, as the flow run menu sends it) runs the same flow
     run again with the same parameters: every finished stage is skipped and the evaluation completes."""
     from pipeline import presets
-    base, env = ui_server
-    api = f"{base}/api"
+    env, api = ui_server.env, ui_server.api
     root = tmp_path / "root"
     root.mkdir()
     (root / "evaluations").write_text("not a directory")
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         served = subprocess.Popen([sys.executable, "-c", SERVE], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                  env=env | {"PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+                                  env=env | {"PREFECT_RUNNER_POLL_FREQUENCY": "1"},
                                   start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while not (deps := httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {
-                "any_": ["retry-check"]}}}, timeout=10).json()):
+        while not (deps := api.post("/deployments/filter", {"deployments": {"name": {"any_": ["retry-check"]}}})):
             assert served.poll() is None, f"kdm.serve exited with {served.returncode}:\n{_tail(log)}"
             assert time.monotonic() < deadline, f"the deployment was not registered within 180 s:\n{_tail(log)}"
             time.sleep(1)
         params = {"config": presets.load("distill", "smoke", sets=[f"root={root}"]).model_dump(mode="json")}
-        fr = httpx.post(f"{api}/deployments/{deps[0]['id']}/create_flow_run", json={"parameters": params},
-                        timeout=10).json()
+        fr = api.post(f"/deployments/{deps[0]['id']}/create_flow_run", {"parameters": params})
         failed = _wait_state(api, fr["id"], {"FAILED", "CRASHED", "COMPLETED"})
         assert failed["state"]["type"] == "FAILED", f"{failed['state']}\n{_tail(log)}"
         first_logs = _wait_logs(api, fr["id"], lambda m: m.startswith("Finished in state Failed"))
@@ -217,7 +243,7 @@ def test_retry_of_a_failed_deployment_run_skips_its_finished_stages(ui_server, t
         assert not any(m.endswith("(exists, skipped)") for m in first_logs), first_logs
 
         (root / "evaluations").unlink()                         # the cause of the failure is fixed
-        r = httpx.post(f"{api}/flow_runs/{fr['id']}/set_state", timeout=10, json={
+        r = api.request("POST", f"/flow_runs/{fr['id']}/set_state", {
             "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "Retry from the UI"}, "force": True})
         assert r.status_code in (200, 201), r.text
         done = _wait_state(api, fr["id"], {"COMPLETED", "FAILED", "CRASHED"})
@@ -251,7 +277,7 @@ def cifar_run(ui_server, tmp_path_factory):
     to the UI server: (flow run id, its artifacts, the summaries)."""
     import numpy as np
     from image_fixtures import image_folder, write_archive
-    base, env = ui_server
+    base, env = ui_server.base, ui_server.env
     d = tmp_path_factory.mktemp("ui-cifar")
     members, _ = image_folder(np.random.default_rng(0), per_class={"train": 8, "test": 2}, size=32)
     params = json.loads(json.dumps(CIFAR_TINY))
@@ -269,14 +295,13 @@ def cifar_run(ui_server, tmp_path_factory):
     assert res.returncode == 0 and line, \
         f"flow run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     run = json.loads(line.removeprefix("KDM_FLOW_RUN="))
-    arts = httpx.post(f"{base}/api/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
-                      timeout=10).json()
+    arts = ui_server.api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     return run | {"artifacts": arts}
 
 
 @needs_chromium
 def test_cifar10_report_renders_lineage_metrics_and_grids(ui_server, cifar_run, tmp_path):
-    base, _ = ui_server
+    base = ui_server.base
     keys = {a["key"] for a in cifar_run["artifacts"] if a["key"]}
     [report] = [a for a in cifar_run["artifacts"] if (a["key"] or "").endswith("-report")]
     prefix = report["key"].removesuffix("-report")
