@@ -163,6 +163,38 @@ def production_server(home: Path, ui: bool = False, auth: Optional[str] = None, 
             yield Server(base, client, auth, db, home)
 
 
+@contextlib.contextmanager
+def production_harness(home: Path, **settings: str):
+    """``prefect_test_harness`` on a ``production_server``: this process's Prefect client (flows called
+    here, ``get_client``, events, logs) talks to it with its auth string. Yields the ``Server``."""
+    import inspect
+
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    with production_server(home, **settings) as srv:
+        with temporary_settings(updates={PREFECT_API_URL: f"{srv.base}/api", PREFECT_API_AUTH_STRING: srv.auth}):
+            with prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+                try:
+                    yield srv
+                finally:
+                    run_coro_as_sync(drain())      # nothing left for a server that is about to stop
+
+
 def basic(auth: str) -> str:
     return "Basic " + base64.b64encode(auth.encode()).decode()
 

@@ -272,13 +272,15 @@ def test_cli_register_fails_loudly_when_the_configured_api_is_unreachable(tmp_pa
     assert "the scheduled redistill deployment will pick it up, or run this command again with --emit-again" in err
 
 
-# ------------------------------------------------------------------ against the Prefect test server
+# ------------------------------------------------------------------ against a Prefect server
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def harness(tmp_path_factory):
+    """A Prefect server configured as docker/compose.yaml's (PostgreSQL, auth string, CSRF protection) that
+    this process's Prefect client uses: the events, automations and runs below take the production path."""
+    from prefect_server import production_harness
+    with production_harness(tmp_path_factory.mktemp("prefect-registry")) as srv:
+        yield srv
 
 
 def _read_events(resource_id: str, timeout: float = 30.0) -> list:

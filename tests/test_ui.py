@@ -163,6 +163,10 @@ def test_artifacts_page_lists_every_artifact_key_of_the_run(ui_server, flow_run,
     dom = dump_dom(url, tmp_path)
     missing = [a["key"] for a in flow_run["artifacts"] if a["key"] and a["key"] not in dom]
     assert not missing, f"the artifacts page does not list {missing}"
+    # a browser without the auth string gets the UI's login form, and none of the run's artifacts
+    anonymous = chromium(url, tmp_path, "--dump-dom").stdout
+    assert "Login" in anonymous and 'placeholder="admin:pass"' in anonymous, anonymous[-2000:]
+    assert not [a["key"] for a in flow_run["artifacts"] if a["key"] and a["key"] in anonymous]
 
 
 @needs_chromium
