@@ -31,8 +31,8 @@ fi
 # PostgreSQL and Redis (tests/services.py says what is missing and how to start it). Checked before the
 # whole suite only: a run of chosen tests goes ahead, and a test that needs a missing service fails with
 # the same line.
-if [ "$#" = 0 ] && ! .venv/bin/python tests/services.py; then
-    echo "test.sh: start the service(s) named above and run make test again (the tests never start them)" >&2
+if [ "$#" = 0 ] && ! missing="$(.venv/bin/python tests/services.py 2>&1)"; then
+    echo "$missing" | sed 's/^/test.sh: /' >&2
     exit 1
 fi
 

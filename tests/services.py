@@ -25,13 +25,19 @@ REDIS_CLAIM = "kdm:test:claim"
 
 
 def pg_missing_line(why: str) -> str:
-    return (f"PostgreSQL is not reachable on {PG_HOST}:{PG_PORT} ({why}): start PostgreSQL 15 there with trust "
-            f"authentication for local connections (the server tests run Prefect on it; the tests never start it)")
+    return (f"PostgreSQL is missing on {PG_HOST}:{PG_PORT} ({why}): start PostgreSQL 15 there with trust "
+            f"authentication (the server tests need it and never start it)")
 
 
 def redis_missing_line(why: str) -> str:
-    return (f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT} ({why}): start redis-server there (the "
-            f"production-topology test runs Prefect's messaging on it; the tests never start it)")
+    return (f"Redis is missing on {REDIS_HOST}:{REDIS_PORT} ({why}): start redis-server there (the "
+            f"production-topology test needs it and never starts it)")
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, ConnectionRefusedError) or "Connection refused" in str(e) or "Connect call failed" in str(e):
+        return "connection refused"
+    return f"{type(e).__name__}: {e}"
 
 
 async def _admin_connection():
@@ -41,7 +47,7 @@ async def _admin_connection():
         try:
             return await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=user, database=database, timeout=5)
         except (OSError, asyncio.TimeoutError) as e:        # nothing listening: no other user will do better
-            raise ConnectionError(f"{type(e).__name__}: {e}") from None
+            raise ConnectionError(_why(e)) from None
         except Exception as e:                               # e.g. no such role / database, password required
             errors.append(f"{user}@{database}: {e}")
     raise ConnectionError("; ".join(errors))
@@ -68,7 +74,7 @@ def redis_problem() -> Optional[str]:
     try:
         redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_connect_timeout=5, socket_timeout=5).ping()
     except Exception as e:
-        return redis_missing_line(f"{type(e).__name__}: {e}")
+        return redis_missing_line(_why(e))
     return None
 
 
