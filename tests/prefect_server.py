@@ -125,7 +125,7 @@ def compose_server_settings(db: Database, auth: str, ui_api_url: str) -> dict:
                                                  "PREFECT_AUTH_STRING": auth, "PREFECT_UI_API_URL": ui_api_url})
     url = env["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert url.startswith("postgresql+asyncpg://") and url.endswith(COMPOSE_DATABASE), \
-        f"docker/compose.yaml's connection URL has changed shape ({SUBST.sub('...', url)}): " \
+        f"docker/compose.yaml's connection URL has changed shape ({re.sub(r'//[^@]*@', '//...@', url)}): " \
         "update tests/prefect_server.py"
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = url.removesuffix(COMPOSE_DATABASE) + f"@{PG_HOST}:{PG_PORT}/{db.name}"
     return env
