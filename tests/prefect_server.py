@@ -1,7 +1,8 @@
 """A real ``prefect server start`` for tests that need one: a free 127.0.0.1 port, its own PREFECT_HOME,
 stopped with its process group at the end, and processes started against it.
 
-``prefect_server`` runs it on SQLite (``make demo``'s setting); ``production_server`` runs it as
+``prefect_server`` runs it on SQLite (``make demo``'s setting) unless its settings name another database;
+``production_server``, what the server tests use, runs it as
 docker/compose.yaml's ``prefect-server`` service is configured (its environment read from that file: the
 PostgreSQL connection URL, the auth string, CSRF protection, no analytics) on a PostgreSQL database of its
 own (tests/services.py), and gives clients the workers' settings of the same file."""
@@ -59,11 +60,10 @@ def start(args: list[str], env: dict, log: Path, cwd: Path | None = None) -> sub
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, ui: bool = False, port: Optional[int] = None, args: tuple = (), **settings: str):
+def prefect_server(home: Path, ui: bool = False, port: Optional[int] = None, **settings: str):
     """Yield (base URL, environment for processes that talk to it); ``settings`` are extra environment
     variables of the server (and of that environment); ``ui`` serves the UI from its own static directory
-    under ``home``; ``args`` are extra arguments of ``prefect server start``. PREFECT_API_URL is set in the
-    yielded environment."""
+    under ``home``. PREFECT_API_URL is set in the yielded environment."""
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -74,7 +74,7 @@ def prefect_server(home: Path, ui: bool = False, port: Optional[int] = None, arg
                    PREFECT_UI_STATIC_DIRECTORY=str(home / "ui"))
     env.update(settings)
     log = home / f"server-{port}.log"
-    proc = start([PREFECT, "server", "start", *args], env, log)
+    proc = start([PREFECT, "server", "start"], env, log)
     try:
         wait_healthy(proc, base, log)
         yield base, env | {"PREFECT_API_URL": f"{base}/api"}

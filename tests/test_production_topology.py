@@ -126,8 +126,11 @@ def test_a_checkerboard_run_completes_while_one_of_two_api_servers_is_killed(tmp
                 # As soon as the worker's flow run process has set the run RUNNING (a smoke run then takes
                 # about 10 s: every stage, its events and the report), kill the API server holding more open
                 # connections, with every process it started: the rest of the run has one API server left.
-                wait_for("the run running", lambda: (api.get(f"/flow_runs/{run_id}")["state"] or {}).get("type")
-                         in {"RUNNING", *TERMINAL}, procs, timeout=300, every=0.25)
+                def running_or_over():
+                    state = (api.get(f"/flow_runs/{run_id}")["state"] or {}).get("type")
+                    return state in {"RUNNING", *TERMINAL} and state
+                state = wait_for("the run running", running_or_over, procs, timeout=300, every=0.25)
+                assert state == "RUNNING", f"the run was {state} before the kill\n{logs_of(procs)}"
                 at_kill = proxy.snapshot()
                 victim = max((0, 1), key=lambda i: at_kill[i]["active"])
                 name = ("api-a", "api-b")[victim]
@@ -137,8 +140,10 @@ def test_a_checkerboard_run_completes_while_one_of_two_api_servers_is_killed(tmp
                 wait_for(f"{name}'s port closed", lambda: refuses(ports[victim]), procs, timeout=30, every=0.05)
                 proxy.mark()                        # from here on, no connection can reach the victim
 
-                fr = wait_for("the flow run finished", lambda: (r := api.get(f"/flow_runs/{run_id}"))["state"]
-                              and r["state"]["type"] in TERMINAL and r, procs, timeout=600, every=2)
+                def finished():
+                    run = api.get(f"/flow_runs/{run_id}")
+                    return (run["state"] or {}).get("type") in TERMINAL and run
+                fr = wait_for("the flow run finished", finished, procs, timeout=600, every=2)
                 after_run = proxy.snapshot()
                 survivor = 1 - victim
                 assert fr["state"]["type"] == "COMPLETED", f"{fr['state']}\n{logs_of(procs)}"
@@ -151,8 +156,10 @@ def test_a_checkerboard_run_completes_while_one_of_two_api_servers_is_killed(tmp
                     tasks = {t["name"].split("-")[0]: t for t in task_runs(api, run_id)}
                     seen.update({s: (tasks.get(s, {}).get("state") or {}).get("type") for s in STAGES})
                     return set(seen.values()) == {"COMPLETED"} and tasks
-                wait_for("every stage recorded as a completed task run", stages_recorded, procs, timeout=120,
-                         every=2, detail=lambda: f"(task run states: {seen})")
+                tasks = wait_for("every stage recorded as a completed task run", stages_recorded, procs,
+                                 timeout=120, every=2, detail=lambda: f"(task run states: {seen})")
+                assert datetime.fromisoformat(tasks["evaluation"]["start_time"]) > killed_at   # the run went on
+                assert datetime.fromisoformat(fr["end_time"]) > killed_at
                 states = [s["type"] for s in api.get(f"/flow_run_states/?flow_run_id={run_id}")]
                 assert "CRASHED" not in states and "FAILED" not in states, states
                 arts = api.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
