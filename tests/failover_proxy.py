@@ -68,9 +68,10 @@ class FailoverProxy:
                     for s in self.stats]
 
     async def _connect(self):
-        for _ in range(len(self.backends)):
-            with self._lock:
-                i = next(self._next)
+        with self._lock:
+            first = next(self._next)
+        n = len(self.backends)
+        for i in ((first + k) % n for k in range(n)):       # each backend once, from this connection's turn
             host, port = self.backends[i]
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
