@@ -94,7 +94,8 @@ def test_a_checkerboard_run_completes_while_one_of_two_api_servers_is_killed(tmp
             server_env = base_env | server
             client_env = base_env | compose_client_settings(auth) | {
                 "PREFECT_API_URL": f"{proxy.url}/api", "KDM_REPO": str(REPO), "KDM_ALLOWED_ROOTS": str(tmp_path),
-                "PREFECT_WORKER_QUERY_SECONDS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5", "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1"}
             api = Api(proxy.url, auth)
             try:
                 cli(server_env, "server", "database", "upgrade", "-y")
