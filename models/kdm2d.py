@@ -2,6 +2,12 @@
 
 Two independent MLP encoders (E_phi for x_0 at t=0, E_varphi for x_T at t=T), one MLP decoder and
 a Koopman operator, as the official checkerboard model (858,114 parameters at its default sizes).
+
+A student trained on stored teacher trajectories (``intervals`` = n > 1 grid intervals) samples with
+any number of network evaluations (``generate(x_T, nfe)``): ``models.multistep`` describes the grid, the
+latent dynamics z_j ~= C^(j - i) z_i and the sampler; ``encode_state``, ``decode_state`` and ``advance``
+are what it uses of this model. NFE = 1 is the one-step map D_psi(C^n E_varphi(x_T, T), 0), with n = 1
+the paper's.
 """
 from __future__ import annotations
 
@@ -48,20 +54,27 @@ def add_latent_noise(z: torch.Tensor, std: float, eps: Optional[torch.Tensor] = 
 class KDM2D(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 256, latent_dim: int = 256, encoder_layers: int = 5,
                  decoder_layers: int = 5, operator: str = "linear", latent_noise: float = 0.4,
-                 time_T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0):
+                 time_T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0, intervals: int = 1):
         super().__init__()
         self.dim, self.latent_dim, self.latent_noise, self.time_T = dim, latent_dim, latent_noise, time_T
+        self.intervals = intervals
         self.x0_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
         self.xT_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
         self.decoder = MLPDecoder(dim, hidden, latent_dim, decoder_layers)
         self.koopman = make_operator(operator, latent_dim)
+        self.segment_ops = None
+
+    def add_segment_operators(self, segs) -> None:
+        self.segment_ops = nn.ModuleDict({f"{i}-{j}": make_operator("linear", self.latent_dim)
+                                          for i, j in segs if (i, j) != (0, self.intervals)})
 
     @classmethod
-    def from_config(cls, cfg) -> "KDM2D":
+    def from_config(cls, cfg, intervals: int = 1) -> "KDM2D":
+        """``intervals``: of the trajectory grid the student is trained on (its run manifest's ``trajectory``)."""
         return cls(dim=cfg.dim, hidden=cfg.hidden, latent_dim=cfg.latent_dim,
                    encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
                    operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T,
-                   fourier_features=cfg.fourier_features, fourier_scale=cfg.fourier_scale)
+                   fourier_features=cfg.fourier_features, fourier_scale=cfg.fourier_scale, intervals=intervals)
 
     def forward(self, x0: torch.Tensor, xT: torch.Tensor, decode_push: bool = True,
                 generator: torch.Generator | None = None, *, eps0: torch.Tensor | None = None,
@@ -82,6 +95,33 @@ class KDM2D(nn.Module):
         spec = self.koopman.spectral_loss(spectral) if spectral != "none" else None
         return KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push, spec)
 
-    def generate(self, xT: torch.Tensor) -> torch.Tensor:
-        """One-step sampling (Alg. 2): deterministic given x_T."""
-        return self.decoder(self.koopman(self.xT_encoder(xT, self.time_T)), 0.0)
+    def generate(self, xT: torch.Tensor, nfe: int = 1) -> torch.Tensor:
+        """Sampling, deterministic given x_T: NFE = 1 on the one-interval grid is Alg. 2,
+        D_psi(C_eta E_varphi(x_T, T), 0); otherwise ``models.multistep.rollout``."""
+        if nfe == 1 and self.intervals == 1:
+            return self.decoder(self.koopman(self.xT_encoder(xT, self.time_T)), 0.0)
+        from .multistep import rollout
+        return rollout(self, xT, nfe, self.intervals)
+
+    # -- the pieces models.multistep uses -------------------------------------------------------------
+    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
+        """E_phi(x, 0) for rows at tau == 0 (x_0), E_varphi(x, tau) for the others."""
+        data = tau == 0
+        if bool(data.all()):
+            return self.x0_encoder(x, tau)
+        if not bool(data.any()):
+            return self.xT_encoder(x, tau)
+        z = torch.empty((x.shape[0], self.latent_dim), dtype=x.dtype, device=x.device)
+        z[data] = self.x0_encoder(x[data], tau[data])
+        z[~data] = self.xT_encoder(x[~data], tau[~data])
+        return z
+
+    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
+        return self.decoder(z, tau)
+
+    def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
+        if self.segment_ops is not None and (i, j) != (0, self.intervals):
+            return self.segment_ops[f"{i}-{j}"](z)
+        for _ in range(j - i if self.segment_ops is None else 1):
+            z = self.koopman(z)
+        return z

@@ -8,12 +8,25 @@ import torch
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _check_keep(keep: Sequence[int], steps: int) -> list[int]:
+    keep = [int(k) for k in keep]
+    if keep != sorted(set(keep)) or any(not 1 <= k < steps for k in keep):
+        raise ValueError(f"states to keep {keep} must be increasing step numbers in [1, {steps - 1}] (the state "
+                         f"after that many of the {steps} steps)")
+    return keep
+
+
 @torch.no_grad()
 def integrate_ode(velocity: Velocity, x: torch.Tensor, steps: int, method: str = "midpoint",
-                  t0: float = 0.0, t1: float = 1.0) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t0 to t1 with `steps` equal steps (euler | midpoint | heun)."""
+                  t0: float = 0.0, t1: float = 1.0, keep: Sequence[int] = ()):
+    """Integrate dx/dt = v(x, t) from t0 to t1 with `steps` equal steps (euler | midpoint | heun).
+
+    ``keep``: step numbers k (1 <= k < steps, increasing) whose states x(t0 + k h) are returned too, as
+    (x_1, (B, len(keep), ...) tensor); without them only x_1 (the integration is the same either way)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    keep = _check_keep(keep, steps)
+    kept = []
     h = (t1 - t0) / steps
     for i in range(steps):
         t = torch.full((x.shape[0],), t0 + i * h, dtype=x.dtype, device=x.device)
@@ -27,7 +40,9 @@ def integrate_ode(velocity: Velocity, x: torch.Tensor, steps: int, method: str =
             x = x + 0.5 * h * (v0 + velocity(x1, t + h))
         else:
             raise ValueError(f"unknown ODE method {method!r} (euler, midpoint, heun)")
-    return x
+        if i + 1 in keep:
+            kept.append(x)
+    return (x, torch.stack(kept, dim=1)) if keep else x
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], scale: float = 1.0,
@@ -73,7 +88,7 @@ def edm_time_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: flo
 @torch.no_grad()
 def edm_heun(denoiser, x_T: torch.Tensor, class_labels: torch.Tensor | None = None, num_steps: int = 18,
              sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-             state_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+             state_dtype: torch.dtype = torch.float64, keep: Sequence[int] = ()):
     """EDM's deterministic sampler (generate.py ``edm_sampler`` with S_churn=0): Heun steps between the
     noise levels of ``edm_time_steps``, Euler on the last step (NFE = 2 num_steps - 1), state in float64.
 
@@ -81,7 +96,13 @@ def edm_heun(denoiser, x_T: torch.Tensor, class_labels: torch.Tensor | None = No
     ``models.edm.Denoiser``; sigma_min/sigma_max are clamped to its supported range as in EDM, and a
     clamp of sigma_max (which would not match the given x_T) is an error. Returns x_0 in ``state_dtype``
     (float64 as in EDM; the fast path keeps the state in float32).
+
+    ``keep``: step numbers k (1 <= k < num_steps, increasing) whose states, at noise level t_k of
+    ``edm_time_steps`` (``edm_levels``), are returned too, as (x_0, (B, len(keep), ...) tensor in
+    ``state_dtype``); the sampling itself is the same with or without them.
     """
+    keep = _check_keep(keep, num_steps)
+    kept = []
     sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
     net_max = float(getattr(denoiser, "sigma_max", float("inf")))
     if net_max < sigma_max:
@@ -103,4 +124,17 @@ def edm_heun(denoiser, x_T: torch.Tensor, class_labels: torch.Tensor | None = No
             denoised = denoiser(x_next, t_next, class_labels).to(state_dtype)
             d_prime = (x_next - denoised) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
+        if i + 1 in keep:
+            kept.append(x_next)
+    return (x_next, torch.stack(kept, dim=1)) if keep else x_next
+
+
+def edm_levels(denoiser, num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+               rho: float = 7.0) -> list[float]:
+    """The noise levels edm_heun's states pass through for ``denoiser``, t_0 = sigma_max ... t_N = 0, as floats
+    (sigma_min clamped to the denoiser's range and rounded with its ``round_sigma``, as the sampler does)."""
+    sigma_min = max(sigma_min, float(getattr(denoiser, "sigma_min", 0.0)))
+    round_sigma = getattr(denoiser, "round_sigma", torch.as_tensor)
+    t = edm_time_steps(num_steps, sigma_min, sigma_max, rho)
+    t = torch.cat([torch.as_tensor(round_sigma(t[:-1]), dtype=torch.float64), t[-1:]])
+    return [float(v) for v in t]

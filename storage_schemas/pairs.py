@@ -2,6 +2,12 @@
 
 The manifest below is stored in the group attributes under the key ``kdm``; a held-out split lives in
 the child group ``heldout`` with the same layout and its own manifest.
+
+A trajectory store also keeps K intermediate states of each teacher trajectory: the array ``x_t``
+(float32, (N, K, *sample_shape), chunked along N like the others), described by the manifest's
+``snapshots`` (K, what the levels are and their values, in sampling order from x_T to x_0). Such a
+store is written with schema version 2; stores without snapshots are still written (and read) as
+version 1.
 """
 from __future__ import annotations
 
@@ -12,8 +18,16 @@ from pydantic import Field, model_serializer, model_validator
 from .common import SCHEMA_VERSION, ArraySpec, SeedRange, Strict, VersionInputs
 
 PAIR_ARRAYS = ("x_T", "x_0", "label", "seed")
+SNAPSHOT_ARRAY = "x_t"
 MANIFEST_KEY = "kdm"
 HELDOUT_GROUP = "heldout"
+PAIR_SCHEMA_VERSION = 2        # what this kdm writes for a store with snapshots (1: without) and reads at most
+LEVEL_AXES = {"flow-matching-time": (0.0, 1.0), "edm-sigma": (None, 0.0)}   # axis -> (x_T level, x_0 level)
+
+
+def store_arrays(snapshots: bool) -> tuple[str, ...]:
+    """The arrays of a pair store (before a filter's ``source_index``): PAIR_ARRAYS, then ``x_t`` with snapshots."""
+    return PAIR_ARRAYS + ((SNAPSHOT_ARRAY,) if snapshots else ())
 
 
 class SamplerSettings(Strict):
@@ -24,6 +38,8 @@ class SamplerSettings(Strict):
     from ``noise_scale`` (= sigma_max, x_T = sigma_max * eps) down to ``sigma_min`` with exponent ``rho``,
     then 0; NFE = 2 * steps - 1. Defaults: 18 steps, sigma_min 0.002, sigma_max 80, rho 7.
     ``sigma_min`` and ``rho`` exist only for edm-heun (and are left out of the dump otherwise).
+    ``snapshot_steps`` (either kind): the states after these many steps of the sampler (increasing, each in
+    [1, steps - 1]) are kept as the store's trajectory snapshots (``x_t``); left out of the dump when unset.
     """
 
     kind: Literal["flow-matching-ode", "edm-heun"] = "flow-matching-ode"
@@ -35,6 +51,8 @@ class SamplerSettings(Strict):
     precision: Optional[Literal["fp32", "bf16", "fp16"]] = Field(
         None, description="edm-heun: None/'fp32' = EDM's generate.py (float32 network, float64 Heun state); "
                           "'bf16'/'fp16' = the fast path (reduced-precision autocast network, float32 state)")
+    snapshot_steps: Optional[tuple[int, ...]] = Field(
+        None, description="keep the states after these sampler steps as trajectory snapshots (array x_t)")
 
     @model_validator(mode="before")
     @classmethod
@@ -54,12 +72,25 @@ class SamplerSettings(Strict):
                 raise ValueError(f"sigma_min {self.sigma_min} must be below noise_scale (sigma_max) {self.noise_scale}")
         elif self.sigma_min is not None or self.rho is not None or self.precision is not None:
             raise ValueError("sigma_min, rho and precision are settings of kind 'edm-heun' only")
+        snaps = self.snapshot_steps
+        if snaps is not None and (not snaps or list(snaps) != sorted(set(snaps))
+                                  or any(not 1 <= k < self.steps for k in snaps)):
+            raise ValueError(f"snapshot_steps {list(snaps)} must be increasing step numbers in [1, {self.steps - 1}] "
+                             f"(the state after that many of the {self.steps} steps)")
         return self
+
+    @staticmethod
+    def even_snapshots(steps: int, count: int) -> tuple[int, ...]:
+        """K = ``count`` step numbers spread evenly over a sampler of ``steps`` steps: round(i steps / (K + 1))."""
+        if not 1 <= count < steps:
+            raise ValueError(f"{count} snapshots do not fit between the {steps} steps of the sampler "
+                             f"(at most {steps - 1})")
+        return tuple((2 * i * steps + count + 1) // (2 * (count + 1)) for i in range(1, count + 1))
 
     @model_serializer(mode="wrap")
     def _drop_unset_edm_fields(self, handler):
         out = handler(self)
-        for key in ("sigma_min", "rho", "precision"):
+        for key in ("sigma_min", "rho", "precision", "snapshot_steps"):
             if out.get(key, 0) is None:
                 out.pop(key)
         return out
@@ -69,6 +100,73 @@ class SamplerSettings(Strict):
         if self.kind == "edm-heun":
             return 2 * self.steps - 1
         return self.steps * (1 if self.method == "euler" else 2)
+
+    def at_nfe(self, nfe: int) -> "SamplerSettings":
+        """This sampler cut short to ``nfe`` network evaluations (no snapshots): EDM Heun with (nfe + 1) / 2
+        steps (nfe odd, >= 3: 3, 5, 9, 17, 35); a flow-matching solver keeps its method when nfe is a multiple of
+        its evaluations per step (midpoint, Heun: 2) and is Euler with nfe steps otherwise."""
+        if self.kind == "edm-heun":
+            if nfe < 3 or nfe % 2 == 0:
+                raise ValueError(f"EDM Heun makes 2 steps - 1 evaluations: an odd NFE >= 3, not {nfe}")
+            return self.model_copy(update={"steps": (nfe + 1) // 2, "snapshot_steps": None})
+        per = 1 if self.method == "euler" else 2
+        if nfe % per == 0:
+            return self.model_copy(update={"steps": nfe // per, "snapshot_steps": None})
+        return self.model_copy(update={"method": "euler", "steps": nfe, "snapshot_steps": None})
+
+    def describe(self) -> str:
+        """e.g. 'midpoint 20 steps (40 NFE)' or 'EDM Heun 18 steps (35 NFE)'."""
+        name = "EDM Heun" if self.kind == "edm-heun" else self.method
+        return f"{name} {self.steps} step{'s' if self.steps != 1 else ''} ({self.nfe} NFE)"
+
+
+class Snapshots(Strict):
+    """K intermediate states of every trajectory, kept in array ``x_t`` (N, K, *sample_shape).
+
+    ``axis`` says what a level is: ``flow-matching-time`` t (x_T at t = 0, x_0 at t = 1: levels increase)
+    or ``edm-sigma`` the EDM noise level (x_T at sigma_max = the store's ``x_T_level``, x_0 at 0: levels
+    decrease). ``levels`` are in sampling order, strictly between the levels of x_T and x_0.
+    ``solver_steps`` (generated stores): after which steps of the teacher's sampler each state was taken;
+    ``source_index`` (imported stores): which entries of the source trajectory they are.
+    """
+
+    count: int = Field(ge=1, description="K")
+    axis: Literal["flow-matching-time", "edm-sigma"]
+    x_T_level: float = Field(description="level of x_T: t = 0 (flow matching) or sigma_max (EDM)")
+    levels: tuple[float, ...]
+    solver_steps: Optional[tuple[int, ...]] = None
+    source_index: Optional[tuple[int, ...]] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for key in ("solver_steps", "source_index"):
+            if out.get(key, 0) is None:
+                out.pop(key)
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Snapshots":
+        lo, hi = self.x_T_level, self.x_0_level
+        if len(self.levels) != self.count:
+            raise ValueError(f"snapshots: {len(self.levels)} levels for count {self.count}")
+        for name in ("solver_steps", "source_index"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != self.count or list(v) != sorted(set(v))):
+                raise ValueError(f"snapshots.{name} {list(v)} must hold {self.count} increasing values")
+        want = LEVEL_AXES[self.axis][0]
+        if want is not None and lo != want:
+            raise ValueError(f"snapshots on axis {self.axis} start at x_T level {want}, got {lo}")
+        path = [lo, *self.levels, hi]
+        sign = 1.0 if hi > lo else -1.0
+        if any(sign * (b - a) <= 0 for a, b in zip(path[:-1], path[1:])):
+            raise ValueError(f"snapshots.levels {list(self.levels)} must run strictly from the x_T level {lo} "
+                             f"towards the x_0 level {hi} ({self.axis}), in sampling order")
+        return self
+
+    @property
+    def x_0_level(self) -> float:
+        return LEVEL_AXES[self.axis][1]
 
 
 class TeacherRef(Strict):
@@ -131,6 +229,8 @@ class PairStoreManifest(Strict):
     num_classes: int = Field(0, ge=0, description="0 = unconditional (label == -1)")
     import_info: Optional[ImportInfo] = None
     filter: Optional[FilterRecord] = None
+    snapshots: Optional[Snapshots] = Field(
+        None, description="intermediate trajectory states kept in array x_t (schema version 2); None: pairs only")
     content_hash: str = Field(description="sha256 over the raw bytes of every array, in PAIR_ARRAYS order")
     chunk_digests: Optional[dict[str, list[str]]] = Field(
         None, description="per array, the sha256 of each chunk's rows (raw little-endian bytes, the rows of "
@@ -143,13 +243,14 @@ class PairStoreManifest(Strict):
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
         out = handler(self)
-        for key in ("chunk_digests", "heldout", "version_inputs"):
+        for key in ("chunk_digests", "heldout", "version_inputs", "snapshots"):
             if out.get(key, 0) is None:
                 out.pop(key)
         return out
 
     @model_validator(mode="after")
     def _consistent(self) -> "PairStoreManifest":
+        self._check_snapshots()
         missing = [a for a in PAIR_ARRAYS if a not in self.arrays]
         if missing:
             raise ValueError(f"arrays is missing {missing}")
@@ -158,9 +259,9 @@ class PairStoreManifest(Strict):
             if tuple(shape) != (self.count, *self.sample_shape):
                 raise ValueError(f"arrays.{name}.shape {shape} != (count, *sample_shape) = "
                                  f"{(self.count, *self.sample_shape)}")
-        if self.schema_version > SCHEMA_VERSION:
+        if self.schema_version > PAIR_SCHEMA_VERSION:
             raise ValueError(f"schema_version {self.schema_version} is newer than this kdm reads "
-                             f"({SCHEMA_VERSION}): upgrade kdm, or the manifest was edited")
+                             f"({PAIR_SCHEMA_VERSION}): upgrade kdm, or the manifest was edited")
         if self.chunk_digests is not None:
             if set(self.chunk_digests) != set(self.arrays):
                 raise ValueError(f"chunk_digests covers {sorted(self.chunk_digests)}, arrays are {sorted(self.arrays)}")
@@ -180,6 +281,20 @@ class PairStoreManifest(Strict):
             raise ValueError("a filter-origin store must record filter")
         self._check_version()
         return self
+
+    def _check_snapshots(self) -> None:
+        spec = self.arrays.get(SNAPSHOT_ARRAY)
+        if self.snapshots is None:
+            if spec is not None:
+                raise ValueError(f"array {SNAPSHOT_ARRAY} is present but the manifest records no snapshots")
+            return
+        if self.schema_version < 2:
+            raise ValueError(f"a store with snapshots has schema_version >= 2, got {self.schema_version}")
+        want = (self.count, self.snapshots.count, *self.sample_shape)
+        if spec is None:
+            raise ValueError(f"the manifest records {self.snapshots.count} snapshots but array {SNAPSHOT_ARRAY} is missing")
+        if tuple(spec.shape) != want:
+            raise ValueError(f"arrays.{SNAPSHOT_ARRAY}.shape {tuple(spec.shape)} != (count, K, *sample_shape) = {want}")
 
     def _check_version(self) -> None:
         """The version is what the recorded inputs hash to, names the teacher / source it records, and

@@ -1,7 +1,7 @@
 """Run configs of the data stages and of the end-to-end ``kdm`` flow."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, model_serializer, model_validator
 
@@ -62,6 +62,9 @@ class PairsImportConfig(Strict):
     ``noise_scale`` (image formats): the resulting store has x_T = noise_scale * eps; get-pt files hold
     the unit eps and are multiplied by it, kdm-npz and npz files already hold x_T at this scale (recorded
     as x_T_scale). Default 80 (EDM's sigma_max).
+    ``snapshots`` (kdm-trajectories only): keep intermediate entries of the source trajectory as the store's
+    snapshots (array ``x_t``): 'all' (every entry between x_T and x_0) or their indices (increasing, in
+    [1, T - 2]); the official file's entries are the flow-matching times linspace(0, 1, T).
     Unset options are left out of the dump, so kdm-trajectories versions are unchanged by them.
     """
 
@@ -71,18 +74,27 @@ class PairsImportConfig(Strict):
     chunk_size: int = Field(10_000, ge=1)
     order: Optional[Literal["xT-first", "x0-first"]] = None
     noise_scale: Optional[float] = Field(None, gt=0)
+    snapshots: Optional[Union[Literal["all"], tuple[int, ...]]] = None
 
     @model_validator(mode="after")
     def _format_options(self) -> "PairsImportConfig":
         problem = import_options_problem(self.format, self.order, self.noise_scale)
         if problem:
             raise ValueError(problem)
+        if self.snapshots is not None:
+            if self.format != "kdm-trajectories":
+                raise ValueError(f"snapshots apply to format kdm-trajectories (a file of whole trajectories), "
+                                 f"not {self.format}")
+            if self.snapshots != "all" and (not self.snapshots or list(self.snapshots) != sorted(set(self.snapshots))
+                                            or min(self.snapshots) < 1):
+                raise ValueError(f"snapshots {list(self.snapshots)} must be 'all' or increasing trajectory indices "
+                                 f">= 1 (0 is x_T)")
         return self
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
         out = handler(self)
-        for key in ("order", "noise_scale"):
+        for key in ("order", "noise_scale", "snapshots"):
             if out.get(key, 0) is None:
                 out.pop(key)
         return out
@@ -122,4 +134,14 @@ class DistillCheckerboardConfig(Strict):
     def _import_needs_uri(self) -> "DistillCheckerboardConfig":
         if self.source == "import" and not self.import_uri:
             raise ValueError("source='import' needs import_uri (e.g. the kdm-trajectories .npy file)")
+        if self.source == "import" and self.evaluation.teacher_nfe:
+            raise ValueError("evaluation.teacher_nfe cuts the teacher's sampler short: imported pairs come without "
+                             "a teacher network (source='teacher' trains one)")
+        if self.student.model.nfe_train and max(self.student.model.nfe_train) > 1:
+            snaps = (self.pairs.sampler.snapshot_steps if self.source == "teacher" else
+                     self.import_config.snapshots)
+            if snaps is None:
+                where = ("pairs.sampler.snapshot_steps" if self.source == "teacher" else "import_config.snapshots")
+                raise ValueError(f"student.model.nfe_train {list(self.student.model.nfe_train)} trains on trajectory "
+                                 f"snapshots: set {where}")
         return self

@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs
+from .pairs import Snapshots
 
 
 class KDM2DConfig(Strict):
@@ -32,6 +33,17 @@ class KDM2DConfig(Strict):
         0, ge=0, le=12, description="F > 0: both encoders also see sin/cos(fourier_scale * 2^k * x), k < F, of "
                                     "each coordinate (not in the official code; 0 = off)")
     fourier_scale: float = Field(1.0, gt=0, description="lowest Fourier feature frequency (radians per unit)")
+    nfe_train: Optional[tuple[int, ...]] = Field(
+        None, description="multi-step student (models.multistep): the sampling NFEs whose schedules are trained on "
+                          "the pair store's trajectory snapshots, e.g. [1, 2, 4]; None: the paper's one-step student "
+                          "(snapshots are not read)")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        if out.get("nfe_train", 0) is None:     # versions of one-step students stay what they were
+            out.pop("nfe_train")
+        return out
 
     @model_validator(mode="after")
     def _spectral_needs_factorized(self) -> "KDM2DConfig":
@@ -39,6 +51,9 @@ class KDM2DConfig(Strict):
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
         if self.fourier_features == 0 and self.fourier_scale != 1.0:
             raise ValueError("fourier_scale is set but fourier_features is 0 (Fourier features off)")
+        if self.nfe_train is not None and (not self.nfe_train or list(self.nfe_train) != sorted(set(self.nfe_train))
+                                           or self.nfe_train[0] < 1):
+            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs >= 1, e.g. [1, 2, 4]")
         return self
 
 
@@ -97,11 +112,30 @@ class StudentManifest(Strict):
     weights_file: str = "student.safetensors"
     weights_sha256: str
     weights_are_ema: bool = True
+    snapshots: Optional[Snapshots] = Field(
+        None, description="multi-step students: the trajectory snapshots of the pairs it was trained on; it samples "
+                          "with 1 to snapshots.count + 1 network evaluations (models.multistep). None: one-step")
     trainable_parameters: int
     final_losses: dict[str, float]
     train_seconds: float
     code_version: str
     created: str
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        if out.get("snapshots", 0) is None:
+            out.pop("snapshots")
+        return out
+
+    @property
+    def intervals(self) -> int:
+        """Intervals of its trajectory grid: the largest NFE it samples with (1: one-step)."""
+        return self.snapshots.count + 1 if self.snapshots is not None else 1
+
+    @property
+    def nfe_trained(self) -> tuple[int, ...]:
+        return tuple(self.model.nfe_train) if self.model.nfe_train else (1,)
 
     @model_validator(mode="after")
     def _version_is_its_inputs_hash(self) -> "StudentManifest":

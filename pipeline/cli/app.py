@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.common import add_command as add
-from pipeline.cli.common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
-                                 require_local_input, summary)
+from pipeline.cli.common import (add_snapshot_options, heldout_count, open_pairs, pairs_dry_run, pairs_generate_config,
+                                 pairs_import_config, parse_int_list,
+                                 require_local_input, snapshot_steps_option, summary)
 from pipeline.errors import KDMError
 
 EXAMPLES = """\
@@ -41,7 +42,8 @@ def cmd_teacher_train(a) -> None:
 
 
 def cmd_pairs_generate(a) -> None:
-    cfg = pairs_generate_config(a, {"method": a.method, "steps": a.steps}, "pairs generate options")
+    cfg = pairs_generate_config(a, {"method": a.method, "steps": a.steps,
+                                    **snapshot_steps_option(a, a.steps)}, "pairs generate options")
     require_local_input(a.teacher, "teacher")
     from pipeline.storage import artifacts
     artifacts.precheck_target(a.out, "pair store")           # before torch: a wrong --out fails fast
@@ -51,7 +53,10 @@ def cmd_pairs_generate(a) -> None:
         pairs_dry_run(cfg, generate.pairs_version(read_teacher_manifest(a.teacher).id, cfg), a.out)
         return
     v = generate.generate_pairs(a.teacher, cfg, a.out, progress=not a.quiet)
-    summary(f"pairs {v}: {len(cfg.seeds)} train + {heldout_count(cfg)} held out at {a.out}")
+    snaps = cfg.sampler.snapshot_steps
+    summary(f"pairs {v}: {len(cfg.seeds)} train + {heldout_count(cfg)} held out"
+            + (f", {len(snaps)} trajectory snapshots (after steps {', '.join(map(str, snaps))})" if snaps else "")
+            + f" at {a.out}")
 
 
 IMPORT_FORMATS = {
@@ -79,14 +84,23 @@ def cmd_pairs_import(a) -> None:
     problem = import_options_problem(a.format, a.order, a.noise_scale, name=_flag)
     if problem:
         raise KDMError(problem)
-    cfg = pairs_import_config(a, "pairs import options", order=a.order, noise_scale=a.noise_scale)
+    snapshots = None
+    if a.snapshots is not None:
+        if a.format != "kdm-trajectories":
+            raise KDMError(f"--snapshots applies to --format kdm-trajectories (a file of whole trajectories), not "
+                           f"{a.format}")
+        snapshots = "all" if a.snapshots.strip() == "all" else parse_int_list(a.snapshots, "--snapshots")
+    cfg = pairs_import_config(a, "pairs import options", order=a.order, noise_scale=a.noise_scale,
+                              snapshots=snapshots)
     require_local_input(a.src, "source")
     from pipeline.pairs import importer
     v = importer.import_pairs(a.src, cfg, a.out)
     s, held = open_pairs(a.out)
     scale = "" if cfg.format == "kdm-trajectories" else \
         f" (x_T_scale {s.manifest.x_T_scale:g}, {s.manifest.num_classes} classes)"
-    summary(f"imported {v}: {len(s)} train + {held} held out from {a.src}{scale} at {a.out}")
+    snap = s.manifest.snapshots
+    kept = f", {snap.count} trajectory snapshots (t = {', '.join(f'{t:.3g}' for t in snap.levels)})" if snap else ""
+    summary(f"imported {v}: {len(s)} train + {held} held out{kept} from {a.src}{scale} at {a.out}")
 
 
 def cmd_pairs_filter(a) -> None:
@@ -149,7 +163,9 @@ def cmd_pairs_info(a) -> None:
     held = s.heldout()
     checked = s.verify() if a.verify else 0
     print(s.manifest.model_dump_json(indent=2, exclude={"chunk_digests"}))
+    snap = s.manifest.snapshots
     summary(f"{a.store}: {s.manifest.split} {len(s)} pairs, version {s.version}"
+            + (f", {snap.count} trajectory snapshots ({snap.axis})" if snap else "")
             + (f", held out {len(held)}" if held else "")
             + (f", content hash{'es' if held else ''} and all {checked} chunks verified"
                f"{' (train and held out)' if held else ''}" if a.verify else ""))
@@ -207,10 +223,13 @@ def cmd_sample(a) -> None:
     read_student_manifest(a.student)              # before torch: not a finished student run fails fast
     if a.noise is None and (a.num is None or a.seed is None):
         raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
+    from pipeline.evaluation.sample import check_nfe
+    check_nfe(a.nfe, read_student_manifest(a.student).intervals, f"student {a.student}")
     import io
     import numpy as np
     from pipeline.evaluation import sample
-    x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device)
+    x0, _ = sample.sample(a.student, num=a.num, seed=a.seed, noise=a.noise, device=a.device, nfe=a.nfe)
+    steps = f"{a.nfe}-NFE" if a.nfe > 1 else "one-step"
     if artifacts.exists(str(out)):  # samples are a function of (student, seed, num / noise): keep what differs
         try:
             same = np.array_equal(np.load(io.BytesIO(artifacts.read_bytes(str(out))), allow_pickle=False), x0)
@@ -219,7 +238,7 @@ def cmd_sample(a) -> None:
         if not same:
             raise KDMError(f"--out {out} exists and holds other data than these samples; choose another --out "
                            f"(it is kept)")
-        summary(f"{out} already holds these {len(x0)} one-step samples {tuple(x0.shape)}")
+        summary(f"{out} already holds these {len(x0)} {steps} samples {tuple(x0.shape)}")
         return
     if remote:
         buf = io.BytesIO()
@@ -228,7 +247,7 @@ def cmd_sample(a) -> None:
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, x0)
-    summary(f"wrote {len(x0)} one-step samples {tuple(x0.shape)} to {out}")
+    summary(f"wrote {len(x0)} {steps} samples {tuple(x0.shape)} to {out}")
 
 
 def cmd_evaluate(a) -> None:
@@ -266,7 +285,7 @@ def cmd_evaluate(a) -> None:
     if local:
         artifacts.local_path(out_dir).mkdir(parents=True, exist_ok=True)
     try:
-        report = evaluate.evaluate_student(a.student, a.pairs, cfg, out_dir)
+        report = evaluate.evaluate_student(a.student, a.pairs, cfg, out_dir, teacher=a.teacher)
     except Exception:
         if created and not any(artifacts.local_path(out_dir).iterdir()):
             artifacts.local_path(out_dir).rmdir()      # a failed evaluation leaves no empty --out behind
@@ -278,9 +297,12 @@ def cmd_evaluate(a) -> None:
             fs.rm(path)
     print(evaluate.format_table(evaluate.metrics_table(report)))
     s, t = report.student, report.teacher_reference
+    more = [p for p in report.frontier if p.model == "student" and p.nfe > 1]
     summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
             f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
-            f"pair MSE {s.pair_mse:.3g} -> {out}")
+            f"pair MSE {s.pair_mse:.3g}"
+            + "".join(f"; at {p.nfe} NFE SWD {p.metrics.swd:.4f}, in-cell {p.metrics.in_cell_fraction:.4f}"
+                      for p in more) + f" -> {out}")
 
 
 def cmd_report(a) -> None:
@@ -341,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heldout-seeds", default=None, help="inclusive range kept for evaluation (child group 'heldout')")
     sp.add_argument("--method", default="midpoint", help="euler | midpoint | heun (default midpoint)")
     sp.add_argument("--steps", type=int, default=20, help="ODE steps (default 20: 40 NFE with midpoint)")
+    add_snapshot_options(sp)
     sp.add_argument("--chunk-size", type=int, default=10000)
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--out", required=True, help="the Zarr group to write (arrays at its root)")
@@ -362,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--noise-scale", type=float, default=None,
                     help="image formats (kdm-npz, get-pt, npz): the x_T scale of the result (default 80, EDM's "
                          "sigma_max); get-pt latents are multiplied by it, kdm-npz and npz x_T are stored as found")
+    sp.add_argument("--snapshots", default=None, metavar="all|I,J,...",
+                    help="kdm-trajectories: keep intermediate trajectory entries as snapshots (array x_t): 'all' or "
+                         "their indices (0 is x_T, T-1 is x_0), for multi-step students (model.nfe_train)")
     sp.add_argument("--holdout", type=float, required=True, help="fraction held out for evaluation (may be 0)")
     sp.add_argument("--split-seed", type=int, default=0)
     sp.add_argument("--chunk-size", type=int, default=10000)
@@ -422,13 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="run directory")
     sp.add_argument("--dry-run", action="store_true")
 
-    sp = add(sub, "sample", cmd_sample, "one-step samples from a student",
+    sp = add(sub, "sample", cmd_sample, "samples from a student (one step, or --nfe N for a multi-step student)",
              "examples: kdm sample --student runs/student --num 1000 --seed 0 --out x0.npy\n"
-             "          kdm sample --student runs/student --noise xT.npy --out x0.npy")
+             "          kdm sample --student runs/student --noise xT.npy --out x0.npy\n"
+             "          kdm sample --student runs/multistep --num 1000 --seed 0 --nfe 2 --out x0.npy")
     sp.add_argument("--student", required=True)
     sp.add_argument("--num", type=int)
     sp.add_argument("--seed", type=int)
     sp.add_argument("--noise", help=".npy of x_T (N, D)")
+    sp.add_argument("--nfe", type=int, default=1, help="network evaluations (default 1: the one-step map); a "
+                    "multi-step student samples with 1 to its trajectory grid's intervals")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--out", required=True)
 
@@ -440,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--student", required=True)
     sp.add_argument("--pairs", required=True)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="Eval2DConfig field (image students: ImageEvalStageConfig field)")
+                    help="Eval2DConfig field (image students: ImageEvalStageConfig field), e.g. nfe=[1,2,4] or "
+                         "teacher_nfe=[1,2,4,8] (with --teacher)")
+    sp.add_argument("--teacher", default=None, help="2-D: the teacher run whose sampler teacher_nfe cuts short")
     sp.add_argument("--out", required=True, help="REPORT.json (plots beside it) or a directory (image students: "
                                                  "a directory)")
     cli_distill_image.add_evaluate_options(sp)

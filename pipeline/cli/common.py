@@ -57,6 +57,34 @@ def pairs_generate_config(a, sampler: dict, source: str):
     return presets.validate(PairsGenerateConfig, fields, source)
 
 
+def parse_int_list(text: str, option: str) -> list[int]:
+    """'4,9,13' -> [4, 9, 13]; ValueError naming ``option`` otherwise."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected integers separated by commas, e.g. 4,9,13") from None
+
+
+def add_snapshot_options(sp) -> None:
+    """--snapshots K / --snapshot-steps LIST of the pair generators."""
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--snapshots", type=int, default=None, metavar="K",
+                   help="keep K intermediate states of each trajectory (array x_t), after sampler steps spread evenly "
+                        "(round(i steps / (K + 1))), for multi-step students")
+    g.add_argument("--snapshot-steps", default=None, metavar="I,J,...",
+                   help="keep the states after these sampler steps (increasing, in [1, steps - 1])")
+
+
+def snapshot_steps_option(a, steps: int) -> dict:
+    """The sampler's ``snapshot_steps`` from --snapshots / --snapshot-steps ({} when neither is given)."""
+    if getattr(a, "snapshot_steps", None):
+        return {"snapshot_steps": parse_int_list(a.snapshot_steps, "--snapshot-steps")}
+    if getattr(a, "snapshots", None) is not None:
+        from storage_schemas import SamplerSettings
+        return {"snapshot_steps": list(SamplerSettings.even_snapshots(steps, a.snapshots))}
+    return {}
+
+
 def heldout_count(cfg) -> int:
     """Held-out seeds of a PairsGenerateConfig (0 without a held-out range)."""
     return len(cfg.heldout_seeds) if cfg.heldout_seeds else 0

@@ -10,6 +10,8 @@ floats / ints, numpy arrays, or the path of a written PNG:
 * ``pair_mse``: mean squared error between paired samples,
 * ``plot_samples`` / ``plot_noise_structure``: student-vs-teacher scatter and the
   noise-to-cell structure figure (paper Fig. 2 / 13),
+* ``plot_frontier``: SWD, in-cell fraction and outlier rate against NFE (student, teacher cut short,
+  the full teacher as the floor),
 * ``checkerboard_metrics``: the summary dict reported per run.
 """
 from __future__ import annotations
@@ -157,12 +159,13 @@ def _scatter(ax, x: np.ndarray, outliers: np.ndarray, colors="tab:blue") -> None
     ax.set_aspect("equal")
 
 
-def plot_samples(student_x0: np.ndarray, teacher_x0: np.ndarray, path, title: str = "") -> str:
-    """Side-by-side scatter of one-step student samples and teacher samples; outliers as red 'x'."""
+def plot_samples(student_x0: np.ndarray, teacher_x0: np.ndarray, path, title: str = "",
+                 student_label: str = "student (1 step)") -> str:
+    """Side-by-side scatter of student samples and teacher samples; outliers as red 'x'."""
     student_x0, teacher_x0 = _points(student_x0, "student_x0"), _points(teacher_x0, "teacher_x0")
     lim = _limits(student_x0, teacher_x0)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-    for ax, x, name in zip(axes, (student_x0, teacher_x0), ("student (1 step)", "teacher")):
+    for ax, x, name in zip(axes, (student_x0, teacher_x0), (student_label, "teacher")):
         _scatter(ax, x, outlier_mask(x))
         ax.set(xlim=lim, ylim=lim, title=name)
     if title:
@@ -185,6 +188,42 @@ def plot_noise_structure(x_T: np.ndarray, x_0: np.ndarray, path, title: str = ""
         _scatter(ax, x, outliers, colors=colors[~outliers])
         lim = _limits(x)
         ax.set(xlim=lim, ylim=lim, title=name)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_frontier(points, teacher, path, teacher_nfe: int | None = None, title: str = "") -> str:
+    """Quality against NFE: SWD, in-cell fraction and outlier rate (one panel each, NFE on a log2 axis) of the
+    student at each NFE and of the teacher's sampler cut short (``points``: objects with ``model``, ``nfe`` and
+    ``metrics`` = a MetricSet, e.g. storage_schemas FrontierPoint), with the full teacher's x_0 (``teacher``,
+    a MetricSet) as a dashed floor line (at ``teacher_nfe`` as a marker when known)."""
+    panels = (("swd", "SWD to the held-out reference (lower is better)"),
+              ("in_cell_fraction", "in-cell fraction (higher is better)"),
+              ("outlier_rate", "outlier rate (lower is better)"))
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4))
+    nfes = sorted({p.nfe for p in points} | ({teacher_nfe} if teacher_nfe else set()))
+    for ax, (key, label) in zip(axes, panels):
+        for who, style in (("student", dict(color="tab:blue", marker="o")),
+                           ("teacher", dict(color="tab:orange", marker="s"))):
+            pts = sorted((p.nfe, getattr(p.metrics, key)) for p in points if p.model == who)
+            if pts:
+                ax.plot(*zip(*pts), label=f"{who}" + (" (sampler cut short)" if who == "teacher" else ""), **style)
+                for x, y in pts:
+                    ax.annotate(f"{y:.4g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        if teacher is not None:
+            ax.axhline(getattr(teacher, key), color="grey", linestyle="--", linewidth=1,
+                       label="teacher x_0" + (f" ({teacher_nfe} NFE)" if teacher_nfe else ""))
+            if teacher_nfe:
+                ax.plot([teacher_nfe], [getattr(teacher, key)], color="grey", marker="*", markersize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(nfes)
+        ax.set_xticklabels([str(v) for v in nfes])
+        ax.set(xlabel="network evaluations (NFE)", title=label)
+        if key == "swd":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -1,4 +1,4 @@
-"""One-step sampling from a finished student run."""
+"""Sampling from a finished student run: one step, or NFE network evaluations for a multi-step student."""
 from __future__ import annotations
 
 import io
@@ -25,7 +25,7 @@ def _verified_student(run: str, manifest) -> dict:
 
 def load_student(run: str, device: str = "cpu") -> tuple[KDM2D, StudentManifest]:
     manifest = read_student_manifest(run)
-    model = KDM2D.from_config(manifest.model)
+    model = KDM2D.from_config(manifest.model, manifest.intervals)
     model.load_state_dict(_verified_student(run, manifest))
     return model.to(resolve_device(device)).eval(), manifest
 
@@ -40,10 +40,20 @@ def load_image_student(run: str, device: str = "cpu"):
     return model.to(resolve_device(device)).eval(), manifest
 
 
+def check_nfe(nfe: int, intervals: int, what: str = "the student") -> None:
+    """KDMError unless ``nfe`` is one the student can sample with (1..intervals of its trajectory grid)."""
+    if not 1 <= nfe <= intervals:
+        raise KDMError(f"NFE {nfe}: {what} samples with 1" + (f" to {intervals} network evaluations (its trajectory "
+                       f"grid has {intervals} intervals)" if intervals > 1 else " network evaluation (a one-step "
+                       f"student; train with model.nfe_train on a store with snapshots for more)"))
+
+
 @torch.no_grad()
-def generate(model: KDM2D, x_T: np.ndarray, batch: int = 65536) -> np.ndarray:
+def generate(model: KDM2D, x_T: np.ndarray, batch: int = 65536, nfe: int = 1) -> np.ndarray:
+    """Samples of ``x_T`` in ``nfe`` network evaluations (1: the one-step map)."""
+    check_nfe(nfe, model.intervals)
     dev = next(model.parameters()).device
-    outs = [model.generate(torch.from_numpy(np.ascontiguousarray(x_T[s:s + batch], np.float32)).to(dev)).cpu()
+    outs = [model.generate(torch.from_numpy(np.ascontiguousarray(x_T[s:s + batch], np.float32)).to(dev), nfe).cpu()
             for s in range(0, len(x_T), batch)]
     return torch.cat(outs).numpy() if outs else np.zeros((0, model.dim), np.float32)
 
@@ -75,13 +85,15 @@ def load_noise(uri: str, dim: int) -> np.ndarray:
 
 
 def sample(run: str, num: Optional[int] = None, seed: Optional[int] = None, noise: Optional[str] = None,
-           device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Returns (x_0, x_T). Either ``noise`` (a .npy of x_T) or ``num`` + ``seed`` (seeds seed..seed+num-1)."""
+           device: str = "cpu", nfe: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (x_0, x_T). Either ``noise`` (a .npy of x_T) or ``num`` + ``seed`` (seeds seed..seed+num-1);
+    ``nfe`` network evaluations (1: the one-step map)."""
     model, manifest = load_student(run, device)
+    check_nfe(nfe, manifest.intervals)
     if noise is not None:
         x_T = load_noise(noise, manifest.model.dim)
     elif num is not None and seed is not None:
         x_T = noise_for_seeds(range(seed, seed + num), manifest.model.dim)
     else:
         raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
-    return generate(model, x_T), x_T
+    return generate(model, x_T, nfe=nfe), x_T

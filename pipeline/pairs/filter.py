@@ -5,7 +5,8 @@ Reasons, applied in this order (a pair is counted under the first reason that dr
 within ``blocklist_radius`` of a user-given point: memorised or forbidden content), and
 ``near_duplicate`` (x_0 within ``near_duplicate_radius`` of an earlier kept x_0). The output records
 its source version, the kept indices (array ``source_index``) and a count per reason. The held-out
-split is copied unchanged: it is evaluation reference, not training data.
+split is copied unchanged: it is evaluation reference, not training data. Trajectory snapshots (``x_t``)
+travel with their pairs (a snapshot with NaN/Inf drops its pair under ``nonfinite``).
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def select(data: dict[str, np.ndarray], cfg: FilterConfig, blocklist: np.ndarray
 
     if cfg.drop_nonfinite:
         finite = np.isfinite(data["x_T"].reshape(n, -1)).all(1) & np.isfinite(x0).all(1)
+        if "x_t" in data:
+            finite &= np.isfinite(data["x_t"].reshape(n, -1)).all(1)
         drop(~finite, "nonfinite")
     if cfg.dedup_seeds:
         alive = np.flatnonzero(keep)        # the first *surviving* row of each seed is kept
@@ -96,23 +99,25 @@ def filter_pairs(src: str, cfg: FilterConfig, out: str) -> tuple[str, dict[str, 
     version = filter_version(m.version, cfg, block_sha)
     if artifacts.check_target(out, version, pairstore.read_store_manifest):
         return version, dict(PairStore.open(out).manifest.filter.counts)
-    data = source.load()
+    data = source.load(source.pair_arrays)
     kept, counts = select(data, cfg, block)
     record = FilterRecord(source_version=m.version, source_content_hash=m.content_hash,
                           config_hash=stable_hash(cfg, block_sha), counts=counts)
     tmp = artifacts.begin(out, fresh=True)
-    root = pairstore.create_arrays(tmp, len(kept), m.sample_shape, m.chunk_size, extra=("source_index",))
+    k = m.snapshots.count if m.snapshots else 0
+    root = pairstore.create_arrays(tmp, len(kept), m.sample_shape, m.chunk_size, extra=("source_index",), snapshots=k)
     pairstore.write_region(root, 0, {k: v[kept] for k, v in data.items()} | {"source_index": kept})
     held = source.heldout()
     if held is not None:
         hm = held.manifest
         child = pairstore.create_arrays(artifacts.join(tmp, HELDOUT_GROUP), len(held), hm.sample_shape,
-                                        hm.chunk_size)
-        pairstore.write_region(child, 0, held.load())
+                                        hm.chunk_size, snapshots=hm.snapshots.count if hm.snapshots else 0)
+        pairstore.write_region(child, 0, held.load(held.pair_arrays))
         pairstore.finalize(child, **(hm.model_dump(exclude={"content_hash", "arrays", "count", "sample_shape",
                                                             "chunk_digests", "code_version", "created"})
                                      | {"code_version": code_version(), "created": utc_now()}))
-    inherited = m.model_dump(include={"seeds", "teacher", "sampler", "x_T_scale", "num_classes", "import_info"})
+    inherited = m.model_dump(include={"seeds", "teacher", "sampler", "x_T_scale", "num_classes", "import_info",
+                                      "snapshots"})
     pairstore.finalize(root, version=version, split="train", origin="filter", chunk_size=m.chunk_size,
                        filter=record, code_version=code_version(), created=utc_now(),
                        version_inputs=filter_version_inputs(m.version, cfg, block_sha), **inherited)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage_schemas import HELDOUT_GROUP, FilterRecord, VersionInputs, code_version, recipe_version, stable_hash, utc_now
+from storage_schemas import store_arrays, HELDOUT_GROUP, FilterRecord, VersionInputs, code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.filter_images import IMAGE_FILTER_REASONS, ImageFilterConfig
 
 from pipeline.devices import resolve_device
@@ -754,13 +754,14 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
                           config_hash=stable_hash(cfg.version_fields(), block_sha,
                                                   ds.manifest.content_hash if ds else None), counts=counts)
     tmp = artifacts.begin(out, fresh=True)
-    root = pairstore.create_arrays(tmp, len(kept), shape, m.chunk_size, extra=("source_index",))
+    root = pairstore.create_arrays(tmp, len(kept), shape, m.chunk_size, extra=("source_index",),
+                                   snapshots=m.snapshots.count if m.snapshots else 0)
     _copy_rows(source.checked, root, kept, m.chunk_size, cfg.chunk_size)
     held = source.heldout()
     if held is not None:
         hm = held.manifest
         child = pairstore.create_arrays(artifacts.join(tmp, HELDOUT_GROUP), len(held), hm.sample_shape,
-                                        hm.chunk_size)
+                                        hm.chunk_size, snapshots=hm.snapshots.count if hm.snapshots else 0)
         _copy_rows(held.checked, child, np.arange(len(held)), hm.chunk_size, cfg.chunk_size, index=False)
         pairstore.finalize(child, **(hm.model_dump(exclude={"content_hash", "arrays", "count", "sample_shape",
                                                             "code_version", "created"})
@@ -773,7 +774,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
     if grid_rows:
         artifacts.write_bytes(artifacts.join(tmp, GRID_FILE), _grid_png(grid_rows, train_u8))
     root.attrs[REPORT_KEY] = report
-    inherited = m.model_dump(include={"seeds", "teacher", "sampler", "x_T_scale", "num_classes", "import_info"})
+    inherited = m.model_dump(include={"seeds", "teacher", "sampler", "x_T_scale", "num_classes", "import_info",
+                                      "snapshots"})
     pairstore.finalize(root, version=version, split="train", origin="filter", chunk_size=m.chunk_size,
                        filter=record, code_version=code_version(), created=utc_now(),
                        version_inputs=image_filter_version_inputs(m.version, cfg, ds.manifest.version if ds else None,
@@ -793,8 +795,9 @@ def _bank_keep(bank: RefSet, m0: int, keep_new: np.ndarray) -> None:
 
 
 def _copy_rows(src, dst, rows: np.ndarray, out_chunk: int, read_chunk: int, index: bool = True) -> None:
-    """Copy ``rows`` of ``src`` (ascending) to ``dst`` in whole output chunks, reading ``read_chunk`` at a time."""
-    names = ("x_T", "x_0", "label", "seed")
+    """Copy ``rows`` of ``src`` (ascending) to ``dst`` in whole output chunks, reading ``read_chunk`` at a time
+    (the pairs' arrays, trajectory snapshots included)."""
+    names = tuple(k for k in store_arrays(True) if k in src)
     buf: dict[str, list[np.ndarray]] = {k: [] for k in (*names, "source_index")}
     held, pos = 0, 0
 

@@ -1,7 +1,8 @@
 """Teacher pair generation: per-seed noise -> teacher sampler -> chunk-aligned shards of one Zarr store.
 
-A pair is a function of (teacher, sampler settings, seed) only. Two samplers (storage_schemas
-SamplerSettings.kind):
+A pair is a function of (teacher, sampler settings, seed) only. With ``sampler.snapshot_steps`` the
+states after those sampler steps are kept too (array ``x_t``, the manifest's ``snapshots``: flow-matching
+times t = k / steps, or EDM noise levels t_k). Two samplers (storage_schemas SamplerSettings.kind):
 
 * ``flow-matching-ode``: the 2-D flow-matching teacher's ODE (fixed-step Euler/midpoint/Heun),
   x_T = noise_scale * eps with eps from ``seeded_noise``;
@@ -37,8 +38,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 import numpy as np
 from tqdm import tqdm
 
-from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, PairsGenerateConfig, SeedRange,
-                             TeacherManifest, TeacherRef, VersionInputs, code_version, recipe_version, utc_now)
+from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PairsGenerateConfig, SeedRange, Snapshots,
+                             TeacherManifest, TeacherRef, VersionInputs, code_version, recipe_version, store_arrays,
+                             utc_now)
 
 from pipeline.storage import artifacts
 from pipeline.storage import pairstore
@@ -127,6 +129,7 @@ class _Sampler:
         self.cfg, self.device, self.batch_size = cfg, device, batch_size
         self.state_dtype = torch.float64
         s = cfg.sampler
+        self.keep = tuple(s.snapshot_steps or ())
         if s.kind == "flow-matching-ode":
             if manifest.kind != "flow-matching-mlp":
                 raise KDMError(f"teacher {manifest.id} is an {manifest.kind} denoiser; sample it with sampler kind "
@@ -147,18 +150,33 @@ class _Sampler:
             else:
                 self.shape, self.label_dim = (manifest.model.dim,), 0
 
-    def __call__(self, seeds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def snapshot_spec(self) -> Optional[Snapshots]:
+        """What the kept states are (None without ``snapshot_steps``)."""
+        s = self.cfg.sampler
+        if not self.keep:
+            return None
+        if s.kind == "flow-matching-ode":
+            return Snapshots(count=len(self.keep), axis="flow-matching-time", x_T_level=0.0,
+                             levels=tuple(k / s.steps for k in self.keep), solver_steps=self.keep)
+        from models.samplers import edm_levels
+        t = edm_levels(self.denoiser, s.steps, s.sigma_min, s.noise_scale, s.rho)
+        return Snapshots(count=len(self.keep), axis="edm-sigma", x_T_level=t[0],
+                         levels=tuple(t[k] for k in self.keep), solver_steps=self.keep)
+
+    def __call__(self, seeds: list[int]) -> dict[str, np.ndarray]:
+        """The arrays of the pairs of ``seeds``: x_T, x_0, label (and x_t with snapshots)."""
         import torch
         from models.samplers import edm_heun, edm_latents, integrate_ode, seeded_noise
         s = self.cfg.sampler
         bs = self.batch_size or (min(len(seeds), IMAGE_BATCH) if len(self.shape) > 1 else len(seeds))
-        x_Ts, x_0s, labs = [], [], []
+        out: dict[str, list] = {"x_T": [], "x_0": [], "label": [], "x_t": []}
         for a in range(0, len(seeds), bs):
             part = seeds[a:a + bs]
+            x_t = None
             if s.kind == "flow-matching-ode":
                 x_T = seeded_noise(part, self.shape, scale=s.noise_scale)
                 with torch.no_grad():
-                    x_0 = integrate_ode(self.velocity, x_T.to(self.device), s.steps, s.method).cpu()
+                    x_0 = integrate_ode(self.velocity, x_T.to(self.device), s.steps, s.method, keep=self.keep)
                 lab = np.full(len(part), -1, np.int32)
             else:
                 eps, ids = edm_latents(part, self.shape, self.label_dim)
@@ -167,12 +185,15 @@ class _Sampler:
                 if ids is not None:
                     onehot = torch.eye(self.label_dim, device=self.device)[ids.to(self.device)]
                 x_0 = edm_heun(self.denoiser, x_T.to(self.device), onehot, num_steps=s.steps, sigma_min=s.sigma_min,
-                               sigma_max=s.noise_scale, rho=s.rho, state_dtype=self.state_dtype).to(torch.float32).cpu()
+                               sigma_max=s.noise_scale, rho=s.rho, state_dtype=self.state_dtype, keep=self.keep)
                 lab = ids.numpy().astype(np.int32) if ids is not None else np.full(len(part), -1, np.int32)
-            x_Ts.append(x_T.numpy())
-            x_0s.append(x_0.numpy())
-            labs.append(lab)
-        return np.concatenate(x_Ts), np.concatenate(x_0s), np.concatenate(labs)
+            if self.keep:
+                x_0, x_t = x_0
+                out["x_t"].append(x_t.to(torch.float32).cpu().numpy())
+            out["x_T"].append(x_T.numpy())
+            out["x_0"].append(x_0.to(torch.float32).cpu().numpy())
+            out["label"].append(lab)
+        return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
 def _has_manifest(url: str) -> bool:
@@ -183,19 +204,21 @@ def _has_manifest(url: str) -> bool:
         return False
 
 
-def _layout_ready(tmp: str, splits: list[Split], version: str) -> bool:
-    """Rank 0 has created every array of every split for ``version`` (the root's writing key is set last)."""
+def _layout_ready(tmp: str, splits: list[Split], version: str, names: tuple[str, ...]) -> bool:
+    """Rank 0 has created every array (``names``) of every split for ``version`` (the root's writing key is
+    set last)."""
     try:
         if _partial_version(tmp) != version:
             return False
     except Exception:   # zarr.json being rewritten by the coordinator: not ready yet
         return False
-    return all(artifacts.exists(artifacts.join(sp.url, a, "zarr.json")) for sp in splits for a in PAIR_ARRAYS)
+    return all(artifacts.exists(artifacts.join(sp.url, a, "zarr.json")) for sp in splits for a in names)
 
 
-def _create_layout(out: str, splits: list[Split], version: str, sample_shape: tuple[int, ...], chunk: int) -> None:
+def _create_layout(out: str, splits: list[Split], version: str, sample_shape: tuple[int, ...], chunk: int,
+                   snapshots: int) -> None:
     for sp in splits:                    # root first: creating it wipes what is under it
-        pairstore.create_arrays(sp.url, len(sp.seeds), sample_shape, chunk)
+        pairstore.create_arrays(sp.url, len(sp.seeds), sample_shape, chunk, snapshots=snapshots)
     for sp in reversed(splits):          # the root's key last: it marks the layout complete
         pairstore.open_group(sp.url, "r+").attrs[pairstore.WRITING_KEY] = version
 
@@ -244,6 +267,8 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
     device = resolve_device(device_name)
     sampler = _Sampler(teacher_url, manifest, cfg, device, batch_size, compile=compile)
     sample_shape = sampler.shape
+    snap = sampler.snapshot_spec()
+    names = store_arrays(snap is not None)
 
     tmp = artifacts.partial_url(out)
     splits = [Split("train", tmp, cfg.seeds)]
@@ -256,11 +281,11 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
         elif _has_manifest(tmp):                         # killed between the manifest and the rename
             _commit(out, splits)
             return version
-        if not _layout_ready(tmp, splits, version):
-            _create_layout(out, splits, version, sample_shape, cfg.chunk_size)
+        if not _layout_ready(tmp, splits, version, names):
+            _create_layout(out, splits, version, sample_shape, cfg.chunk_size, snap.count if snap else 0)
     else:
         def ready() -> bool:
-            return _has_manifest(out) or _has_manifest(tmp) or _layout_ready(tmp, splits, version)
+            return _has_manifest(out) or _has_manifest(tmp) or _layout_ready(tmp, splits, version, names)
         _wait(f"rank 0 to create the arrays of {tmp}", ready, poll_s, wait_timeout_s)
         if _has_manifest(out) or _has_manifest(tmp):        # all shards were done: nothing left for this worker
             return version
@@ -295,7 +320,7 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
     common = dict(origin="teacher", chunk_size=cfg.chunk_size, sampler=cfg.sampler,
                   teacher=TeacherRef(id=manifest.id, sha256=manifest.weights_sha256, kind=manifest.kind),
                   x_T_scale=cfg.sampler.noise_scale, num_classes=sampler.label_dim, code_version=code_version(),
-                  version_inputs=pairs_version_inputs(manifest.id, cfg))
+                  version_inputs=pairs_version_inputs(manifest.id, cfg), snapshots=snap)
     # Before the commit, every finished shard (this run's, a killed run's, other workers') is checked
     # against the digests its marker recorded when it was written: a shard whose chunk was lost or altered
     # since is computed again (once); the same pass gives the manifest's content hash and chunk digests.
@@ -303,7 +328,7 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
     # worker finds nothing to do), then the progress markers go and the directory is renamed.
     with warnings.catch_warnings():   # zarr notes the marker folder while listing the arrays
         warnings.filterwarnings("ignore", message=f".*{PROGRESS_DIR}.*")
-        scans = _verified_scans(sampler, splits, shards, cfg.chunk_size, on_shard)
+        scans = _verified_scans(sampler, splits, shards, cfg.chunk_size, on_shard, names)
         for sp in reversed(splits):
             group = pairstore.open_group(sp.url, "r+")
             pairstore.finalize(group, scanned=scans[sp.name],
@@ -315,8 +340,7 @@ def _generate_pairs(teacher_url: str, cfg: PairsGenerateConfig, out: str, progre
 
 def _run_shard(sampler: "_Sampler", groups: dict, sh: Shard, chunk_size: int) -> None:
     """Compute one shard, write its chunk, then its marker (which records the digest of each array's chunk)."""
-    x_T, x_0, label = sampler(list(range(sh.lo, sh.hi)))
-    data = {"x_T": x_T, "x_0": x_0, "label": label, "seed": np.arange(sh.lo, sh.hi, dtype=np.int64)}
+    data = sampler(list(range(sh.lo, sh.hi))) | {"seed": np.arange(sh.lo, sh.hi, dtype=np.int64)}
     pairstore.write_region(groups[sh.split.name], sh.index * chunk_size, data)
     digests = {k: pairstore.chunk_digest(np.asarray(v, dtype=pairstore.DTYPES[k])) for k, v in data.items()}
     artifacts.write_bytes(_shard_marker(sh.split.url, sh.index), json.dumps(digests, sort_keys=True).encode())
@@ -333,13 +357,14 @@ def _marker_digests(sh: Shard) -> Optional[dict]:
         return {}          # a torn marker: the shard is computed again
 
 
-def _damaged_shards(splits: list[Split], shards: list[Shard], scans: dict) -> list[tuple[Shard, str]]:
+def _damaged_shards(splits: list[Split], shards: list[Shard], scans: dict, names: tuple[str, ...]
+                    ) -> list[tuple[Shard, str]]:
     bad = []
     groups = {sp.name: pairstore.open_group(sp.url, "r") for sp in splits}
     for sh in shards:
         digests = _marker_digests(sh)
         group = groups[sh.split.name]
-        for name in PAIR_ARRAYS:
+        for name in names:
             got = scans[sh.split.name][1][name][sh.index]
             if digests is None:      # no digest recorded: the chunk must at least exist
                 if not pairstore.chunk_present(group[name], sh.index):
@@ -354,12 +379,12 @@ def _damaged_shards(splits: list[Split], shards: list[Shard], scans: dict) -> li
 
 
 def _verified_scans(sampler: "_Sampler", splits: list[Split], shards: list[Shard], chunk_size: int,
-                    on_shard: Optional[Callable[[int, int], None]]) -> dict:
+                    on_shard: Optional[Callable[[int, int], None]], names: tuple[str, ...]) -> dict:
     """{split: pairstore.scan(group)} once every shard matches its marker; damaged shards are recomputed."""
     for attempt in (1, 2):
-        scans = {sp.name: pairstore.scan(pairstore.open_group(sp.url, "r"), PAIR_ARRAYS, tolerant=True)
+        scans = {sp.name: pairstore.scan(pairstore.open_group(sp.url, "r"), names, tolerant=True)
                  for sp in splits}
-        bad = _damaged_shards(splits, shards, scans)
+        bad = _damaged_shards(splits, shards, scans, names)
         if not bad:
             return scans
         where = "; ".join(f"{sh.split.name} shard {sh.index} (seeds {sh.lo}-{sh.hi - 1}): {why}" for sh, why in bad)

@@ -4,7 +4,9 @@ Formats (``PairsImportConfig.format``):
 
 ``kdm-trajectories``
     The official KDM checkerboard file: one ``.npy`` float32 array (T, N, D) of teacher-ODE snapshots,
-    x_T = [0], x_0 = [-1]. x_T is unit noise (x_T_scale 1).
+    x_T = [0], x_0 = [-1]. x_T is unit noise (x_T_scale 1). With ``snapshots`` ('all' or indices) the
+    entries between are kept as the store's trajectory snapshots (array ``x_t``), at the flow-matching
+    times t = i / (T - 1) of the official file (its ODE solver returned its states on linspace(0, 1, T)).
 ``kdm-npz``
     The official KDM image data: a folder with one ``.npz`` per pair (``path<i>.npz``), float64 (any float
     is accepted). Unconditional files hold ``arr_0`` with shape (K >= 2, C, H, W): the pair is its first
@@ -126,6 +128,14 @@ class _Source(abc.ABC):
     def seeds(self, idx: np.ndarray) -> np.ndarray:
         """The seeds stored for the pairs at ``idx``: their index in the source unless it records seeds."""
         return np.asarray(idx, dtype=np.int64)
+
+    def snapshot_spec(self):
+        """The ``storage_schemas.Snapshots`` this source keeps, or None (pairs only)."""
+        return None
+
+    def snapshots(self, idx: np.ndarray) -> Optional[np.ndarray]:
+        """(len(idx), K, *sample_shape) intermediate states of the pairs at ``idx`` (None: no snapshots)."""
+        return None
 
 
 class _NpzSource(_Source):
@@ -261,13 +271,33 @@ class _GetSource(_Source):
 
 
 class _ArraySource(_Source):
-    def __init__(self, src: str):
+    def __init__(self, src: str, snapshots=None):
         arr, self.sha256 = load_trajectories(src)
         self.x_T, self.x_0 = arr[0].astype(np.float32), arr[-1].astype(np.float32)
         self.count, self.sample_shape, self.num_classes = arr.shape[1], tuple(arr.shape[2:]), 0
+        steps = arr.shape[0] - 1
+        self.keep: tuple[int, ...] = ()
+        if snapshots is not None:
+            self.keep = tuple(range(1, steps)) if snapshots == "all" else tuple(snapshots)
+            if not self.keep or max(self.keep) >= steps:
+                raise KDMError(f"{src} holds trajectories of {steps + 1} entries (x_T = 0, x_0 = {steps}); snapshots "
+                               f"{'all' if snapshots == 'all' else list(snapshots)} must be indices in [1, {steps - 1}]")
+            # (N, K, D), in sampling order; the array is small enough (the official file: 4 MB) to hold
+            self.x_t = np.ascontiguousarray(arr[list(self.keep)].transpose(1, 0, *range(2, arr.ndim)), np.float32)
+        self.steps = steps
 
     def get(self, idx):
         return self.x_T[idx], self.x_0[idx], np.full(len(idx), -1, np.int32)
+
+    def snapshot_spec(self):
+        if not self.keep:
+            return None
+        from storage_schemas import Snapshots
+        return Snapshots(count=len(self.keep), axis="flow-matching-time", x_T_level=0.0,
+                         levels=tuple(i / self.steps for i in self.keep), source_index=self.keep)
+
+    def snapshots(self, idx):
+        return self.x_t[idx] if self.keep else None
 
 
 class _NpzArraysSource(_Source):
@@ -333,7 +363,7 @@ class _NpzArraysSource(_Source):
 
 def open_source(src: str, cfg: PairsImportConfig, sha256: Optional[str] = None) -> _Source:
     if cfg.format == "kdm-trajectories":
-        return _ArraySource(src)
+        return _ArraySource(src, cfg.snapshots)
     if cfg.format == "npz":
         return _NpzArraysSource(src)
     if cfg.format == "kdm-npz":
@@ -408,19 +438,22 @@ def import_pairs(src: str, cfg: PairsImportConfig, out: str) -> str:
     groups = []
     c = cfg.chunk_size
     nonfinite = {"train": 0, "heldout": 0}
+    snap = source.snapshot_spec()
     for split, url, idx in splits:          # root first: creating it would wipe an existing child
-        group = pairstore.create_arrays(url, len(idx), source.sample_shape, c)
+        group = pairstore.create_arrays(url, len(idx), source.sample_shape, c, snapshots=snap.count if snap else 0)
         step = c * _chunks_per_write(out, c, source.sample_shape)
         for s in range(0, len(idx), step):
             x_T, x_0, lab = source.get(idx[s:s + step])
-            nonfinite[split] += int((~(np.isfinite(np.reshape(x_T, (len(x_T), -1))).all(1)
-                                       & np.isfinite(np.reshape(x_0, (len(x_0), -1))).all(1))).sum())
-            pairstore.write_region(group, s, {"x_T": x_T, "x_0": x_0, "label": lab,
-                                              "seed": source.seeds(idx[s:s + step])})
+            rows = {"x_T": x_T, "x_0": x_0, "label": lab, "seed": source.seeds(idx[s:s + step])}
+            if snap is not None:
+                rows["x_t"] = source.snapshots(idx[s:s + step])
+            nonfinite[split] += int((~np.all([np.isfinite(np.reshape(rows[k], (len(x_0), -1))).all(1)
+                                              for k in ("x_T", "x_0", "x_t") if k in rows], axis=0)).sum())
+            pairstore.write_region(group, s, rows)
         groups.append((split, group))
     for split, group in reversed(groups):   # the root manifest is the last write
         pairstore.finalize(group, version=version if split == "train" else f"{version}-heldout", split=split,
-                           origin="import", chunk_size=c, import_info=info, x_T_scale=cfg.x_T_scale,
+                           origin="import", chunk_size=c, import_info=info, x_T_scale=cfg.x_T_scale, snapshots=snap,
                            version_inputs=_version_inputs(source.sha256, cfg),
                            num_classes=source.num_classes, code_version=code_version(), created=utc_now())
     artifacts.commit(out)

@@ -116,16 +116,23 @@ class Student2D(Stage):
 
 class Evaluation2D(Stage):
     """In-cell fraction, sliced Wasserstein-1, outlier rate and held-out pair MSE of student and teacher,
-    with plots, ``<root>/evaluations/<version>/report.json``."""
+    with plots, ``<root>/evaluations/<version>/report.json``; the student at every NFE it was trained for and,
+    with ``evaluation.teacher_nfe``, the teacher's sampler cut short (the quality-vs-NFE frontier)."""
 
-    name, kind, inputs = "evaluation", "evaluations", ("student", "filter")
+    name, kind = "evaluation", "evaluations"
+
+    def __init__(self, with_teacher: bool = False):
+        self.inputs = ("student", "filter") + (("teacher",) if with_teacher else ())
 
     def output(self, cfg, uris):
         from pipeline.storage.pairstore import PairStore
         from pipeline.storage.manifests import read_student_manifest
-        version = "eval-" + stable_hash(recipe_version(), "evaluate", read_student_manifest(uris["student"]).version,
-                                        PairStore.open(uris["filter"]).version, cfg.evaluation, cfg.teacher.data)
-        return artifacts.join(cfg.root, "evaluations", version)
+        parts = [recipe_version(), "evaluate", read_student_manifest(uris["student"]).version,
+                 PairStore.open(uris["filter"]).version, cfg.evaluation, cfg.teacher.data]
+        if "teacher" in self.inputs:          # the teacher network is an input only when its sampler is cut short
+            from pipeline.storage.manifests import read_teacher_manifest
+            parts.append(read_teacher_manifest(uris["teacher"]).id)
+        return artifacts.join(cfg.root, "evaluations", "eval-" + stable_hash(*parts))
 
     def done(self, out):
         from pipeline.evaluation.evaluate2d import REPORT
@@ -134,7 +141,8 @@ class Evaluation2D(Stage):
     def run(self, cfg, uris, out, ctx):
         from pipeline.evaluation.evaluate2d import REPORT, evaluate_student
         tmp = artifacts.begin(out, fresh=True)
-        evaluate_student(uris["student"], uris["filter"], cfg.evaluation, tmp, board=cfg.teacher.data)
+        evaluate_student(uris["student"], uris["filter"], cfg.evaluation, tmp, board=cfg.teacher.data,
+                         teacher=uris.get("teacher"))
         artifacts.commit(out, markers=(REPORT,))
         return {}
 
@@ -152,8 +160,9 @@ def report_parts(cfg, results: dict) -> dict:
     report = evaluate2d.read_report(ev["uri"])
     rows = evaluate2d.metrics_table(report)
     protocol = (f"Protocol: n = {report.student.num_points} points per row; reference = first n held-out teacher "
-                f"x_0; student = one-step samples from seeds {report.sample_seeds.text()}; teacher = first n "
-                f"train-split x_0; SWD-1 with {report.protocol.swd_projections} projections (seed "
+                f"x_0; student = samples from seeds {report.sample_seeds.text()} (at each NFE); teacher x_0 = first n "
+                f"train-split x_0; teacher cut short (if any) = its ODE solver from the student's seeds, pair MSE "
+                f"against the full teacher; SWD-1 with {report.protocol.swd_projections} projections (seed "
                 f"{report.protocol.swd_seed}); outliers = DBSCAN(eps {report.protocol.dbscan_eps}, min_samples "
                 f"{report.protocol.dbscan_min_samples}) united with |z| > {report.protocol.zscore_threshold}.")
     preset = cfg.preset if "checkerboard" in cfg.preset else f"checkerboard-{cfg.preset}"
@@ -165,4 +174,4 @@ def report_parts(cfg, results: dict) -> dict:
 
 def stages(cfg) -> list[Stage]:
     first = [FlowMatchingTeacher(), PairsStage()] if cfg.source == "teacher" else [ImportedPairs()]
-    return first + [Filter2D(), Student2D(), Evaluation2D()]
+    return first + [Filter2D(), Student2D(), Evaluation2D(with_teacher=bool(cfg.evaluation.teacher_nfe))]

@@ -1,4 +1,5 @@
-"""Pair stores: Zarr v3 groups of (x_T, x_0, label, seed) at any fsspec URL.
+"""Pair stores: Zarr v3 groups of (x_T, x_0, label, seed) at any fsspec URL, and of trajectory snapshots
+(``x_t``, (N, K, *sample_shape)) when the store keeps them.
 
 Layout (see storage_schemas.pairs): arrays at the group root, chunked along N, zstd + crc32c; the
 manifest in the group attribute ``kdm``; an optional held-out split in the child group ``heldout``.
@@ -23,15 +24,18 @@ from pydantic import BaseModel
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from storage_schemas.pairs import HeldoutRef
-from storage_schemas import HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, ArraySpec, PairStoreManifest
+from storage_schemas import (HELDOUT_GROUP, MANIFEST_KEY, PAIR_ARRAYS, SNAPSHOT_ARRAY, ArraySpec, PairStoreManifest,
+                             store_arrays)
 
 from pipeline.storage import artifacts, manifests
+from storage_schemas.pairs import PAIR_SCHEMA_VERSION
 from pipeline.errors import ArtifactMissing, DataCorrupt, KDMError
 
 CODECS = ("zstd(level=3)", "crc32c")
 WRITING_KEY = "kdm_writing"   # group attribute: the version an unfinished writer is producing
 M = TypeVar("M", bound=BaseModel)
-DTYPES = {"x_T": "float32", "x_0": "float32", "label": "int32", "seed": "int64", "source_index": "int64"}
+DTYPES = {"x_T": "float32", "x_0": "float32", "label": "int32", "seed": "int64", "source_index": "int64",
+          SNAPSHOT_ARRAY: "float32"}
 
 
 def _store(url: str, read_only: bool = False):
@@ -59,12 +63,14 @@ def open_manifest_group(url: str, manifest_model: Type[M], what: str, writer: st
 
 
 def create_arrays(url: str, count: int, sample_shape: tuple[int, ...], chunk_size: int,
-                  extra: Iterable[str] = ()) -> zarr.Group:
-    """Create the group and its arrays, fully sized, at ``url`` (overwriting what is there)."""
+                  extra: Iterable[str] = (), snapshots: int = 0) -> zarr.Group:
+    """Create the group and its arrays, fully sized, at ``url`` (overwriting what is there); ``snapshots`` = K > 0
+    adds ``x_t`` (count, K, *sample_shape)."""
     g = zarr.open_group(_store(url), mode="w", zarr_format=3)
-    names = list(PAIR_ARRAYS) + list(extra)
+    names = list(store_arrays(snapshots > 0)) + list(extra)
     for name in names:
-        shape = (count, *sample_shape) if name in ("x_T", "x_0") else (count,)
+        shape = ((count, *sample_shape) if name in ("x_T", "x_0") else
+                 (count, snapshots, *sample_shape) if name == SNAPSHOT_ARRAY else (count,))
         chunks = (max(1, min(chunk_size, count)), *shape[1:])
         g.create_array(name, shape=shape, chunks=chunks, dtype=DTYPES[name], fill_value=0,
                        compressors=[ZstdCodec(level=3), Crc32cCodec()])
@@ -201,14 +207,20 @@ def finalize(group: zarr.Group, scanned: Optional[tuple[str, dict[str, list[str]
     fields["arrays"] = array_specs(group)
     fields["count"] = group["x_0"].shape[0]
     fields["sample_shape"] = tuple(group["x_0"].shape[1:])
+    if fields.get("snapshots") is not None:
+        fields["schema_version"] = PAIR_SCHEMA_VERSION
     manifest = PairStoreManifest(**fields)
     attrs = dict(group.attrs)
     attrs.pop("kdm_status", None)
     attrs.pop(WRITING_KEY, None)
     attrs[MANIFEST_KEY] = manifest.model_dump(mode="json")
+    snap = manifest.snapshots
     attrs["description"] = (f"kdm pair store ({manifest.split}, {manifest.count} pairs): arrays x_T, x_0 "
-                            f"(float32, (N, *sample_shape)), label (int32, -1 = unconditional), seed "
-                            f"(int64); manifest under attribute '{MANIFEST_KEY}'")
+                            f"(float32, (N, *sample_shape)), label (int32, -1 = unconditional), seed (int64)"
+                            + (f", {SNAPSHOT_ARRAY} (float32, (N, {snap.count}, *sample_shape): {snap.count} "
+                               f"intermediate trajectory states at {snap.axis} levels "
+                               f"{', '.join(f'{v:.4g}' for v in snap.levels)})" if snap else "")
+                            + f"; manifest under attribute '{MANIFEST_KEY}'")
     group.attrs.clear()
     group.attrs.update(attrs)
     return manifest
@@ -344,6 +356,11 @@ class PairStore:
 
     def load(self, names: Iterable[str] = PAIR_ARRAYS) -> dict[str, np.ndarray]:
         return {n: self.read(n) for n in names}
+
+    @property
+    def pair_arrays(self) -> tuple[str, ...]:
+        """The arrays of its pairs: PAIR_ARRAYS, and ``x_t`` when it keeps trajectory snapshots."""
+        return store_arrays(self.manifest.snapshots is not None)
 
     @property
     def checked(self) -> "CheckedArrays":

@@ -7,7 +7,9 @@ Run directory (``--out RUN``):
                                    a temporary name and renamed, so a kill never leaves a torn checkpoint
   student.safetensors, manifest.json   the EMA weights and the manifest, written when training ends
 A killed run restarted with the same command resumes from its newest checkpoint and ends with the same
-weights as an uninterrupted run (same device and thread count). At a remote URL (``s3://...``) the run
+weights as an uninterrupted run (same device and thread count). With ``model.nfe_train`` the student is
+multi-step (``models.multistep``): each batch is whole trajectories (x_T, the store's snapshots x_t, x_0)
+and the loss is the trajectory pass over the segments of the trained NFE schedules. At a remote URL (``s3://...``) the run
 trains in a local temporary directory mirrored to ``<url>.partial`` (pipeline.storage.run_mirror) and resumes
 from the checkpoints stored there.
 """
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models import multistep
 from models.kdm2d import KDM2D
 from models.losses import kdm_losses
 from storage_schemas import (StudentManifest, StudentRunConfig, code_version,
@@ -80,6 +83,7 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
                        f"expects ({cfg.model.dim},)")
     if m.count == 0:
         raise KDMError(f"pairs {pairs_url} hold no train pairs; generate or import a non-empty store")
+    check_trajectory(cfg, m, pairs_url)
     version = run_version(m.version, cfg)
     # a local run directory is written in place (resumed below); a remote one: a cut-off commit is finished
     if (artifacts.committed(out) or not artifacts.is_local(out)) and \
@@ -100,6 +104,22 @@ def train_student(pairs_url: str, cfg: StudentRunConfig, out: str, progress: boo
     return version
 
 
+def check_trajectory(cfg: StudentRunConfig, m, pairs_url: str) -> int:
+    """The intervals of the grid a multi-step student trains on (1: one-step); KDMError when the store's
+    snapshots cannot serve ``model.nfe_train``."""
+    nfe = cfg.model.nfe_train
+    if nfe is None:
+        return 1
+    n = m.snapshots.count + 1 if m.snapshots is not None else 1
+    if max(nfe) > n:
+        have = (f"keeps {m.snapshots.count} trajectory snapshot(s), {n} intervals" if m.snapshots else
+                "keeps no trajectory snapshots")
+        raise KDMError(f"model.nfe_train {list(nfe)} needs a pair store whose trajectories have at least {max(nfe)} "
+                       f"intervals; {pairs_url} {have}: generate pairs with --snapshots K (K >= {max(nfe) - 1}) or "
+                       f"import with --snapshots all, or lower nfe_train")
+    return n
+
+
 def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: StudentRunConfig, version: str,
                progress: bool, on_log: Optional[Callable[[dict], None]], stop_after: Optional[int],
                on_resume: Optional[Callable[[int], None]],
@@ -108,8 +128,10 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     ``stop_after`` ended the loop first. ``on_checkpoint(run, checkpoint, keep)`` follows every
     checkpoint."""
     m = store.manifest
+    intervals = check_trajectory(cfg, m, pairs_url)
+    multi = cfg.model.nfe_train is not None
     data = store.load_all()   # every chunk checked as it is read, then the content hash
-    data = {k: data[k] for k in ("x_T", "x_0")}
+    data = {k: data[k] for k in (("x_T", "x_t", "x_0") if multi and intervals > 1 else ("x_T", "x_0"))}
     bad = {k: int((~np.isfinite(v)).any(axis=tuple(range(1, v.ndim))).sum()) for k, v in data.items()}
     if any(bad.values()):
         raise KDMError(f"pairs {pairs_url} hold non-finite values (rows with NaN/Inf: " +
@@ -125,8 +147,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    model = KDM2D.from_config(cfg.model).to(device)
-    ema = KDM2D.from_config(cfg.model).to(device)
+    model = KDM2D.from_config(cfg.model, intervals).to(device)
+    ema = KDM2D.from_config(cfg.model, intervals).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
@@ -142,6 +164,11 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     x_T = torch.from_numpy(data["x_T"]).to(device)
     x_0 = torch.from_numpy(data["x_0"]).to(device)
     n = x_0.shape[0]
+    if multi:     # (N, n + 1, D): x_T, the snapshots, x_0
+        traj = torch.cat([x_T[:, None], torch.from_numpy(data["x_t"]).to(device), x_0[:, None]], dim=1) \
+            if intervals > 1 else torch.stack([x_T, x_0], dim=1)
+        segs = multistep.segments(intervals, cfg.model.nfe_train)
+        used = sorted({i for s in segs for i in s})
     model.train()
     metrics_path = run / checkpoints.METRICS_FILE
     losses: dict[str, float] = {}
@@ -156,9 +183,16 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
             logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
             # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
             # by the decoder, so the run is the same either way).
-            out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
-                         generator=gens["noise"], spectral=cfg.model.spectral_loss)
-            terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss)
+            if multi:
+                batch = traj[idx]
+                fwd = multistep.trajectory_forward(model, {i: batch[:, i] for i in used}, intervals, segs,
+                                                   decode_push=cfg.model.use_pred_loss or logging_step,
+                                                   generator=gens["noise"], spectral=cfg.model.spectral_loss)
+                terms = multistep.trajectory_losses(fwd, use_pred_loss=cfg.model.use_pred_loss)
+            else:
+                out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
+                             generator=gens["noise"], spectral=cfg.model.spectral_loss)
+                terms = kdm_losses(x_0[idx], out_, use_pred_loss=cfg.model.use_pred_loss)
             opt.zero_grad(set_to_none=True)
             terms["total"].backward()
             opt.step()
@@ -187,7 +221,7 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     checkpoints.save_weights(ema, weights)
     manifest = StudentManifest(
         version=version, version_inputs=run_version_inputs(m.version, cfg), model=cfg.model, train=cfg.train,
-        preset=cfg.preset, pairs_version=m.version,
+        preset=cfg.preset, pairs_version=m.version, snapshots=m.snapshots if multi and intervals > 1 else None,
         pairs_content_hash=m.content_hash, teacher_id=m.teacher.id if m.teacher else None, steps_done=step,
         weights_sha256=artifacts.sha256_file(str(weights)), trainable_parameters=count_parameters(model),
         final_losses=losses, train_seconds=time.time() - log.t_start, code_version=code_version(), created=utc_now())
