@@ -11,7 +11,9 @@ x_0, outlier rate, held-out pair MSE), at the milestones given. One JSON line pe
 Config keys (defaults = the `checkerboard` student preset): hidden, latent, layers, latent_noise,
 pred (L_pred on), act ('swish' | 'relu'), fourier (Fourier feature frequencies, 0 = none), fourier_scale, batch, lr,
 schedule ('constant' | 'cosine'), warmup, lr_min (fraction of lr at the end of the cosine), steps, ema,
-seed, milestones (list of steps at which to score).
+seed, milestones (list of steps at which to score), nfe_train (a multi-step student, e.g. [1, 2]: trained on the
+store's trajectory snapshots as `pipeline/training/train2d.py` trains it and scored at each of its NFEs; needs a
+store imported with `--snapshots`), trajectory_rows (its model.trajectory_rows).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models import multistep  # noqa: E402
 from models.kdm2d import KDM2D  # noqa: E402
 from models.losses import kdm_losses  # noqa: E402
 from models.mlp2d import Swish  # noqa: E402
@@ -35,7 +38,7 @@ from storage_schemas import Eval2DConfig  # noqa: E402
 
 DEFAULTS = dict(hidden=128, latent=64, layers=5, latent_noise=0.4, pred=False, fourier=0, fourier_scale=1.0,
                 batch=512, lr=3e-3, schedule="constant", warmup=0, lr_min=0.0, steps=12000, ema=0.999, seed=0,
-                milestones=None, act="swish")
+                milestones=None, act="swish", nfe_train=None, trajectory_rows=None)
 
 
 def load_protocol(pairs: str, cfg: Eval2DConfig):
@@ -45,22 +48,22 @@ def load_protocol(pairs: str, cfg: Eval2DConfig):
     data = store.load_all()
     hd = {k: held.read(k, 0, n) for k in ("x_T", "x_0")}
     fresh_noise = noise_for_seeds(range(cfg.sample_seed, cfg.sample_seed + n), 2, store.manifest.x_T_scale)
-    return data["x_T"], data["x_0"], hd, fresh_noise, store.read("x_0", 0, n)
+    return data, hd, fresh_noise, store.read("x_0", 0, n)
 
 
-def score(model, hd, fresh_noise, cfg: Eval2DConfig) -> dict:
+def score(model, hd, fresh_noise, cfg: Eval2DConfig, nfe: int = 1) -> dict:
     model.eval()
-    fresh = generate(model, fresh_noise)
-    paired = generate(model, hd["x_T"])
+    fresh = generate(model, fresh_noise, nfe=nfe)
+    paired = generate(model, hd["x_T"], nfe=nfe)
     m = metrics2d.checkerboard_metrics(fresh, hd["x_0"], swd_projections=cfg.swd_projections, swd_seed=cfg.swd_seed,
                                        eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples, z=cfg.zscore_threshold)
     return {"incell": m["in_cell_fraction"], "swd": m["swd"], "outliers": m["outlier_rate"],
             "mse": metrics2d.pair_mse(paired, hd["x_0"])}
 
 
-def build(c: dict) -> KDM2D:
+def build(c: dict, intervals: int = 1) -> KDM2D:
     kw = dict(hidden=c["hidden"], latent_dim=c["latent"], encoder_layers=c["layers"], decoder_layers=c["layers"],
-              latent_noise=c["latent_noise"])
+              latent_noise=c["latent_noise"], intervals=intervals, nfe_train=tuple(c["nfe_train"] or (1,)))
     if c["fourier"]:
         kw.update(fourier_features=c["fourier"], fourier_scale=c["fourier_scale"])
     model = KDM2D(**kw)
@@ -82,10 +85,17 @@ def lr_at(c: dict, step: int) -> float:
 def run(pairs: str, c: dict, out, save: str | None = None) -> None:
     c = {**DEFAULTS, **c}
     ev = Eval2DConfig()
-    x_T, x_0, hd, fresh_noise, _ = load_protocol(pairs, ev)
-    x_T, x_0 = torch.from_numpy(x_T), torch.from_numpy(x_0)
+    data, hd, fresh_noise, _ = load_protocol(pairs, ev)
+    x_T, x_0 = torch.from_numpy(data["x_T"]), torch.from_numpy(data["x_0"])
+    intervals, nfes = 1, (1,)
+    if c["nfe_train"]:          # as pipeline/training/train2d.py: the anchors of the trained schedules
+        intervals = data["x_t"].shape[1] + 1
+        traj = torch.cat([x_T[:, None], torch.from_numpy(data["x_t"]), x_0[:, None]], dim=1)
+        used = sorted({i for s in multistep.segments(intervals, c["nfe_train"]) for i in s})
+        traj = traj[:, used].contiguous()
+        nfes = tuple(c["nfe_train"])
     torch.manual_seed(c["seed"])
-    model, ema = build(c), build(c)
+    model, ema = build(c, intervals), build(c, intervals)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=c["lr"])
@@ -97,8 +107,15 @@ def run(pairs: str, c: dict, out, save: str | None = None) -> None:
             group["lr"] = lr_at(c, step)
         idx = torch.randint(0, n, (c["batch"],), generator=g_data)
         model.train()
-        fwd = model(x_0[idx], x_T[idx], decode_push=c["pred"], generator=g_noise)
-        terms = kdm_losses(x_0[idx], fwd, use_pred_loss=c["pred"])
+        if c["nfe_train"]:
+            batch = traj[idx]
+            fwd = multistep.trajectory_forward(model, {i: batch[:, k] for k, i in enumerate(used)},
+                                               decode_push=c["pred"], generator=g_noise,
+                                               aux_rows=c["trajectory_rows"])
+            terms = multistep.trajectory_losses(fwd, use_pred_loss=c["pred"])
+        else:
+            fwd = model(x_0[idx], x_T[idx], decode_push=c["pred"], generator=g_noise)
+            terms = kdm_losses(x_0[idx], fwd, use_pred_loss=c["pred"])
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt.step()
@@ -108,6 +125,8 @@ def run(pairs: str, c: dict, out, save: str | None = None) -> None:
             secs = time.time() - t0
             with torch.no_grad():
                 row = {**c, "step": step + 1, "train_secs": round(secs, 1), **score(ema, hd, fresh_noise, ev)}
+                if len(nfes) > 1:
+                    row["by_nfe"] = {m: score(ema, hd, fresh_noise, ev, m) for m in nfes}
             line = json.dumps(row)
             print(line, flush=True)
             out.write(line + "\n")

@@ -18,6 +18,7 @@ from torch import nn
 
 from .koopman import make_operator
 from .mlp2d import MLPDecoder, MLPEncoder
+from .multistep import rollout, segment_operator, set_trajectory
 
 
 class KDMForward(NamedTuple):
@@ -54,27 +55,24 @@ def add_latent_noise(z: torch.Tensor, std: float, eps: Optional[torch.Tensor] = 
 class KDM2D(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 256, latent_dim: int = 256, encoder_layers: int = 5,
                  decoder_layers: int = 5, operator: str = "linear", latent_noise: float = 0.4,
-                 time_T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0, intervals: int = 1):
+                 time_T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0, intervals: int = 1,
+                 nfe_train: tuple[int, ...] = (1,)):
         super().__init__()
         self.dim, self.latent_dim, self.latent_noise, self.time_T = dim, latent_dim, latent_noise, time_T
-        self.intervals = intervals
         self.x0_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
         self.xT_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
         self.decoder = MLPDecoder(dim, hidden, latent_dim, decoder_layers)
         self.koopman = make_operator(operator, latent_dim)
-        self.segment_ops = None
-
-    def add_segment_operators(self, segs) -> None:
-        self.segment_ops = nn.ModuleDict({f"{i}-{j}": make_operator("linear", self.latent_dim)
-                                          for i, j in segs if (i, j) != (0, self.intervals)})
+        set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, latent_dim))
 
     @classmethod
     def from_config(cls, cfg, intervals: int = 1) -> "KDM2D":
-        """``intervals``: of the trajectory grid the student is trained on (its run manifest's ``trajectory``)."""
+        """``intervals``: of the trajectory grid the student is trained on (its run manifest's ``snapshots``)."""
         return cls(dim=cfg.dim, hidden=cfg.hidden, latent_dim=cfg.latent_dim,
                    encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
                    operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T,
-                   fourier_features=cfg.fourier_features, fourier_scale=cfg.fourier_scale, intervals=intervals)
+                   fourier_features=cfg.fourier_features, fourier_scale=cfg.fourier_scale, intervals=intervals,
+                   nfe_train=tuple(cfg.nfe_train or (1,)))
 
     def forward(self, x0: torch.Tensor, xT: torch.Tensor, decode_push: bool = True,
                 generator: torch.Generator | None = None, *, eps0: torch.Tensor | None = None,
@@ -96,12 +94,11 @@ class KDM2D(nn.Module):
         return KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push, spec)
 
     def generate(self, xT: torch.Tensor, nfe: int = 1) -> torch.Tensor:
-        """Sampling, deterministic given x_T: NFE = 1 on the one-interval grid is Alg. 2,
-        D_psi(C_eta E_varphi(x_T, T), 0); otherwise ``models.multistep.rollout``."""
-        if nfe == 1 and self.intervals == 1:
+        """Sampling, deterministic given x_T: NFE = 1 is Alg. 2, D_psi(C_eta E_varphi(x_T, T), 0); a multi-step
+        student samples with any NFE it was trained for (``models.multistep.rollout``)."""
+        if nfe == 1:
             return self.decoder(self.koopman(self.xT_encoder(xT, self.time_T)), 0.0)
-        from .multistep import rollout
-        return rollout(self, xT, nfe, self.intervals)
+        return rollout(self, xT, nfe)
 
     # -- the pieces models.multistep uses -------------------------------------------------------------
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
@@ -111,17 +108,10 @@ class KDM2D(nn.Module):
             return self.x0_encoder(x, tau)
         if not bool(data.any()):
             return self.xT_encoder(x, tau)
-        z = torch.empty((x.shape[0], self.latent_dim), dtype=x.dtype, device=x.device)
-        z[data] = self.x0_encoder(x[data], tau[data])
-        z[~data] = self.xT_encoder(x[~data], tau[~data])
-        return z
+        raise ValueError("encode_state: x_0 and noisy states go to different encoders; encode them apart")
 
     def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
         return self.decoder(z, tau)
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
-        if self.segment_ops is not None and (i, j) != (0, self.intervals):
-            return self.segment_ops[f"{i}-{j}"](z)
-        for _ in range(j - i if self.segment_ops is None else 1):
-            z = self.koopman(z)
-        return z
+        return segment_operator(self, i, j)(z)

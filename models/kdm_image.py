@@ -20,6 +20,10 @@ As the official image models:
   ``control=True``, the control term C_mu(y) = ``nn.Linear(label_dim, d)`` is added after the push. It is
   sized from the latent (the official code hard-codes 32*32);
 * x_T = ``noise_scale`` * eps with eps ~ N(0, I) and noise_scale = 80 (EDM's sigma_max).
+* multi-step sampling (``intervals`` > 1, ``nfe_train``; ``models.multistep``): the UNets' time inputs carry
+  the grid level tau of a trajectory state (the x_T encoder and the decoder see tau in (0, T)), each trained
+  segment has its own operator (plus the control term) and ``generate(x_T, labels, nfe)`` re-anchors on its
+  own decoded intermediate predictions. NFE = 1 is the one-step map above.
 
 Latents are kept flattened, shape (B, d).
 """
@@ -33,6 +37,7 @@ from torch.nn import functional as F
 
 from .kdm2d import KDMForward, add_latent_noise
 from .koopman import make_operator
+from .multistep import rollout, segment_operator, set_trajectory
 from .songunet import Linear, SongUNet
 
 # SongUNet settings shared by the three networks of every official image config (notes Sec. 1.1).
@@ -42,7 +47,10 @@ OFFICIAL_UNET = dict(model_channels=64, channel_mult=(1, 2, 2, 2), channel_mult_
                      resample_filter=(1, 1))
 
 
-def _time(x: torch.Tensor, t: float) -> torch.Tensor:
+def _time(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """The UNet's noise label per row: a constant ``t``, or one value per row (a (B,) tensor)."""
+    if torch.is_tensor(t):
+        return t.to(device=x.device, dtype=x.dtype).reshape(x.shape[0])
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
 
 
@@ -57,7 +65,7 @@ class LatentEncoder(nn.Module):
         self.proj = Linear(flat, proj_dim, init_mode="xavier_uniform") if proj_dim else None
         self.latent_dim = proj_dim or flat
 
-    def forward(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: float | torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         z = self.unet(x, _time(x, t), labels).flatten(1)
         return self.proj(z) if self.proj is not None else z
 
@@ -74,7 +82,8 @@ class LatentDecoder(nn.Module):
         self.unet = SongUNet(img_resolution, latent_channels, out_channels, label_dim=label_dim, **unet)
         self.latent_dim = proj_dim or flat
 
-    def forward(self, z: torch.Tensor, t: float = 0.0, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, t: float | torch.Tensor = 0.0,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.proj is not None:
             z = self.proj(z)
         z = z.reshape(z.shape[0], *self.latent_shape)
@@ -85,7 +94,8 @@ class KDMImage(nn.Module):
     def __init__(self, img_resolution: int = 32, channels: int = 3, latent_channels: int = 1,
                  unet: Mapping[str, Any] | None = None, latent_proj_dim: int | None = None,
                  operator: str = "linear", label_dim: int = 0, control: bool = True,
-                 latent_noise: float = 0.4, noise_scale: float = 80.0, time_T: float = 1.0):
+                 latent_noise: float = 0.4, noise_scale: float = 80.0, time_T: float = 1.0, intervals: int = 1,
+                 nfe_train: tuple[int, ...] = (1,)):
         super().__init__()
         unet = dict(OFFICIAL_UNET if unet is None else unet)
         self.img_resolution, self.channels, self.label_dim = img_resolution, channels, label_dim
@@ -96,10 +106,12 @@ class KDMImage(nn.Module):
         self.latent_dim = self.x0_encoder.latent_dim
         self.koopman = make_operator(operator, self.latent_dim)
         self.control = nn.Linear(label_dim, self.latent_dim) if label_dim and control else None
+        set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, self.latent_dim))
 
     @classmethod
-    def from_config(cls, cfg) -> "KDMImage":
-        """Build from a ``storage_schemas.kdm_image.KDMImageConfig`` (or anything with its fields)."""
+    def from_config(cls, cfg, intervals: int = 1) -> "KDMImage":
+        """Build from a ``storage_schemas.kdm_image.KDMImageConfig`` (or anything with its fields); ``intervals``:
+        of the trajectory grid a multi-step student is trained on."""
         u = cfg.unet
         unet = dict(model_channels=u.model_channels, channel_mult=tuple(u.channel_mult),
                     channel_mult_emb=u.channel_mult_emb, channel_mult_noise=u.channel_mult_noise,
@@ -110,7 +122,8 @@ class KDMImage(nn.Module):
         return cls(img_resolution=cfg.img_resolution, channels=cfg.channels, latent_channels=cfg.latent_channels,
                    unet=unet, latent_proj_dim=cfg.latent_proj_dim, operator=cfg.operator,
                    label_dim=cfg.label_dim, control=cfg.control, latent_noise=cfg.latent_noise,
-                   noise_scale=cfg.noise_scale, time_T=cfg.time_T)
+                   noise_scale=cfg.noise_scale, time_T=cfg.time_T, intervals=intervals,
+                   nfe_train=tuple(getattr(cfg, "nfe_train", None) or (1,)))
 
     # -- labels -------------------------------------------------------------------------------------
     def prepare_labels(self, labels: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -168,10 +181,33 @@ class KDMImage(nn.Module):
         spec = self.spectral_loss(spectral) if spectral != "none" else None
         return KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push, spec)
 
-    def generate(self, xT: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """One-step sampling (Alg. 2), deterministic given x_T (already scaled: x_T = noise_scale * eps)."""
+    def generate(self, xT: torch.Tensor, labels: torch.Tensor | None = None, nfe: int = 1) -> torch.Tensor:
+        """Sampling, deterministic given x_T (already scaled: x_T = noise_scale * eps): NFE = 1 is Alg. 2, a
+        multi-step student samples with any NFE it was trained for (``models.multistep.rollout``)."""
         y = self.prepare_labels(labels, xT.shape[0], xT)
-        return self.decoder(self.push(self.xT_encoder(xT, self.time_T, y), y), 0.0, y)
+        if nfe == 1:
+            return self.decoder(self.push(self.xT_encoder(xT, self.time_T, y), y), 0.0, y)
+        return rollout(self, xT, nfe, y)
+
+    # -- the pieces models.multistep uses (labels already prepared) -------------------------------------
+    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
+        """E_phi(x, 0) for rows at tau == 0 (x_0), E_varphi(x, tau) for the others."""
+        data = tau == 0
+        if bool(data.all()):
+            return self.x0_encoder(x, 0.0, labels)
+        if not bool(data.any()):
+            return self.xT_encoder(x, tau, labels)
+        raise ValueError("encode_state: x_0 and noisy states go to different encoders; encode them apart")
+
+    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
+        return self.decoder(z, tau, labels)
+
+    def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
+        """The operator of grid segment (i, j), plus the control term C_mu(y) when conditional."""
+        z = segment_operator(self, i, j)(z)
+        if self.control is not None:
+            z = z + self.control(labels)
+        return z
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None) -> torch.Tensor:
@@ -188,5 +224,6 @@ class KDMImage(nn.Module):
     # -- bookkeeping --------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per top-level module (buffers excluded)."""
-        names = ["x0_encoder", "xT_encoder", "decoder", "koopman"] + (["control"] if self.control is not None else [])
+        names = ["x0_encoder", "xT_encoder", "decoder", "koopman"] + (["control"] if self.control is not None else []) \
+            + (["segment_ops"] if self.segment_ops is not None else [])
         return {n: sum(p.numel() for p in getattr(self, n).parameters() if p.requires_grad) for n in names}

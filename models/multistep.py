@@ -1,61 +1,67 @@
-"""Multi-step Koopman students: one model that samples with any number of network evaluations (NFE).
+"""Multi-step Koopman students: one model that samples with 1, 2, 4, ... network evaluations (NFE).
 
-The paper distils the teacher's map x_T -> x_0 through one linear step in a learned latent space
-(x_0 ~= D_psi(C_eta E_varphi(x_T))) and names full trajectories as future work (App. F). This module
-extends it to the stored trajectory of the teacher, for every KDM model (2-D ``models.kdm2d.KDM2D``,
-images ``models.kdm_image.KDMImage``): the models provide the three pieces below, this module holds the
-grid, the training pass and the sampler, once.
+The paper distils the teacher's map x_T -> x_0 through one linear step in a learned latent space,
+x_0 ~= D_psi(C_eta E_varphi(x_T)), and names full trajectories as future work (App. F). This module
+extends it to stored teacher trajectories for every KDM model (2-D ``models.kdm2d.KDM2D``, images
+``models.kdm_image.KDMImage``): a model provides ``encode_state``, ``decode_state`` and ``advance``
+(and calls ``set_trajectory`` when built); the grid, the training pass and the sampler live here, once.
 
 Trajectory grid
-    A pair store with K snapshots holds, per pair, states of one teacher trajectory
-    s_0 = x_T, s_1, ..., s_K, s_n = x_0 (n = K + 1 intervals), in sampling order (noise to data).
-    Grid index i reaches the networks as the time input tau_i = T (1 - i / n): tau_0 = T is the x_T
-    encoder's input of the one-step model, tau_n = 0 the decoder's. (The store records what each
-    snapshot is, e.g. the EDM noise level sigma or the flow-matching time t; the student needs only
-    the order.) Without snapshots n = 1 and everything below is the paper's one-step model.
+    A pair store with K snapshots holds, per pair, states of one teacher trajectory in sampling order,
+    s_0 = x_T, s_1, ..., s_K, s_n = x_0 (n = K + 1 intervals). Grid index i reaches the networks as the
+    time input tau_i = T (1 - i / n): tau_0 = T is the x_T encoder's input of the one-step model, tau_n = 0
+    the decoder's. (The store records what each snapshot is, e.g. the EDM noise level sigma or the
+    flow-matching time t; the student needs only the order.)
+
+Schedules
+    An m-evaluation sample (1 <= m <= n) runs through the anchors a_k = floor(k n / m + 1/2), k = 0..m
+    (a_0 = 0, a_m = n; the anchors of m = 2 are among those of m = 4 when n allows); its segments are
+    (a_k, a_(k+1)). The student is trained for the NFEs ``nfe_train`` (e.g. (1, 2, 4)) and samples with
+    any of them.
 
 Observables and latent dynamics
-    The augmented state (x, tau) of a time-dependent ODE is autonomous, so its Koopman operators form a
-    semigroup in the time step. One operator C (the model's ``koopman``, affine as in the paper:
-    C z = W z + b; a conditional image model adds its control term C_mu(y) at each interval) advances
-    the latent by one grid interval and k intervals are its k-th power:
-        z_i = E_varphi(s_i, tau_i)  (i < n),    z_n = E_phi(x_0, 0),
-        z_j ~= C^(j - i) z_i,                    s_i ~= D_psi(z_i, tau_i).
-    (model.encode_state, model.advance, model.decode_state.)
+    z_i = E_varphi(s_i, tau_i) for i < n (the x_T encoder, time-conditioned), z_n = E_phi(x_0, 0), and
+    s_i ~= D_psi(z_i, tau_i). Each trained segment (i, j) has its own affine Koopman operator C_ij
+    (``advance``; a conditional image model adds its control term C_mu(y)):
+        z_j ~= C_ij z_i,        C_0n = C_eta, the paper's operator.
+    (One operator and its powers, C_ij = C^(j - i), is the semigroup of an autonomous system; it trained
+    markedly worse on the checkerboard trajectories than operators per segment, BENCHMARKS.md.)
 
-Sampling with m evaluations (1 <= m <= n)
-    Anchors a_k = floor(k n / m + 1/2), k = 0..m (a_0 = 0, a_m = n; nested: the anchors of m = 2 are
-    among those of m = 4 when n allows). With x^(0) = x_T:
-        x^(k+1) = D_psi(C^(a_(k+1) - a_k) E(x^(k), tau_(a_k)), tau_(a_(k+1))),    x_0 = x^(m).
-    m = 1 is the paper's one-step map, x_0 = D_psi(C^n E_varphi(x_T, T), 0): one encoder pass, one
-    linear map (C^n) and one decoder pass. m > 1 re-anchors on its own decoded intermediate prediction
-    (decode, re-encode, advance); each of the m rounds is one network evaluation.
+Sampling with m evaluations, x^(0) = x_T:
+        x^(k+1) = D_psi(C_(a_k a_(k+1)) E(x^(k), tau_(a_k)), tau_(a_(k+1))),    x_0 = x^(m).
+    m = 1 is exactly the paper's one-step map D_psi(C_eta E_varphi(x_T, T), 0); m > 1 re-anchors on its own
+    decoded intermediate prediction (decode, re-encode, advance), one network evaluation per round.
 
-Training (the paper's losses on every trained segment)
-    The segments (i, j) are those of the sampling schedules of ``nfe_train`` (e.g. (1, 2, 4)), and with
-    ``every_snapshot`` also each single interval (i, i + 1) of the grid, so that the latent path passes
-    through every stored snapshot. With latent noise z~_i = z_i + sigma eps_i (std sigma, clean targets):
-        L_lat  = mean over segments          || z_j - C^(j - i) z~_i ||^2
-        L_pred = mean over segments          d(s_j, D_psi(C^(j - i) z~_i, tau_j))
-        L_rec  = mean over states i > 0 used  d(s_i, D_psi(z~_i, tau_i))
-    (x_T itself is never decoded, so it is not reconstructed.) With n = 1 and nfe_train = (1,) these
-    are the paper's Eq. 5-7. ``trajectory_forward`` returns the tensors, the caller's distance d makes
-    the losses (``trajectory_losses``: MSE, as the 2-D trainer).
+Training (the paper's losses, on every trained segment)
+    Latent noise z~ = z + sigma eps (std sigma) on every encoded teacher state, clean targets. With
+    x^_(a_k) the student's own decoded prediction at anchor a_k of an m-step rollout from x_T (detached:
+    it is an input, as at sampling time), re-encoded without noise:
+        one-step (whole batch):   L_lat = ||z_n - C_0n z~_0||^2,   L_rec = d(x_0, D_psi(z~_n, 0)),
+                                  L_pred = d(x_0, D_psi(C_0n z~_0, 0))
+        trajectory (first ``aux_rows`` rows), for every trained schedule m > 1 and segment (a_k, a_(k+1)):
+            teacher-anchored  ||z_(a_(k+1)) - C z~_(a_k)||^2
+            self-anchored     ||z_(a_(k+1)) - C E(x^_(a_k), tau_(a_k))||^2      (k >= 1)
+            reconstruction    d(s_a, D_psi(z~_a, tau_a))  at every anchor 0 < a < n
+    The total is L_rec + L_lat (+ L_pred with ``use_pred_loss``) of the one-step terms plus the means of
+    the trajectory terms. The self-anchored segments train each later round on what it sees when
+    sampling, the student's own intermediate prediction, rather than the teacher's state only.
+    With nfe_train = (1,) this is the paper's pass (Eq. 5-7).
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
-
-from .kdm2d import add_latent_noise
+from torch import nn
 
 
 class TrajectoryModel(Protocol):
-    """What a KDM model provides for multi-step training and sampling."""
+    """What a KDM model provides for multi-step training and sampling (``set_trajectory`` sets the rest)."""
 
     time_T: float
     latent_noise: float
+    intervals: int
+    nfe_train: tuple[int, ...]
 
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
         """Latent of states x at times tau (B,): the x_0 encoder where tau == 0, the x_T encoder elsewhere."""
@@ -64,7 +70,7 @@ class TrajectoryModel(Protocol):
         """States at times tau (B,) from latents z."""
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
-        """The latent at grid index j from the latent z at index i < j."""
+        """The latent at grid index j from the latent z at index i < j (the operator of segment (i, j))."""
 
 
 # --- the grid ---------------------------------------------------------------------------------------
@@ -74,20 +80,17 @@ def anchors(intervals: int, nfe: int) -> list[int]:
     if intervals < 1:
         raise ValueError(f"a trajectory grid has at least one interval, got {intervals}")
     if not 1 <= nfe <= intervals:
-        raise ValueError(f"NFE {nfe} needs 1 <= NFE <= {intervals}, the intervals of the student's trajectory grid "
+        raise ValueError(f"NFE {nfe} needs 1 <= NFE <= {intervals}, the intervals of the trajectory grid "
                          f"({intervals - 1} stored snapshot{'s' if intervals != 2 else ''} between x_T and x_0)")
     return [(2 * k * intervals + nfe) // (2 * nfe) for k in range(nfe + 1)]
 
 
-def segments(intervals: int, nfe_train: Iterable[int], every_snapshot: bool = False) -> list[tuple[int, int]]:
-    """The (start, end) grid segments trained: those of each NFE schedule in ``nfe_train`` (and, with
-    ``every_snapshot``, each single interval), without repeats, ordered by (start, end)."""
+def segments(intervals: int, nfe_train: Sequence[int]) -> list[tuple[int, int]]:
+    """The (start, end) segments of the schedules of ``nfe_train``, without repeats, ordered."""
     out = set()
     for m in nfe_train:
         a = anchors(intervals, m)
         out.update(zip(a[:-1], a[1:]))
-    if every_snapshot:
-        out.update((i, i + 1) for i in range(intervals))
     return sorted(out)
 
 
@@ -96,23 +99,54 @@ def times(intervals: int, time_T: float) -> list[float]:
     return [time_T * (1.0 - i / intervals) for i in range(intervals + 1)]
 
 
+def set_trajectory(model: nn.Module, intervals: int, nfe_train: Sequence[int],
+                   make_operator: Callable[[], nn.Module]) -> None:
+    """Give ``model`` its grid (``intervals``), the NFEs it samples with (``nfe_train``) and one operator per
+    trained segment other than (0, n) (``segment_ops``; None for a one-step model, whose state dict is then
+    the paper model's). ``model.koopman`` stays the operator of (0, n)."""
+    nfe_train = tuple(sorted(set(nfe_train) | {1}))      # the one-step map is always trained
+    for m in nfe_train:
+        anchors(intervals, m)        # each NFE fits the grid
+    model.intervals, model.nfe_train = intervals, nfe_train
+    extra = [s for s in segments(intervals, nfe_train) if s != (0, intervals)]
+    model.segment_ops = nn.ModuleDict({f"{i}-{j}": make_operator() for i, j in extra}) if extra else None
+
+
+def segment_operator(model, i: int, j: int) -> nn.Module:
+    """The operator of segment (i, j): the model's ``koopman`` for (0, n), else its own."""
+    if (i, j) == (0, model.intervals):
+        return model.koopman
+    ops = model.segment_ops
+    if ops is None or f"{i}-{j}" not in ops:
+        raise ValueError(f"the student has no operator for grid segment ({i}, {j}); it samples with NFE "
+                         f"{', '.join(map(str, model.nfe_train))}")
+    return ops[f"{i}-{j}"]
+
+
+def check_nfe(model, nfe: int) -> None:
+    if nfe not in model.nfe_train:
+        raise ValueError(f"NFE {nfe}: the student samples with NFE {', '.join(map(str, model.nfe_train))} "
+                         f"(the ones it was trained for)")
+
+
 # --- training ---------------------------------------------------------------------------------------
 
 class TrajectoryForward(NamedTuple):
-    """Rows are grouped by segment (``segments`` order) or by reconstructed state (``rec_index`` order),
-    each group the whole batch in order.
+    """The tensors of one trajectory pass; ``trajectory_losses`` turns them into losses.
 
-    z_target: clean latent of each segment's end state; z_push: C^(j - i) z~_i; x_push: D(z_push, tau_j)
-    (None unless decoded); push_target: s_j; x_rec: D(z~_i, tau_i); rec_target: s_i; spectral: the
-    KDM-F penalty (None unless asked for)."""
-    segments: list[tuple[int, int]]
-    rec_index: list[int]
-    z_target: torch.Tensor
+    one-step terms over the whole batch: z0 (clean z_n), z_push (C_0n z~_0), x0_rec (D(z~_n, 0)), x0 (the target),
+    x0_push (D(z_push, 0), None unless decoded). Trajectory terms over the first ``aux_rows`` rows, each group
+    concatenated along the batch: traj_z_push / traj_z_target (teacher- and self-anchored segments),
+    traj_rec / traj_rec_target (the anchors between x_T and x_0). spectral: the KDM-F penalty or None."""
+    z0: torch.Tensor
     z_push: torch.Tensor
-    x_push: Optional[torch.Tensor]
-    push_target: torch.Tensor
-    x_rec: torch.Tensor
-    rec_target: torch.Tensor
+    x0_rec: torch.Tensor
+    x0: torch.Tensor
+    x0_push: Optional[torch.Tensor]
+    traj_z_push: Optional[torch.Tensor]
+    traj_z_target: Optional[torch.Tensor]
+    traj_rec: Optional[torch.Tensor]
+    traj_rec_target: Optional[torch.Tensor]
     spectral: Optional[torch.Tensor] = None
 
 
@@ -120,73 +154,97 @@ def _rows(tau: float, batch: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((batch,), float(tau), dtype=like.dtype, device=like.device)
 
 
-def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], intervals: int,
-                       segs: Sequence[tuple[int, int]], labels=None, decode_push: bool = True,
-                       generator: Optional[torch.Generator] = None, spectral: str = "none") -> TrajectoryForward:
-    """One training pass over the segments ``segs`` of a batch of trajectories.
+def _cat(parts: list) -> Optional[torch.Tensor]:
+    return torch.cat(parts) if parts else None
 
-    ``states`` maps grid index -> (B, *sample_shape) states (0: x_T, ``intervals``: x_0); it must hold every
-    index a segment starts or ends at. Every used state is encoded once (the x_T encoder in one call over
-    all its levels), the latent noise of all of them is one draw from ``generator``, and each segment's
-    push is the repeated Koopman step; the decoder runs once over [reconstructions; decoded pushes].
+
+def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], labels=None,
+                       decode_push: bool = True, generator: Optional[torch.Generator] = None,
+                       spectral: str = "none", aux_rows: Optional[int] = None) -> TrajectoryForward:
+    """One training pass over a batch of trajectories (the module docstring's terms).
+
+    ``states`` maps grid index -> (B, *sample_shape): 0 (x_T), n (x_0) and every anchor of the trained
+    schedules. ``aux_rows``: the trajectory terms use the first aux_rows rows (None: all). The latent noise
+    is drawn from ``generator``: x_0's, x_T's (as ``KDM2D.forward``), then the anchors' (one draw each).
     """
-    segs = list(segs)
-    used = sorted({i for s in segs for i in s})
-    missing = [i for i in used if i not in states]
+    from .kdm2d import add_latent_noise
+    n = model.intervals
+    batch = states[0].shape[0]
+    aux = batch if aux_rows is None else min(aux_rows, batch)
+    tau = times(n, model.time_T)
+    like = states[0]
+    lab_aux = None if labels is None else labels[:aux]
+    schedules = [anchors(n, m) for m in model.nfe_train if m > 1]
+    inner = sorted({a for s in schedules for a in s[1:-1]})
+    missing = [i for i in [0, n, *inner] if i not in states]
     if missing:
         raise ValueError(f"trajectory_forward: grid states {missing} are missing (given {sorted(states)})")
-    batch = states[used[0]].shape[0]
-    tau = times(intervals, model.time_T)
-    like = states[used[0]]
 
-    def rep(t: Optional[torch.Tensor], k: int) -> Optional[torch.Tensor]:
-        return None if t is None else torch.cat([t] * k)
+    # one-step terms (the paper's pass, whole batch)
+    z0 = model.encode_state(states[n], _rows(0.0, batch, like), labels)
+    zT = model.encode_state(states[0], _rows(tau[0], batch, like), labels)
+    z0_noisy = add_latent_noise(z0, model.latent_noise, generator=generator)
+    zT_noisy = add_latent_noise(zT, model.latent_noise, generator=generator)
+    z_push = model.advance(zT_noisy, 0, n, labels)
 
-    # x_T-encoder states in one call, x_0 in another; the latent noise of all of them in one draw
-    noisy_idx = [i for i in used if i < intervals]
-    parts = []
-    if noisy_idx:
-        parts.append(model.encode_state(torch.cat([states[i] for i in noisy_idx]),
-                                        torch.cat([_rows(tau[i], batch, like) for i in noisy_idx]),
-                                        rep(labels, len(noisy_idx))))
-    if intervals in used:
-        parts.append(model.encode_state(states[intervals], _rows(0.0, batch, like), labels))
-    z_all = torch.cat(parts) if len(parts) > 1 else parts[0]
-    zn_all = add_latent_noise(z_all, model.latent_noise, generator=generator)
-    where = {i: slice(k * batch, (k + 1) * batch) for k, i in enumerate(used)}
-    z_push = [model.advance(zn_all[where[i]], i, j, labels) for i, j in segs]
-    z_target = [z_all[where[j]] for _, j in segs]
-    z_push_t = torch.cat(z_push)
-    rec_index = [i for i in used if i > 0]
-    rec_in = torch.cat([zn_all[where[i]] for i in rec_index])
-    rec_tau = torch.cat([_rows(tau[i], batch, like) for i in rec_index])
-    n_rec = rec_in.shape[0]
-    seg_lab, rec_lab = rep(labels, len(segs)), rep(labels, len(rec_index))
+    # the anchors' teacher states (first aux rows), encoded in one call
+    clean, noisy = {0: zT[:aux], n: z0[:aux]}, {0: zT_noisy[:aux]}
+    if inner:
+        x_in = torch.cat([states[i][:aux] for i in inner])
+        t_in = torch.cat([_rows(tau[i], aux, like) for i in inner])
+        z_in = model.encode_state(x_in, t_in, None if labels is None else torch.cat([lab_aux] * len(inner)))
+        zn_in = add_latent_noise(z_in, model.latent_noise, generator=generator)
+        for k, i in enumerate(inner):
+            clean[i], noisy[i] = z_in[k * aux:(k + 1) * aux], zn_in[k * aux:(k + 1) * aux]
+
+    # teacher-anchored segments, then the self-anchored rounds of each schedule
+    teacher = {(i, j): model.advance(noisy[i], i, j, lab_aux)
+               for i, j in sorted({s for a in schedules for s in zip(a[:-1], a[1:])})}
+    push, target = list(teacher.values()), [clean[j] for _, j in teacher]
+    for a in schedules:
+        z = teacher[(a[0], a[1])]
+        for k in range(1, len(a) - 1):
+            with torch.no_grad():    # the round's decoded prediction: the next round's input, as when sampling
+                x = model.decode_state(z, _rows(tau[a[k]], aux, like), lab_aux)
+            z = model.advance(model.encode_state(x, _rows(tau[a[k]], aux, like), lab_aux), a[k], a[k + 1], lab_aux)
+            push.append(z)
+            target.append(clean[a[k + 1]])
+    dec_z = [z0_noisy] + [noisy[i] for i in inner]
+    dec_t = [_rows(0.0, batch, like)] + [_rows(tau[i], aux, like) for i in inner]
+
+    # one decoder call: x_0's reconstruction (whole batch), the anchors' reconstructions, the one-step push
+    dec_lab = None if labels is None else torch.cat([labels] + [lab_aux] * len(inner) +
+                                                    ([labels] if decode_push else []))
     if decode_push:
-        push_tau = torch.cat([_rows(tau[j], batch, like) for _, j in segs])
-        dec = model.decode_state(torch.cat([rec_in, z_push_t.to(rec_in.dtype)]), torch.cat([rec_tau, push_tau]),
-                                 None if labels is None else torch.cat([rec_lab, seg_lab]))
-        x_rec, x_push = dec[:n_rec], dec[n_rec:]
-    else:
-        x_rec, x_push = model.decode_state(rec_in, rec_tau, rec_lab), None
+        dec_z, dec_t = dec_z + [z_push.to(z0_noisy.dtype)], dec_t + [_rows(0.0, batch, like)]
+    dec = model.decode_state(torch.cat(dec_z), torch.cat(dec_t), dec_lab)
+    x0_rec = dec[:batch]
+    traj_rec = dec[batch:batch + aux * len(inner)] if inner else None
+    x0_push = dec[batch + aux * len(inner):] if decode_push else None
     spec = model.koopman.spectral_loss(spectral) if spectral != "none" else None
-    return TrajectoryForward(segs, rec_index, torch.cat(z_target), z_push_t, x_push,
-                             torch.cat([states[j] for _, j in segs]), x_rec,
-                             torch.cat([states[i] for i in rec_index]), spec)
+    return TrajectoryForward(z0, z_push, x0_rec, states[n], x0_push, _cat(push), _cat(target), traj_rec,
+                             _cat([states[i][:aux] for i in inner]), spec)
 
 
 def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dict[str, torch.Tensor]:
-    """The MSE form of the losses (``models.losses.kdm_losses`` for a trajectory pass): rec, lat, pred
-    (reported whenever decoded; in the total only with ``use_pred_loss``), spectral, total."""
+    """The MSE form of the losses (as ``models.losses.kdm_losses``): rec, lat (each: the one-step term plus the
+    mean of the trajectory terms, also reported alone as traj_rec / traj_lat), pred (reported whenever decoded;
+    in the total only with ``use_pred_loss``), spectral, total."""
     import torch.nn.functional as F
-    losses = {"rec": F.mse_loss(out.x_rec, out.rec_target), "lat": F.mse_loss(out.z_push, out.z_target)}
+    losses = {"rec": F.mse_loss(out.x0_rec, out.x0), "lat": F.mse_loss(out.z_push, out.z0)}
+    if out.traj_z_push is not None:
+        losses["traj_lat"] = F.mse_loss(out.traj_z_push, out.traj_z_target)
+        losses["lat"] = losses["lat"] + losses["traj_lat"]
+    if out.traj_rec is not None:
+        losses["traj_rec"] = F.mse_loss(out.traj_rec, out.traj_rec_target)
+        losses["rec"] = losses["rec"] + losses["traj_rec"]
     total = losses["rec"] + losses["lat"]
-    if out.x_push is not None:
-        losses["pred"] = F.mse_loss(out.x_push, out.push_target)
+    if out.x0_push is not None:
+        losses["pred"] = F.mse_loss(out.x0_push, out.x0)
         if use_pred_loss:
             total = total + losses["pred"]
     elif use_pred_loss:
-        raise ValueError("use_pred_loss=True needs the decoded pushes (decode_push=True)")
+        raise ValueError("use_pred_loss=True needs the decoded push (decode_push=True)")
     if out.spectral is not None:
         losses["spectral"] = out.spectral
         total = total + out.spectral
@@ -197,12 +255,12 @@ def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dic
 # --- sampling ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def rollout(model: TrajectoryModel, x_T: torch.Tensor, nfe: int, intervals: int, labels=None,
-            keep_path: bool = False):
-    """x_0 from x_T in ``nfe`` network evaluations (the anchors of ``anchors(intervals, nfe)``); with
-    ``keep_path`` also the list of the decoded states at every anchor after x_T. Deterministic given x_T."""
-    a = anchors(intervals, nfe)
-    tau = times(intervals, model.time_T)
+def rollout(model: TrajectoryModel, x_T: torch.Tensor, nfe: int, labels=None, keep_path: bool = False):
+    """x_0 from x_T in ``nfe`` network evaluations (one of the model's ``nfe_train``); with ``keep_path`` also
+    the list of the decoded states at every anchor after x_T. Deterministic given x_T."""
+    check_nfe(model, nfe)
+    a = anchors(model.intervals, nfe)
+    tau = times(model.intervals, model.time_T)
     x, path = x_T, []
     for k in range(nfe):
         z = model.encode_state(x, _rows(tau[a[k]], x.shape[0], x), labels)

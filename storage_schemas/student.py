@@ -34,15 +34,20 @@ class KDM2DConfig(Strict):
                                     "each coordinate (not in the official code; 0 = off)")
     fourier_scale: float = Field(1.0, gt=0, description="lowest Fourier feature frequency (radians per unit)")
     nfe_train: Optional[tuple[int, ...]] = Field(
-        None, description="multi-step student (models.multistep): the sampling NFEs whose schedules are trained on "
-                          "the pair store's trajectory snapshots, e.g. [1, 2, 4]; None: the paper's one-step student "
-                          "(snapshots are not read)")
+        None, description="multi-step student (models.multistep): the NFEs it samples with, each trained on the "
+                          "pair store's trajectory snapshots, e.g. [1, 2, 4] (1 is always included); None: the "
+                          "paper's one-step student (snapshots are not read)")
+    trajectory_rows: Optional[int] = Field(
+        None, ge=1, description="multi-step student: rows of each batch that train the trajectory terms (intermediate "
+                                "segments, self-anchored rounds, reconstructions); None: the whole batch. The one-step "
+                                "terms always use the whole batch")
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
         out = handler(self)
-        if out.get("nfe_train", 0) is None:     # versions of one-step students stay what they were
-            out.pop("nfe_train")
+        for key in ("nfe_train", "trajectory_rows"):     # versions of one-step students stay what they were
+            if out.get(key, 0) is None:
+                out.pop(key)
         return out
 
     @model_validator(mode="after")
@@ -52,8 +57,11 @@ class KDM2DConfig(Strict):
         if self.fourier_features == 0 and self.fourier_scale != 1.0:
             raise ValueError("fourier_scale is set but fourier_features is 0 (Fourier features off)")
         if self.nfe_train is not None and (not self.nfe_train or list(self.nfe_train) != sorted(set(self.nfe_train))
-                                           or self.nfe_train[0] < 1):
-            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs >= 1, e.g. [1, 2, 4]")
+                                           or self.nfe_train[0] != 1):
+            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs starting at 1 (the one-step "
+                             f"map is always trained), e.g. [1, 2, 4]")
+        if self.trajectory_rows is not None and self.nfe_train is None:
+            raise ValueError("trajectory_rows is a setting of multi-step students (set nfe_train)")
         return self
 
 

@@ -167,8 +167,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     if multi:     # (N, n + 1, D): x_T, the snapshots, x_0
         traj = torch.cat([x_T[:, None], torch.from_numpy(data["x_t"]).to(device), x_0[:, None]], dim=1) \
             if intervals > 1 else torch.stack([x_T, x_0], dim=1)
-        segs = multistep.segments(intervals, cfg.model.nfe_train)
-        used = sorted({i for s in segs for i in s})
+        used = sorted({i for s in multistep.segments(intervals, cfg.model.nfe_train) for i in s})
+        traj = traj[:, used].contiguous()          # the anchors of the trained schedules only
     model.train()
     metrics_path = run / checkpoints.METRICS_FILE
     losses: dict[str, float] = {}
@@ -185,9 +185,10 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
             # by the decoder, so the run is the same either way).
             if multi:
                 batch = traj[idx]
-                fwd = multistep.trajectory_forward(model, {i: batch[:, i] for i in used}, intervals, segs,
+                fwd = multistep.trajectory_forward(model, {i: batch[:, k] for k, i in enumerate(used)},
                                                    decode_push=cfg.model.use_pred_loss or logging_step,
-                                                   generator=gens["noise"], spectral=cfg.model.spectral_loss)
+                                                   generator=gens["noise"], spectral=cfg.model.spectral_loss,
+                                                   aux_rows=cfg.model.trajectory_rows)
                 terms = multistep.trajectory_losses(fwd, use_pred_loss=cfg.model.use_pred_loss)
             else:
                 out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
