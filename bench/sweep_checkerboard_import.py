@@ -100,6 +100,7 @@ def run(pairs: str, c: dict, out, save: str | None = None) -> None:
     ema.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=c["lr"])
     g_data, g_noise = torch.Generator().manual_seed(c["seed"] + 1), torch.Generator().manual_seed(c["seed"] + 2)
+    g_traj = torch.Generator().manual_seed(c["seed"] + 3)
     milestones = set(c["milestones"] or [c["steps"]]) | {c["steps"]}
     t0, n = time.time(), x_0.shape[0]
     for step in range(c["steps"]):
@@ -111,7 +112,7 @@ def run(pairs: str, c: dict, out, save: str | None = None) -> None:
             batch = traj[idx]
             fwd = multistep.trajectory_forward(model, {i: batch[:, k] for k, i in enumerate(used)},
                                                decode_push=c["pred"], generator=g_noise,
-                                               aux_rows=c["trajectory_rows"])
+                                               aux_rows=c["trajectory_rows"], traj_generator=g_traj)
             terms = multistep.trajectory_losses(fwd, use_pred_loss=c["pred"])
         else:
             fwd = model(x_0[idx], x_T[idx], decode_push=c["pred"], generator=g_noise)

@@ -3,11 +3,10 @@
 Two independent MLP encoders (E_phi for x_0 at t=0, E_varphi for x_T at t=T), one MLP decoder and
 a Koopman operator, as the official checkerboard model (858,114 parameters at its default sizes).
 
-A student trained on stored teacher trajectories (``intervals`` = n > 1 grid intervals) samples with
-any number of network evaluations (``generate(x_T, nfe)``): ``models.multistep`` describes the grid, the
-latent dynamics z_j ~= C^(j - i) z_i and the sampler; ``encode_state``, ``decode_state`` and ``advance``
-are what it uses of this model. NFE = 1 is the one-step map D_psi(C^n E_varphi(x_T, T), 0), with n = 1
-the paper's.
+A student trained on stored teacher trajectories (``intervals`` = n > 1 grid intervals, ``nfe_train``)
+samples with each NFE it was trained for (``generate(x_T, nfe)``): ``models.multistep`` describes the grid,
+the trajectory networks and segment operators it adds, and the sampler; ``encode_state``, ``decode_state``
+and ``advance`` are what it uses of this model. NFE = 1 is the paper's one-step map.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from .koopman import make_operator
 from .mlp2d import MLPDecoder, MLPEncoder
-from .multistep import rollout, segment_operator, set_trajectory
+from .multistep import level, rollout, segment_operator, set_trajectory
 
 
 class KDMForward(NamedTuple):
@@ -63,7 +62,9 @@ class KDM2D(nn.Module):
         self.xT_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
         self.decoder = MLPDecoder(dim, hidden, latent_dim, decoder_layers)
         self.koopman = make_operator(operator, latent_dim)
-        set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, latent_dim))
+        set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, latent_dim),
+                       lambda: MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale),
+                       lambda: MLPDecoder(dim, hidden, latent_dim, decoder_layers))
 
     @classmethod
     def from_config(cls, cfg, intervals: int = 1) -> "KDM2D":
@@ -102,16 +103,13 @@ class KDM2D(nn.Module):
 
     # -- the pieces models.multistep uses -------------------------------------------------------------
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
-        """E_phi(x, 0) for rows at tau == 0 (x_0), E_varphi(x, tau) for the others."""
-        data = tau == 0
-        if bool(data.all()):
-            return self.x0_encoder(x, tau)
-        if not bool(data.any()):
-            return self.xT_encoder(x, tau)
-        raise ValueError("encode_state: x_0 and noisy states go to different encoders; encode them apart")
+        """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between."""
+        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder, "trajectory": self.traj_encoder}[level(self, tau)]
+        return enc(x, tau)
 
     def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
-        return self.decoder(z, tau)
+        """D_psi(z, 0) at x_0, the trajectory decoder D_traj(z, tau) between."""
+        return (self.decoder if level(self, tau) == "x_0" else self.traj_decoder)(z, tau)
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         return segment_operator(self, i, j)(z)

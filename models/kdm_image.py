@@ -20,10 +20,10 @@ As the official image models:
   ``control=True``, the control term C_mu(y) = ``nn.Linear(label_dim, d)`` is added after the push. It is
   sized from the latent (the official code hard-codes 32*32);
 * x_T = ``noise_scale`` * eps with eps ~ N(0, I) and noise_scale = 80 (EDM's sigma_max).
-* multi-step sampling (``intervals`` > 1, ``nfe_train``; ``models.multistep``): the UNets' time inputs carry
-  the grid level tau of a trajectory state (the x_T encoder and the decoder see tau in (0, T)), each trained
-  segment has its own operator (plus the control term) and ``generate(x_T, labels, nfe)`` re-anchors on its
-  own decoded intermediate predictions. NFE = 1 is the one-step map above.
+* multi-step sampling (``intervals`` > 1, ``nfe_train``; ``models.multistep``): a trajectory encoder and
+  decoder (two more SongUNets of the same settings, whose noise label is the grid level tau of the state)
+  and one operator per trained segment (plus the control term); ``generate(x_T, labels, nfe)`` re-anchors on
+  its own decoded intermediate predictions. NFE = 1 is the one-step map above.
 
 Latents are kept flattened, shape (B, d).
 """
@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from .kdm2d import KDMForward, add_latent_noise
 from .koopman import make_operator
-from .multistep import rollout, segment_operator, set_trajectory
+from .multistep import level, rollout, segment_operator, set_trajectory
 from .songunet import Linear, SongUNet
 
 # SongUNet settings shared by the three networks of every official image config (notes Sec. 1.1).
@@ -106,7 +106,9 @@ class KDMImage(nn.Module):
         self.latent_dim = self.x0_encoder.latent_dim
         self.koopman = make_operator(operator, self.latent_dim)
         self.control = nn.Linear(label_dim, self.latent_dim) if label_dim and control else None
-        set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, self.latent_dim))
+        set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, self.latent_dim),
+                       lambda: LatentEncoder(img_resolution, channels, latent_channels, label_dim, unet, latent_proj_dim),
+                       lambda: LatentDecoder(img_resolution, channels, latent_channels, label_dim, unet, latent_proj_dim))
 
     @classmethod
     def from_config(cls, cfg, intervals: int = 1) -> "KDMImage":
@@ -191,16 +193,13 @@ class KDMImage(nn.Module):
 
     # -- the pieces models.multistep uses (labels already prepared) -------------------------------------
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
-        """E_phi(x, 0) for rows at tau == 0 (x_0), E_varphi(x, tau) for the others."""
-        data = tau == 0
-        if bool(data.all()):
-            return self.x0_encoder(x, 0.0, labels)
-        if not bool(data.any()):
-            return self.xT_encoder(x, tau, labels)
-        raise ValueError("encode_state: x_0 and noisy states go to different encoders; encode them apart")
+        """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between (UNet noise label tau)."""
+        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder, "trajectory": self.traj_encoder}[level(self, tau)]
+        return enc(x, tau, labels)
 
     def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
-        return self.decoder(z, tau, labels)
+        """D_psi(z, 0) at x_0, the trajectory decoder D_traj(z, tau) between."""
+        return (self.decoder if level(self, tau) == "x_0" else self.traj_decoder)(z, tau, labels)
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         """The operator of grid segment (i, j), plus the control term C_mu(y) when conditional."""
@@ -225,5 +224,5 @@ class KDMImage(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters per top-level module (buffers excluded)."""
         names = ["x0_encoder", "xT_encoder", "decoder", "koopman"] + (["control"] if self.control is not None else []) \
-            + (["segment_ops"] if self.segment_ops is not None else [])
+            + (["traj_encoder", "traj_decoder", "segment_ops"] if self.segment_ops is not None else [])
         return {n: sum(p.numel() for p in getattr(self, n).parameters() if p.requires_grad) for n in names}

@@ -20,32 +20,38 @@ Schedules
     any of them.
 
 Observables and latent dynamics
-    z_i = E_varphi(s_i, tau_i) for i < n (the x_T encoder, time-conditioned), z_n = E_phi(x_0, 0), and
-    s_i ~= D_psi(z_i, tau_i). Each trained segment (i, j) has its own affine Koopman operator C_ij
-    (``advance``; a conditional image model adds its control term C_mu(y)):
+    The one-step model's networks observe the ends: z_0 = E_varphi(x_T, T), z_n = E_phi(x_0, 0), x_0 ~=
+    D_psi(z_n, 0). A multi-step student adds a pair of time-conditioned trajectory networks for the states
+    between, z_i = E_traj(s_i, tau_i) and s_i ~= D_traj(z_i, tau_i) (0 < i < n), and one affine Koopman
+    operator per trained segment (i, j) (``advance``; a conditional image model adds its control term):
         z_j ~= C_ij z_i,        C_0n = C_eta, the paper's operator.
     (One operator and its powers, C_ij = C^(j - i), is the semigroup of an autonomous system; it trained
-    markedly worse on the checkerboard trajectories than operators per segment, BENCHMARKS.md.)
+    markedly worse on the checkerboard trajectories than operators per segment, BENCHMARKS.md. So did
+    sharing the one-step networks across levels: the intermediate levels then cost the one-step map
+    accuracy.)
 
 Sampling with m evaluations, x^(0) = x_T:
-        x^(k+1) = D_psi(C_(a_k a_(k+1)) E(x^(k), tau_(a_k)), tau_(a_(k+1))),    x_0 = x^(m).
-    m = 1 is exactly the paper's one-step map D_psi(C_eta E_varphi(x_T, T), 0); m > 1 re-anchors on its own
-    decoded intermediate prediction (decode, re-encode, advance), one network evaluation per round.
+        x^(k+1) = D(C_(a_k a_(k+1)) E(x^(k), tau_(a_k)), tau_(a_(k+1))),    x_0 = x^(m)
+    (E, D: the one-step networks at tau = T and 0, the trajectory networks between). m = 1 is exactly the
+    paper's one-step map D_psi(C_eta E_varphi(x_T, T), 0); m > 1 re-anchors on its own decoded intermediate
+    prediction (decode, re-encode, advance), one network evaluation per round.
 
 Training (the paper's losses, on every trained segment)
-    Latent noise z~ = z + sigma eps (std sigma) on every encoded teacher state, clean targets. With
-    x^_(a_k) the student's own decoded prediction at anchor a_k of an m-step rollout from x_T (detached:
-    it is an input, as at sampling time), re-encoded without noise:
-        one-step (whole batch):   L_lat = ||z_n - C_0n z~_0||^2,   L_rec = d(x_0, D_psi(z~_n, 0)),
-                                  L_pred = d(x_0, D_psi(C_0n z~_0, 0))
-        trajectory (first ``aux_rows`` rows), for every trained schedule m > 1 and segment (a_k, a_(k+1)):
-            teacher-anchored  ||z_(a_(k+1)) - C z~_(a_k)||^2
-            self-anchored     ||z_(a_(k+1)) - C E(x^_(a_k), tau_(a_k))||^2      (k >= 1)
-            reconstruction    d(s_a, D_psi(z~_a, tau_a))  at every anchor 0 < a < n
-    The total is L_rec + L_lat (+ L_pred with ``use_pred_loss``) of the one-step terms plus the means of
-    the trajectory terms. The self-anchored segments train each later round on what it sees when
-    sampling, the student's own intermediate prediction, rather than the teacher's state only.
-    With nfe_train = (1,) this is the paper's pass (Eq. 5-7).
+    Latent noise z~ = z + sigma eps (std sigma) on every encoded teacher state, clean targets. The one-step
+    terms over the whole batch are the paper's pass:
+        L_lat = ||z_n - C_0n z~_0||^2,   L_rec = d(x_0, D_psi(z~_n, 0)),   L_pred = d(x_0, D_psi(C_0n z~_0, 0)).
+    The trajectory terms, over the first ``aux_rows`` rows, for every trained schedule m > 1 and each of its
+    segments (a_k, a_(k+1)), with the ends' latents z_0, z_n taken as constants (no gradient):
+        teacher-anchored   ||z_(a_(k+1)) - C z~_(a_k)||^2
+        self-anchored      ||z_(a_(k+1)) - C E_traj(x^_(a_k), tau_(a_k))||^2      (k >= 1)
+        reconstruction     d(s_a, D_traj(z~_a, tau_a))  at every anchor 0 < a < n
+    where x^_(a_k) is the student's own decoded prediction at a_k of the m-round rollout from x_T (an input,
+    as when sampling: no gradient flows through it). The self-anchored segments train each later round on
+    what it sees when sampling. The trajectory terms reach only the trajectory networks and the segment
+    operators, and draw their latent noise from their own generator: the one-step networks are trained
+    exactly as the one-step student's (same initialisation, batches, noise and updates), so NFE = 1 of a
+    multi-step student equals the one-step student trained for the same steps. With nfe_train = (1,) this
+    is the paper's pass (Eq. 5-7).
 """
 from __future__ import annotations
 
@@ -99,17 +105,32 @@ def times(intervals: int, time_T: float) -> list[float]:
     return [time_T * (1.0 - i / intervals) for i in range(intervals + 1)]
 
 
-def set_trajectory(model: nn.Module, intervals: int, nfe_train: Sequence[int],
-                   make_operator: Callable[[], nn.Module]) -> None:
-    """Give ``model`` its grid (``intervals``), the NFEs it samples with (``nfe_train``) and one operator per
-    trained segment other than (0, n) (``segment_ops``; None for a one-step model, whose state dict is then
-    the paper model's). ``model.koopman`` stays the operator of (0, n)."""
+def set_trajectory(model: nn.Module, intervals: int, nfe_train: Sequence[int], make_operator: Callable[[], nn.Module],
+                   make_encoder: Callable[[], nn.Module], make_decoder: Callable[[], nn.Module]) -> None:
+    """Give ``model`` its grid (``intervals``), the NFEs it samples with (``nfe_train``), one operator per trained
+    segment other than (0, n) (``segment_ops``) and the trajectory networks (``traj_encoder``, ``traj_decoder``,
+    time-conditioned: called as (x, tau) / (z, tau)). A one-step model gets None for all three: its state dict is
+    the paper model's. ``model.koopman`` stays the operator of (0, n). Call it after the one-step modules are
+    built: their initialisation does not depend on it."""
     nfe_train = tuple(sorted(set(nfe_train) | {1}))      # the one-step map is always trained
     for m in nfe_train:
         anchors(intervals, m)        # each NFE fits the grid
     model.intervals, model.nfe_train = intervals, nfe_train
     extra = [s for s in segments(intervals, nfe_train) if s != (0, intervals)]
     model.segment_ops = nn.ModuleDict({f"{i}-{j}": make_operator() for i, j in extra}) if extra else None
+    model.traj_encoder = make_encoder() if extra else None
+    model.traj_decoder = make_decoder() if extra else None
+
+
+def level(model, tau: torch.Tensor) -> str:
+    """Which networks see states at times ``tau`` (B,): 'x_T' (tau = T), 'x_0' (tau = 0) or 'trajectory'."""
+    for name, t in (("x_T", model.time_T), ("x_0", 0.0)):
+        if bool((tau == t).all()):
+            return name
+    if bool(((tau > 0) & (tau < model.time_T)).all()) and model.traj_encoder is not None:
+        return "trajectory"
+    raise ValueError(f"states at times {sorted(set(tau.tolist()))[:4]}: x_T (tau = {model.time_T}), x_0 (tau = 0) "
+                     f"and the trajectory between (a multi-step student's) go to different networks; pass them apart")
 
 
 def segment_operator(model, i: int, j: int) -> nn.Module:
@@ -154,18 +175,16 @@ def _rows(tau: float, batch: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((batch,), float(tau), dtype=like.dtype, device=like.device)
 
 
-def _cat(parts: list) -> Optional[torch.Tensor]:
-    return torch.cat(parts) if parts else None
-
-
 def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], labels=None,
                        decode_push: bool = True, generator: Optional[torch.Generator] = None,
-                       spectral: str = "none", aux_rows: Optional[int] = None) -> TrajectoryForward:
+                       spectral: str = "none", aux_rows: Optional[int] = None,
+                       traj_generator: Optional[torch.Generator] = None) -> TrajectoryForward:
     """One training pass over a batch of trajectories (the module docstring's terms).
 
     ``states`` maps grid index -> (B, *sample_shape): 0 (x_T), n (x_0) and every anchor of the trained
-    schedules. ``aux_rows``: the trajectory terms use the first aux_rows rows (None: all). The latent noise
-    is drawn from ``generator``: x_0's, x_T's (as ``KDM2D.forward``), then the anchors' (one draw each).
+    schedules. ``aux_rows``: the trajectory terms use the first aux_rows rows (None: all). The one-step terms
+    are ``KDM2D.forward``'s computation (latent noise from ``generator``, x_0's then x_T's); the trajectory
+    terms draw theirs from ``traj_generator`` (default: ``generator``).
     """
     from .kdm2d import add_latent_noise
     n = model.intervals
@@ -186,44 +205,37 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     z0_noisy = add_latent_noise(z0, model.latent_noise, generator=generator)
     zT_noisy = add_latent_noise(zT, model.latent_noise, generator=generator)
     z_push = model.advance(zT_noisy, 0, n, labels)
+    x0_rec = model.decode_state(z0_noisy, _rows(0.0, batch, like), labels)
+    x0_push = model.decode_state(z_push, _rows(0.0, batch, like), labels) if decode_push else None
+    spec = model.koopman.spectral_loss(spectral) if spectral != "none" else None
+    if not inner:
+        return TrajectoryForward(z0, z_push, x0_rec, states[n], x0_push, None, None, None, None, spec)
 
-    # the anchors' teacher states (first aux rows), encoded in one call
-    clean, noisy = {0: zT[:aux], n: z0[:aux]}, {0: zT_noisy[:aux]}
-    if inner:
-        x_in = torch.cat([states[i][:aux] for i in inner])
-        t_in = torch.cat([_rows(tau[i], aux, like) for i in inner])
-        z_in = model.encode_state(x_in, t_in, None if labels is None else torch.cat([lab_aux] * len(inner)))
-        zn_in = add_latent_noise(z_in, model.latent_noise, generator=generator)
-        for k, i in enumerate(inner):
-            clean[i], noisy[i] = z_in[k * aux:(k + 1) * aux], zn_in[k * aux:(k + 1) * aux]
-
-    # teacher-anchored segments, then the self-anchored rounds of each schedule
+    # trajectory terms (first aux rows): the ends' latents as constants, the anchors' teacher states encoded
+    # in one call by the trajectory encoder, the latent noise of them all in one draw
+    clean = {0: zT[:aux].detach(), n: z0[:aux].detach()}
+    noisy = {0: zT_noisy[:aux].detach()}
+    z_in = model.encode_state(torch.cat([states[i][:aux] for i in inner]),
+                              torch.cat([_rows(tau[i], aux, like) for i in inner]),
+                              None if labels is None else torch.cat([lab_aux] * len(inner)))
+    zn_in = add_latent_noise(z_in, model.latent_noise, generator=traj_generator or generator)
+    for k, i in enumerate(inner):
+        clean[i], noisy[i] = z_in[k * aux:(k + 1) * aux], zn_in[k * aux:(k + 1) * aux]
     teacher = {(i, j): model.advance(noisy[i], i, j, lab_aux)
                for i, j in sorted({s for a in schedules for s in zip(a[:-1], a[1:])})}
     push, target = list(teacher.values()), [clean[j] for _, j in teacher]
-    for a in schedules:
+    for a in schedules:      # the later rounds from the student's own decoded predictions
         z = teacher[(a[0], a[1])]
         for k in range(1, len(a) - 1):
-            with torch.no_grad():    # the round's decoded prediction: the next round's input, as when sampling
+            with torch.no_grad():
                 x = model.decode_state(z, _rows(tau[a[k]], aux, like), lab_aux)
             z = model.advance(model.encode_state(x, _rows(tau[a[k]], aux, like), lab_aux), a[k], a[k + 1], lab_aux)
             push.append(z)
             target.append(clean[a[k + 1]])
-    dec_z = [z0_noisy] + [noisy[i] for i in inner]
-    dec_t = [_rows(0.0, batch, like)] + [_rows(tau[i], aux, like) for i in inner]
-
-    # one decoder call: x_0's reconstruction (whole batch), the anchors' reconstructions, the one-step push
-    dec_lab = None if labels is None else torch.cat([labels] + [lab_aux] * len(inner) +
-                                                    ([labels] if decode_push else []))
-    if decode_push:
-        dec_z, dec_t = dec_z + [z_push.to(z0_noisy.dtype)], dec_t + [_rows(0.0, batch, like)]
-    dec = model.decode_state(torch.cat(dec_z), torch.cat(dec_t), dec_lab)
-    x0_rec = dec[:batch]
-    traj_rec = dec[batch:batch + aux * len(inner)] if inner else None
-    x0_push = dec[batch + aux * len(inner):] if decode_push else None
-    spec = model.koopman.spectral_loss(spectral) if spectral != "none" else None
-    return TrajectoryForward(z0, z_push, x0_rec, states[n], x0_push, _cat(push), _cat(target), traj_rec,
-                             _cat([states[i][:aux] for i in inner]), spec)
+    traj_rec = model.decode_state(zn_in, torch.cat([_rows(tau[i], aux, like) for i in inner]),
+                                  None if labels is None else torch.cat([lab_aux] * len(inner)))
+    return TrajectoryForward(z0, z_push, x0_rec, states[n], x0_push, torch.cat(push), torch.cat(target), traj_rec,
+                             torch.cat([states[i][:aux] for i in inner]), spec)
 
 
 def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dict[str, torch.Tensor]:

@@ -24,9 +24,12 @@ RecipeName = Literal["cifar10", "checkerboard"]
 RECIPE_NAMES: tuple[str, ...] = ("cifar10", "checkerboard")
 # Presets a deployment parameter may name (the server checks them); checkerboard presets are YAML files
 # under configs/distill/, these are the ones shipped.
-PresetName = Literal["smoke", "mini", "full", "checkerboard", "checkerboard-import"]
+PresetName = Literal["smoke", "mini", "full", "checkerboard", "checkerboard-import", "checkerboard-multistep",
+                     "checkerboard-import-multistep"]
 RECIPE_PRESETS: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_PRESETS,
-                                              "checkerboard": ("checkerboard", "checkerboard-import", "smoke")}
+                                              "checkerboard": ("checkerboard", "checkerboard-import",
+                                                               "checkerboard-multistep", "checkerboard-import-multistep",
+                                                               "smoke")}
 DEFAULT_PRESET = {"cifar10": "full", "checkerboard": "checkerboard"}
 
 KdmConfig = Annotated[Union[DistillImageConfig, DistillCheckerboardConfig], Field(discriminator="recipe")]

@@ -116,7 +116,10 @@ class FilterConfig(Strict):
 
 class DistillCheckerboardConfig(Strict):
     """The ``checkerboard`` recipe's config (deployment ``kdm/distill-checkerboard``, ``kdm distill --recipe
-    checkerboard``): own flow-matching teacher (or imported pairs) -> pairs -> filter -> student -> evaluation."""
+    checkerboard``): own flow-matching teacher (or imported pairs) -> pairs -> filter -> student -> evaluation.
+
+    ``evaluation_config`` is what the evaluation stage runs: ``evaluation`` without ``teacher_nfe`` for imported
+    pairs (no teacher network to cut short)."""
 
     recipe: Literal["checkerboard"] = "checkerboard"
     preset: str = "checkerboard"
@@ -128,15 +131,15 @@ class DistillCheckerboardConfig(Strict):
     pairs: PairsGenerateConfig = PairsGenerateConfig()
     filter: FilterConfig = FilterConfig(near_duplicate_radius=5e-4)
     student: StudentRunConfig = CHECKERBOARD_STUDENT
-    evaluation: Eval2DConfig = Eval2DConfig()
+    evaluation: Eval2DConfig = Field(
+        Eval2DConfig(teacher_nfe=(1, 2, 4, 8, 16, 40)),
+        description="teacher_nfe cuts the recipe's own teacher short (the frontier); imported pairs have no teacher "
+                    "network, so their evaluation leaves it out")
 
     @model_validator(mode="after")
     def _import_needs_uri(self) -> "DistillCheckerboardConfig":
         if self.source == "import" and not self.import_uri:
             raise ValueError("source='import' needs import_uri (e.g. the kdm-trajectories .npy file)")
-        if self.source == "import" and self.evaluation.teacher_nfe:
-            raise ValueError("evaluation.teacher_nfe cuts the teacher's sampler short: imported pairs come without "
-                             "a teacher network (source='teacher' trains one)")
         if self.student.model.nfe_train and max(self.student.model.nfe_train) > 1:
             snaps = (self.pairs.sampler.snapshot_steps if self.source == "teacher" else
                      self.import_config.snapshots)
@@ -145,3 +148,9 @@ class DistillCheckerboardConfig(Strict):
                 raise ValueError(f"student.model.nfe_train {list(self.student.model.nfe_train)} trains on trajectory "
                                  f"snapshots: set {where}")
         return self
+
+    @property
+    def evaluation_config(self) -> Eval2DConfig:
+        if self.source == "teacher" or self.evaluation.teacher_nfe is None:
+            return self.evaluation
+        return self.evaluation.model_copy(update={"teacher_nfe": None})

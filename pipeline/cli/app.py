@@ -224,7 +224,7 @@ def cmd_sample(a) -> None:
     if a.noise is None and (a.num is None or a.seed is None):
         raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
     from pipeline.evaluation.sample import check_nfe
-    check_nfe(a.nfe, read_student_manifest(a.student).intervals, f"student {a.student}")
+    check_nfe(a.nfe, read_student_manifest(a.student).nfe_trained, f"student {a.student}")
     import io
     import numpy as np
     from pipeline.evaluation import sample
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int)
     sp.add_argument("--noise", help=".npy of x_T (N, D)")
     sp.add_argument("--nfe", type=int, default=1, help="network evaluations (default 1: the one-step map); a "
-                    "multi-step student samples with 1 to its trajectory grid's intervals")
+                    "multi-step student samples with any NFE it was trained for (its model.nfe_train)")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--out", required=True)
 

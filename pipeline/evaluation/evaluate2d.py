@@ -59,7 +59,7 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
     nfes = tuple(cfg.nfe) if cfg.nfe else student.nfe_trained
     from pipeline.evaluation.sample import check_nfe
     for nfe in nfes:
-        check_nfe(nfe, student.intervals, f"student {student.version}")
+        check_nfe(nfe, student.nfe_trained, f"student {student.version}")
     teacher_settings = _teacher_settings(cfg, store.manifest, teacher)
     n = min(cfg.num_samples, len(held), len(store))
     if n < 20:

@@ -40,18 +40,19 @@ def load_image_student(run: str, device: str = "cpu"):
     return model.to(resolve_device(device)).eval(), manifest
 
 
-def check_nfe(nfe: int, intervals: int, what: str = "the student") -> None:
-    """KDMError unless ``nfe`` is one the student can sample with (1..intervals of its trajectory grid)."""
-    if not 1 <= nfe <= intervals:
-        raise KDMError(f"NFE {nfe}: {what} samples with 1" + (f" to {intervals} network evaluations (its trajectory "
-                       f"grid has {intervals} intervals)" if intervals > 1 else " network evaluation (a one-step "
-                       f"student; train with model.nfe_train on a store with snapshots for more)"))
+def check_nfe(nfe: int, nfes, what: str = "the student") -> None:
+    """KDMError unless ``nfe`` is one of the NFEs ``nfes`` the student was trained for."""
+    nfes = tuple(nfes)
+    if nfe not in nfes:
+        raise KDMError(f"NFE {nfe}: {what} samples with NFE {', '.join(map(str, nfes))}, the ones it was trained for"
+                       + (" (a one-step student; train with model.nfe_train on a store with trajectory snapshots for "
+                          "more)" if nfes == (1,) else ""))
 
 
 @torch.no_grad()
 def generate(model: KDM2D, x_T: np.ndarray, batch: int = 65536, nfe: int = 1) -> np.ndarray:
     """Samples of ``x_T`` in ``nfe`` network evaluations (1: the one-step map)."""
-    check_nfe(nfe, model.intervals)
+    check_nfe(nfe, model.nfe_train)
     dev = next(model.parameters()).device
     outs = [model.generate(torch.from_numpy(np.ascontiguousarray(x_T[s:s + batch], np.float32)).to(dev), nfe).cpu()
             for s in range(0, len(x_T), batch)]
@@ -89,7 +90,7 @@ def sample(run: str, num: Optional[int] = None, seed: Optional[int] = None, nois
     """Returns (x_0, x_T). Either ``noise`` (a .npy of x_T) or ``num`` + ``seed`` (seeds seed..seed+num-1);
     ``nfe`` network evaluations (1: the one-step map)."""
     model, manifest = load_student(run, device)
-    check_nfe(nfe, manifest.intervals)
+    check_nfe(nfe, manifest.nfe_trained)
     if noise is not None:
         x_T = load_noise(noise, manifest.model.dim)
     elif num is not None and seed is not None:

@@ -128,7 +128,7 @@ class Evaluation2D(Stage):
         from pipeline.storage.pairstore import PairStore
         from pipeline.storage.manifests import read_student_manifest
         parts = [recipe_version(), "evaluate", read_student_manifest(uris["student"]).version,
-                 PairStore.open(uris["filter"]).version, cfg.evaluation, cfg.teacher.data]
+                 PairStore.open(uris["filter"]).version, cfg.evaluation_config, cfg.teacher.data]
         if "teacher" in self.inputs:          # the teacher network is an input only when its sampler is cut short
             from pipeline.storage.manifests import read_teacher_manifest
             parts.append(read_teacher_manifest(uris["teacher"]).id)
@@ -141,7 +141,7 @@ class Evaluation2D(Stage):
     def run(self, cfg, uris, out, ctx):
         from pipeline.evaluation.evaluate2d import REPORT, evaluate_student
         tmp = artifacts.begin(out, fresh=True)
-        evaluate_student(uris["student"], uris["filter"], cfg.evaluation, tmp, board=cfg.teacher.data,
+        evaluate_student(uris["student"], uris["filter"], cfg.evaluation_config, tmp, board=cfg.teacher.data,
                          teacher=uris.get("teacher"))
         artifacts.commit(out, markers=(REPORT,))
         return {}
@@ -174,4 +174,4 @@ def report_parts(cfg, results: dict) -> dict:
 
 def stages(cfg) -> list[Stage]:
     first = [FlowMatchingTeacher(), PairsStage()] if cfg.source == "teacher" else [ImportedPairs()]
-    return first + [Filter2D(), Student2D(), Evaluation2D(with_teacher=bool(cfg.evaluation.teacher_nfe))]
+    return first + [Filter2D(), Student2D(), Evaluation2D(with_teacher=bool(cfg.evaluation_config.teacher_nfe))]

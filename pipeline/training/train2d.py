@@ -154,6 +154,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     gens = {"data": torch.Generator().manual_seed(tc.seed + 1),
             "noise": torch.Generator(device=device).manual_seed(tc.seed + 2)}
+    if multi:     # the trajectory terms' own latent noise: the one-step terms see the one-step student's stream
+        gens["trajectory"] = torch.Generator(device=device).manual_seed(tc.seed + 3)
     step = 0
     ck = checkpoints.latest_checkpoint(run)
     if ck is not None:
@@ -188,7 +190,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
                 fwd = multistep.trajectory_forward(model, {i: batch[:, k] for k, i in enumerate(used)},
                                                    decode_push=cfg.model.use_pred_loss or logging_step,
                                                    generator=gens["noise"], spectral=cfg.model.spectral_loss,
-                                                   aux_rows=cfg.model.trajectory_rows)
+                                                   aux_rows=cfg.model.trajectory_rows,
+                                                   traj_generator=gens["trajectory"])
                 terms = multistep.trajectory_losses(fwd, use_pred_loss=cfg.model.use_pred_loss)
             else:
                 out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
