@@ -15,7 +15,7 @@ import zarr
 from pydantic import ValidationError
 
 from image_fixtures import image_folder, single_thread, write_archive
-from models.samplers import edm_heun, edm_latents, integrate_ode, seeded_noise
+from models.samplers import edm_heun, edm_latents, edm_levels, integrate_ode, seeded_noise
 from pipeline.storage import artifacts
 from pipeline.pairs import generate
 from pipeline import presets
@@ -100,6 +100,30 @@ def test_manifest_records_the_sampler_and_scaling(teachers, reference):
     assert held.manifest.version == f"{version}-heldout" and len(held) == 16
     assert not Path(artifacts.partial_url(out)).exists()
     assert not (Path(out) / generate.PROGRESS_DIR).exists()
+
+
+def test_edm_heun_snapshots_are_kept_at_their_noise_levels(teachers, reference, tmp_path):
+    """K = 2 states of each EDM Heun trajectory (after steps 1 and 2 of 3) beside x_T and x_0, verified on read."""
+    out = str(tmp_path / "snap")
+    generate.generate_pairs(teachers["cond"], edm_cfg(snapshot_steps=(1, 2)), out, progress=False)
+    s = PairStore.open(out)
+    net, _ = load_denoiser(teachers["cond"])
+    levels = edm_levels(net, 3)
+    snap = s.manifest.snapshots
+    assert (snap.axis, snap.x_T_level, snap.levels, snap.solver_steps) == ("edm-sigma", 80.0, tuple(levels[1:3]),
+                                                                         (1, 2))
+    assert levels[0] > snap.levels[0] > snap.levels[1] > 0 and s.manifest.schema_version == 2
+    d = s.load(s.pair_arrays)
+    ref = PairStore.open(reference[0]).load()
+    assert np.array_equal(d["x_0"], ref["x_0"]) and np.array_equal(d["x_T"], ref["x_T"])   # the same pairs
+    assert d["x_t"].shape == (48, 2, 3, 8, 8) and d["x_t"].dtype == np.float32
+    x0, kept = edm_heun(net, torch.from_numpy(d["x_T"][:8]), torch.eye(3)[torch.from_numpy(d["label"][:8]).long()],
+                        num_steps=3, keep=(1, 2))
+    assert np.allclose(d["x_t"][:8], kept.float().numpy(), atol=1e-6)
+    assert s.verify() == 5 * 6 + 5 * 2 and s.heldout().manifest.snapshots == snap
+    # storage per pair grows by K images: each snapshot costs about what x_T does
+    sizes = {k: sum(f.stat().st_size for f in (Path(out) / k).rglob("*") if f.is_file()) for k in ("x_T", "x_t")}
+    assert 1.5 < sizes["x_t"] / sizes["x_T"] < 2.5
 
 
 def test_unconditional_teacher_labels_are_minus_one(teachers, tmp_path):

@@ -18,8 +18,8 @@ import argparse
 import sys
 
 from pipeline.cli.common import add_command as add
-from pipeline.cli.common import (heldout_count, open_pairs, pairs_dry_run, pairs_generate_config, pairs_import_config,
-                                 require_local_input, summary)
+from pipeline.cli.common import (add_snapshot_options, heldout_count, open_pairs, pairs_dry_run, pairs_generate_config,
+                                 pairs_import_config, require_local_input, snapshot_steps_option, summary)
 from pipeline.errors import KDMError
 
 EXAMPLES = """\
@@ -95,7 +95,7 @@ def _generate_images_config(a):
     """The PairsGenerateConfig of `pairs generate-images`: --config FILE, or the seed / sampler options."""
     from storage_schemas import PairsGenerateConfig
     from pipeline import presets
-    given = [k for k in GENERATE_IMAGES_DEFAULTS if getattr(a, k) is not None]
+    given = [k for k in (*GENERATE_IMAGES_DEFAULTS, "snapshots", "snapshot_steps") if getattr(a, k) is not None]
     if a.config:
         if given:
             raise KDMError(f"--config {a.config} holds the whole pairs config; drop "
@@ -111,7 +111,7 @@ def _generate_images_config(a):
                "rho": a.rho}
     if a.precision != "fp32":
         sampler["precision"] = a.precision
-    return pairs_generate_config(a, sampler, "pairs generate-images options")
+    return pairs_generate_config(a, sampler | snapshot_steps_option(a, a.steps), "pairs generate-images options")
 
 
 def cmd_pairs_generate_images(a) -> None:
@@ -127,7 +127,10 @@ def cmd_pairs_generate_images(a) -> None:
                                 batch_size=a.batch, compile=a.compile)
     rank, ws = generate.resolve_workers(a.rank, a.world_size)
     if rank == 0:
-        summary(f"pairs {v}: {len(cfg.seeds)} train + {held} held out ({cfg.sampler.nfe} NFE edm-heun) at {a.out}")
+        snaps = cfg.sampler.snapshot_steps
+        summary(f"pairs {v}: {len(cfg.seeds)} train + {held} held out ({cfg.sampler.nfe} NFE edm-heun"
+                + (f", {len(snaps)} trajectory snapshots after steps {', '.join(map(str, snaps))}" if snaps else "")
+                + f") at {a.out}")
     else:
         summary(f"pairs {v}: worker {rank}/{ws} finished its shards; rank 0 commits {a.out}")
 
@@ -224,6 +227,7 @@ def add_commands(sub) -> None:
                          "(reduced-precision network, float32 state; recorded in the store's version). "
                          "BENCHMARKS.md: fp16 + --compile 2.5x, mean drift 1e-4")
     sp.add_argument("--compile", action="store_true", help="torch.compile the teacher network (about 35 s once)")
+    add_snapshot_options(sp)
     sp.add_argument("--chunk-size", type=int, default=None, help="pairs per Zarr chunk and per shard of work "
                     "(default 2500)")
     sp.add_argument("--batch", type=int, default=None, help="seeds per sampler call (default: a whole shard)")
