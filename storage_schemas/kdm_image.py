@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs
+from .pairs import Snapshots
 from .perceptual import PerceptualNetRef
 
 
@@ -77,6 +78,19 @@ class KDMImageConfig(Strict):
     adv_rampup: float = Field(0.0, ge=0, le=1, description="fraction of train.steps over which the adversarial "
                                                            "weight ramps linearly from 0 to adv_weight after "
                                                            "adv_start; 0: at once (official)")
+    nfe_train: Optional[tuple[int, ...]] = Field(
+        None, description="multi-step student (models.multistep): the NFEs it samples with, each trained on the pair "
+                          "store's trajectory snapshots, e.g. [1, 2, 4]; None: the one-step student")
+    trajectory_rows: Optional[int] = Field(
+        None, ge=1, description="multi-step student: rows of each batch that train the trajectory terms (None: all)")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for key in ("nfe_train", "trajectory_rows"):     # versions of one-step students stay what they were
+            if out.get(key, 0) is None:
+                out.pop(key)
+        return out
 
     @model_validator(mode="after")
     def _consistent(self) -> "KDMImageConfig":
@@ -88,6 +102,11 @@ class KDMImageConfig(Strict):
                              f"adversarial weight would never reach adv_weight within train.steps")
         if self.spectral_loss != "none" and self.operator != "factorized":
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
+        if self.nfe_train is not None and (not self.nfe_train or list(self.nfe_train) != sorted(set(self.nfe_train))
+                                           or self.nfe_train[0] != 1):
+            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs starting at 1, e.g. [1, 2, 4]")
+        if self.trajectory_rows is not None and self.nfe_train is None:
+            raise ValueError("trajectory_rows is a setting of multi-step students (set nfe_train)")
         levels = len(self.unet.channel_mult)
         if self.img_resolution % (1 << (levels - 1)):
             raise ValueError(f"img_resolution {self.img_resolution} is not divisible by 2^{levels - 1} "
@@ -196,6 +215,8 @@ class ImageStudentManifest(Strict):
     distance_net: Optional[PerceptualNetRef] = Field(
         None, description="distance 'lpips-own': the perceptual network (id, weights sha256) it ran on")
     world_size: int = 1
+    snapshots: Optional[Snapshots] = Field(
+        None, description="multi-step students: the trajectory snapshots of the pairs it was trained on (None: one-step)")
     final_losses: dict[str, float]
     train_seconds: float
     steady_pairs_per_s: Optional[float] = Field(
@@ -204,6 +225,21 @@ class ImageStudentManifest(Strict):
                           "capture), checkpoint writes and hooks left out; comparable with bench/bench_kdm_image.py")
     code_version: str
     created: str
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        if out.get("snapshots", 0) is None:
+            out.pop("snapshots")
+        return out
+
+    @property
+    def intervals(self) -> int:
+        return self.snapshots.count + 1 if self.snapshots is not None else 1
+
+    @property
+    def nfe_trained(self) -> tuple[int, ...]:
+        return tuple(self.model.nfe_train) if self.model.nfe_train else (1,)
 
     @model_validator(mode="after")
     def _version_is_its_inputs_hash(self) -> "ImageStudentManifest":

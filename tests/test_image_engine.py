@@ -499,3 +499,27 @@ def test_adversarial_term_follows_its_schedule_in_training(tmp_path):
         assert a.train_step(xT, x0) and b.train_step(xT, x0)
     sa, sb = snapshot(a.model), snapshot(b.model)
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_a_multi_step_image_student_trains_on_snapshots_and_samples_at_every_nfe(tmp_path):
+    """The engine's eager path for model.nfe_train: batches carry x_t, the trajectory terms are in the losses,
+    the run records its snapshots, and the student samples with 1, 2 and 4 evaluations."""
+    from pipeline.evaluation.sample import generate_images, load_image_student
+    store = write_synthetic_store(str(tmp_path / "p"), 16, (3, 8, 8), chunk_size=8, snapshots=3)
+    mc = model_cfg(res=8, nfe_train=[1, 2, 4], trajectory_rows=2)
+    assert "nfe_train" not in model_cfg(res=8).model_dump()               # one-step versions unchanged
+    logs = []
+    train_image_student(store.url, mc, train_cfg(steps=3), str(tmp_path / "s"), progress=False, on_log=logs.append)
+    assert {"loss_traj_rec", "loss_traj_lat"} <= set(logs[-1]) and all(v == v for v in logs[-1].values())
+    m = read_image_student_manifest(str(tmp_path / "s"))
+    assert m.snapshots == store.manifest.snapshots and m.nfe_trained == (1, 2, 4) and m.intervals == 4
+    model, _ = load_image_student(str(tmp_path / "s"))
+    x_T = store.read("x_T", 0, 3)
+    for nfe in (1, 2, 4):
+        out = generate_images(model, x_T, nfe=nfe)
+        assert out.shape == (3, 3, 8, 8) and torch.isfinite(torch.from_numpy(out)).all()
+    with pytest.raises(KDMError, match="NFE 3"):
+        generate_images(model, x_T, nfe=3)
+    plain = write_synthetic_store(str(tmp_path / "plain"), 16, (3, 8, 8), chunk_size=8)
+    with pytest.raises(KDMError, match="keeps no trajectory snapshot"):
+        train_image_student(plain.url, mc, train_cfg(steps=1), str(tmp_path / "s2"), progress=False)

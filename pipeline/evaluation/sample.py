@@ -35,7 +35,7 @@ def load_image_student(run: str, device: str = "cpu"):
     from models.kdm_image import KDMImage
     from pipeline.training.image_train import read_image_student_manifest
     manifest = read_image_student_manifest(run)
-    model = KDMImage.from_config(manifest.model)
+    model = KDMImage.from_config(manifest.model, manifest.intervals)
     model.load_state_dict(_verified_student(run, manifest))
     return model.to(resolve_device(device)).eval(), manifest
 
@@ -60,14 +60,17 @@ def generate(model: KDM2D, x_T: np.ndarray, batch: int = 65536, nfe: int = 1) ->
 
 
 @torch.no_grad()
-def generate_images(model, x_T: np.ndarray, labels: Optional[np.ndarray] = None, batch: int = 500) -> np.ndarray:
-    """One-step samples of an image student (float32, [-1, 1] up to the model's error), ``batch`` at a time."""
+def generate_images(model, x_T: np.ndarray, labels: Optional[np.ndarray] = None, batch: int = 500,
+                    nfe: int = 1) -> np.ndarray:
+    """Samples of an image student in ``nfe`` network evaluations (float32, [-1, 1] up to the model's error),
+    ``batch`` at a time."""
+    check_nfe(nfe, model.nfe_train)
     dev = next(model.parameters()).device
     out = []
     for i in range(0, len(x_T), batch):
         xb = torch.from_numpy(np.ascontiguousarray(x_T[i:i + batch], np.float32)).to(dev)
         yb = torch.from_numpy(labels[i:i + batch].astype(np.int64)).to(dev) if labels is not None else None
-        out.append(model.generate(xb, yb).float().cpu().numpy())
+        out.append(model.generate(xb, yb, nfe).float().cpu().numpy())
     return np.concatenate(out)
 
 

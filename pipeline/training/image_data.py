@@ -53,6 +53,7 @@ class PairBatch(NamedTuple):
     x_T: torch.Tensor
     x_0: torch.Tensor
     label: torch.Tensor
+    x_t: Optional[torch.Tensor] = None      # (B, K, *sample_shape) trajectory snapshots, when asked for
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class ChunkShuffleSampler:
     def __init__(self, store: PairStore | str, batch_size: int, *, seed: int = 0, buffer_chunks: int = 8,
                  rank: int = 0, world_size: int = 1, drop_last: bool = True, pin_memory: bool = False,
                  prefetch: int = 2, read_threads: int = 8, cursor: Optional[Cursor] = None,
-                 direct_reads: bool = True):
+                 direct_reads: bool = True, snapshots: bool = False):
         if isinstance(store, str):
             store = PairStore.open(store)
         if batch_size < 1 or buffer_chunks < 1 or prefetch < 0 or read_threads < 1:
@@ -138,7 +139,10 @@ class ChunkShuffleSampler:
             raise ValueError("drop_last=False would give the ranks different numbers of batches; "
                              "use drop_last=True with several ranks")
         self.store = store
-        self.arrays = {n: store.array(n) for n in ARRAYS}
+        if snapshots and store.manifest.snapshots is None:
+            raise KDMError(f"{store.url} keeps no trajectory snapshots (array x_t)")
+        self.names = ARRAYS + (("x_t",) if snapshots else ())
+        self.arrays = {n: store.array(n) for n in self.names}
         self._direct = {n: _LocalChunkReader.make(a) if direct_reads else None for n, a in self.arrays.items()}
         self.n = len(store)
         self.chunk_size = int(self.arrays["x_0"].chunks[0])
@@ -324,9 +328,9 @@ class ChunkShuffleSampler:
             parts = [(max(s, lo) - lo, min(e, hi) - lo, data) for lo, hi, data in pieces if lo < e]
             if len(parts) == 1:
                 a, z, data = parts[0]
-                batch = PairBatch(*(data[n][a:z] for n in ARRAYS))
+                batch = PairBatch(*(data[n][a:z] for n in self.names))
             else:
-                batch = PairBatch(*(self._cat([d[n][a:z] for a, z, d in parts]) for n in ARRAYS))
+                batch = PairBatch(*(self._cat([d[n][a:z] for a, z, d in parts]) for n in self.names))
             last = k == len(starts) - 1
             nxt = Cursor(epoch + 1, 0) if last else Cursor(epoch, s - self.rank * self.batch_size + self.round_size)
             yield batch, nxt
@@ -377,25 +381,37 @@ class ChunkShuffleSampler:
 
 
 def write_synthetic_store(url: str, count: int, sample_shape: tuple[int, ...] = (3, 32, 32), chunk_size: int = 1000,
-                          seed: int = 0, num_classes: int = 0, x_T_scale: float = 80.0) -> PairStore:
+                          seed: int = 0, num_classes: int = 0, x_T_scale: float = 80.0, snapshots: int = 0) -> PairStore:
     """A committed pair store of random pairs with image shapes, for benchmarks and tests.
 
-    x_T = x_T_scale * eps (eps ~ N(0, I)), x_0 uniform in [-1, 1], labels uniform in [0, num_classes) or -1.
-    The manifest records a teacher of kind 'synthetic-random' (no teacher was run).
+    x_T = x_T_scale * eps (eps ~ N(0, I)), x_0 uniform in [-1, 1], labels uniform in [0, num_classes) or -1;
+    ``snapshots`` = K > 0 adds K trajectory states, the straight line between them (x_t at the EDM levels of
+    K evenly spread steps of 18). The manifest records a teacher of kind 'synthetic-random' (no teacher was run).
     """
-    group = pairstore.create_arrays(url, count, tuple(sample_shape), chunk_size)
+    from storage_schemas import Snapshots
+    group = pairstore.create_arrays(url, count, tuple(sample_shape), chunk_size, snapshots=snapshots)
     rng = np.random.default_rng(seed)
+    spec, steps = None, ()
+    if snapshots:
+        steps = SamplerSettings.even_snapshots(18, snapshots)
+        sig = [(x_T_scale ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - x_T_scale ** (1 / 7))) ** 7 for i in steps]
+        spec = Snapshots(count=snapshots, axis="edm-sigma", x_T_level=x_T_scale, levels=tuple(sig), solver_steps=steps)
     for s in range(0, count, chunk_size):
         n = min(chunk_size, count - s)
         label = rng.integers(0, num_classes, n) if num_classes else np.full(n, -1)
-        pairstore.write_region(group, s, {
-            "x_T": x_T_scale * rng.standard_normal((n, *sample_shape), dtype=np.float32),
-            "x_0": rng.uniform(-1, 1, (n, *sample_shape)).astype(np.float32),
-            "label": label, "seed": np.arange(s, s + n)})
+        rows = {"x_T": x_T_scale * rng.standard_normal((n, *sample_shape), dtype=np.float32),
+                "x_0": rng.uniform(-1, 1, (n, *sample_shape)).astype(np.float32),
+                "label": label, "seed": np.arange(s, s + n)}
+        if snapshots:
+            w = np.array([k / 18 for k in steps], np.float32).reshape(1, -1, *([1] * len(sample_shape)))
+            rows["x_t"] = (1 - w) * rows["x_T"][:, None] + w * rows["x_0"][:, None]
+        pairstore.write_region(group, s, rows)
     pairstore.finalize(
-        group, version="synthetic-" + stable_hash(count, list(sample_shape), chunk_size, seed, num_classes, x_T_scale),
+        group, version="synthetic-" + stable_hash(count, list(sample_shape), chunk_size, seed, num_classes, x_T_scale,
+                                                  *([snapshots] if snapshots else [])),
         split="train", origin="teacher", chunk_size=chunk_size, seeds=SeedRange(start=0, stop=max(count, 1)),
         teacher=TeacherRef(id="synthetic-random", sha256="0" * 64, kind="synthetic-random"),
-        sampler=SamplerSettings(kind="edm-heun", method="heun", steps=18, noise_scale=x_T_scale),
-        x_T_scale=x_T_scale, num_classes=num_classes, code_version=code_version(), created=utc_now())
+        sampler=SamplerSettings(kind="edm-heun", method="heun", steps=18, noise_scale=x_T_scale,
+                                snapshot_steps=steps or None),
+        x_T_scale=x_T_scale, num_classes=num_classes, code_version=code_version(), created=utc_now(), snapshots=spec)
     return PairStore.open(url)

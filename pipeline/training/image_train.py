@@ -33,6 +33,12 @@ by an all-reduce): a failed check skips the Adam steps through fused Adam's ``fo
 and the metric sums, restores D's BatchNorm statistics and counts the step on the device; the only host
 sync is ``train_step``'s return value (none with ``cuda_graphs``; the count is read when metrics are logged).
 
+Multi-step students (``model.nfe_train``, a pair store with trajectory snapshots): batches also carry the
+snapshots (x_t) and the step's generator terms come from ``models.multistep.trajectory_forward`` (the
+one-step terms as above, plus the trajectory terms, the distance d on the reconstructions at the anchors);
+they train in one process, eagerly (no CUDA graph, no torchrun), with the trajectory terms' latent noise
+from a generator of their own.
+
 Processes: one code path for 1 or N GPUs. Under ``torchrun`` (WORLD_SIZE > 1) each process takes
 ``batch_size / N`` pairs of every step (rank r takes every N-th batch of the shared sample order), the
 generator and discriminator are wrapped in DistributedDataParallel (SyncBatchNorm on GPUs), the finite
@@ -165,13 +171,18 @@ class ImageTrainer:
 
     def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device,
                  dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None,
-                 perceptual: Optional[nn.Module] = None):
+                 perceptual: Optional[nn.Module] = None, intervals: int = 1):
         """``perceptual``: for distance 'lpips-own', a network (``OwnLPIPS`` or ``PerceptualConvNet``) used
         instead of loading ``train_cfg.perceptual_net`` (benchmarks: the step's cost does not depend on its
-        weights); the run then records no network reference."""
+        weights); the run then records no network reference. ``intervals``: of the trajectory grid a multi-step
+        student trains on (its pair store's snapshots + 1)."""
         tc = train_cfg
         self.model_cfg, self.cfg, self.device = model_cfg, tc, device
         self.dist = dist_info or DistInfo()
+        self.multi = model_cfg.nfe_train is not None and intervals > 1      # trained on trajectory snapshots
+        if self.multi and (self.dist.enabled or tc.cuda_graphs):
+            raise KDMError("a multi-step student (model.nfe_train) trains in one process without CUDA graphs: run "
+                           "it without torchrun and with train.cuda_graphs unset or false")
         self.amp = tc.precision == "bf16"
         self.cuda = device.type == "cuda"
         self.channels_last = tc.channels_last
@@ -181,7 +192,7 @@ class ImageTrainer:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
 
         torch.manual_seed(tc.seed)                     # the same initial weights on every rank
-        self.model = KDMImage.from_config(model_cfg).to(device=device, memory_format=fmt)
+        self.model = KDMImage.from_config(model_cfg, intervals).to(device=device, memory_format=fmt)
         self.disc = (Discriminator(model_cfg.channels).to(device=device, memory_format=fmt)
                      if model_cfg.adv_weight > 0 else None)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -206,6 +217,7 @@ class ImageTrainer:
 
         # Per-rank random streams: latent noise (own generator), dropout (the default generators).
         self.noise_gen = torch.Generator(device=device).manual_seed(_derived_seed(tc.seed, "noise", self.dist.rank))
+        self.traj_gen = torch.Generator(device=device).manual_seed(_derived_seed(tc.seed, "trajectory", 0))
         torch.manual_seed(_derived_seed(tc.seed, "dropout", self.dist.rank))
 
         self.forward_module: nn.Module = self.model          # the training pass; DDP-wrapped below
@@ -225,7 +237,7 @@ class ImageTrainer:
             for unet in (self.model.x0_encoder.unet, self.model.xT_encoder.unet, self.model.decoder.unet):
                 unet.compile()
 
-        graphs_possible = self.cuda and not self.dist.enabled and not tc.compile
+        graphs_possible = self.cuda and not self.dist.enabled and not tc.compile and not self.multi
         if tc.cuda_graphs and not graphs_possible:
             raise KDMError("cuda_graphs=True needs one CUDA device, one process (no torchrun) and compile=False; "
                            f"got device {device}, {self.dist.world_size} process(es), compile={tc.compile}")
@@ -309,11 +321,22 @@ class ImageTrainer:
             self._adv_w.fill_(w)
             self._adv_w_value = w
 
-    def train_step(self, x_T: torch.Tensor, x_0: torch.Tensor, label: Optional[torch.Tensor] = None) -> bool:
-        """One optimisation step on a batch; returns False when the non-finite guard skipped it (one host
-        sync). With ``cuda_graphs`` it returns True without a sync: skips show in ``nonfinite_steps``."""
+    def train_step(self, x_T: torch.Tensor, x_0: torch.Tensor, label: Optional[torch.Tensor] = None,
+                   x_t: Optional[torch.Tensor] = None) -> bool:
+        """One optimisation step on a batch (``x_t``: its trajectory snapshots, multi-step students); returns
+        False when the non-finite guard skipped it (one host sync). With ``cuda_graphs`` it returns True without
+        a sync: skips show in ``nonfinite_steps``."""
         x0, xT, y = self._prepare(x_T, x_0, label)
         self.steps_run += 1
+        if self.multi:
+            if x_t is None:
+                raise KDMError("a multi-step student's batches carry the trajectory snapshots (x_t)")
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            xt = x_t.to(device=self.device, non_blocking=True)
+            states = {0: xT, self.model.intervals: x0}
+            for i in range(1, self.model.intervals):
+                states[i] = xt[:, i - 1].contiguous(memory_format=fmt)
+            return bool(self._step(x0, xT, y, None, states))
         if self.cuda_graphs:
             return self._graph_step(x0, xT, y)
         eps = torch.randn((2, x0.shape[0], self.model.latent_dim), generator=self.noise_gen, device=self.device)
@@ -327,14 +350,23 @@ class ImageTrainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return flag > 0
 
-    def _step(self, x0, xT, y, eps) -> torch.Tensor:
+    def _step(self, x0, xT, y, eps, states: Optional[dict] = None) -> torch.Tensor:
         """The step; returns the guard flag (a device bool). The finite checks are device flags: a failed
         check skips the Adam steps (fused Adam's found_inf) and the EMA, keeps the metric sums, restores D's
         BatchNorm statistics and counts the step as skipped, all without a host sync (so the step can be
-        captured as a CUDA graph)."""
+        captured as a CUDA graph). ``states``: the grid states of a multi-step student's batch (eps unused)."""
         mc = self.model_cfg
+        extra = {}
         with self._autocast():
-            out = self.forward_module(x0, xT, y, eps0=eps[0], epsT=eps[1], spectral=mc.spectral_loss)
+            if states is None:
+                out = self.forward_module(x0, xT, y, eps0=eps[0], epsT=eps[1], spectral=mc.spectral_loss)
+            else:
+                from models.multistep import trajectory_forward
+                out = trajectory_forward(self.model, states, y, generator=self.noise_gen, spectral=mc.spectral_loss,
+                                         aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen)
+                if out.traj_rec is not None:
+                    extra["traj_rec"] = self.distance(out.traj_rec, out.traj_rec_target).mean()
+                    extra["traj_lat"] = F.mse_loss(out.traj_z_push.float(), out.traj_z_target.float())
             x_push, spectral = out.x0_push, out.spectral
             if hasattr(self.distance, "against"):       # lpips-own: x0's features computed once
                 rec, pred = (d.mean() for d in self.distance.against(x0, out.x0_rec, x_push))
@@ -342,7 +374,9 @@ class ImageTrainer:
                 rec = self.distance(out.x0_rec, x0).mean()
                 pred = self.distance(x_push, x0).mean()
         lat = F.mse_loss(out.z_push.float(), out.z0.float())
-        terms = {"rec": rec, "lat": lat, "pred": pred}
+        if extra:
+            rec, lat = rec + extra["traj_rec"], lat + extra["traj_lat"]
+        terms = {"rec": rec, "lat": lat, "pred": pred, **extra}
         if spectral is not None:
             terms["spectral"] = spectral
         total = rec + lat + pred + (spectral if spectral is not None else 0.0)
@@ -461,6 +495,8 @@ class ImageTrainer:
     # -- state --------------------------------------------------------------------------------------
     def rng_state(self) -> dict[str, torch.Tensor]:
         st = {"torch_cpu": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
+        if self.multi:
+            st["trajectory"] = self.traj_gen.get_state()
         if self.cuda:
             st["cuda"] = torch.cuda.get_rng_state(self.device)
         return st
@@ -468,6 +504,8 @@ class ImageTrainer:
     def set_rng_state(self, st: dict[str, torch.Tensor]) -> None:
         torch.set_rng_state(st["torch_cpu"])
         self.noise_gen.set_state(st["noise"])
+        if "trajectory" in st:
+            self.traj_gen.set_state(st["trajectory"])
         if self.cuda and "cuda" in st:
             torch.cuda.set_rng_state(st["cuda"], self.device)
 
@@ -524,6 +562,11 @@ def _check_store(store, model_cfg: KDMImageConfig, pairs_url: str) -> None:
     if model_cfg.label_dim and m.num_classes != model_cfg.label_dim:
         raise KDMError(f"the model is conditional on {model_cfg.label_dim} classes but pairs {pairs_url} have "
                        f"num_classes={m.num_classes}")
+    nfe = model_cfg.nfe_train
+    if nfe and max(nfe) > (m.snapshots.count + 1 if m.snapshots else 1):
+        raise KDMError(f"model.nfe_train {list(nfe)} needs a pair store whose trajectories have at least {max(nfe)} "
+                       f"intervals; {pairs_url} keeps {m.snapshots.count if m.snapshots else 'no'} trajectory "
+                       f"snapshot(s): generate pairs with --snapshots K (K >= {max(nfe) - 1})")
 
 
 def train_image_student(pairs_url: str, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, out: str,
@@ -614,10 +657,11 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
-    trainer = ImageTrainer(model_cfg, tc, dev, di, vgg16_weights)
+    intervals = m.snapshots.count + 1 if model_cfg.nfe_train and m.snapshots else 1
+    trainer = ImageTrainer(model_cfg, tc, dev, di, vgg16_weights, intervals=intervals)
     sampler = ChunkShuffleSampler(store, tc.batch_size // di.world_size, seed=tc.seed, buffer_chunks=tc.buffer_chunks,
                                   rank=di.rank, world_size=di.world_size, pin_memory=dev.type == "cuda",
-                                  read_threads=tc.read_threads)
+                                  read_threads=tc.read_threads, snapshots=trainer.multi)
     step = 0
     ck = checkpoints.latest_checkpoint(run)
     if ck is not None:
@@ -643,7 +687,7 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
         while step < stop:
             batch = next(batches)
             trainer.set_step(step)
-            trainer.train_step(batch.x_T, batch.x_0, batch.label)
+            trainer.train_step(batch.x_T, batch.x_0, batch.label, batch.x_t)
             step += 1
             if step % tc.log_every == 0 or step == tc.steps:
                 losses = trainer.pop_metrics()
@@ -693,7 +737,8 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
             trainable_parameters=sum(p.numel() for p in trainer.params),
             discriminator_parameters=sum(p.numel() for p in trainer.disc.parameters()) if trainer.disc else 0,
             distance_name=trainer.distance_name, distance_net=trainer.distance_net,
-            world_size=di.world_size, final_losses={k: float(v) for k, v in final.items()},
+            world_size=di.world_size, snapshots=m.snapshots if trainer.multi else None,
+            final_losses={k: float(v) for k, v in final.items()},
             train_seconds=time.time() - log.t_start, steady_pairs_per_s=_rounded(log.steady_rate),
             code_version=code_version(), created=utc_now())
         artifacts.write_json(str(run / artifacts.MANIFEST), manifest)
