@@ -227,8 +227,7 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     for a in schedules:      # the later rounds from the student's own decoded predictions
         z = teacher[(a[0], a[1])]
         for k in range(1, len(a) - 1):
-            import os
-            with (torch.no_grad() if not os.environ.get("KDM_EXP_ROLLGRAD") else torch.enable_grad()):
+            with torch.no_grad():
                 x = model.decode_state(z, _rows(tau[a[k]], aux, like), lab_aux)
             z = model.advance(model.encode_state(x, _rows(tau[a[k]], aux, like), lab_aux), a[k], a[k + 1], lab_aux)
             push.append(z)
