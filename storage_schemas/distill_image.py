@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, SeedRange, Strict, deep_merge
 from .kdm_image import IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNetConfig
@@ -120,7 +120,12 @@ class ImageStudentStageConfig(Strict):
 
 class ImageEvalStageConfig(Strict):
     """FD/KID of teacher and student outputs on the held-out seeds against the train split, paired MSE
-    (and LPIPS when its backbone weights exist), grids."""
+    (and LPIPS when its backbone weights exist), grids.
+
+    The quality-vs-NFE frontier: a multi-step student is scored at every NFE of ``nfe`` (None: those it was
+    trained for) and, with ``teacher_nfe`` (e.g. [3, 5, 9, 17, 35]), the teacher's EDM Heun sampler cut short to
+    those NFEs from the same held-out noise (``SamplerSettings.at_nfe``); every FD is also given as a ratio to the
+    full teacher's. Both are left out of the dump when unset."""
 
     num_samples: Optional[int] = Field(None, ge=2, description="first N held-out pairs (None: all of them)")
     reference_images: Optional[int] = Field(None, ge=2, description="evenly spaced subset of the train split "
@@ -131,6 +136,25 @@ class ImageEvalStageConfig(Strict):
     lpips: bool = Field(True, description="LPIPS-vgg of student vs teacher when the VGG16 weights exist")
     grid_images: int = Field(64, ge=1, description="teacher | student grid size")
     batch_size: int = Field(500, ge=1, description="student sampling / feature batch (speed only)")
+    nfe: Optional[tuple[int, ...]] = Field(None, description="student NFEs scored (None: the ones it was trained for)")
+    teacher_nfe: Optional[tuple[int, ...]] = Field(
+        None, description="the teacher's sampler cut short to these NFEs (odd, >= 3 for EDM Heun; None: not measured)")
+
+    @model_validator(mode="after")
+    def _nfes(self) -> "ImageEvalStageConfig":
+        for name in ("nfe", "teacher_nfe"):
+            v = getattr(self, name)
+            if v is not None and (not v or list(v) != sorted(set(v)) or v[0] < 1):
+                raise ValueError(f"{name} {list(v)} must list increasing NFEs >= 1")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        out = handler(self)
+        for key in ("nfe", "teacher_nfe"):
+            if out.get(key, 0) is None:
+                out.pop(key)
+        return out
 
 
 class ImageTeacherStageConfig(Strict):

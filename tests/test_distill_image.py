@@ -340,3 +340,23 @@ def test_flow_runs_the_stages_in_process_and_publishes_artifacts(harness, done, 
                 pairs=cfg["pairs"], filter=cfg["filter"], student=cfg["student"])
     assert all(again[n]["skipped"] for n in STAGES)
     assert again["evaluation"]["version"] == res["evaluation"]["version"]
+
+
+def test_a_multi_step_student_through_the_recipe_with_its_frontier(done, archive):
+    """The cifar10 recipe with trajectory snapshots (EDM Heun steps), a student for 1 and 2 evaluations and the
+    teacher cut short: the one pipeline, the stages before the pairs found done."""
+    cfg = smoke(archive, done["root"], pairs={"sampler": {"snapshot_steps": [1]}},
+                student={"model": {"nfe_train": [1, 2], "trajectory_rows": 8}}, evaluation={"teacher_nfe": [3]})
+    with single_thread():
+        res = stages.run_recipe(cfg, QUIET)
+    assert [res[s]["skipped"] for s in STAGES] == [True, True, True, False, False, False, False]
+    from pipeline.evaluation import image_metrics
+    from pipeline.storage.pairstore import PairStore
+    assert PairStore.open(res["filter"]["uri"]).manifest.snapshots.count == 1
+    ev = res["evaluation"]
+    assert {"fd_ratio_nfe2", "fd_ratio_teacher_nfe3", "fd_student_nfe2", "fd_teacher_nfe3"} <= set(ev)
+    assert "frontier" in ev["plots"]
+    subjects = {(m.name.split("-")[0], m.subject) for m in image_metrics.read_report(ev["report"]).metrics}
+    assert {("FD", "student"), ("FD", "student-nfe2"), ("FD", "teacher-nfe3"), ("MSE", "teacher-nfe3")} <= subjects
+    # the teacher's own sampler at the pairs' NFE (3 steps, 5 NFE) would reproduce its x_0; cut to 3 NFE it does not
+    assert 0 < ev["fd_ratio_teacher_nfe3"]

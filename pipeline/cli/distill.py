@@ -92,7 +92,7 @@ def cmd_evaluate_image(a) -> None:
     from pipeline.evaluation import image_metrics
     from pipeline.evaluation.evaluate_image import evaluate_image
     m, existed = evaluate_image(a.out, a.dataset, a.extractor, a.pairs, a.student, cfg, a.device,
-                                             a.root)
+                                a.root, teacher_uri=a.teacher)
     print(image_metrics.metrics_markdown(image_metrics.read_report(a.out).metrics))
     s = m.summary
     summary(f"{m.metric_names['fd']} teacher {s['fd_teacher']:.4g} student {s['fd_student']:.4g} (ratio "

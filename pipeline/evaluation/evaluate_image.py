@@ -4,6 +4,11 @@ FD-<extractor id> / KID-<extractor id> of the teacher's and the student's output
 against the dataset's train split (reference statistics cached under a root), their ratio,
 student-vs-teacher MSE (and LPIPS-vgg when its backbone weights exist), a teacher | student grid and a
 sample grid, into one directory artifact committed with its manifest last.
+
+Quality against NFE: a multi-step student is scored again at each further NFE (subject ``student-nfe<m>``)
+and, with ``teacher_nfe``, the teacher's EDM Heun sampler cut short (``teacher-nfe<k>``, from the same held-out
+noise, MSE against the full teacher's x_0); the summary holds every FD and its ratio to the full teacher's
+(``fd_ratio_nfe<m>``, ``fd_ratio_teacher_nfe<k>``) and ``frontier.png`` plots them against NFE.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from pipeline.storage import artifacts
 from storage_schemas import SeedRange, code_version, recipe_version, stable_hash, utc_now
 from storage_schemas.distill_image import ImageEvalStageConfig, ImageEvaluationManifest
 
-GRID_TEACHER_STUDENT, GRID_STUDENT = "teacher_student.png", "student_samples.png"
+GRID_TEACHER_STUDENT, GRID_STUDENT, FRONTIER = "teacher_student.png", "student_samples.png", "frontier.png"
 
 
 def evenly_spaced(n: int, k: Optional[int]) -> np.ndarray:
@@ -50,11 +55,36 @@ def evaluation_version_of(dataset_uri: str, extractor_uri: str, pairs_uri: str, 
                               read_image_student_manifest(student_uri).version, cfg)
 
 
+def _teacher_cut_short(teacher_uri: str, settings, x_T: np.ndarray, labels: Optional[np.ndarray], num_classes: int,
+                       device: str, batch: int) -> np.ndarray:
+    """The teacher's x_0 from ``x_T`` with the EDM Heun ``settings`` (its pairs' sampler cut short), float32."""
+    import torch
+    from models.edm import FastDenoiser
+    from models.samplers import edm_heun
+    from pipeline.devices import resolve_device
+    from pipeline.teachers.flow_matching import load_denoiser
+    dev = resolve_device(device)
+    net, _ = load_denoiser(teacher_uri, str(dev))
+    state = torch.float64
+    if settings.precision in ("bf16", "fp16"):
+        net = FastDenoiser(net, dtype=torch.bfloat16 if settings.precision == "bf16" else torch.float16)
+        state = torch.float32
+    out = []
+    for i in range(0, len(x_T), batch):
+        xb = torch.from_numpy(np.ascontiguousarray(x_T[i:i + batch], np.float32)).to(dev)
+        yb = (torch.eye(num_classes, device=dev)[torch.from_numpy(labels[i:i + batch].astype(np.int64)).to(dev)]
+              if num_classes else None)
+        out.append(edm_heun(net, xb, yb, num_steps=settings.steps, sigma_min=settings.sigma_min,
+                            sigma_max=settings.noise_scale, rho=settings.rho, state_dtype=state).float().cpu().numpy())
+    return np.concatenate(out)
+
+
 def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: str, student_uri: str,
-                   cfg: ImageEvalStageConfig, device: str, reference_root: str) -> tuple[ImageEvaluationManifest, bool]:
+                   cfg: ImageEvalStageConfig, device: str, reference_root: str,
+                   teacher_uri: Optional[str] = None) -> tuple[ImageEvaluationManifest, bool]:
     """Evaluate an image student into the directory artifact ``out`` (``kdm evaluate`` and the stage);
     returns (its manifest, whether it already held this evaluation). Reference statistics are cached
-    under ``reference_root``."""
+    under ``reference_root``. ``teacher_uri``: the teacher whose sampler ``cfg.teacher_nfe`` cuts short."""
     from pipeline.evaluation import features
     from pipeline.evaluation import image_metrics as im
     from pipeline.data.datasets import open_image_dataset
@@ -69,6 +99,20 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     store = PairStore.open(pairs_uri)
     sm = read_image_student_manifest(student_uri)
     check_device(device, "evaluation")
+    from pipeline.evaluation.sample import check_nfe
+    nfes = tuple(cfg.nfe) if cfg.nfe else sm.nfe_trained
+    for m_ in nfes:
+        check_nfe(m_, sm.nfe_trained, f"student {sm.version}")
+    cut = []
+    if cfg.teacher_nfe:
+        sampler = store.manifest.sampler
+        if teacher_uri is None or sampler is None or sampler.kind != "edm-heun":
+            raise KDMError("evaluation.teacher_nfe cuts the teacher's EDM Heun sampler short: it needs the teacher "
+                           "(the recipe's teacher stage) and pairs made with edm-heun")
+        try:
+            cut = [(k, sampler.at_nfe(k)) for k in cfg.teacher_nfe]
+        except ValueError as e:
+            raise KDMError(f"evaluation.teacher_nfe: {e}") from None
     held = store.heldout()
     if held is None or held.manifest.seeds is None:
         raise KDMError(f"pairs {pairs_uri} have no held-out split with seeds: generate them with held-out seeds")
@@ -112,11 +156,34 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     summary = {"fd_teacher": t_ms[0].value, "fd_student": s_ms[0].value, "fd_ratio": im.ratio(s_ms[0], t_ms[0]),
                "kid_teacher": t_ms[1].value, "kid_student": s_ms[1].value, "mse": p_ms[0].value,
                "lpips": p_ms[1].value if len(p_ms) > 1 else None, **im.precision_recall_summary(t_ms + s_ms)}
+    # the frontier: the student at its other NFEs, the teacher's sampler cut short; each FD against the full teacher's
+    more: list = []
+    points = {("student", 1): summary["fd_ratio"]}
+    labels = hd["label"] if store.manifest.num_classes else None
+    for m_ in [v for v in nfes if v > 1]:
+        x = generate_images(student, hd["x_T"], labels if sm.model.label_dim else None, cfg.batch_size, nfe=m_)
+        ms_ = im.distribution_metrics(im.quantize_uint8(x), fx, ref, subject=f"student-nfe{m_}", seeds=seeds,
+                                      model_version=sm.version, batch_size=cfg.batch_size, **knobs)
+        more += ms_ + im.paired_metrics(x, t_x0, seeds=seeds, pairs_version=held.version,
+                                        subject=f"student-nfe{m_}", model_version=sm.version)
+        summary[f"fd_student_nfe{m_}"], summary[f"fd_ratio_nfe{m_}"] = ms_[0].value, im.ratio(ms_[0], t_ms[0])
+        points[("student", m_)] = summary[f"fd_ratio_nfe{m_}"]
+    for k, settings in cut:
+        x = _teacher_cut_short(teacher_uri, settings, hd["x_T"], labels, store.manifest.num_classes, device,
+                               cfg.batch_size)
+        ms_ = im.distribution_metrics(im.quantize_uint8(x), fx, ref, subject=f"teacher-nfe{k}", seeds=seeds,
+                                      model_version=teacher_id, batch_size=cfg.batch_size, **knobs)
+        more += ms_ + im.paired_metrics(x, t_x0, seeds=seeds, pairs_version=held.version, subject=f"teacher-nfe{k}",
+                                        model_version=teacher_id)
+        summary[f"fd_teacher_nfe{k}"], summary[f"fd_ratio_teacher_nfe{k}"] = ms_[0].value, im.ratio(ms_[0], t_ms[0])
+        points[("teacher", k)] = summary[f"fd_ratio_teacher_nfe{k}"]
+    if len(points) > 1:
+        plots["frontier"] = FRONTIER
     collapsed = im.collapse_note(summary)
     if collapsed:
         notes["collapse"] = collapsed
     names = im.metric_names(fx.id)
-    report = im.make_report(t_ms + s_ms + p_ms, plots=plots,
+    report = im.make_report(t_ms + s_ms + p_ms + more, plots=plots,
                             notes={"fd_ratio_student_over_teacher": summary["fd_ratio"], "student": sm.version,
                                    "teacher": teacher_id, "pairs": store.version, "dataset": ds.version,
                                    "dataset_source": notes["dataset_source"], **notes})
@@ -124,6 +191,9 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     with tempfile.TemporaryDirectory() as d:
         im.save_teacher_student_grid(t_x0[:g], s_x0[:g], Path(d, GRID_TEACHER_STUDENT))
         im.save_grid(s_x0[:g], Path(d, GRID_STUDENT), nrow=8)
+        if "frontier" in plots:
+            _plot_frontier(points, store.manifest.sampler.nfe if store.manifest.sampler else None, names["fd"],
+                           Path(d, FRONTIER))
         for f in plots.values():
             artifacts.write_bytes(artifacts.join(tmp, f), Path(d, f).read_bytes())
     im.write_report(report, tmp)
@@ -134,3 +204,30 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     artifacts.write_json(artifacts.join(tmp, artifacts.MANIFEST), m)
     artifacts.commit(out)
     return m, False
+
+
+def _plot_frontier(points: dict, teacher_nfe: Optional[int], fd_name: str, path: Path) -> None:
+    """FD / the full teacher's FD against NFE: the student at each NFE, the teacher's sampler cut short."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for who, style in (("student", dict(color="tab:blue", marker="o")), ("teacher", dict(color="tab:orange",
+                                                                                        marker="s"))):
+        pts = sorted((k, v) for (w, k), v in points.items() if w == who)
+        if pts:
+            ax.plot(*zip(*pts), label=who + (" (EDM Heun cut short)" if who == "teacher" else ""), **style)
+            for x, y in pts:
+                ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1,
+               label="teacher" + (f" ({teacher_nfe} NFE)" if teacher_nfe else ""))
+    nfes = sorted({k for _, k in points} | ({teacher_nfe} if teacher_nfe else set()))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(nfes)
+    ax.set_xticklabels([str(v) for v in nfes])
+    ax.set(xlabel="network evaluations (NFE)", ylabel=f"{fd_name} / the full teacher's", title="quality against NFE")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

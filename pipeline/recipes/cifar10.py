@@ -349,7 +349,11 @@ class ImageEvaluation(Stage):
     """FD/KID of teacher and student against the train split and their ratio, student-vs-teacher MSE
     (LPIPS when its weights exist) on the held-out seeds, grids (pipeline.evaluation.evaluate_image)."""
 
-    name, kind, inputs = "evaluation", "evaluations", ("dataset", "extractor", "filter", "student")
+    name, kind = "evaluation", "evaluations"
+
+    def __init__(self, with_teacher: bool = False):
+        # the teacher network is an input only when its sampler is cut short (evaluation.teacher_nfe)
+        self.inputs = ("dataset", "extractor", "filter", "student") + (("teacher",) if with_teacher else ())
 
     def output(self, cfg, uris):
         from pipeline.evaluation.evaluate_image import evaluation_version_of
@@ -365,7 +369,7 @@ class ImageEvaluation(Stage):
     def run(self, cfg, uris, out, ctx):
         from pipeline.evaluation.evaluate_image import evaluate_image
         evaluate_image(out, uris["dataset"], uris["extractor"], uris["filter"], uris["student"], cfg.evaluation,
-                       cfg.device, cfg.root)
+                       cfg.device, cfg.root, teacher_uri=uris.get("teacher"))
         return {}
 
     def summary(self, cfg, uris, out):
@@ -425,4 +429,4 @@ def report_parts(cfg, results: dict) -> dict:
 def stages(cfg) -> list[Stage]:
     own = cfg.student.model.distance == "lpips-own"
     return [Dataset(), Extractor(), *([PerceptualNet()] if own else []), EDMTeacher(), PairsStage(), ImageFilter(),
-            ImageStudent(perceptual=own), ImageEvaluation()]
+            ImageStudent(perceptual=own), ImageEvaluation(with_teacher=bool(cfg.evaluation.teacher_nfe))]
