@@ -105,7 +105,8 @@ def test_model_info(capsys):
 def test_presets_command(capsys):
     code, out, _ = run(capsys, "presets")
     assert code == 0
-    assert "student: checkerboard, checkerboard-f, checkerboard-import, checkerboard-official, smoke" in out
+    assert ("student: checkerboard, checkerboard-f, checkerboard-import, checkerboard-import-multistep, "
+            "checkerboard-multistep, checkerboard-official, smoke") in out
 
 
 # --- the smoke chain ---------------------------------------------------------------------------------
