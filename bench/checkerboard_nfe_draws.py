@@ -1,0 +1,121 @@
+"""A multi-step checkerboard student at each of its NFEs (and the teacher cut short), over several sample draws.
+
+One draw of the held-out protocol (storage_schemas.Eval2DConfig: n = 10,000 samples against 10,000 held-out
+teacher x_0) cannot rank two samplers whose SWDs differ by 0.001: two independent 10,000-point sets of one
+distribution differ by 0.03-0.07 (RESULTS.md). As `bench/checkerboard_official_model.py` does for two models,
+this scores every NFE of one student on the same x_T in each draw (draw 0 = the protocol's seeds
+1,000,000 + [0, n), then the next disjoint ranges), so that the difference NFE m - NFE 1 is paired and its
+standard error small. With --teacher, the teacher's ODE solver cut short to --teacher-nfe is scored the same way.
+
+    python bench/checkerboard_nfe_draws.py --pairs ROOT/pairs/filtered-... --student ROOT/students/kdm-... \\
+        [--teacher ROOT/teachers/fm-... --teacher-nfe 1,2,4,8] [--draws 10] [--out OUTDIR]
+
+Writes OUTDIR/nfe-draws.json and .md, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.checkerboard_official_model import METRICS, summarise  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", required=True, help="the pair store the student was evaluated on (held-out split)")
+    ap.add_argument("--student", required=True, help="a committed 2-D kdm student (multi-step or not)")
+    ap.add_argument("--teacher", default=None, help="the flow-matching teacher run, to cut its solver short")
+    ap.add_argument("--teacher-nfe", default="1,2,4,8", help="NFEs of the teacher's solver (with --teacher)")
+    ap.add_argument("--draws", type=int, default=10, help="sample draws (draw 0 = the protocol's)")
+    ap.add_argument("--out", default=None, help="directory for nfe-draws.json / .md")
+    a = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(1)
+    from storage_schemas import CheckerboardSpec, Eval2DConfig
+    from pipeline.evaluation import metrics2d
+    from pipeline.evaluation.sample import generate, load_student, noise_for_seeds
+    from pipeline.storage.pairstore import PairStore
+
+    cfg, board = Eval2DConfig(), CheckerboardSpec()
+    store = PairStore.open(a.pairs)
+    held = store.heldout()
+    n = min(cfg.num_samples, len(held), len(store))
+    reference, held_xT = held.read("x_0", 0, n), held.read("x_T", 0, n)
+    student, manifest = load_student(a.student)
+    samplers = {f"student {m} NFE": (lambda x, m=m: generate(student, x, nfe=m)) for m in manifest.nfe_trained}
+    if a.teacher:
+        from models.samplers import integrate_ode
+        from pipeline.teachers.flow_matching import load_teacher
+        velocity, _ = load_teacher(a.teacher)
+        for k in (int(v) for v in a.teacher_nfe.split(",")):
+            s = store.manifest.sampler.at_nfe(k)
+
+            def cut(x, s=s):
+                with torch.no_grad():
+                    return integrate_ode(velocity, torch.from_numpy(np.ascontiguousarray(x, np.float32)), s.steps,
+                                         s.method).numpy()
+            samplers[f"teacher, {s.describe()}"] = cut
+
+    def metrics(points: np.ndarray) -> dict:
+        return metrics2d.checkerboard_metrics(points, reference, swd_projections=cfg.swd_projections,
+                                              swd_seed=cfg.swd_seed, eps=cfg.dbscan_eps,
+                                              min_samples=cfg.dbscan_min_samples, z=cfg.zscore_threshold,
+                                              low=board.low, high=board.high, scale=board.scale)
+
+    rows = {name: {m: [] for m in METRICS} for name in samplers}
+    for r in range(a.draws):
+        start = cfg.sample_seed + r * n
+        x_T = noise_for_seeds(range(start, start + n), manifest.model.dim, store.manifest.x_T_scale)
+        for name, fn in samplers.items():
+            m = metrics(fn(x_T))
+            for k in METRICS:
+                rows[name][k].append(m[k])
+    one = "student 1 NFE"
+    paired = {name: {k: summarise(list(np.subtract(rows[name][k], rows[one][k]))) for k in METRICS}
+              for name in samplers if name.startswith("student") and name != one}
+    for d in paired.values():
+        for v in d.values():
+            v["stderr"] = v["std"] / np.sqrt(a.draws)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "protocol": cfg.model_dump(),
+              "n": n, "draws": a.draws, "pairs": a.pairs, "pairs_version": store.version, "student": a.student,
+              "student_version": manifest.version, "teacher": a.teacher,
+              "rows": {name: {k: summarise(v) for k, v in d.items()} for name, d in rows.items()},
+              "pair_mse": {name: metrics2d.pair_mse(fn(held_xT), reference) for name, fn in samplers.items()},
+              "paired_difference_minus_1_nfe": paired}
+    md = table(result)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "nfe-draws.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "nfe-draws.md").write_text(md + "\n")
+    return 0
+
+
+def table(result: dict) -> str:
+    def cell(s: dict, fmt: str) -> str:
+        return f"{s['draw0']:{fmt}} ({s['mean']:{fmt}} ± {s['std']:{fmt}})"
+
+    lines = [f"n = {result['n']} points per draw; draw 0 is the protocol's, (mean ± std) over {result['draws']} "
+             f"draws on the same x_T for every row", "",
+             "| sampler | in-cell | SWD | outliers | held-out pair MSE |", "|---|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | {cell(r['in_cell_fraction'], '.4f')} | {cell(r['swd'], '.4f')} | "
+                     f"{cell(r['outlier_rate'], '.4f')} | {result['pair_mse'][name]:.3g} |")
+    for name, d in result["paired_difference_minus_1_nfe"].items():
+        lines.append(f"| {name} - student 1 NFE, paired (mean ± stderr) | {d['in_cell_fraction']['mean']:+.4f} ± "
+                     f"{d['in_cell_fraction']['stderr']:.4f} | {d['swd']['mean']:+.4f} ± {d['swd']['stderr']:.4f} | "
+                     f"{d['outlier_rate']['mean']:+.4f} ± {d['outlier_rate']['stderr']:.4f} | - |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
