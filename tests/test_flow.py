@@ -24,10 +24,12 @@ def test_flow_runs_every_stage_publishes_artifacts_and_skips_on_rerun(harness, t
 
     keys = {a.key for a in read_prefect_artifacts() if a.key}
     assert {"checkerboard-smoke-report", "checkerboard-smoke-metrics", "checkerboard-smoke-student-link",
-            "checkerboard-smoke-samples"} <= keys
+            "checkerboard-smoke-samples", "checkerboard-smoke-frontier"} <= keys
     table = next(a for a in read_prefect_artifacts() if a.key == "checkerboard-smoke-metrics")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [r["model"] for r in rows] == ["student (1 NFE)", "teacher x_0"]
+    assert [r["model"] for r in rows] == ["student (1 NFE)", "teacher x_0", "teacher, euler 1 step (1 NFE)",
+                                          "teacher, euler 2 steps (2 NFE)", "teacher, euler 4 steps (4 NFE)"]
+    assert [r["nfe"] for r in rows] == [1, 4, 1, 2, 4]
     md = next(a for a in read_prefect_artifacts() if a.key == "checkerboard-smoke-report").data
     assert "## Lineage" in md and first["student"]["version"] in md and "data:image/png;base64," in md
 

@@ -179,7 +179,7 @@ def test_report_artifact_renders_lineage_metrics_and_plots(ui_server, flow_run, 
     assert "KDM distillation: checkerboard (smoke)" in dom and "Lineage" in dom and "Metrics" in dom
     assert flow_run["student"] in dom
     assert "student (1 NFE)" in dom and "teacher x_0" in dom          # the metrics table, rendered
-    for plot in ("samples", "noise_structure_student", "noise_structure_teacher"):
+    for plot in ("samples", "noise_structure_student", "noise_structure_teacher", "frontier"):
         assert f'alt="{plot}" src="data:image/png;base64,' in dom, plot
 
 
