@@ -79,8 +79,8 @@ def main() -> None:
                 s.step()
             secs[name] += time.perf_counter() - t0
     ms = {name: 1000 * t / (a.blocks * a.steps) for name, t in secs.items()}
-    print(json.dumps({"ms_per_step": {k: round(v, 2) for k, v in ms.items()}, "ratio": round(ms[a.multi] / ms[a.one], 3),
-                      "steps": a.blocks * a.steps, "threads": a.threads}))
+    print(json.dumps({"ms_per_step": {k: round(v, 2) for k, v in ms.items()},
+                      "ratio": round(ms[a.multi] / ms[a.one], 3), "steps": a.blocks * a.steps, "threads": a.threads}))
 
 
 if __name__ == "__main__":

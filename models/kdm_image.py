@@ -106,9 +106,9 @@ class KDMImage(nn.Module):
         self.latent_dim = self.x0_encoder.latent_dim
         self.koopman = make_operator(operator, self.latent_dim)
         self.control = nn.Linear(label_dim, self.latent_dim) if label_dim and control else None
+        net = (img_resolution, channels, latent_channels, label_dim, unet, latent_proj_dim)
         set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, self.latent_dim),
-                       lambda: LatentEncoder(img_resolution, channels, latent_channels, label_dim, unet, latent_proj_dim),
-                       lambda: LatentDecoder(img_resolution, channels, latent_channels, label_dim, unet, latent_proj_dim))
+                       lambda: LatentEncoder(*net), lambda: LatentDecoder(*net))
 
     @classmethod
     def from_config(cls, cfg, intervals: int = 1) -> "KDMImage":
@@ -193,7 +193,7 @@ class KDMImage(nn.Module):
 
     # -- the pieces models.multistep uses (labels already prepared) -------------------------------------
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
-        """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between (UNet noise label tau)."""
+        """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between (noise label tau)."""
         enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder, "trajectory": self.traj_encoder}[level(self, tau)]
         return enc(x, tau, labels)
 

@@ -70,10 +70,11 @@ class TrajectoryModel(Protocol):
     nfe_train: tuple[int, ...]
 
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
-        """Latent of states x at times tau (B,): the x_0 encoder where tau == 0, the x_T encoder elsewhere."""
+        """Latent of states x at times tau (B,): the x_T encoder at tau = T, the x_0 encoder at 0, the trajectory
+        encoder between (a multi-step student's)."""
 
     def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
-        """States at times tau (B,) from latents z."""
+        """States at times tau (B,) from latents z: the one-step decoder at 0, the trajectory decoder between."""
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         """The latent at grid index j from the latent z at index i < j (the operator of segment (i, j))."""

@@ -104,7 +104,8 @@ class KDMImageConfig(Strict):
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
         if self.nfe_train is not None and (not self.nfe_train or list(self.nfe_train) != sorted(set(self.nfe_train))
                                            or self.nfe_train[0] != 1):
-            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs starting at 1, e.g. [1, 2, 4]")
+            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs starting at 1, "
+                             f"e.g. [1, 2, 4]")
         if self.trajectory_rows is not None and self.nfe_train is None:
             raise ValueError("trajectory_rows is a setting of multi-step students (set nfe_train)")
         levels = len(self.unet.channel_mult)
@@ -216,7 +217,8 @@ class ImageStudentManifest(Strict):
         None, description="distance 'lpips-own': the perceptual network (id, weights sha256) it ran on")
     world_size: int = 1
     snapshots: Optional[Snapshots] = Field(
-        None, description="multi-step students: the trajectory snapshots of the pairs it was trained on (None: one-step)")
+        None, description="multi-step students: the trajectory snapshots of the pairs it was trained on "
+                          "(None: one-step)")
     final_losses: dict[str, float]
     train_seconds: float
     steady_pairs_per_s: Optional[float] = Field(

@@ -292,7 +292,8 @@ class PairStoreManifest(Strict):
             raise ValueError(f"a store with snapshots has schema_version >= 2, got {self.schema_version}")
         want = (self.count, self.snapshots.count, *self.sample_shape)
         if spec is None:
-            raise ValueError(f"the manifest records {self.snapshots.count} snapshots but array {SNAPSHOT_ARRAY} is missing")
+            raise ValueError(f"the manifest records {self.snapshots.count} snapshots but array {SNAPSHOT_ARRAY} "
+                             f"is missing")
         if tuple(spec.shape) != want:
             raise ValueError(f"arrays.{SNAPSHOT_ARRAY}.shape {tuple(spec.shape)} != (count, K, *sample_shape) = {want}")
 

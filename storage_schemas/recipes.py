@@ -28,8 +28,8 @@ PresetName = Literal["smoke", "mini", "full", "checkerboard", "checkerboard-impo
                      "checkerboard-import-multistep"]
 RECIPE_PRESETS: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_PRESETS,
                                               "checkerboard": ("checkerboard", "checkerboard-import",
-                                                               "checkerboard-multistep", "checkerboard-import-multistep",
-                                                               "smoke")}
+                                                               "checkerboard-multistep",
+                                                               "checkerboard-import-multistep", "smoke")}
 DEFAULT_PRESET = {"cifar10": "full", "checkerboard": "checkerboard"}
 
 KdmConfig = Annotated[Union[DistillImageConfig, DistillCheckerboardConfig], Field(discriminator="recipe")]

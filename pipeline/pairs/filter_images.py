@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage_schemas import store_arrays, HELDOUT_GROUP, FilterRecord, VersionInputs, code_version, recipe_version, stable_hash, utc_now
+from storage_schemas import (HELDOUT_GROUP, FilterRecord, VersionInputs, code_version, recipe_version, stable_hash,
+                             store_arrays, utc_now)
 from storage_schemas.filter_images import IMAGE_FILTER_REASONS, ImageFilterConfig
 
 from pipeline.devices import resolve_device

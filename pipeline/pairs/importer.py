@@ -280,8 +280,9 @@ class _ArraySource(_Source):
         if snapshots is not None:
             self.keep = tuple(range(1, steps)) if snapshots == "all" else tuple(snapshots)
             if not self.keep or max(self.keep) >= steps:
-                raise KDMError(f"{src} holds trajectories of {steps + 1} entries (x_T = 0, x_0 = {steps}); snapshots "
-                               f"{'all' if snapshots == 'all' else list(snapshots)} must be indices in [1, {steps - 1}]")
+                raise KDMError(f"{src} holds trajectories of {steps + 1} entries (x_T = 0, x_0 = {steps}); "
+                               f"snapshots {'all' if snapshots == 'all' else list(snapshots)} must be indices in "
+                               f"[1, {steps - 1}]")
             # (N, K, D), in sampling order; the array is small enough (the official file: 4 MB) to hold
             self.x_t = np.ascontiguousarray(arr[list(self.keep)].transpose(1, 0, *range(2, arr.ndim)), np.float32)
         self.steps = steps

@@ -381,7 +381,8 @@ class ChunkShuffleSampler:
 
 
 def write_synthetic_store(url: str, count: int, sample_shape: tuple[int, ...] = (3, 32, 32), chunk_size: int = 1000,
-                          seed: int = 0, num_classes: int = 0, x_T_scale: float = 80.0, snapshots: int = 0) -> PairStore:
+                          seed: int = 0, num_classes: int = 0, x_T_scale: float = 80.0,
+                          snapshots: int = 0) -> PairStore:
     """A committed pair store of random pairs with image shapes, for benchmarks and tests.
 
     x_T = x_T_scale * eps (eps ~ N(0, I)), x_0 uniform in [-1, 1], labels uniform in [0, num_classes) or -1;

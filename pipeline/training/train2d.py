@@ -8,8 +8,8 @@ Run directory (``--out RUN``):
   student.safetensors, manifest.json   the EMA weights and the manifest, written when training ends
 A killed run restarted with the same command resumes from its newest checkpoint and ends with the same
 weights as an uninterrupted run (same device and thread count). With ``model.nfe_train`` the student is
-multi-step (``models.multistep``): each batch is whole trajectories (x_T, the store's snapshots x_t, x_0)
-and the loss is the trajectory pass over the segments of the trained NFE schedules. At a remote URL (``s3://...``) the run
+multi-step (``models.multistep``): each batch is whole trajectories (x_T, the anchors' snapshots x_t, x_0)
+and the loss is ``models.multistep.trajectory_forward``'s. At a remote URL (``s3://...``) the run
 trains in a local temporary directory mirrored to ``<url>.partial`` (pipeline.storage.run_mirror) and resumes
 from the checkpoints stored there.
 """
