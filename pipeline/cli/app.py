@@ -223,7 +223,7 @@ def cmd_sample(a) -> None:
     read_student_manifest(a.student)              # before torch: not a finished student run fails fast
     if a.noise is None and (a.num is None or a.seed is None):
         raise KDMError("give either --noise FILE.npy or both --num N and --seed S")
-    from pipeline.evaluation.sample import check_nfe
+    from pipeline.evaluation.nfe import check_nfe
     check_nfe(a.nfe, read_student_manifest(a.student).nfe_trained, f"student {a.student}")
     import io
     import numpy as np

@@ -57,7 +57,7 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
         raise KDMError(f"student {run} generates {student.model.dim}-D points but {pairs_url} holds samples of shape "
                        f"{tuple(store.manifest.sample_shape)}; evaluate it on pairs of its own dimension")
     nfes = tuple(cfg.nfe) if cfg.nfe else student.nfe_trained
-    from pipeline.evaluation.sample import check_nfe
+    from pipeline.evaluation.nfe import check_nfe
     for nfe in nfes:
         check_nfe(nfe, student.nfe_trained, f"student {student.version}")
     teacher_settings = _teacher_settings(cfg, store.manifest, teacher)

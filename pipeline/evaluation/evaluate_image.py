@@ -99,7 +99,7 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     store = PairStore.open(pairs_uri)
     sm = read_image_student_manifest(student_uri)
     check_device(device, "evaluation")
-    from pipeline.evaluation.sample import check_nfe
+    from pipeline.evaluation.nfe import check_nfe
     nfes = tuple(cfg.nfe) if cfg.nfe else sm.nfe_trained
     for m_ in nfes:
         check_nfe(m_, sm.nfe_trained, f"student {sm.version}")

@@ -15,6 +15,7 @@ from storage_schemas import StudentManifest
 from pipeline.storage import artifacts
 from pipeline.devices import resolve_device
 from pipeline.errors import KDMError
+from pipeline.evaluation.nfe import check_nfe  # noqa: F401 (re-exported: callers import it from here too)
 from pipeline.storage.manifests import read_student_manifest
 
 
@@ -38,15 +39,6 @@ def load_image_student(run: str, device: str = "cpu"):
     model = KDMImage.from_config(manifest.model, manifest.intervals)
     model.load_state_dict(_verified_student(run, manifest))
     return model.to(resolve_device(device)).eval(), manifest
-
-
-def check_nfe(nfe: int, nfes, what: str = "the student") -> None:
-    """KDMError unless ``nfe`` is one of the NFEs ``nfes`` the student was trained for."""
-    nfes = tuple(nfes)
-    if nfe not in nfes:
-        raise KDMError(f"NFE {nfe}: {what} samples with NFE {', '.join(map(str, nfes))}, the ones it was trained for"
-                       + (" (a one-step student; train with model.nfe_train on a store with trajectory snapshots for "
-                          "more)" if nfes == (1,) else ""))
 
 
 @torch.no_grad()
