@@ -32,7 +32,9 @@ Observables and latent dynamics
 
 Sampling with m evaluations, x^(0) = x_T:
         x^(k+1) = D(C_(a_k a_(k+1)) E(x^(k), tau_(a_k)), tau_(a_(k+1))),    x_0 = x^(m)
-    (E, D: the one-step networks at tau = T and 0, the trajectory networks between). m = 1 is exactly the
+    (E, D: the one-step networks at tau = T and 0, the trajectory networks between; these work at unit scale:
+    the trainer scales the stored snapshots with ``snapshot_scales``, EDM's c_in(sigma) for images, and the
+    decoded intermediate predictions are in those units already). m = 1 is exactly the
     paper's one-step map D_psi(C_eta E_varphi(x_T, T), 0); m > 1 re-anchors on its own decoded intermediate
     prediction (decode, re-encode, advance), one network evaluation per round.
 
@@ -104,6 +106,17 @@ def segments(intervals: int, nfe_train: Sequence[int]) -> list[tuple[int, int]]:
 def times(intervals: int, time_T: float) -> list[float]:
     """tau_i = T (1 - i / n), i = 0..n: the networks' time input at each grid index."""
     return [time_T * (1.0 - i / intervals) for i in range(intervals + 1)]
+
+
+def snapshot_scales(axis: str, levels: Sequence[float], sigma_data: float = 0.5) -> list[float]:
+    """Factors that bring stored snapshots to unit scale before the trajectory networks see them: EDM's
+    c_in(sigma) = 1 / sqrt(sigma^2 + sigma_data^2) for EDM noise levels (a state at sigma = 20 has a spread of
+    about 20), 1 for flow-matching times (states of unit scale). The trajectory networks work in these units
+    throughout (teacher states are scaled, their own decoded predictions already are), so sampling needs them
+    only in training."""
+    if axis == "edm-sigma":
+        return [1.0 / (float(v) ** 2 + sigma_data ** 2) ** 0.5 for v in levels]
+    return [1.0 for _ in levels]
 
 
 def set_trajectory(model: nn.Module, intervals: int, nfe_train: Sequence[int], make_operator: Callable[[], nn.Module],

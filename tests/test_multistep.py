@@ -19,6 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(hidden=16, latent_dim=8, encoder_layers=2, decoder_layers=2)
 
 
+def test_snapshot_scales():
+    assert ms.snapshot_scales("flow-matching-time", (0.25, 0.5)) == [1.0, 1.0]
+    assert ms.snapshot_scales("edm-sigma", (80.0, 1.2, 0.0)) == pytest.approx([1 / 80.0015624, 1 / 1.3, 2.0])
+
+
 def test_anchors_and_segments():
     assert ms.anchors(9, 1) == [0, 9] and ms.anchors(9, 2) == [0, 5, 9] and ms.anchors(9, 4) == [0, 2, 5, 7, 9]
     assert ms.anchors(4, 2) == [0, 2, 4] and ms.anchors(4, 4) == [0, 1, 2, 3, 4] and ms.anchors(3, 3) == [0, 1, 2, 3]

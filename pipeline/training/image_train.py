@@ -34,8 +34,9 @@ and the metric sums, restores D's BatchNorm statistics and counts the step on th
 sync is ``train_step``'s return value (none with ``cuda_graphs``; the count is read when metrics are logged).
 
 Multi-step students (``model.nfe_train``, a pair store with trajectory snapshots): batches also carry the
-snapshots (x_t) and the step's generator terms come from ``models.multistep.trajectory_forward`` (the
-one-step terms as above, plus the trajectory terms, the distance d on the reconstructions at the anchors);
+snapshots (x_t), brought to unit scale (EDM's c_in(sigma), ``models.multistep.snapshot_scales``), and the
+step's generator terms come from ``models.multistep.trajectory_forward`` (the one-step terms as above, plus
+the trajectory terms: MSE of the latent pushes and of the reconstructions at the anchors);
 they train in one process, eagerly (no CUDA graph, no torchrun), with the trajectory terms' latent noise
 from a generator of their own.
 
@@ -81,6 +82,7 @@ from torch import nn
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss
 from models.distances import DistanceUnavailable, make_distance
 from models.kdm_image import KDMImage
+from models.multistep import snapshot_scales
 from storage_schemas import code_version, stable_hash, utc_now
 from storage_schemas.kdm_image import (ImageStudentManifest,
                                        ImageTrainConfig, KDMImageConfig, distance_label)
@@ -171,15 +173,18 @@ class ImageTrainer:
 
     def __init__(self, model_cfg: KDMImageConfig, train_cfg: ImageTrainConfig, device: torch.device,
                  dist_info: Optional[DistInfo] = None, vgg16_weights: Optional[str] = None,
-                 perceptual: Optional[nn.Module] = None, intervals: int = 1):
+                 perceptual: Optional[nn.Module] = None, intervals: int = 1,
+                 snapshot_scales: Optional[list[float]] = None):
         """``perceptual``: for distance 'lpips-own', a network (``OwnLPIPS`` or ``PerceptualConvNet``) used
         instead of loading ``train_cfg.perceptual_net`` (benchmarks: the step's cost does not depend on its
         weights); the run then records no network reference. ``intervals``: of the trajectory grid a multi-step
-        student trains on (its pair store's snapshots + 1)."""
+        student trains on (its pair store's snapshots + 1); ``snapshot_scales``: the factors that bring its
+        snapshots to unit scale (``models.multistep.snapshot_scales``; default 1)."""
         tc = train_cfg
         self.model_cfg, self.cfg, self.device = model_cfg, tc, device
         self.dist = dist_info or DistInfo()
         self.multi = model_cfg.nfe_train is not None and intervals > 1      # trained on trajectory snapshots
+        self.snapshot_scales = list(snapshot_scales or [1.0] * (intervals - 1))
         if self.multi and (self.dist.enabled or tc.cuda_graphs):
             raise KDMError("a multi-step student (model.nfe_train) trains in one process without CUDA graphs: run "
                            "it without torchrun and with train.cuda_graphs unset or false")
@@ -334,8 +339,8 @@ class ImageTrainer:
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             xt = x_t.to(device=self.device, non_blocking=True)
             states = {0: xT, self.model.intervals: x0}
-            for i in range(1, self.model.intervals):
-                states[i] = xt[:, i - 1].contiguous(memory_format=fmt)
+            for i in range(1, self.model.intervals):     # at unit scale, as the trajectory networks work
+                states[i] = (xt[:, i - 1] * self.snapshot_scales[i - 1]).contiguous(memory_format=fmt)
             return bool(self._step(x0, xT, y, None, states))
         if self.cuda_graphs:
             return self._graph_step(x0, xT, y)
@@ -364,8 +369,8 @@ class ImageTrainer:
                 from models.multistep import trajectory_forward
                 out = trajectory_forward(self.model, states, y, generator=self.noise_gen, spectral=mc.spectral_loss,
                                          aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen)
-                if out.traj_rec is not None:
-                    extra["traj_rec"] = self.distance(out.traj_rec, out.traj_rec_target).mean()
+                if out.traj_rec is not None:      # MSE at unit scale: the anchors' states are noisy images
+                    extra["traj_rec"] = F.mse_loss(out.traj_rec.float(), out.traj_rec_target.float())
                     extra["traj_lat"] = F.mse_loss(out.traj_z_push.float(), out.traj_z_target.float())
             x_push, spectral = out.x0_push, out.spectral
             if hasattr(self.distance, "against"):       # lpips-own: x0's features computed once
@@ -658,7 +663,8 @@ def _train_in(run: Path, mirror: Optional[RunMirror], store, version, pairs_url,
         torch.set_num_threads(tc.threads)
 
     intervals = m.snapshots.count + 1 if model_cfg.nfe_train and m.snapshots else 1
-    trainer = ImageTrainer(model_cfg, tc, dev, di, vgg16_weights, intervals=intervals)
+    scales = snapshot_scales(m.snapshots.axis, m.snapshots.levels) if intervals > 1 else None
+    trainer = ImageTrainer(model_cfg, tc, dev, di, vgg16_weights, intervals=intervals, snapshot_scales=scales)
     sampler = ChunkShuffleSampler(store, tc.batch_size // di.world_size, seed=tc.seed, buffer_chunks=tc.buffer_chunks,
                                   rank=di.rank, world_size=di.world_size, pin_memory=dev.type == "cuda",
                                   read_threads=tc.read_threads, snapshots=trainer.multi)
