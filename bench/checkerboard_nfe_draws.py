@@ -5,10 +5,13 @@ teacher x_0) cannot rank two samplers whose SWDs differ by 0.001: two independen
 distribution differ by 0.03-0.07 (RESULTS.md). As `bench/checkerboard_official_model.py` does for two models,
 this scores every NFE of one student on the same x_T in each draw (draw 0 = the protocol's seeds
 1,000,000 + [0, n), then the next disjoint ranges), so that the difference NFE m - NFE 1 is paired and its
-standard error small. With --teacher, the teacher's ODE solver cut short to --teacher-nfe is scored the same way.
+standard error small. With --teacher, the teacher's ODE solver cut short to --teacher-nfe is scored the same way;
+with --other, another student's one-step map too, and every NFE of the student is paired against it as well (e.g.
+a one-step student trained for the same time).
 
     python bench/checkerboard_nfe_draws.py --pairs ROOT/pairs/filtered-... --student ROOT/students/kdm-... \\
-        [--teacher ROOT/teachers/fm-... --teacher-nfe 1,2,4,8] [--draws 10] [--out OUTDIR]
+        [--teacher ROOT/teachers/fm-... --teacher-nfe 1,2,4,8] [--other ROOT/students/kdm-...] [--draws 10] \\
+        [--out OUTDIR]
 
 Writes OUTDIR/nfe-draws.json and .md, and prints the table.
 """
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", required=True, help="a committed 2-D kdm student (multi-step or not)")
     ap.add_argument("--teacher", default=None, help="the flow-matching teacher run, to cut its solver short")
     ap.add_argument("--teacher-nfe", default="1,2,4,8", help="NFEs of the teacher's solver (with --teacher)")
+    ap.add_argument("--other", default=None, help="another student, scored at NFE 1 and paired against")
     ap.add_argument("--draws", type=int, default=10, help="sample draws (draw 0 = the protocol's)")
     ap.add_argument("--out", default=None, help="directory for nfe-draws.json / .md")
     a = ap.parse_args(argv)
@@ -51,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     reference, held_xT = held.read("x_0", 0, n), held.read("x_T", 0, n)
     student, manifest = load_student(a.student)
     samplers = {f"student {m} NFE": (lambda x, m=m: generate(student, x, nfe=m)) for m in manifest.nfe_trained}
+    other = None
+    if a.other:
+        other_model, other_manifest = load_student(a.other)
+        other = f"other student {other_manifest.version} 1 NFE"
+        samplers[other] = lambda x: generate(other_model, x)
     if a.teacher:
         from models.samplers import integrate_ode
         from pipeline.teachers.flow_matching import load_teacher
@@ -81,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     one = "student 1 NFE"
     paired = {name: {k: summarise(list(np.subtract(rows[name][k], rows[one][k]))) for k in METRICS}
               for name in samplers if name.startswith("student") and name != one}
+    if other:
+        for name in [n for n in samplers if n.startswith("student")]:
+            paired[f"{name} - other"] = {k: summarise(list(np.subtract(rows[name][k], rows[other][k])))
+                                         for k in METRICS}
     for d in paired.values():
         for v in d.values():
             v["stderr"] = v["std"] / np.sqrt(a.draws)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "protocol": cfg.model_dump(),
               "n": n, "draws": a.draws, "pairs": a.pairs, "pairs_version": store.version, "student": a.student,
-              "student_version": manifest.version, "teacher": a.teacher,
+              "student_version": manifest.version, "teacher": a.teacher, "other": a.other,
               "rows": {name: {k: summarise(v) for k, v in d.items()} for name, d in rows.items()},
               "pair_mse": {name: metrics2d.pair_mse(fn(held_xT), reference) for name, fn in samplers.items()},
               "paired_difference_minus_1_nfe": paired}
@@ -111,7 +124,8 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {cell(r['in_cell_fraction'], '.4f')} | {cell(r['swd'], '.4f')} | "
                      f"{cell(r['outlier_rate'], '.4f')} | {result['pair_mse'][name]:.3g} |")
     for name, d in result["paired_difference_minus_1_nfe"].items():
-        lines.append(f"| {name} - student 1 NFE, paired (mean ± stderr) | {d['in_cell_fraction']['mean']:+.4f} ± "
+        what = name if name.endswith(" - other") else f"{name} - student 1 NFE"
+        lines.append(f"| {what}, paired (mean ± stderr) | {d['in_cell_fraction']['mean']:+.4f} ± "
                      f"{d['in_cell_fraction']['stderr']:.4f} | {d['swd']['mean']:+.4f} ± {d['swd']['stderr']:.4f} | "
                      f"{d['outlier_rate']['mean']:+.4f} ± {d['outlier_rate']['stderr']:.4f} | - |")
     return "\n".join(lines)
