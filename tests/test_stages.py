@@ -85,10 +85,13 @@ def test_report_validates(distilled):
     assert rep.student.num_points == rep.teacher_reference.num_points == 400
     for ms in (rep.student, rep.teacher_reference):
         assert 0 <= ms.in_cell_fraction <= 1 and 0 <= ms.outlier_rate <= 1 and ms.swd >= 0
-    assert set(rep.plots) == {"samples", "noise_structure_student", "noise_structure_teacher"}
+    assert set(rep.plots) == {"samples", "noise_structure_student", "noise_structure_teacher", "frontier"}
     for f in rep.plots.values():
         assert (path.parent / f).is_file()
-    assert [row["model"] for row in ev["table"]] == ["student (1 NFE)", "teacher x_0"]
+    # the smoke preset cuts the teacher's Euler solver (4 steps) short to 1, 2 and 4 NFE: the frontier
+    assert [row["model"] for row in ev["table"]] == ["student (1 NFE)", "teacher x_0", "teacher, euler 1 step (1 NFE)",
+                                                     "teacher, euler 2 steps (2 NFE)", "teacher, euler 4 steps (4 NFE)"]
+    assert [p.nfe for p in rep.frontier] == [1, 1, 2, 4] and rep.frontier[-1].metrics.pair_mse < 1e-10
     assert ev["table"][0]["in_cell"] == round(rep.student.in_cell_fraction, 4)
 
 
