@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, SeedRange, Strict, deep_merge
+from .multistep import drop_unset, nfe_list_problem
 from .kdm_image import IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNetConfig
 from .pairs import SamplerSettings
 from .stages import PairsGenerateConfig
@@ -143,18 +144,14 @@ class ImageEvalStageConfig(Strict):
     @model_validator(mode="after")
     def _nfes(self) -> "ImageEvalStageConfig":
         for name in ("nfe", "teacher_nfe"):
-            v = getattr(self, name)
-            if v is not None and (not v or list(v) != sorted(set(v)) or v[0] < 1):
-                raise ValueError(f"{name} {list(v)} must list increasing NFEs >= 1")
+            problem = nfe_list_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
         return self
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("nfe", "teacher_nfe"):
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+        return drop_unset(handler(self), ("nfe", "teacher_nfe"))
 
 
 class ImageTeacherStageConfig(Strict):

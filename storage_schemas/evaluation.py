@@ -6,6 +6,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, SeedRange, Strict
+from .multistep import drop_unset, nfe_list_problem
 from .pairs import SamplerSettings
 
 
@@ -36,18 +37,14 @@ class Eval2DConfig(Strict):
     @model_validator(mode="after")
     def _nfes(self) -> "Eval2DConfig":
         for name in ("nfe", "teacher_nfe"):
-            v = getattr(self, name)
-            if v is not None and (not v or list(v) != sorted(set(v)) or v[0] < 1):
-                raise ValueError(f"{name} {list(v)} must list increasing NFEs >= 1")
+            problem = nfe_list_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
         return self
 
     @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("nfe", "teacher_nfe"):      # versions of evaluations without them stay what they were
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+    def _drop_unset(self, handler):        # versions of evaluations without them stay what they were
+        return drop_unset(handler(self), ("nfe", "teacher_nfe"))
 
 
 class MetricSet(Strict):
