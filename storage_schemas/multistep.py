@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from pydantic import Field, model_serializer, model_validator
+
+from .common import Strict
+
 
 def nfe_list_problem(name: str, v: Optional[Iterable[int]], first: Optional[int] = None) -> Optional[str]:
     """What is wrong with the NFE list ``v`` of field ``name`` (None: nothing): increasing NFEs >= 1, starting at
@@ -48,3 +52,24 @@ class MultiStepRun:
     @property
     def nfe_trained(self) -> tuple[int, ...]:
         return tuple(self.model.nfe_train) if self.model.nfe_train else (1,)
+
+
+class FrontierConfig(Strict):
+    """The quality-vs-NFE fields of an evaluation config (2-D and image): the student's NFEs scored and the NFEs
+    the teacher's own sampler is cut short to; left out of the dump when unset (earlier versions stay)."""
+
+    nfe: Optional[tuple[int, ...]] = Field(None, description="student NFEs scored (None: the ones it was trained for)")
+    teacher_nfe: Optional[tuple[int, ...]] = Field(
+        None, description="the teacher's sampler cut short to these NFEs (None: not measured)")
+
+    @model_validator(mode="after")
+    def _nfes(self):
+        for name in ("nfe", "teacher_nfe"):
+            problem = nfe_list_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_nfes(self, handler):
+        return drop_unset(handler(self), ("nfe", "teacher_nfe"))
