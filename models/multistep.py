@@ -169,20 +169,16 @@ def check_nfe(model, nfe: int) -> None:
 class TrajectoryForward(NamedTuple):
     """The tensors of one trajectory pass; ``trajectory_losses`` turns them into losses.
 
-    one-step terms over the whole batch: z0 (clean z_n), z_push (C_0n z~_0), x0_rec (D(z~_n, 0)), x0 (the target),
-    x0_push (D(z_push, 0), None unless decoded). Trajectory terms over the first ``aux_rows`` rows, each group
-    concatenated along the batch: traj_z_push / traj_z_target (teacher- and self-anchored segments),
-    traj_rec / traj_rec_target (the anchors between x_T and x_0). spectral: the KDM-F penalty or None."""
-    z0: torch.Tensor
-    z_push: torch.Tensor
-    x0_rec: torch.Tensor
+    one_step: the paper's pass over the whole batch (``models.kdm2d.KDMForward``: z0, zT, their noisy copies,
+    z_push, x0_rec, x0_push, spectral), x0 its target. The trajectory terms, over the first ``aux_rows`` rows and
+    each group concatenated along the batch (None without inner anchors): traj_z_push / traj_z_target (teacher-
+    and self-anchored segments), traj_rec / traj_rec_target (the anchors between x_T and x_0)."""
+    one_step: "KDMForward"
     x0: torch.Tensor
-    x0_push: Optional[torch.Tensor]
-    traj_z_push: Optional[torch.Tensor]
-    traj_z_target: Optional[torch.Tensor]
-    traj_rec: Optional[torch.Tensor]
-    traj_rec_target: Optional[torch.Tensor]
-    spectral: Optional[torch.Tensor] = None
+    traj_z_push: Optional[torch.Tensor] = None
+    traj_z_target: Optional[torch.Tensor] = None
+    traj_rec: Optional[torch.Tensor] = None
+    traj_rec_target: Optional[torch.Tensor] = None
 
 
 def _rows(tau: float, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -200,7 +196,7 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     are ``KDM2D.forward``'s computation (latent noise from ``generator``, x_0's then x_T's); the trajectory
     terms draw theirs from ``traj_generator`` (default: ``generator``).
     """
-    from .kdm2d import add_latent_noise
+    from .kdm2d import KDMForward, add_latent_noise
     n = model.intervals
     batch = states[0].shape[0]
     aux = batch if aux_rows is None else min(aux_rows, batch)
@@ -222,8 +218,9 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     x0_rec = model.decode_state(z0_noisy, _rows(0.0, batch, like), labels)
     x0_push = model.decode_state(z_push, _rows(0.0, batch, like), labels) if decode_push else None
     spec = model.koopman.spectral_loss(spectral) if spectral != "none" else None
+    one_step = KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push, spec)
     if not inner:
-        return TrajectoryForward(z0, z_push, x0_rec, states[n], x0_push, None, None, None, None, spec)
+        return TrajectoryForward(one_step, states[n])
 
     # trajectory terms (first aux rows): the ends' latents as constants, the anchors' teacher states encoded
     # in one call by the trajectory encoder, the latent noise of them all in one draw
@@ -248,33 +245,22 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
             target.append(clean[a[k + 1]])
     traj_rec = model.decode_state(zn_in, torch.cat([_rows(tau[i], aux, like) for i in inner]),
                                   None if labels is None else torch.cat([lab_aux] * len(inner)))
-    return TrajectoryForward(z0, z_push, x0_rec, states[n], x0_push, torch.cat(push), torch.cat(target), traj_rec,
-                             torch.cat([states[i][:aux] for i in inner]), spec)
+    return TrajectoryForward(one_step, states[n], torch.cat(push), torch.cat(target), traj_rec,
+                             torch.cat([states[i][:aux] for i in inner]))
 
 
 def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dict[str, torch.Tensor]:
-    """The MSE form of the losses (as ``models.losses.kdm_losses``): rec, lat (each: the one-step term plus the
-    mean of the trajectory terms, also reported alone as traj_rec / traj_lat), pred (reported whenever decoded;
-    in the total only with ``use_pred_loss``), spectral, total."""
+    """The MSE form of the losses: ``models.losses.kdm_losses`` of the one-step pass, plus the trajectory terms
+    (reported alone as traj_lat / traj_rec, and added to lat, rec and the total)."""
     import torch.nn.functional as F
-    losses = {"rec": F.mse_loss(out.x0_rec, out.x0), "lat": F.mse_loss(out.z_push, out.z0)}
+    from .losses import kdm_losses
+    losses = kdm_losses(out.x0, out.one_step, use_pred_loss)
     if out.traj_z_push is not None:
         losses["traj_lat"] = F.mse_loss(out.traj_z_push, out.traj_z_target)
-        losses["lat"] = losses["lat"] + losses["traj_lat"]
-    if out.traj_rec is not None:
         losses["traj_rec"] = F.mse_loss(out.traj_rec, out.traj_rec_target)
-        losses["rec"] = losses["rec"] + losses["traj_rec"]
-    total = losses["rec"] + losses["lat"]
-    if out.x0_push is not None:
-        losses["pred"] = F.mse_loss(out.x0_push, out.x0)
-        if use_pred_loss:
-            total = total + losses["pred"]
-    elif use_pred_loss:
-        raise ValueError("use_pred_loss=True needs the decoded push (decode_push=True)")
-    if out.spectral is not None:
-        losses["spectral"] = out.spectral
-        total = total + out.spectral
-    losses["total"] = total
+        for k in ("lat", "rec"):
+            losses[k] = losses[k] + losses[f"traj_{k}"]
+        losses["total"] = losses["total"] + losses["traj_lat"] + losses["traj_rec"]
     return losses
 
 

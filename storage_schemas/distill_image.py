@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field, model_serializer, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from .common import SCHEMA_VERSION, SeedRange, Strict, deep_merge
+from .multistep import FrontierConfig
 from .kdm_image import IMAGE_PRESETS, ImageTrainConfig, KDMImageConfig, SongUNetConfig
 from .pairs import SamplerSettings
 from .stages import PairsGenerateConfig
@@ -118,7 +119,7 @@ class ImageStudentStageConfig(Strict):
     train: ImageTrainConfig = FULL_STUDENT_TRAIN
 
 
-class ImageEvalStageConfig(Strict):
+class ImageEvalStageConfig(FrontierConfig):
     """FD/KID of teacher and student outputs on the held-out seeds against the train split, paired MSE
     (and LPIPS when its backbone weights exist), grids.
 
@@ -136,25 +137,6 @@ class ImageEvalStageConfig(Strict):
     lpips: bool = Field(True, description="LPIPS-vgg of student vs teacher when the VGG16 weights exist")
     grid_images: int = Field(64, ge=1, description="teacher | student grid size")
     batch_size: int = Field(500, ge=1, description="student sampling / feature batch (speed only)")
-    nfe: Optional[tuple[int, ...]] = Field(None, description="student NFEs scored (None: the ones it was trained for)")
-    teacher_nfe: Optional[tuple[int, ...]] = Field(
-        None, description="the teacher's sampler cut short to these NFEs (odd, >= 3 for EDM Heun; None: not measured)")
-
-    @model_validator(mode="after")
-    def _nfes(self) -> "ImageEvalStageConfig":
-        for name in ("nfe", "teacher_nfe"):
-            v = getattr(self, name)
-            if v is not None and (not v or list(v) != sorted(set(v)) or v[0] < 1):
-                raise ValueError(f"{name} {list(v)} must list increasing NFEs >= 1")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("nfe", "teacher_nfe"):
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
 
 
 class ImageTeacherStageConfig(Strict):

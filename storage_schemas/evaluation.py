@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field
 
 from .common import SCHEMA_VERSION, SeedRange, Strict
+from .multistep import FrontierConfig
 from .pairs import SamplerSettings
 
 
-class Eval2DConfig(Strict):
+class Eval2DConfig(FrontierConfig):
     """Protocol of the 2-D evaluation. n = min(num_samples, held-out pairs, train pairs) points per row:
     the reference R is the first n held-out x_0; the student row uses n one-step samples from seeds
     sample_seed..sample_seed+n-1; the teacher row uses the first n x_0 of the train split (teacher
@@ -29,25 +30,6 @@ class Eval2DConfig(Strict):
     dbscan_min_samples: int = Field(5, ge=1)
     zscore_threshold: float = Field(3.0, gt=0)
     plots: bool = True
-    nfe: Optional[tuple[int, ...]] = Field(None, description="student NFEs scored (None: the ones it was trained for)")
-    teacher_nfe: Optional[tuple[int, ...]] = Field(
-        None, description="teacher sampler cut short to these NFEs (None: not measured)")
-
-    @model_validator(mode="after")
-    def _nfes(self) -> "Eval2DConfig":
-        for name in ("nfe", "teacher_nfe"):
-            v = getattr(self, name)
-            if v is not None and (not v or list(v) != sorted(set(v)) or v[0] < 1):
-                raise ValueError(f"{name} {list(v)} must list increasing NFEs >= 1")
-        return self
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("nfe", "teacher_nfe"):      # versions of evaluations without them stay what they were
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
 
 
 class MetricSet(Strict):

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs
+from .multistep import MultiStepRun, drop_unset, nfe_train_problem
 from .pairs import Snapshots
 from .perceptual import PerceptualNetRef
 
@@ -85,12 +86,8 @@ class KDMImageConfig(Strict):
         None, ge=1, description="multi-step student: rows of each batch that train the trajectory terms (None: all)")
 
     @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("nfe_train", "trajectory_rows"):     # versions of one-step students stay what they were
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+    def _drop_unset(self, handler):        # versions of one-step students stay what they were
+        return drop_unset(handler(self), ("nfe_train", "trajectory_rows"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "KDMImageConfig":
@@ -102,12 +99,9 @@ class KDMImageConfig(Strict):
                              f"adversarial weight would never reach adv_weight within train.steps")
         if self.spectral_loss != "none" and self.operator != "factorized":
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
-        if self.nfe_train is not None and (not self.nfe_train or list(self.nfe_train) != sorted(set(self.nfe_train))
-                                           or self.nfe_train[0] != 1):
-            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs starting at 1, "
-                             f"e.g. [1, 2, 4]")
-        if self.trajectory_rows is not None and self.nfe_train is None:
-            raise ValueError("trajectory_rows is a setting of multi-step students (set nfe_train)")
+        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows)
+        if problem:
+            raise ValueError(problem)
         levels = len(self.unet.channel_mult)
         if self.img_resolution % (1 << (levels - 1)):
             raise ValueError(f"img_resolution {self.img_resolution} is not divisible by 2^{levels - 1} "
@@ -189,7 +183,7 @@ IMAGE_TRAIN_RUNTIME_FIELDS = frozenset({"device", "threads", "log_every", "check
                                         "vgg16_weights", "perceptual_net"})
 
 
-class ImageStudentManifest(Strict):
+class ImageStudentManifest(MultiStepRun, Strict):
     """manifest.json of a finished image training run (written last)."""
 
     format: Literal["kdm-image-student"] = "kdm-image-student"
@@ -230,18 +224,7 @@ class ImageStudentManifest(Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        out = handler(self)
-        if out.get("snapshots", 0) is None:
-            out.pop("snapshots")
-        return out
-
-    @property
-    def intervals(self) -> int:
-        return self.snapshots.count + 1 if self.snapshots is not None else 1
-
-    @property
-    def nfe_trained(self) -> tuple[int, ...]:
-        return tuple(self.model.nfe_train) if self.model.nfe_train else (1,)
+        return drop_unset(handler(self), ("snapshots",))
 
     @model_validator(mode="after")
     def _version_is_its_inputs_hash(self) -> "ImageStudentManifest":

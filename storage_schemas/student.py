@@ -11,6 +11,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs
+from .multistep import MultiStepRun, drop_unset, nfe_train_problem
 from .pairs import Snapshots
 
 
@@ -43,12 +44,8 @@ class KDM2DConfig(Strict):
                                 "terms always use the whole batch")
 
     @model_serializer(mode="wrap")
-    def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("nfe_train", "trajectory_rows"):     # versions of one-step students stay what they were
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+    def _drop_unset(self, handler):        # versions of one-step students stay what they were
+        return drop_unset(handler(self), ("nfe_train", "trajectory_rows"))
 
     @model_validator(mode="after")
     def _spectral_needs_factorized(self) -> "KDM2DConfig":
@@ -56,12 +53,9 @@ class KDM2DConfig(Strict):
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
         if self.fourier_features == 0 and self.fourier_scale != 1.0:
             raise ValueError("fourier_scale is set but fourier_features is 0 (Fourier features off)")
-        if self.nfe_train is not None and (not self.nfe_train or list(self.nfe_train) != sorted(set(self.nfe_train))
-                                           or self.nfe_train[0] != 1):
-            raise ValueError(f"nfe_train {list(self.nfe_train)} must list increasing NFEs starting at 1 (the one-step "
-                             f"map is always trained), e.g. [1, 2, 4]")
-        if self.trajectory_rows is not None and self.nfe_train is None:
-            raise ValueError("trajectory_rows is a setting of multi-step students (set nfe_train)")
+        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -104,7 +98,7 @@ class StudentRunConfig(Strict):
     train: TrainConfig = TrainConfig()
 
 
-class StudentManifest(Strict):
+class StudentManifest(MultiStepRun, Strict):
     format: Literal["kdm-student"] = "kdm-student"
     schema_version: int = SCHEMA_VERSION
     version: str
@@ -131,19 +125,7 @@ class StudentManifest(Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        out = handler(self)
-        if out.get("snapshots", 0) is None:
-            out.pop("snapshots")
-        return out
-
-    @property
-    def intervals(self) -> int:
-        """Intervals of its trajectory grid: the largest NFE it samples with (1: one-step)."""
-        return self.snapshots.count + 1 if self.snapshots is not None else 1
-
-    @property
-    def nfe_trained(self) -> tuple[int, ...]:
-        return tuple(self.model.nfe_train) if self.model.nfe_train else (1,)
+        return drop_unset(handler(self), ("snapshots",))
 
     @model_validator(mode="after")
     def _version_is_its_inputs_hash(self) -> "StudentManifest":

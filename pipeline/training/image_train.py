@@ -367,11 +367,12 @@ class ImageTrainer:
                 out = self.forward_module(x0, xT, y, eps0=eps[0], epsT=eps[1], spectral=mc.spectral_loss)
             else:
                 from models.multistep import trajectory_forward
-                out = trajectory_forward(self.model, states, y, generator=self.noise_gen, spectral=mc.spectral_loss,
-                                         aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen)
-                if out.traj_rec is not None:      # MSE at unit scale: the anchors' states are noisy images
-                    extra["traj_rec"] = F.mse_loss(out.traj_rec.float(), out.traj_rec_target.float())
-                    extra["traj_lat"] = F.mse_loss(out.traj_z_push.float(), out.traj_z_target.float())
+                traj = trajectory_forward(self.model, states, y, generator=self.noise_gen, spectral=mc.spectral_loss,
+                                          aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen)
+                out = traj.one_step
+                if traj.traj_rec is not None:      # MSE at unit scale: the anchors' states are noisy images
+                    extra["traj_rec"] = F.mse_loss(traj.traj_rec.float(), traj.traj_rec_target.float())
+                    extra["traj_lat"] = F.mse_loss(traj.traj_z_push.float(), traj.traj_z_target.float())
             x_push, spectral = out.x0_push, out.spectral
             if hasattr(self.distance, "against"):       # lpips-own: x0's features computed once
                 rec, pred = (d.mean() for d in self.distance.against(x0, out.x0_rec, x_push))

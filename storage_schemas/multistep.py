@@ -1,0 +1,75 @@
+"""What the configs and manifests of multi-step students share (``models.multistep``): the checks of the NFE
+lists, the fields dropped from dumps while unset (so that one-step versions stay what they were), and the grid a
+finished run samples on. Part of the leaf package: pydantic only."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from pydantic import Field, model_serializer, model_validator
+
+from .common import Strict
+
+
+def nfe_list_problem(name: str, v: Optional[Iterable[int]], first: Optional[int] = None) -> Optional[str]:
+    """What is wrong with the NFE list ``v`` of field ``name`` (None: nothing): increasing NFEs >= 1, starting at
+    ``first`` when given."""
+    if v is None:
+        return None
+    v = list(v)
+    if not v or v != sorted(set(v)) or v[0] < 1 or (first is not None and v[0] != first):
+        start = f"starting at {first}" if first is not None else ">= 1"
+        return f"{name} {v} must list increasing NFEs {start}" + (", e.g. [1, 2, 4]" if first == 1 else "")
+    return None
+
+
+def nfe_train_problem(nfe_train: Optional[Iterable[int]], trajectory_rows: Optional[int]) -> Optional[str]:
+    """The checks of a student model config's ``nfe_train`` (1 is always trained) and ``trajectory_rows``."""
+    problem = nfe_list_problem("nfe_train", nfe_train, first=1)
+    if problem:
+        return problem + " (the one-step map is always trained)"
+    if trajectory_rows is not None and nfe_train is None:
+        return "trajectory_rows is a setting of multi-step students (set nfe_train)"
+    return None
+
+
+def drop_unset(out: dict, keys: Iterable[str]) -> dict:
+    """``out`` (a model dump) without those of ``keys`` that are None."""
+    for key in keys:
+        if out.get(key, 0) is None:
+            out.pop(key)
+    return out
+
+
+class MultiStepRun:
+    """Mixin of a student run's manifest with ``snapshots`` (of its pairs, None for one-step students) and
+    ``model.nfe_train``: the grid it samples on and the NFEs it samples with."""
+
+    @property
+    def intervals(self) -> int:
+        """Intervals of its trajectory grid (1: a one-step student)."""
+        return self.snapshots.count + 1 if self.snapshots is not None else 1
+
+    @property
+    def nfe_trained(self) -> tuple[int, ...]:
+        return tuple(self.model.nfe_train) if self.model.nfe_train else (1,)
+
+
+class FrontierConfig(Strict):
+    """The quality-vs-NFE fields of an evaluation config (2-D and image): the student's NFEs scored and the NFEs
+    the teacher's own sampler is cut short to; left out of the dump when unset (earlier versions stay)."""
+
+    nfe: Optional[tuple[int, ...]] = Field(None, description="student NFEs scored (None: the ones it was trained for)")
+    teacher_nfe: Optional[tuple[int, ...]] = Field(
+        None, description="the teacher's sampler cut short to these NFEs (None: not measured)")
+
+    @model_validator(mode="after")
+    def _nfes(self):
+        for name in ("nfe", "teacher_nfe"):
+            problem = nfe_list_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_nfes(self, handler):
+        return drop_unset(handler(self), ("nfe", "teacher_nfe"))
