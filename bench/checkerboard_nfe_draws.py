@@ -18,7 +18,6 @@ Writes OUTDIR/nfe-draws.json and .md, and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.checkerboard_official_model import METRICS, summarise  # noqa: E402
+from bench.checkerboard_official_model import METRICS, spread_cell, summarise, write_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,18 +104,12 @@ def main(argv: list[str] | None = None) -> int:
               "paired_difference_minus_1_nfe": paired}
     md = table(result)
     print(md)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "nfe-draws.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "nfe-draws.md").write_text(md + "\n")
+    write_outputs(a.out, "nfe-draws", result, md)
     return 0
 
 
 def table(result: dict) -> str:
-    def cell(s: dict, fmt: str) -> str:
-        return f"{s['draw0']:{fmt}} ({s['mean']:{fmt}} ± {s['std']:{fmt}})"
-
+    cell = spread_cell
     lines = [f"n = {result['n']} points per draw; draw 0 is the protocol's, (mean ± std) over {result['draws']} "
              f"draws on the same x_T for every row", "",
              "| sampler | in-cell | SWD | outliers | held-out pair MSE |", "|---|---|---|---|---|"]

@@ -69,6 +69,20 @@ def summarise(values: list[float]) -> dict:
             "draws": [float(x) for x in v]}
 
 
+def spread_cell(s: dict, fmt: str) -> str:
+    """A table cell of a summarised metric: draw 0, then (mean ± std) over the draws."""
+    return f"{s['draw0']:{fmt}} ({s['mean']:{fmt}} ± {s['std']:{fmt}})"
+
+
+def write_outputs(out_dir: str | None, stem: str, result: dict, md: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` into ``out_dir`` (nothing when it is None)."""
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(md + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", required=True, help="the pair store the student was evaluated on (held-out split)")
@@ -133,18 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         d["stderr"] = d["std"] / np.sqrt(a.draws)
     md = table(result)
     print(md)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "official-vs-student.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "official-vs-student.md").write_text(md + "\n")
+    write_outputs(a.out, "official-vs-student", result, md)
     return 0
 
 
 def table(result: dict) -> str:
-    def cell(s: dict, fmt: str) -> str:
-        return f"{s['draw0']:{fmt}} ({s['mean']:{fmt}} ± {s['std']:{fmt}})"
-
+    cell = spread_cell
     lines = [f"n = {result['n']} points per draw; draw 0 is the protocol's, (mean ± std) over {result['draws']} "
              f"draws (teacher: {len(result['teacher_train_slices']['swd']['draws'])} disjoint train slices)", "",
              "| model | in-cell | SWD | outliers | held-out pair MSE |", "|---|---|---|---|---|"]
