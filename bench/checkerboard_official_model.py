@@ -63,6 +63,24 @@ def load_official(code_dir: str, model_path: str):
     return one_step
 
 
+def load_any_student(spec: str):
+    """(model, data dim, version label) of a committed student or of a sweep's saved EMA weights (.pt)."""
+    from pipeline.evaluation.sample import load_student
+    if not spec.endswith(".pt"):
+        student, manifest = load_student(spec)
+        return student, manifest.model.dim, manifest.version
+    import hashlib
+    import torch
+    sys.path.insert(0, str(REPO / "bench"))
+    from sweep_checkerboard_import import build
+    ck = torch.load(spec, map_location="cpu", weights_only=False)
+    model = build(ck["config"])
+    model.load_state_dict(ck["ema"])
+    digest = hashlib.sha256(Path(spec).read_bytes()).hexdigest()[:12]
+    tag = "+held-out" if ck["config"].get("with_heldout") else ""
+    return model.eval(), 2, f"sweep-{digest}{tag}"
+
+
 def summarise(values: list[float]) -> dict:
     v = np.asarray(values, np.float64)
     return {"draw0": float(v[0]), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
@@ -86,7 +104,8 @@ def write_outputs(out_dir: str | None, stem: str, result: dict, md: str) -> None
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", required=True, help="the pair store the student was evaluated on (held-out split)")
-    ap.add_argument("--student", required=True, help="a committed 2-D kdm student")
+    ap.add_argument("--student", required=True, help="a committed 2-D kdm student, or the EMA weights that "
+                                                    "bench/sweep_checkerboard_import.py --save wrote (a .pt file)")
     ap.add_argument("--official-code", required=True, help="root of an azencot-group/KDM checkout")
     ap.add_argument("--official-model", required=True, help="its experiments/checkerboard/model.pt")
     ap.add_argument("--draws", type=int, default=10, help="sample draws per model (draw 0 = the protocol's)")
@@ -97,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from storage_schemas import CheckerboardSpec, Eval2DConfig
     from pipeline.evaluation import metrics2d
-    from pipeline.evaluation.sample import generate, load_student, noise_for_seeds
+    from pipeline.evaluation.sample import generate, noise_for_seeds
     from pipeline.storage.pairstore import PairStore
 
     cfg, board = Eval2DConfig(), CheckerboardSpec()
@@ -108,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     n = min(cfg.num_samples, len(held), len(store))
     reference, held_xT = held.read("x_0", 0, n), held.read("x_T", 0, n)
     train_x0 = store.read("x_0", 0, (len(store) // n) * n)
-    student, manifest = load_student(a.student)
+    student, dim, student_version = load_any_student(a.student)
     official = load_official(a.official_code, a.official_model)
 
     def metrics(points: np.ndarray) -> dict:
@@ -120,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"student": {m: [] for m in METRICS}, "official": {m: [] for m in METRICS}}
     for r in range(a.draws):
         start = cfg.sample_seed + r * n
-        x_T = noise_for_seeds(range(start, start + n), manifest.model.dim, store.manifest.x_T_scale)
+        x_T = noise_for_seeds(range(start, start + n), dim, store.manifest.x_T_scale)
         for name, fn in (("student", lambda x: generate(student, x)), ("official", official)):
             m = metrics(fn(x_T))
             for k in METRICS:
@@ -135,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "protocol": cfg.model_dump(), "n": n, "draws": a.draws,
         "pairs": a.pairs, "pairs_version": store.version, "student": a.student,
-        "student_version": manifest.version, "official_model": a.official_model,
+        "student_version": student_version, "official_model": a.official_model,
         "rows": {name: {k: summarise(v) for k, v in d.items()} for name, d in rows.items()},
         "teacher_train_slices": {k: summarise(v) for k, v in teacher.items()},
         "pair_mse": {"student": metrics2d.pair_mse(generate(student, held_xT), reference),

@@ -13,7 +13,9 @@ pred (L_pred on), act ('swish' | 'relu'), fourier (Fourier feature frequencies, 
 schedule ('constant' | 'cosine'), warmup, lr_min (fraction of lr at the end of the cosine), steps, ema,
 seed, milestones (list of steps at which to score), nfe_train (a multi-step student, e.g. [1, 2]: trained on the
 store's trajectory snapshots as `pipeline/training/train2d.py` trains it and scored at each of its NFEs; needs a
-store imported with `--snapshots`), trajectory_rows (its model.trajectory_rows).
+store imported with `--snapshots`), trajectory_rows (its model.trajectory_rows), with_heldout (train on the
+held-out pairs too, as the official checkerboard model was trained on all 50,000 trajectories: the held-out
+scores are then not held out; for a like-for-like comparison with that model only).
 """
 from __future__ import annotations
 
@@ -38,14 +40,17 @@ from storage_schemas import Eval2DConfig  # noqa: E402
 
 DEFAULTS = dict(hidden=128, latent=64, layers=5, latent_noise=0.4, pred=False, fourier=0, fourier_scale=1.0,
                 batch=512, lr=3e-3, schedule="constant", warmup=0, lr_min=0.0, steps=12000, ema=0.999, seed=0,
-                milestones=None, act="swish", nfe_train=None, trajectory_rows=None)
+                milestones=None, act="swish", nfe_train=None, trajectory_rows=None, with_heldout=False)
 
 
-def load_protocol(pairs: str, cfg: Eval2DConfig):
+def load_protocol(pairs: str, cfg: Eval2DConfig, with_heldout: bool = False):
     store = PairStore.open(pairs)
     held = store.heldout()
     n = min(cfg.num_samples, len(held), len(store))
     data = store.load_all()
+    if with_heldout:
+        extra = held.load_all()
+        data = {k: np.concatenate([v, extra[k]]) for k, v in data.items() if k in extra}
     hd = {k: held.read(k, 0, n) for k in ("x_T", "x_0")}
     fresh_noise = noise_for_seeds(range(cfg.sample_seed, cfg.sample_seed + n), 2, store.manifest.x_T_scale)
     return data, hd, fresh_noise, store.read("x_0", 0, n)
@@ -85,7 +90,7 @@ def lr_at(c: dict, step: int) -> float:
 def run(pairs: str, c: dict, out, save: str | None = None) -> None:
     c = {**DEFAULTS, **c}
     ev = Eval2DConfig()
-    data, hd, fresh_noise, _ = load_protocol(pairs, ev)
+    data, hd, fresh_noise, _ = load_protocol(pairs, ev, c["with_heldout"])
     x_T, x_0 = torch.from_numpy(data["x_T"]), torch.from_numpy(data["x_0"])
     intervals, nfes = 1, (1,)
     if c["nfe_train"]:          # as pipeline/training/train2d.py: the anchors of the trained schedules

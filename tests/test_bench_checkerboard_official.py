@@ -96,19 +96,11 @@ def test_summary_and_table():
 
 
 def test_end_to_end_on_a_tiny_store(official, tmp_path):
+    from board_fixtures import tiny_board_store
     from pipeline import presets
-    from pipeline.pairs.importer import import_pairs
     from pipeline.training import train2d
-    from storage_schemas import PairsImportConfig
     code, _, _ = official
-    rng = np.random.default_rng(0)
-    traj = np.zeros((3, 300, 2), np.float32)
-    traj[0] = rng.standard_normal((300, 2))
-    traj[-1] = np.sign(traj[0]) * 1.5 + 0.1 * rng.standard_normal((300, 2))
-    traj[1] = (traj[0] + traj[-1]) / 2
-    np.save(tmp_path / "traj.npy", traj)
-    store = str(tmp_path / "store")
-    import_pairs(str(tmp_path / "traj.npy"), PairsImportConfig(holdout_fraction=0.2, chunk_size=100), store)
+    store = tiny_board_store(tmp_path, scale=1.5)
     cfg = presets.load("student", "smoke", sets=["train.steps=10", "train.threads=1", "train.batch_size=32"])
     train2d.train_student(store, cfg, str(tmp_path / "student"), progress=False)
     out = tmp_path / "out"
@@ -124,3 +116,41 @@ def test_end_to_end_on_a_tiny_store(official, tmp_path):
                                                    res["rows"]["official"]["swd"]["draws"]).tolist())
     assert all(v > 0 for v in res["pair_mse"].values())
     assert (out / "official-vs-student.md").read_text().startswith("n = 60 points per draw")
+
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep_checkerboard_import",
+                                                  REPO / "bench" / "sweep_checkerboard_import.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_weights_trained_with_the_heldout_pairs(official, tmp_path):
+    """A sweep run with with_heldout trains on train + held-out pairs (as the official model saw all
+    trajectories) and its saved EMA weights are scored by the bench under a label that says so."""
+    from board_fixtures import tiny_board_store
+    from storage_schemas import Eval2DConfig
+    code, _, _ = official
+    store = tiny_board_store(tmp_path, scale=1.5)
+    sweep = load_sweep()
+    train, *_ = sweep.load_protocol(store, Eval2DConfig())
+    both, *_ = sweep.load_protocol(store, Eval2DConfig(), with_heldout=True)
+    assert len(train["x_0"]) == 240 and len(both["x_0"]) == 300
+    assert np.array_equal(both["x_T"][:240], train["x_T"])
+    with open(tmp_path / "rows.jsonl", "w") as out:
+        sweep.run(store, {"hidden": 8, "latent": 4, "steps": 3, "batch": 16, "with_heldout": True}, out,
+                  save=str(tmp_path / "w.pt"))
+    row = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[-1])
+    assert row["with_heldout"] is True and row["step"] == 3
+    bench = load_bench()
+    model, dim, label = bench.load_any_student(str(tmp_path / "w.pt"))
+    assert dim == 2 and label.startswith("sweep-") and label.endswith("+held-out")
+    x = torch.zeros(4, 2)
+    from pipeline.evaluation.sample import generate
+    assert generate(model, x.numpy()).shape == (4, 2)
+    rc = bench.main(["--pairs", store, "--student", str(tmp_path / "w.pt"), "--official-code", str(code),
+                     "--official-model", str(code / "model.pt"), "--draws", "2", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    res = json.loads((tmp_path / "o" / "official-vs-student.json").read_text())
+    assert res["student_version"] == label and res["n"] == 60

@@ -98,18 +98,8 @@ def test_schedule_validation():
 
 @pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory):
-    from pipeline.pairs.importer import import_pairs
-    from storage_schemas import PairsImportConfig
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    traj = np.zeros((3, 300, 2), np.float32)
-    traj[0] = rng.standard_normal((300, 2))
-    traj[-1] = np.sign(traj[0]) * 2 + 0.1 * rng.standard_normal((300, 2))
-    traj[1] = (traj[0] + traj[-1]) / 2
-    np.save(root / "traj.npy", traj)
-    out = str(root / "store")
-    import_pairs(str(root / "traj.npy"), PairsImportConfig(holdout_fraction=0.2, chunk_size=100), out)
-    return out
+    from board_fixtures import tiny_board_store
+    return tiny_board_store(tmp_path_factory.mktemp("pairs"))
 
 
 def test_training_follows_the_cosine_schedule_and_resumes_to_the_same_weights(tiny_pairs, tmp_path):
