@@ -28,9 +28,8 @@ OFFICIAL_SRC = textwrap.dedent('''
 ''')
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("checkerboard_official_model",
-                                                  REPO / "bench" / "checkerboard_official_model.py")
+def load_bench(name: str = "checkerboard_official_model"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -118,14 +117,6 @@ def test_end_to_end_on_a_tiny_store(official, tmp_path):
     assert (out / "official-vs-student.md").read_text().startswith("n = 60 points per draw")
 
 
-def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_checkerboard_import",
-                                                  REPO / "bench" / "sweep_checkerboard_import.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_sweep_weights_trained_with_the_heldout_pairs(official, tmp_path):
     """A sweep run with with_heldout trains on train + held-out pairs (as the official model saw all
     trajectories) and its saved EMA weights are scored by the bench under a label that says so."""
@@ -133,7 +124,7 @@ def test_sweep_weights_trained_with_the_heldout_pairs(official, tmp_path):
     from storage_schemas import Eval2DConfig
     code, _, _ = official
     store = tiny_board_store(tmp_path, scale=1.5)
-    sweep = load_sweep()
+    sweep = load_bench("sweep_checkerboard_import")
     train, *_ = sweep.load_protocol(store, Eval2DConfig())
     both, *_ = sweep.load_protocol(store, Eval2DConfig(), with_heldout=True)
     assert len(train["x_0"]) == 240 and len(both["x_0"]) == 300
