@@ -109,6 +109,13 @@ def test_end_to_end_on_a_tiny_store(official, tmp_path):
     res = json.loads((out / "official-vs-student.json").read_text())
     assert res["n"] == 60  # min(10,000, 60 held out, 240 train)
     assert len(res["rows"]["student"]["swd"]["draws"]) == 3
+    # the second reference: the whole train split (240 points), the teacher row its held-out x_0 against it
+    assert res["train_split_size"] == 240 and len(res["rows"]["official"]["swd_train"]["draws"]) == 3
+    assert len(res["teacher_train_slices"]["swd_train"]["draws"]) == 1
+    d = res["paired_difference_student_minus_official"]["swd_train"]
+    assert d["mean"] == pytest.approx(np.mean(np.subtract(res["rows"]["student"]["swd_train"]["draws"],
+                                                          res["rows"]["official"]["swd_train"]["draws"])))
+    assert "SWD vs the train split's x_0 (n = 240)" in (out / "official-vs-student.md").read_text()
     assert len(res["teacher_train_slices"]["swd"]["draws"]) == 4  # 240 train points in disjoint 60-point slices
     d = res["paired_difference_student_minus_official"]["swd"]
     assert d["draws"] == pytest.approx(np.subtract(res["rows"]["student"]["swd"]["draws"],
