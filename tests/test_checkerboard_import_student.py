@@ -139,9 +139,9 @@ def test_checkerboard_import_uses_the_chosen_student_settings():
     m, t = s.model, s.train
     assert (m.hidden, m.latent_dim, m.encoder_layers, m.decoder_layers, m.operator) == (256, 256, 5, 5, "linear")
     assert (m.latent_noise, m.use_pred_loss, m.fourier_features, m.fourier_scale) == (0.2, False, 4, 0.5)
-    assert (t.lr, t.lr_schedule, t.lr_min, t.batch_size, t.steps, t.ema_decay) == (3e-3, "cosine", 0.0, 512, 16000,
+    assert (t.lr, t.lr_schedule, t.lr_min, t.batch_size, t.steps, t.ema_decay) == (3e-3, "cosine", 0.0, 512, 24000,
                                                                                  0.999)
-    assert t.lr_at(0) == 3e-3 and t.lr_at(16000) == 0.0
+    assert t.lr_at(0) == 3e-3 and t.lr_at(24000) == 0.0
 
 
 def test_demo_student_preset_is_unchanged():
