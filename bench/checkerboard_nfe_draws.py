@@ -26,7 +26,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.checkerboard_official_model import METRICS, spread_cell, summarise, write_outputs  # noqa: E402
+from bench.checkerboard_official_model import (METRICS, DrawProtocol, paired, spread_cell, summarise,  # noqa: E402
+                                               write_outputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +43,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     torch.set_num_threads(1)
-    from storage_schemas import CheckerboardSpec, Eval2DConfig
     from pipeline.evaluation import metrics2d
-    from pipeline.evaluation.sample import generate, load_student, noise_for_seeds
-    from pipeline.storage.pairstore import PairStore
+    from pipeline.evaluation.sample import generate, load_student
 
-    cfg, board = Eval2DConfig(), CheckerboardSpec()
-    store = PairStore.open(a.pairs)
-    held = store.heldout()
-    n = min(cfg.num_samples, len(held), len(store))
-    reference, held_xT = held.read("x_0", 0, n), held.read("x_T", 0, n)
+    p = DrawProtocol(a.pairs)
+    store, n, reference, held_xT = p.store, p.n, p.reference, p.held_xT
     student, manifest = load_student(a.student)
     samplers = {f"student {m} NFE": (lambda x, m=m: generate(student, x, nfe=m)) for m in manifest.nfe_trained}
     other = None
@@ -72,36 +68,25 @@ def main(argv: list[str] | None = None) -> int:
                                          s.method).numpy()
             samplers[f"teacher, {s.describe()}"] = cut
 
-    def metrics(points: np.ndarray) -> dict:
-        return metrics2d.checkerboard_metrics(points, reference, swd_projections=cfg.swd_projections,
-                                              swd_seed=cfg.swd_seed, eps=cfg.dbscan_eps,
-                                              min_samples=cfg.dbscan_min_samples, z=cfg.zscore_threshold,
-                                              low=board.low, high=board.high, scale=board.scale)
-
     rows = {name: {m: [] for m in METRICS} for name in samplers}
     for r in range(a.draws):
-        start = cfg.sample_seed + r * n
-        x_T = noise_for_seeds(range(start, start + n), manifest.model.dim, store.manifest.x_T_scale)
+        x_T = p.noise(r, manifest.model.dim)
         for name, fn in samplers.items():
-            m = metrics(fn(x_T))
+            m = p.metrics(fn(x_T))
             for k in METRICS:
                 rows[name][k].append(m[k])
     one = "student 1 NFE"
-    paired = {name: {k: summarise(list(np.subtract(rows[name][k], rows[one][k]))) for k in METRICS}
-              for name in samplers if name.startswith("student") and name != one}
+    differences = {name: {k: paired(rows[name][k], rows[one][k]) for k in METRICS}
+                   for name in samplers if name.startswith("student") and name != one}
     if other:
-        for name in [n for n in samplers if n.startswith("student")]:
-            paired[f"{name} - other"] = {k: summarise(list(np.subtract(rows[name][k], rows[other][k])))
-                                         for k in METRICS}
-    for d in paired.values():
-        for v in d.values():
-            v["stderr"] = v["std"] / np.sqrt(a.draws)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "protocol": cfg.model_dump(),
+        for name in [s for s in samplers if s.startswith("student")]:
+            differences[f"{name} - other"] = {k: paired(rows[name][k], rows[other][k]) for k in METRICS}
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "protocol": p.cfg.model_dump(),
               "n": n, "draws": a.draws, "pairs": a.pairs, "pairs_version": store.version, "student": a.student,
               "student_version": manifest.version, "teacher": a.teacher, "other": a.other,
               "rows": {name: {k: summarise(v) for k, v in d.items()} for name, d in rows.items()},
               "pair_mse": {name: metrics2d.pair_mse(fn(held_xT), reference) for name, fn in samplers.items()},
-              "paired_difference_minus_1_nfe": paired}
+              "paired_difference_minus_1_nfe": differences}
     md = table(result)
     print(md)
     write_outputs(a.out, "nfe-draws", result, md)

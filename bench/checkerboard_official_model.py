@@ -87,10 +87,46 @@ def load_any_student(spec: str):
     return model.eval(), 2, f"sweep-{digest}{tag}"
 
 
+class DrawProtocol:
+    """The held-out protocol of a pair store, drawn repeatedly: the first n held-out pairs (x_0 the reference,
+    x_T for the pair MSE), the metrics of a point set against that reference, and draw r's x_T (the seeds
+    sample_seed + r n + [0, n): draw 0 is the protocol's own)."""
+
+    def __init__(self, pairs: str):
+        from storage_schemas import CheckerboardSpec, Eval2DConfig
+        from pipeline.storage.pairstore import PairStore
+        self.cfg, self.board = Eval2DConfig(), CheckerboardSpec()
+        self.store = PairStore.open(pairs)
+        held = self.store.heldout()
+        if held is None:
+            raise SystemExit(f"{pairs} has no held-out split")
+        self.n = min(self.cfg.num_samples, len(held), len(self.store))
+        self.reference, self.held_xT = held.read("x_0", 0, self.n), held.read("x_T", 0, self.n)
+
+    def metrics(self, points: np.ndarray) -> dict:
+        from pipeline.evaluation import metrics2d
+        c, b = self.cfg, self.board
+        return metrics2d.checkerboard_metrics(points, self.reference, swd_projections=c.swd_projections,
+                                              swd_seed=c.swd_seed, eps=c.dbscan_eps, min_samples=c.dbscan_min_samples,
+                                              z=c.zscore_threshold, low=b.low, high=b.high, scale=b.scale)
+
+    def noise(self, r: int, dim: int) -> np.ndarray:
+        from pipeline.evaluation.sample import noise_for_seeds
+        start = self.cfg.sample_seed + r * self.n
+        return noise_for_seeds(range(start, start + self.n), dim, self.store.manifest.x_T_scale)
+
+
 def summarise(values: list[float]) -> dict:
     v = np.asarray(values, np.float64)
     return {"draw0": float(v[0]), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
             "draws": [float(x) for x in v]}
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """``summarise`` of the per-draw differences a - b, with the standard error of their mean."""
+    d = summarise(list(np.subtract(a, b)))
+    d["stderr"] = d["std"] / np.sqrt(len(a))
+    return d
 
 
 def spread_cell(s: dict, fmt: str) -> str:
@@ -120,65 +156,47 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     torch.set_num_threads(1)
-    from storage_schemas import CheckerboardSpec, Eval2DConfig
     from pipeline.evaluation import metrics2d
-    from pipeline.evaluation.sample import generate, noise_for_seeds
-    from pipeline.storage.pairstore import PairStore
+    from pipeline.evaluation.sample import generate
 
-    cfg, board = Eval2DConfig(), CheckerboardSpec()
-    store = PairStore.open(a.pairs)
-    held = store.heldout()
-    if held is None:
-        raise SystemExit(f"{a.pairs} has no held-out split")
-    n = min(cfg.num_samples, len(held), len(store))
-    reference, held_xT = held.read("x_0", 0, n), held.read("x_T", 0, n)
-    train_x0 = store.read("x_0", 0, (len(store) // n) * n)
+    p = DrawProtocol(a.pairs)
+    n, reference = p.n, p.reference
+    train_all = p.store.read("x_0", 0, len(p.store))
     student, dim, student_version = load_any_student(a.student)
     official = load_official(a.official_code, a.official_model)
 
-    def metrics(points: np.ndarray) -> dict:
-        return metrics2d.checkerboard_metrics(points, reference, swd_projections=cfg.swd_projections,
-                                              swd_seed=cfg.swd_seed, eps=cfg.dbscan_eps,
-                                              min_samples=cfg.dbscan_min_samples, z=cfg.zscore_threshold,
-                                              low=board.low, high=board.high, scale=board.scale)
-
-    train_all = store.read("x_0", 0, len(store))
-
     def swd_train(points: np.ndarray) -> float:
-        return metrics2d.sliced_wasserstein(points, train_all, cfg.swd_projections, cfg.swd_seed)
+        return metrics2d.sliced_wasserstein(points, train_all, p.cfg.swd_projections, p.cfg.swd_seed)
 
-    rows = {name: {m: [] for m in METRICS + (SWD_TRAIN,)} for name in ("student", "official")}
+    keys = METRICS + (SWD_TRAIN,)
+    rows = {name: {m: [] for m in keys} for name in ("student", "official")}
     for r in range(a.draws):
-        start = cfg.sample_seed + r * n
-        x_T = noise_for_seeds(range(start, start + n), dim, store.manifest.x_T_scale)
+        x_T = p.noise(r, dim)
         for name, fn in (("student", lambda x: generate(student, x)), ("official", official)):
             points = fn(x_T)
-            m = dict(metrics(points), **{SWD_TRAIN: swd_train(points)})
-            for k in METRICS + (SWD_TRAIN,):
+            m = dict(p.metrics(points), **{SWD_TRAIN: swd_train(points)})
+            for k in keys:
                 rows[name][k].append(m[k])
     teacher = {m: [] for m in METRICS}
-    for s in range(0, len(train_x0), n):
-        m = metrics(train_x0[s:s + n])
+    for s in range(0, (len(train_all) // n) * n, n):      # disjoint n-point slices of the train split
+        m = p.metrics(train_all[s:s + n])
         for k in METRICS:
             teacher[k].append(m[k])
     teacher[SWD_TRAIN] = [swd_train(reference)]   # the held-out x_0 against the train split: disjoint
 
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "protocol": cfg.model_dump(), "n": n, "draws": a.draws,
-        "pairs": a.pairs, "pairs_version": store.version, "student": a.student,
+        "protocol": p.cfg.model_dump(), "n": n, "draws": a.draws,
+        "pairs": a.pairs, "pairs_version": p.store.version, "student": a.student,
         "student_version": student_version, "official_model": a.official_model,
         "rows": {name: {k: summarise(v) for k, v in d.items()} for name, d in rows.items()},
         "teacher_train_slices": {k: summarise(v) for k, v in teacher.items()},
-        "pair_mse": {"student": metrics2d.pair_mse(generate(student, held_xT), reference),
-                     "official": metrics2d.pair_mse(official(held_xT), reference)},
-        "paired_difference_student_minus_official": {
-            k: summarise(list(np.subtract(rows["student"][k], rows["official"][k])))
-            for k in METRICS + (SWD_TRAIN,)},
+        "pair_mse": {"student": metrics2d.pair_mse(generate(student, p.held_xT), reference),
+                     "official": metrics2d.pair_mse(official(p.held_xT), reference)},
+        "paired_difference_student_minus_official": {k: paired(rows["student"][k], rows["official"][k])
+                                                     for k in keys},
         "train_split_size": len(train_all),
     }
-    for d in result["paired_difference_student_minus_official"].values():
-        d["stderr"] = d["std"] / np.sqrt(a.draws)
     md = table(result)
     print(md)
     write_outputs(a.out, "official-vs-student", result, md)
