@@ -4,6 +4,8 @@
     python bench/student_steps.py --root /tmp/kdm-root --preset mini --steps 300,1000,2000 --out OUT
     python bench/student_steps.py --root /tmp/kdm-root --preset mini --steps 3000 \\
         --variant "adv0.01-late:model.adv_weight=0.01,model.adv_start=0.5,model.adv_rampup=0.25" --out OUT
+    python bench/student_steps.py --root R --preset mini --steps 1000 --variant "nfe124:model.nfe_train=[1,2,4]" \\
+        --set pairs.sampler.snapshot_steps=[5,9,14] --set evaluation.teacher_nfe=[3,5,9,17,35] --out OUT
     python bench/student_steps.py --root R --preset mini --cond --steps 1000 --out OUT --dry-run
 
 Each row is the recipe itself (``pipeline.stages.run_recipe`` on ``build_config(recipe="cifar10", preset=...)``
@@ -13,7 +15,8 @@ whose artifact exists under ``--root`` (dataset, extractor, perceptual network, 
 e.g. from a ``kdm/distill-cifar10`` deployment run at the same root) is found, not recomputed; the student
 and its evaluation run. A row records the student's steps, train seconds (from its manifest), the
 evaluation's FD ratio, held-out MSE, precision / recall of teacher and student, and whether the student
-collapsed (recall < 0.05). Rows go to ``OUT/steps.jsonl`` (a row already there is not rerun),
+collapsed (recall < 0.05), and for a multi-step student or an evaluation with ``teacher_nfe`` the FD ratio
+at every other NFE (``frontier``). Rows go to ``OUT/steps.jsonl`` (a row already there is not rerun),
 ``OUT/steps.md`` (a table for BENCHMARKS.md) and ``OUT/steps.png`` (FD ratio, MSE and recall against steps,
 one line per variant).
 """
@@ -37,7 +40,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     else:
         name, _, body = text.partition(":")
     sets: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in body.split(","))):
+    for item in filter(None, (s.strip() for s in split_top(body))):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"--variant {text!r}: expected NAME:key=value[,key=value...], got {item!r}")
@@ -45,6 +48,19 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     if not name.strip():
         raise ValueError(f"--variant {text!r}: the name is empty")
     return name.strip(), sets
+
+
+def split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: 'a=[1,2],b=3' -> ['a=[1,2]', 'b=3']."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
 
 
 def row_config(preset: str, cond: bool, root: str, steps: int, sets: dict[str, str], extra: list[str] = ()):
@@ -64,10 +80,13 @@ def measure(cfg, quiet: bool) -> dict[str, Any]:
     keys = ("fd_ratio", "fd_teacher", "fd_student", "mse", "precision_teacher", "recall_teacher",
             "precision_student", "recall_student")
     from pipeline.evaluation.image_metrics import collapse_note
+    # a multi-step student's other NFEs and the teacher's sampler cut short (evaluation.teacher_nfe)
+    frontier = {k: v for k, v in ev.items() if k.startswith(("fd_ratio_nfe", "fd_ratio_teacher_nfe",
+                                                                "fd_student_nfe", "fd_teacher_nfe"))}
     return {"student": st["uri"], "student_skipped": st["skipped"], "train_seconds": st["train_seconds"],
             "steps_done": st["steps"], "evaluation": ev["uri"], **{k: ev.get(k) for k in keys},
             "training_distance": ev["notes"].get("training_distance"), "collapsed": collapse_note(ev) is not None,
-            "found": [k for k, r in res.items() if r["skipped"]]}
+            "found": [k for k, r in res.items() if r["skipped"]], "frontier": frontier}
 
 
 def gpu_name() -> str:

@@ -16,6 +16,13 @@ def test_variant_parsing():
     assert student_steps.parse_variant("late:model.adv_weight=0.005,model.adv_start=0.5") == (
         "late", {"student.model.adv_weight": "0.005", "student.model.adv_start": "0.5"})
     assert student_steps.parse_variant("preset") == ("preset", {})
+    # list values keep their commas: the multi-step student's NFEs
+    assert student_steps.parse_variant("ms:model.nfe_train=[1,2,4],model.trajectory_rows=64") == (
+        "ms", {"student.model.nfe_train": "[1,2,4]", "student.model.trajectory_rows": "64"})
+    cfg = student_steps.row_config("mini", False, "/r", 1000, {"student.model.nfe_train": "[1,2,4]"},
+                                   ["pairs.sampler.snapshot_steps=[5,9,14]", "evaluation.teacher_nfe=[3,5]"])
+    assert (cfg.student.model.nfe_train, cfg.pairs.sampler.snapshot_steps, cfg.evaluation.teacher_nfe) == (
+        (1, 2, 4), (5, 9, 14), (3, 5))
     with pytest.raises(ValueError, match="expected NAME:key=value"):
         student_steps.parse_variant("x:model.adv_weight")
 
