@@ -219,6 +219,11 @@ ENGINE_VARIANTS = {   # name -> (result name, engine settings)
     "graphs": ("engine_bf16_cuda_graphs", dict(cuda_graphs=True, channels_last=True)),
     "graphs-nchw": ("engine_bf16_nchw_cuda_graphs", dict(cuda_graphs=True, channels_last=False)),
     "graphs-sdpa": ("engine_bf16_cuda_graphs_sdpa", dict(fused_attention=True, cuda_graphs=True, channels_last=True)),
+    # torch.compile of the U-Nets inside the whole-step graph: inductor's fused normalisation kernels take
+    # either layout, so channels_last can drop cuDNN's transposes without PyTorch GroupNorm's copies
+    "graphs-compile-nchw": ("engine_bf16_nchw_cuda_graphs_compile", dict(cuda_graphs=True, compile=True,
+                                                                         channels_last=False)),
+    "graphs-compile": ("engine_bf16_cuda_graphs_compile", dict(cuda_graphs=True, compile=True, channels_last=True)),
 }
 
 

@@ -242,12 +242,15 @@ class ImageTrainer:
             for unet in (self.model.x0_encoder.unet, self.model.xT_encoder.unet, self.model.decoder.unet):
                 unet.compile()
 
-        graphs_possible = self.cuda and not self.dist.enabled and not tc.compile and not self.multi
+        graphs_possible = self.cuda and not self.dist.enabled and not self.multi
         if tc.cuda_graphs and not graphs_possible:
-            raise KDMError("cuda_graphs=True needs one CUDA device, one process (no torchrun) and compile=False; "
-                           f"got device {device}, {self.dist.world_size} process(es), compile={tc.compile}")
-        # The whole step as one CUDA graph: asked for, or by default wherever it is possible.
-        self.cuda_graphs = graphs_possible if tc.cuda_graphs is None else tc.cuda_graphs
+            raise KDMError("cuda_graphs=True needs one CUDA device, one process (no torchrun) and a one-step "
+                           f"student; got device {device}, {self.dist.world_size} process(es)"
+                           + (", a multi-step student" if self.multi else ""))
+        # The whole step as one CUDA graph: asked for, or by default wherever it is possible. With compile,
+        # only when asked (cuda_graphs=True): the compiled U-Nets (inductor's default mode, no graphs of its
+        # own) run eagerly in the warm-up steps, where they compile, and are captured with the rest.
+        self.cuda_graphs = (graphs_possible and not tc.compile) if tc.cuda_graphs is None else tc.cuda_graphs
         # Fused Adam (CPU and CUDA): the non-finite guard skips its steps on the device through found_inf.
         opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=True,
                       capturable=self.cuda_graphs)
