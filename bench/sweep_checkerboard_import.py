@@ -13,7 +13,8 @@ pred (L_pred on), act ('swish' | 'relu'), fourier (Fourier feature frequencies, 
 schedule ('constant' | 'cosine'), warmup, lr_min (fraction of lr at the end of the cosine), steps, ema,
 seed, milestones (list of steps at which to score), nfe_train (a multi-step student, e.g. [1, 2]: trained on the
 store's trajectory snapshots as `pipeline/training/train2d.py` trains it and scored at each of its NFEs; needs a
-store imported with `--snapshots`), trajectory_rows (its model.trajectory_rows), with_heldout (train on the
+store imported with `--snapshots`), trajectory_rows (its model.trajectory_rows), traj_out (its
+model.trajectory_output: the output terms of models/multistep.py), with_heldout (train on the
 held-out pairs too, as the official checkerboard model was trained on all 50,000 trajectories: the held-out
 scores are then not held out; for a like-for-like comparison with that model only).
 """
@@ -40,7 +41,8 @@ from storage_schemas import Eval2DConfig  # noqa: E402
 
 DEFAULTS = dict(hidden=128, latent=64, layers=5, latent_noise=0.4, pred=False, fourier=0, fourier_scale=1.0,
                 batch=512, lr=3e-3, schedule="constant", warmup=0, lr_min=0.0, steps=12000, ema=0.999, seed=0,
-                milestones=None, act="swish", nfe_train=None, trajectory_rows=None, with_heldout=False)
+                milestones=None, act="swish", nfe_train=None, trajectory_rows=None, with_heldout=False,
+                traj_out=False)
 
 
 def load_protocol(pairs: str, cfg: Eval2DConfig, with_heldout: bool = False):
@@ -117,7 +119,8 @@ def run(pairs: str, c: dict, out, save: str | None = None) -> None:
             batch = traj[idx]
             fwd = multistep.trajectory_forward(model, {i: batch[:, k] for k, i in enumerate(used)},
                                                decode_push=c["pred"], generator=g_noise,
-                                               aux_rows=c["trajectory_rows"], traj_generator=g_traj)
+                                               aux_rows=c["trajectory_rows"], traj_generator=g_traj,
+                                               output=c["traj_out"])
             terms = multistep.trajectory_losses(fwd, use_pred_loss=c["pred"])
         else:
             fwd = model(x_0[idx], x_T[idx], decode_push=c["pred"], generator=g_noise)

@@ -48,7 +48,13 @@ Training (the paper's losses, on every trained segment)
         self-anchored      ||z_(a_(k+1)) - C E_traj(x^_(a_k), tau_(a_k))||^2      (k >= 1)
         reconstruction     d(s_a, D_traj(z~_a, tau_a))  at every anchor 0 < a < n
     where x^_(a_k) is the student's own decoded prediction at a_k of the m-round rollout from x_T (an input,
-    as when sampling: no gradient flows through it). The self-anchored segments train each later round on
+    as when sampling: no gradient flows through it).
+    With ``output`` (a model config's ``trajectory_output``), every segment's push is also decoded and
+    compared with the teacher's state where it ends, in state space:
+        output             d(s_(a_(k+1)), D(C z_(a_k), tau_(a_(k+1))))   (teacher- and self-anchored z_(a_k))
+    where D is the trajectory decoder between and, for segments that end at x_0, the one-step decoder D_psi
+    taken as a fixed function (its parameters get no gradient from this term): what the m-evaluation sampler
+    outputs is then trained on directly, through the trajectory networks and the segment operators. The self-anchored segments train each later round on
     what it sees when sampling. The trajectory terms reach only the trajectory networks and the segment
     operators, and draw their latent noise from their own generator: the one-step networks are trained
     exactly as the one-step student's (same initialisation, batches, noise and updates), so NFE = 1 of a
@@ -57,6 +63,7 @@ Training (the paper's losses, on every trained segment)
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
@@ -179,22 +186,41 @@ class TrajectoryForward(NamedTuple):
     traj_z_target: Optional[torch.Tensor] = None
     traj_rec: Optional[torch.Tensor] = None
     traj_rec_target: Optional[torch.Tensor] = None
+    traj_out: Optional[torch.Tensor] = None
+    traj_out_target: Optional[torch.Tensor] = None
 
 
 def _rows(tau: float, batch: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((batch,), float(tau), dtype=like.dtype, device=like.device)
 
 
+class frozen_parameters:
+    """Within the block, the model's parameters do not require gradients (autograd records this per operation,
+    so what was computed before is unaffected): a network applied here is a fixed function of its input, through
+    which gradients still flow to that input."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
 def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], labels=None,
                        decode_push: bool = True, generator: Optional[torch.Generator] = None,
                        spectral: str = "none", aux_rows: Optional[int] = None,
-                       traj_generator: Optional[torch.Generator] = None) -> TrajectoryForward:
+                       traj_generator: Optional[torch.Generator] = None, output: bool = False) -> TrajectoryForward:
     """One training pass over a batch of trajectories (the module docstring's terms).
 
     ``states`` maps grid index -> (B, *sample_shape): 0 (x_T), n (x_0) and every anchor of the trained
     schedules. ``aux_rows``: the trajectory terms use the first aux_rows rows (None: all). The one-step terms
     are ``KDM2D.forward``'s computation (latent noise from ``generator``, x_0's then x_T's); the trajectory
-    terms draw theirs from ``traj_generator`` (default: ``generator``).
+    terms draw theirs from ``traj_generator`` (default: ``generator``). ``output``: also the output terms.
     """
     from .kdm2d import KDMForward, add_latent_noise
     n = model.intervals
@@ -234,7 +260,7 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
         clean[i], noisy[i] = z_in[k * aux:(k + 1) * aux], zn_in[k * aux:(k + 1) * aux]
     teacher = {(i, j): model.advance(noisy[i], i, j, lab_aux)
                for i, j in sorted({s for a in schedules for s in zip(a[:-1], a[1:])})}
-    push, target = list(teacher.values()), [clean[j] for _, j in teacher]
+    push, target, ends = list(teacher.values()), [clean[j] for _, j in teacher], [j for _, j in teacher]
     for a in schedules:      # the later rounds from the student's own decoded predictions
         z = teacher[(a[0], a[1])]
         for k in range(1, len(a) - 1):
@@ -243,15 +269,27 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
             z = model.advance(model.encode_state(x, _rows(tau[a[k]], aux, like), lab_aux), a[k], a[k + 1], lab_aux)
             push.append(z)
             target.append(clean[a[k + 1]])
+            ends.append(a[k + 1])
     traj_rec = model.decode_state(zn_in, torch.cat([_rows(tau[i], aux, like) for i in inner]),
                                   None if labels is None else torch.cat([lab_aux] * len(inner)))
+    out, out_target = None, None
+    if output:               # every push decoded where its segment ends (x_0: through the fixed one-step decoder)
+        outs, targets = [], []
+        for j in sorted(set(ends)):
+            zs = [p for p, e in zip(push, ends) if e == j]
+            lab = None if labels is None else torch.cat([lab_aux] * len(zs))
+            with frozen_parameters(model) if j == n else contextlib.nullcontext():
+                outs.append(model.decode_state(torch.cat(zs), _rows(tau[j], aux * len(zs), like), lab))
+            targets.append(torch.cat([states[j][:aux]] * len(zs)))
+        out, out_target = torch.cat(outs), torch.cat(targets)
     return TrajectoryForward(one_step, states[n], torch.cat(push), torch.cat(target), traj_rec,
-                             torch.cat([states[i][:aux] for i in inner]))
+                             torch.cat([states[i][:aux] for i in inner]), out, out_target)
 
 
 def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dict[str, torch.Tensor]:
     """The MSE form of the losses: ``models.losses.kdm_losses`` of the one-step pass, plus the trajectory terms
-    (reported alone as traj_lat / traj_rec, and added to lat, rec and the total)."""
+    (reported alone as traj_lat / traj_rec, and added to lat, rec and the total; traj_out, with the output terms,
+    added to the total)."""
     import torch.nn.functional as F
     from .losses import kdm_losses
     losses = kdm_losses(out.x0, out.one_step, use_pred_loss)
@@ -261,6 +299,9 @@ def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dic
         for k in ("lat", "rec"):
             losses[k] = losses[k] + losses[f"traj_{k}"]
         losses["total"] = losses["total"] + losses["traj_lat"] + losses["traj_rec"]
+    if out.traj_out is not None:
+        losses["traj_out"] = F.mse_loss(out.traj_out, out.traj_out_target)
+        losses["total"] = losses["total"] + losses["traj_out"]
     return losses
 
 

@@ -85,9 +85,14 @@ class KDMImageConfig(Strict):
     trajectory_rows: Optional[int] = Field(
         None, ge=1, description="multi-step student: rows of each batch that train the trajectory terms (None: all)")
 
+    trajectory_output: Optional[bool] = Field(
+        None, description="multi-step student: also train every segment's decoded push against the teacher state "
+                          "where it ends (segments that end at x_0 through the one-step decoder as a fixed "
+                          "function; models.multistep); None or false: off")
+
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):        # versions of one-step students stay what they were
-        return drop_unset(handler(self), ("nfe_train", "trajectory_rows"))
+        return drop_unset(handler(self), ("nfe_train", "trajectory_rows", "trajectory_output"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "KDMImageConfig":
@@ -99,7 +104,7 @@ class KDMImageConfig(Strict):
                              f"adversarial weight would never reach adv_weight within train.steps")
         if self.spectral_loss != "none" and self.operator != "factorized":
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
-        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows)
+        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows, self.trajectory_output)
         if problem:
             raise ValueError(problem)
         levels = len(self.unet.channel_mult)

@@ -22,13 +22,16 @@ def nfe_list_problem(name: str, v: Optional[Iterable[int]], first: Optional[int]
     return None
 
 
-def nfe_train_problem(nfe_train: Optional[Iterable[int]], trajectory_rows: Optional[int]) -> Optional[str]:
-    """The checks of a student model config's ``nfe_train`` (1 is always trained) and ``trajectory_rows``."""
+def nfe_train_problem(nfe_train: Optional[Iterable[int]], trajectory_rows: Optional[int],
+                      trajectory_output: Optional[bool] = None) -> Optional[str]:
+    """The checks of a student model config's ``nfe_train`` (1 is always trained), ``trajectory_rows`` and
+    ``trajectory_output``."""
     problem = nfe_list_problem("nfe_train", nfe_train, first=1)
     if problem:
         return problem + " (the one-step map is always trained)"
-    if trajectory_rows is not None and nfe_train is None:
-        return "trajectory_rows is a setting of multi-step students (set nfe_train)"
+    for name, value in (("trajectory_rows", trajectory_rows), ("trajectory_output", trajectory_output)):
+        if value is not None and nfe_train is None:
+            return f"{name} is a setting of multi-step students (set nfe_train)"
     return None
 
 

@@ -43,9 +43,14 @@ class KDM2DConfig(Strict):
                                 "segments, self-anchored rounds, reconstructions); None: the whole batch. The one-step "
                                 "terms always use the whole batch")
 
+    trajectory_output: Optional[bool] = Field(
+        None, description="multi-step student: also train every segment's decoded push against the teacher state "
+                          "where it ends (segments that end at x_0 through the one-step decoder as a fixed "
+                          "function; models.multistep); None or false: off")
+
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):        # versions of one-step students stay what they were
-        return drop_unset(handler(self), ("nfe_train", "trajectory_rows"))
+        return drop_unset(handler(self), ("nfe_train", "trajectory_rows", "trajectory_output"))
 
     @model_validator(mode="after")
     def _spectral_needs_factorized(self) -> "KDM2DConfig":
@@ -53,7 +58,7 @@ class KDM2DConfig(Strict):
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
         if self.fourier_features == 0 and self.fourier_scale != 1.0:
             raise ValueError("fourier_scale is set but fourier_features is 0 (Fourier features off)")
-        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows)
+        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows, self.trajectory_output)
         if problem:
             raise ValueError(problem)
         return self

@@ -110,6 +110,36 @@ def test_the_training_pass_over_trajectories():
         ms.trajectory_forward(m, {0: b[:, 0], 5: b[:, 5], 9: b[:, 9]})
 
 
+def test_the_output_terms_train_what_the_sampler_outputs():
+    m = model2d()
+    b = torch.randn(12, 10, 2, generator=torch.Generator().manual_seed(2))
+    states = {i: b[:, i] for i in (0, 2, 5, 7, 9)}
+    plain = ms.trajectory_forward(m, states, generator=torch.Generator().manual_seed(0), aux_rows=4)
+    out = ms.trajectory_forward(m, states, generator=torch.Generator().manual_seed(0), aux_rows=4, output=True)
+    assert plain.traj_out is None and torch.equal(out.traj_z_push, plain.traj_z_push)
+    # every push decoded where it ends: ends 2, 5 (x2), 7, 9 (x2) teacher-anchored, 5, 7, 9 (x2) self-anchored
+    assert out.traj_out.shape == ((6 + 1 + 3) * 4, 2) == out.traj_out_target.shape
+    targets = out.traj_out_target.view(-1, 4, 2)
+    assert [int(next(i for i in (2, 5, 7, 9) if torch.equal(t, b[:4, i]))) for t in targets] == \
+        [2, 5, 5, 5, 7, 7, 9, 9, 9, 9]
+    # pushes ending between are decoded by the trajectory decoder, those ending at x_0 by the one-step decoder
+    with torch.no_grad():
+        z5, z9 = out.traj_z_push[4:8], out.traj_z_push[16:20]      # teacher-anchored (0, 5) and (5, 9)
+        assert torch.allclose(out.traj_out[4:8], m.traj_decoder(z5, torch.full((4,), m.time_T * 4 / 9)))
+        assert torch.allclose(out.traj_out[24:28], m.decoder(z9, torch.zeros(4)))
+    terms = ms.trajectory_losses(out, use_pred_loss=False)
+    assert torch.allclose(terms["total"], terms["rec"] + terms["lat"] + terms["traj_out"])
+    # the output terms reach the trajectory networks and segment operators, never the one-step networks (the
+    # one-step decoder is a fixed function there), and leave every parameter trainable afterwards
+    terms["traj_out"].backward()
+    one_step = ("x0_encoder", "xT_encoder", "decoder", "koopman")
+    for name, p in m.named_parameters():
+        assert p.requires_grad, name
+        assert (p.grad is None) == name.startswith(one_step), name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters()
+               if n.startswith("segment_ops.5-9"))
+
+
 def test_the_one_step_networks_train_as_the_one_step_student(tmp_path):
     """Same initialisation, batches, noise and updates: after training, a multi-step student's one-step map is
     the one-step student's, to the bit."""
@@ -167,6 +197,10 @@ def test_config_fields_keep_one_step_versions():
             KDM2DConfig(nfe_train=bad)
     with pytest.raises(ValidationError, match="trajectory_rows"):
         KDM2DConfig(trajectory_rows=64)
+    assert "trajectory_output" not in KDM2DConfig(nfe_train=[1, 2]).model_dump()
+    assert KDM2DConfig(nfe_train=[1, 2], trajectory_output=True).model_dump()["trajectory_output"] is True
+    with pytest.raises(ValidationError, match="trajectory_output is a setting of multi-step students"):
+        KDM2DConfig(trajectory_output=True)
 
 
 # --- the 2-D pipeline ---------------------------------------------------------------------------------

@@ -371,11 +371,14 @@ class ImageTrainer:
             else:
                 from models.multistep import trajectory_forward
                 traj = trajectory_forward(self.model, states, y, generator=self.noise_gen, spectral=mc.spectral_loss,
-                                          aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen)
+                                          aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen,
+                                          output=bool(mc.trajectory_output))
                 out = traj.one_step
                 if traj.traj_rec is not None:      # MSE at unit scale: the anchors' states are noisy images
                     extra["traj_rec"] = F.mse_loss(traj.traj_rec.float(), traj.traj_rec_target.float())
                     extra["traj_lat"] = F.mse_loss(traj.traj_z_push.float(), traj.traj_z_target.float())
+                if traj.traj_out is not None:      # the sampler's own outputs at each segment's end, MSE
+                    extra["traj_out"] = F.mse_loss(traj.traj_out.float(), traj.traj_out_target.float())
             x_push, spectral = out.x0_push, out.spectral
             if hasattr(self.distance, "against"):       # lpips-own: x0's features computed once
                 rec, pred = (d.mean() for d in self.distance.against(x0, out.x0_rec, x_push))
@@ -388,7 +391,7 @@ class ImageTrainer:
         terms = {"rec": rec, "lat": lat, "pred": pred, **extra}
         if spectral is not None:
             terms["spectral"] = spectral
-        total = rec + lat + pred + (spectral if spectral is not None else 0.0)
+        total = rec + lat + pred + (spectral if spectral is not None else 0.0) + extra.get("traj_out", 0.0)
         ok = torch.isfinite(total.detach())
         if self.disc is not None:
             # Check 1, before D's update: D loss and the generator's terms so far.

@@ -191,7 +191,8 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
                                                    decode_push=cfg.model.use_pred_loss or logging_step,
                                                    generator=gens["noise"], spectral=cfg.model.spectral_loss,
                                                    aux_rows=cfg.model.trajectory_rows,
-                                                   traj_generator=gens["trajectory"])
+                                                   traj_generator=gens["trajectory"],
+                                                   output=bool(cfg.model.trajectory_output))
                 terms = multistep.trajectory_losses(fwd, use_pred_loss=cfg.model.use_pred_loss)
             else:
                 out_ = model(x_0[idx], x_T[idx], decode_push=cfg.model.use_pred_loss or logging_step,
