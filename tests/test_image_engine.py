@@ -525,3 +525,12 @@ def test_a_multi_step_image_student_trains_on_snapshots_and_samples_at_every_nfe
     plain = write_synthetic_store(str(tmp_path / "plain"), 16, (3, 8, 8), chunk_size=8)
     with pytest.raises(KDMError, match="keeps no trajectory snapshot"):
         train_image_student(plain.url, mc, train_cfg(steps=1), str(tmp_path / "s2"), progress=False)
+    # with the output terms: logged, finite, and part of the total (total = rec + lat + pred + traj_out)
+    logs = []
+    out_cfg = model_cfg(res=8, nfe_train=[1, 2, 4], trajectory_rows=2, trajectory_output=True)
+    train_image_student(store.url, out_cfg, train_cfg(steps=2, log_every=1), str(tmp_path / "s3"), progress=False,
+                        on_log=logs.append)
+    last = logs[-1]
+    assert last["loss_traj_out"] > 0
+    assert last["loss_total"] == pytest.approx(last["loss_rec"] + last["loss_lat"] + last["loss_pred"]
+                                               + last["loss_traj_out"], rel=1e-4)

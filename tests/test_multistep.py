@@ -185,8 +185,13 @@ def test_the_image_student_uses_the_same_pieces():
     assert counts["segment_ops"] == 6 * (64 * 64 + 64)
     assert counts["traj_encoder"] == counts["xT_encoder"] and counts["traj_decoder"] == counts["decoder"]
     states = {i: torch.randn(3, 3, 8, 8) for i in range(5)}
-    out = ms.trajectory_forward(m.train(), states, labels=yy, generator=torch.Generator().manual_seed(0))
-    ms.trajectory_losses(out)["total"].backward()
+    out = ms.trajectory_forward(m.train(), states, labels=yy, generator=torch.Generator().manual_seed(0), output=True)
+    assert out.traj_out.shape == out.traj_out_target.shape and out.traj_out.shape[1:] == (3, 8, 8)
+    ms.trajectory_losses(out)["traj_out"].backward()
+    assert all(p.grad is None for n, p in m.named_parameters() if n.startswith(("decoder", "xT_encoder", "x0_encoder")))
+    assert all(p.requires_grad for p in m.parameters())
+    ms.trajectory_losses(ms.trajectory_forward(m, states, labels=yy, generator=torch.Generator().manual_seed(0)))[
+        "total"].backward()
 
 
 def test_config_fields_keep_one_step_versions():
