@@ -308,3 +308,27 @@ def test_a_damaged_source_store_is_refused_and_nothing_is_written(world, tmp_pat
     with pytest.raises(KDMError, match=r"array 'x_0', chunk 1 .*missing"):
         fi.filter_image_pairs(str(src), CFG, str(out), dataset_uri=world["ds"])
     assert not out.exists()
+
+
+def test_reads_run_one_chunk_ahead_in_order_and_errors_surface():
+    import threading
+    from pipeline.pairs.filter_images import _ahead
+    seen, second = [], threading.Event()
+
+    def read(a):
+        seen.append((a, threading.current_thread() is threading.main_thread()))
+        if a == 10:
+            second.set()
+        if a == 30:
+            raise ValueError("chunk 30 is damaged")
+        return a * 2
+
+    it = _ahead(range(0, 50, 10), read)
+    assert next(it) == (0, 0)
+    assert second.wait(10)                          # the next chunk is read while the caller works on this one
+    assert [a for a, _ in seen] == [0, 10]
+    assert not any(main for _, main in seen)        # ... in a thread
+    assert next(it) == (10, 20) and next(it) == (20, 40)
+    with pytest.raises(ValueError, match="chunk 30 is damaged"):
+        next(it)
+    assert list(_ahead(range(0), read)) == []

@@ -24,8 +24,9 @@ import hashlib
 import heapq
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -514,6 +515,24 @@ def _rows(group, names, a: int, b: int) -> dict[str, np.ndarray]:
     return {n: group[n][a:b] for n in names}
 
 
+T = TypeVar("T")
+
+
+def _ahead(starts: range, read: Callable[[int], T]) -> Iterator[tuple[int, T]]:
+    """(a, read(a)) for each a of ``starts``, the next read running in a thread while the caller works on this
+    one: chunk decoding and checking (numcodecs and hashlib release the GIL) overlap the search."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        it = iter(starts)
+        a = next(it, None)
+        pending = pool.submit(read, a) if a is not None else None
+        while pending is not None:
+            data = pending.result()
+            nxt = next(it, None)
+            following = pool.submit(read, nxt) if nxt is not None else None
+            yield a, data
+            a, pending = nxt, following
+
+
 def _row_digest(arr: np.ndarray) -> list[bytes]:
     flat = np.ascontiguousarray(arr).reshape(len(arr), -1)
     return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in flat]
@@ -635,8 +654,8 @@ def filter_image_pairs(pairs_uri: str, cfg: ImageFilterConfig, out: str, dataset
                 entry.update(info[int(i)])
             dropped.append(entry)
 
-    for a in range(0, n, cfg.chunk_size):
-        chunk = _rows(source.checked, ("x_T", "x_0", "seed"), a, min(a + cfg.chunk_size, n))
+    for a, chunk in _ahead(range(0, n, cfg.chunk_size),
+                           lambda a: _rows(source.checked, ("x_T", "x_0", "seed"), a, min(a + cfg.chunk_size, n))):
         seeds_all = chunk["seed"]
         rows = np.arange(a, a + len(seeds_all))
         alive = np.ones(len(rows), bool)
@@ -817,12 +836,18 @@ def _copy_rows(src, dst, rows: np.ndarray, out_chunk: int, read_chunk: int, inde
         held -= take
 
     n = int(src["x_0"].shape[0])
-    for a in range(0, n, read_chunk):
-        sel = rows[(rows >= a) & (rows < a + read_chunk)]
-        if not len(sel):
-            continue
+    def sel_of(a: int) -> np.ndarray:          # rows is ascending
+        return rows[np.searchsorted(rows, a):np.searchsorted(rows, a + read_chunk)]
+
+    def read(a: int) -> dict[str, np.ndarray]:
+        sel = sel_of(a)
+        return {k: src[k][a:min(a + read_chunk, n)][sel - a] for k in names}
+
+    starts = [a for a in range(0, n, read_chunk) if len(sel_of(a))]
+    for a, got in _ahead(starts, read):
+        sel = sel_of(a)
         for k in names:
-            buf[k].append(src[k][a:min(a + read_chunk, n)][sel - a])
+            buf[k].append(got[k])
         if index:
             buf["source_index"].append(sel.astype(np.int64))
         held += len(sel)
