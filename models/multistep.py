@@ -48,18 +48,20 @@ Training (the paper's losses, on every trained segment)
         self-anchored      ||z_(a_(k+1)) - C E_traj(x^_(a_k), tau_(a_k))||^2      (k >= 1)
         reconstruction     d(s_a, D_traj(z~_a, tau_a))  at every anchor 0 < a < n
     where x^_(a_k) is the student's own decoded prediction at a_k of the m-round rollout from x_T (an input,
-    as when sampling: no gradient flows through it).
-    With ``output`` (a model config's ``trajectory_output``), every segment's push is also decoded and
-    compared with the teacher's state where it ends, in state space:
-        output             d(s_(a_(k+1)), D(C z_(a_k), tau_(a_(k+1))))   (teacher- and self-anchored z_(a_k))
-    where D is the trajectory decoder between and, for segments that end at x_0, the one-step decoder D_psi
-    taken as a fixed function (its parameters get no gradient from this term): what the m-evaluation sampler
-    outputs is then trained on directly, through the trajectory networks and the segment operators. The self-anchored segments train each later round on
+    as when sampling: no gradient flows through it). The self-anchored segments train each later round on
     what it sees when sampling. The trajectory terms reach only the trajectory networks and the segment
     operators, and draw their latent noise from their own generator: the one-step networks are trained
     exactly as the one-step student's (same initialisation, batches, noise and updates), so NFE = 1 of a
     multi-step student equals the one-step student trained for the same steps. With nfe_train = (1,) this
     is the paper's pass (Eq. 5-7).
+
+    With ``output`` (a model config's ``trajectory_output``), every segment's push is also decoded and
+    compared with the teacher's state where it ends, in state space:
+        output             d(s_(a_(k+1)), D(C z_(a_k), tau_(a_(k+1))))   (teacher- and self-anchored z_(a_k))
+    where D is the trajectory decoder between and, for segments that end at x_0, the one-step decoder D_psi
+    taken as a fixed function (its parameters get no gradient from this term): what the m-evaluation sampler
+    outputs is then trained on directly, through the trajectory networks and the segment operators, and NFE = 1
+    is still the one-step student's.
 """
 from __future__ import annotations
 
