@@ -232,7 +232,13 @@ def driver(teacher_url: str, cfg: PairsGenerateConfig, out: str, delay: float = 
 
 
 def markers(out: str) -> list[Path]:
-    return list(Path(artifacts.partial_url(out)).rglob("shard-*.done"))
+    """The shard markers so far; the running writer creates and renames folders under the walk, so a walk
+    that meets a folder that has just gone is repeated."""
+    while True:
+        try:
+            return list(Path(artifacts.partial_url(out)).rglob("shard-*.done"))
+        except FileNotFoundError:
+            time.sleep(0.01)
 
 
 def test_sigkill_mid_run_then_the_same_command_is_byte_identical(teachers, reference, tmp_path):
