@@ -19,7 +19,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs
-from .multistep import MultiStepRun, drop_unset, nfe_train_problem
+from .multistep import MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, drop_unset, nfe_train_problem
 from .pairs import Snapshots
 from .perceptual import PerceptualNetRef
 
@@ -85,14 +85,11 @@ class KDMImageConfig(Strict):
     trajectory_rows: Optional[int] = Field(
         None, ge=1, description="multi-step student: rows of each batch that train the trajectory terms (None: all)")
 
-    trajectory_output: Optional[bool] = Field(
-        None, description="multi-step student: also train every segment's decoded push against the teacher state "
-                          "where it ends (segments that end at x_0 through the one-step decoder as a fixed "
-                          "function; models.multistep); None or false: off")
+    trajectory_output: Optional[bool] = Field(None, description=TRAJECTORY_OUTPUT_DOC)
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):        # versions of one-step students stay what they were
-        return drop_unset(handler(self), ("nfe_train", "trajectory_rows", "trajectory_output"))
+        return drop_unset(handler(self), MULTISTEP_FIELDS)
 
     @model_validator(mode="after")
     def _consistent(self) -> "KDMImageConfig":

@@ -22,6 +22,13 @@ def nfe_list_problem(name: str, v: Optional[Iterable[int]], first: Optional[int]
     return None
 
 
+# The multi-step fields of a student model config (left out of its dump when unset: one-step versions stay).
+MULTISTEP_FIELDS = ("nfe_train", "trajectory_rows", "trajectory_output")
+TRAJECTORY_OUTPUT_DOC = ("multi-step student: also train every segment's decoded push against the teacher state "
+                         "where it ends (segments that end at x_0 through the one-step decoder as a fixed "
+                         "function; models.multistep); None or false: off")
+
+
 def nfe_train_problem(nfe_train: Optional[Iterable[int]], trajectory_rows: Optional[int],
                       trajectory_output: Optional[bool] = None) -> Optional[str]:
     """The checks of a student model config's ``nfe_train`` (1 is always trained), ``trajectory_rows`` and

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs
-from .multistep import MultiStepRun, drop_unset, nfe_train_problem
+from .multistep import MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, drop_unset, nfe_train_problem
 from .pairs import Snapshots
 
 
@@ -43,14 +43,11 @@ class KDM2DConfig(Strict):
                                 "segments, self-anchored rounds, reconstructions); None: the whole batch. The one-step "
                                 "terms always use the whole batch")
 
-    trajectory_output: Optional[bool] = Field(
-        None, description="multi-step student: also train every segment's decoded push against the teacher state "
-                          "where it ends (segments that end at x_0 through the one-step decoder as a fixed "
-                          "function; models.multistep); None or false: off")
+    trajectory_output: Optional[bool] = Field(None, description=TRAJECTORY_OUTPUT_DOC)
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):        # versions of one-step students stay what they were
-        return drop_unset(handler(self), ("nfe_train", "trajectory_rows", "trajectory_output"))
+        return drop_unset(handler(self), MULTISTEP_FIELDS)
 
     @model_validator(mode="after")
     def _spectral_needs_factorized(self) -> "KDM2DConfig":

@@ -839,13 +839,12 @@ def _copy_rows(src, dst, rows: np.ndarray, out_chunk: int, read_chunk: int, inde
     def sel_of(a: int) -> np.ndarray:          # rows is ascending
         return rows[np.searchsorted(rows, a):np.searchsorted(rows, a + read_chunk)]
 
-    def read(a: int) -> dict[str, np.ndarray]:
+    def read(a: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         sel = sel_of(a)
-        return {k: src[k][a:min(a + read_chunk, n)][sel - a] for k in names}
+        return sel, {k: src[k][a:min(a + read_chunk, n)][sel - a] for k in names}
 
     starts = [a for a in range(0, n, read_chunk) if len(sel_of(a))]
-    for a, got in _ahead(starts, read):
-        sel = sel_of(a)
+    for _, (sel, got) in _ahead(starts, read):
         for k in names:
             buf[k].append(got[k])
         if index:
