@@ -12,12 +12,21 @@ import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 PACKAGE_VERSION = "0.1.0"
+
+
+def drop_unset(out: dict, keys: Iterable[str]) -> dict:
+    """``out`` (a model dump; for a ``model_serializer(mode="wrap")`` that keeps
+    versions of records written before those fields existed)) without those of ``keys`` that are None."""
+    for key in keys:
+        if out.get(key, 0) is None:
+            out.pop(key)
+    return out
 
 
 class Strict(BaseModel):

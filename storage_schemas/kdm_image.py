@@ -18,8 +18,8 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_serializer, model_validator
 
-from .common import SCHEMA_VERSION, Strict, VersionInputs
-from .multistep import MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, drop_unset, nfe_train_problem
+from .common import SCHEMA_VERSION, Strict, VersionInputs, drop_unset
+from .multistep import MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, nfe_train_problem
 from .pairs import Snapshots
 from .perceptual import PerceptualNetRef
 

@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 
 from pydantic import Field, model_serializer, model_validator
 
-from .common import Strict
+from .common import Strict, drop_unset
 
 
 def nfe_list_problem(name: str, v: Optional[Iterable[int]], first: Optional[int] = None) -> Optional[str]:
@@ -40,14 +40,6 @@ def nfe_train_problem(nfe_train: Optional[Iterable[int]], trajectory_rows: Optio
         if value is not None and nfe_train is None:
             return f"{name} is a setting of multi-step students (set nfe_train)"
     return None
-
-
-def drop_unset(out: dict, keys: Iterable[str]) -> dict:
-    """``out`` (a model dump) without those of ``keys`` that are None."""
-    for key in keys:
-        if out.get(key, 0) is None:
-            out.pop(key)
-    return out
 
 
 class MultiStepRun:

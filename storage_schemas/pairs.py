@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_serializer, model_validator
 
-from .common import SCHEMA_VERSION, ArraySpec, SeedRange, Strict, VersionInputs
+from .common import SCHEMA_VERSION, ArraySpec, SeedRange, Strict, VersionInputs, drop_unset
 
 PAIR_ARRAYS = ("x_T", "x_0", "label", "seed")
 SNAPSHOT_ARRAY = "x_t"
@@ -89,11 +89,7 @@ class SamplerSettings(Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset_edm_fields(self, handler):
-        out = handler(self)
-        for key in ("sigma_min", "rho", "precision", "snapshot_steps"):
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+        return drop_unset(handler(self), ("sigma_min", "rho", "precision", "snapshot_steps"))
 
     @property
     def nfe(self) -> int:
@@ -139,11 +135,7 @@ class Snapshots(Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("solver_steps", "source_index"):
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+        return drop_unset(handler(self), ("solver_steps", "source_index"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "Snapshots":
@@ -186,11 +178,7 @@ class ImportInfo(Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("order", "x_T_multiplier"):
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+        return drop_unset(handler(self), ("order", "x_T_multiplier"))
 
 
 class FilterRecord(Strict):
@@ -242,11 +230,7 @@ class PairStoreManifest(Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("chunk_digests", "heldout", "version_inputs", "snapshots"):
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+        return drop_unset(handler(self), ("chunk_digests", "heldout", "version_inputs", "snapshots"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "PairStoreManifest":

@@ -5,7 +5,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, model_serializer, model_validator
 
-from .common import SeedRange, Strict
+from .common import SeedRange, Strict, drop_unset
 from .evaluation import Eval2DConfig
 from .pairs import SamplerSettings
 from .student import KDM2DConfig, StudentRunConfig, TrainConfig
@@ -93,11 +93,7 @@ class PairsImportConfig(Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
-        out = handler(self)
-        for key in ("order", "noise_scale", "snapshots"):
-            if out.get(key, 0) is None:
-                out.pop(key)
-        return out
+        return drop_unset(handler(self), ("order", "noise_scale", "snapshots"))
 
     @property
     def x_T_scale(self) -> float:
