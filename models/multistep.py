@@ -288,23 +288,32 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
                              torch.cat([states[i][:aux] for i in inner]), out, out_target)
 
 
-def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dict[str, torch.Tensor]:
-    """The MSE form of the losses: ``models.losses.kdm_losses`` of the one-step pass, plus the trajectory terms
-    (reported alone as traj_lat / traj_rec, and added to lat, rec and the total; traj_out, with the output terms,
-    added to the total)."""
+def trajectory_terms(out: TrajectoryForward) -> dict[str, torch.Tensor]:
+    """The trajectory terms alone, each an MSE in float32 (the image trainer's states are bf16 under autocast):
+    traj_lat and traj_rec (with trajectory rows), traj_out (with the output terms). Every trainer adds
+    traj_lat to its L_lat, traj_rec to its L_rec and all three to its total."""
     import torch.nn.functional as F
+    terms = {}
+    if out.traj_z_push is not None:
+        terms["traj_lat"] = F.mse_loss(out.traj_z_push.float(), out.traj_z_target.float())
+        terms["traj_rec"] = F.mse_loss(out.traj_rec.float(), out.traj_rec_target.float())
+    if out.traj_out is not None:
+        terms["traj_out"] = F.mse_loss(out.traj_out.float(), out.traj_out_target.float())
+    return terms
+
+
+def trajectory_losses(out: TrajectoryForward, use_pred_loss: bool = True) -> dict[str, torch.Tensor]:
+    """The MSE form of the losses: ``models.losses.kdm_losses`` of the one-step pass, plus ``trajectory_terms``
+    (reported alone as traj_lat / traj_rec / traj_out, added to lat, rec and the total)."""
     from .losses import kdm_losses
     losses = kdm_losses(out.x0, out.one_step, use_pred_loss)
-    if out.traj_z_push is not None:
-        losses["traj_lat"] = F.mse_loss(out.traj_z_push, out.traj_z_target)
-        losses["traj_rec"] = F.mse_loss(out.traj_rec, out.traj_rec_target)
-        for k in ("lat", "rec"):
-            losses[k] = losses[k] + losses[f"traj_{k}"]
-        losses["total"] = losses["total"] + losses["traj_lat"] + losses["traj_rec"]
-    if out.traj_out is not None:
-        losses["traj_out"] = F.mse_loss(out.traj_out, out.traj_out_target)
-        losses["total"] = losses["total"] + losses["traj_out"]
-    return losses
+    terms = trajectory_terms(out)
+    for k in ("lat", "rec"):
+        if f"traj_{k}" in terms:
+            losses[k] = losses[k] + terms[f"traj_{k}"]
+    for v in terms.values():
+        losses["total"] = losses["total"] + v
+    return {**losses, **terms}
 
 
 # --- sampling ---------------------------------------------------------------------------------------

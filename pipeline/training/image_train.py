@@ -369,16 +369,13 @@ class ImageTrainer:
             if states is None:
                 out = self.forward_module(x0, xT, y, eps0=eps[0], epsT=eps[1], spectral=mc.spectral_loss)
             else:
-                from models.multistep import trajectory_forward
+                from models.multistep import trajectory_forward, trajectory_terms
                 traj = trajectory_forward(self.model, states, y, generator=self.noise_gen, spectral=mc.spectral_loss,
                                           aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen,
                                           output=bool(mc.trajectory_output))
                 out = traj.one_step
-                if traj.traj_rec is not None:      # MSE at unit scale: the anchors' states are noisy images
-                    extra["traj_rec"] = F.mse_loss(traj.traj_rec.float(), traj.traj_rec_target.float())
-                    extra["traj_lat"] = F.mse_loss(traj.traj_z_push.float(), traj.traj_z_target.float())
-                if traj.traj_out is not None:      # the sampler's own outputs at each segment's end, MSE
-                    extra["traj_out"] = F.mse_loss(traj.traj_out.float(), traj.traj_out_target.float())
+                # MSE at unit scale (the anchors' states are noisy images), the sampler's outputs included
+                extra = trajectory_terms(traj)
             x_push, spectral = out.x0_push, out.spectral
             if hasattr(self.distance, "against"):       # lpips-own: x0's features computed once
                 rec, pred = (d.mean() for d in self.distance.against(x0, out.x0_rec, x_push))
@@ -386,7 +383,7 @@ class ImageTrainer:
                 rec = self.distance(out.x0_rec, x0).mean()
                 pred = self.distance(x_push, x0).mean()
         lat = F.mse_loss(out.z_push.float(), out.z0.float())
-        if extra:
+        if "traj_rec" in extra:
             rec, lat = rec + extra["traj_rec"], lat + extra["traj_lat"]
         terms = {"rec": rec, "lat": lat, "pred": pred, **extra}
         if spectral is not None:
