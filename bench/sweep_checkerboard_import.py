@@ -69,7 +69,9 @@ def score(model, hd, fresh_noise, cfg: Eval2DConfig, nfe: int = 1) -> dict:
     return {"incell": m["in_cell_fraction"], "swd": m["swd"], "outliers": m["outlier_rate"],
             "mse": metrics2d.pair_mse(paired, hd["x_0"]),
             # where the pair MSE comes from: the worst 1 % of the pairs' share of the summed error, the median pair
-            "mse_top1pct_share": float(err[:top].sum() / max(err.sum(), 1e-30)), "mse_median": float(np.median(err) / 2)}
+            "mse_top1pct_share": float(err[:top].sum() / max(err.sum(), 1e-30)), "mse_median": float(np.median(err) / 2),
+            # the standard error of the pair MSE over the held-out pairs (how much another held-out set could move it)
+            "mse_stderr": float(err.std(ddof=1) / 2 / np.sqrt(len(err)))}
 
 
 def build(c: dict, intervals: int = 1) -> KDM2D:
