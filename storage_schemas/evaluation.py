@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
-from .common import SCHEMA_VERSION, SeedRange, Strict
+from .common import SCHEMA_VERSION, SeedRange, Strict, drop_unset
 from .multistep import FrontierConfig
 from .pairs import SamplerSettings
 
@@ -37,7 +37,13 @@ class MetricSet(Strict):
     swd: float = Field(description="sliced Wasserstein-1 to the teacher's held-out x_0")
     outlier_rate: float
     pair_mse: Optional[float] = Field(None, description="student(x_T) vs teacher x_0 on held-out pairs")
+    pair_mse_stderr: Optional[float] = Field(None, description="the pair MSE's standard error over those pairs "
+                                                               "(absent in reports written before it existed)")
     num_points: int
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return drop_unset(handler(self), ("pair_mse_stderr",))
 
 
 class FrontierPoint(Strict):

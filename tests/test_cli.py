@@ -175,6 +175,9 @@ def test_evaluate_writes_a_valid_report(chain, capsys, tmp_path):
         assert ms.swd >= 0 and ms.num_points == 100
     assert rep.protocol.num_samples == 100
     assert rep.teacher_reference.pair_mse == 0.0 and rep.student.pair_mse > 0
+    # the pair MSE's standard error over the 100 held-out pairs; none for the teacher's own x_0
+    assert 0 < rep.student.pair_mse_stderr < rep.student.pair_mse and rep.teacher_reference.pair_mse_stderr is None
+    assert f"pair MSE {rep.student.pair_mse:.3g} ± {rep.student.pair_mse_stderr:.2g}" in stdout
     assert (rep.sample_seeds.start, len(rep.sample_seeds)) == (1_000_000, 100)
     assert rep.pairs_version == PairStore.open(str(chain["pairs"])).version
     assert rep.heldout_version == rep.pairs_version + "-heldout"

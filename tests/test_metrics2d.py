@@ -217,3 +217,16 @@ def test_plot_noise_structure_on_shared_data(tmp_path, shared_x0):
     x0, xT = shared_x0
     p = plot_noise_structure(xT[:3000], x0[:3000], tmp_path / "fig2.png", title="teacher")
     assert Path(p).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_pair_errors_and_the_pair_mse_standard_error():
+    target = np.zeros((4, 2))
+    pred = np.array([[0.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
+    from pipeline.evaluation.metrics2d import pair_errors, pair_mse_stderr
+    err = pair_errors(pred, target)
+    np.testing.assert_allclose(err, [0.0, 2.0, 4.5, 0.0])           # per pair, the mean over its coordinates
+    assert pair_mse(pred, target) == pytest.approx(err.mean())
+    assert pair_mse_stderr(pred, target) == pytest.approx(np.std(err, ddof=1) / 2.0)
+    assert pair_mse_stderr(pred, pred) == 0.0
+    with pytest.raises(ValueError, match="shape mismatch"):
+        pair_errors(pred, np.zeros((3, 2)))

@@ -300,7 +300,7 @@ def cmd_evaluate(a) -> None:
     more = [p for p in report.frontier if p.model == "student" and p.nfe > 1]
     summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
             f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
-            f"pair MSE {s.pair_mse:.3g}"
+            f"pair MSE {s.pair_mse:.3g}" + (f" ± {s.pair_mse_stderr:.2g}" if s.pair_mse_stderr is not None else "")
             + "".join(f"; at {p.nfe} NFE SWD {p.metrics.swd:.4f}, in-cell {p.metrics.in_cell_fraction:.4f}"
                       for p in more) + f" -> {out}")
 

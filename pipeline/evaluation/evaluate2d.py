@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -30,13 +31,19 @@ from pipeline.storage.manifests import read_student_manifest
 REPORT = "report.json"
 
 
-def _metric_set(points: np.ndarray, reference: np.ndarray, cfg: Eval2DConfig, board, pair_mse=None) -> MetricSet:
+def _metric_set(points: np.ndarray, reference: np.ndarray, cfg: Eval2DConfig, board,
+                paired: Optional[tuple[np.ndarray, np.ndarray]] = None, pair_mse=None) -> MetricSet:
+    """The metrics of ``points`` against ``reference``; with ``paired`` (outputs, held-out x_0), the pair MSE
+    and its standard error (or ``pair_mse`` as given)."""
     from pipeline.evaluation import metrics2d
+    stderr = None
+    if paired is not None:
+        pair_mse, stderr = metrics2d.pair_mse(*paired), metrics2d.pair_mse_stderr(*paired)
     m = metrics2d.checkerboard_metrics(points, reference, swd_projections=cfg.swd_projections, swd_seed=cfg.swd_seed,
                                        eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples,
                                        z=cfg.zscore_threshold, low=board.low, high=board.high, scale=board.scale)
     return MetricSet(in_cell_fraction=m["in_cell_fraction"], swd=m["swd"], outlier_rate=m["outlier_rate"],
-                     pair_mse=pair_mse, num_points=m["num_points"])
+                     pair_mse=pair_mse, pair_mse_stderr=stderr, num_points=m["num_points"])
 
 
 def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
@@ -67,7 +74,6 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
                        f"are needed")
     hd = {k: held.read(k, 0, n) for k in ("x_T", "x_0")}
     reference, teacher_x0 = hd["x_0"], store.read("x_0", 0, n)
-    from pipeline.evaluation import metrics2d
     from pipeline.evaluation.sample import generate, load_student, noise_for_seeds
     model, student = load_student(run)
     seeds = SeedRange(start=cfg.sample_seed, stop=cfg.sample_seed + n)
@@ -75,7 +81,7 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
     frontier, samples = [], {}
     for nfe in sorted(set(nfes) | {1}):
         fresh, paired = generate(model, noise, nfe=nfe), generate(model, hd["x_T"], nfe=nfe)
-        ms = _metric_set(fresh, reference, cfg, board, pair_mse=metrics2d.pair_mse(paired, hd["x_0"]))
+        ms = _metric_set(fresh, reference, cfg, board, paired=(paired, hd["x_0"]))
         samples[nfe] = (fresh, paired)
         if nfe in nfes:
             frontier.append(FrontierPoint(model="student", nfe=nfe, metrics=ms))
@@ -91,7 +97,7 @@ def evaluate_student(run: str, pairs_url: str, cfg: Eval2DConfig, out_dir: str,
                 fresh, paired = (integrate_ode(velocity, torch.from_numpy(np.ascontiguousarray(x, np.float32)),
                                                s.steps, s.method).numpy() for x in (noise, hd["x_T"]))
             frontier.append(FrontierPoint(model="teacher", nfe=nfe, sampler=s, metrics=_metric_set(
-                fresh, reference, cfg, board, pair_mse=metrics2d.pair_mse(paired, hd["x_0"]))))
+                fresh, reference, cfg, board, paired=(paired, hd["x_0"]))))
     teacher_ms = _metric_set(teacher_x0, reference, cfg, board, pair_mse=0.0)
     sampler = store.manifest.sampler
     teacher_full_nfe = sampler.nfe if sampler is not None else None
@@ -193,7 +199,9 @@ def metrics_table(report: EvaluationReport) -> list[dict]:
     def row(name: str, nfe, ms: MetricSet) -> dict:
         return {"model": name, "nfe": nfe, "in_cell": round(ms.in_cell_fraction, 4), "swd": round(ms.swd, 4),
                 "outlier_rate": round(ms.outlier_rate, 4),
-                "pair_mse": None if ms.pair_mse is None else float(f"{ms.pair_mse:.3g}"), "n": ms.num_points}
+                "pair_mse": None if ms.pair_mse is None else float(f"{ms.pair_mse:.3g}"),
+                "pair_mse_se": None if ms.pair_mse_stderr is None else float(f"{ms.pair_mse_stderr:.2g}"),
+                "n": ms.num_points}
     students = [p for p in report.frontier if p.model == "student"] or [FrontierPoint(model="student", nfe=1,
                                                                                       metrics=report.student)]
     rows = [row(f"student ({p.nfe} NFE)", p.nfe, p.metrics) for p in students]
@@ -207,7 +215,7 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     cols = list(rows[0])
-    cells = [[str(r[c]) for c in cols] for r in rows]
+    cells = [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])

@@ -162,7 +162,7 @@ def report_parts(cfg, results: dict) -> dict:
     protocol = (f"Protocol: n = {report.student.num_points} points per row; reference = first n held-out teacher "
                 f"x_0; student = samples from seeds {report.sample_seeds.text()} (at each NFE); teacher x_0 = first n "
                 f"train-split x_0; teacher cut short (if any) = its ODE solver from the student's seeds, pair MSE "
-                f"against the full teacher; SWD-1 with {report.protocol.swd_projections} projections (seed "
+                f"against the full teacher; pair_mse_se = the pair MSE's standard error over the n held-out pairs; SWD-1 with {report.protocol.swd_projections} projections (seed "
                 f"{report.protocol.swd_seed}); outliers = DBSCAN(eps {report.protocol.dbscan_eps}, min_samples "
                 f"{report.protocol.dbscan_min_samples}) united with |z| > {report.protocol.zscore_threshold}.")
     preset = cfg.preset if "checkerboard" in cfg.preset else f"checkerboard-{cfg.preset}"
