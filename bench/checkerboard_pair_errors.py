@@ -37,11 +37,6 @@ sys.path.insert(0, str(REPO / "bench"))
 from checkerboard_official_model import DrawProtocol, load_any_student, load_official, write_outputs  # noqa: E402
 
 
-def per_pair_errors(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Each pair's squared error, averaged over the coordinates (their mean is the pair MSE)."""
-    return ((pred.astype(np.float64) - target.astype(np.float64)) ** 2).mean(axis=1)
-
-
 def summary(err: np.ndarray, pred: np.ndarray, target: np.ndarray, board, share: float = 0.01) -> dict:
     from pipeline.evaluation.metrics2d import cell_index
     k = max(1, int(round(share * len(err))))
@@ -129,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
             preds[name or label] = generate(model, proto.held_xT)
     if a.official_model:
         preds["official KDM model"] = load_official(a.official_code, a.official_model)(proto.held_xT)
-    models = {name: summary(per_pair_errors(p, proto.reference), p, proto.reference, proto.board)
+    from pipeline.evaluation.metrics2d import pair_errors
+    models = {name: summary(pair_errors(p, proto.reference), p, proto.reference, proto.board)
               for name, p in preds.items()}
     res = {"pairs": a.pairs, "n": proto.n, "date": datetime.now(timezone.utc).date().isoformat(), "models": models,
            "overlaps": overlaps({k: v["worst"] for k, v in models.items()})}

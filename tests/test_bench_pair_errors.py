@@ -9,6 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import checkerboard_pair_errors as pe  # noqa: E402
+from pipeline.evaluation.metrics2d import pair_errors  # noqa: E402
 from storage_schemas import CheckerboardSpec  # noqa: E402
 
 
@@ -20,7 +21,7 @@ def test_summary_splits_the_worst_pairs_from_the_rest():
     # five pairs far off: moved one cell over (a cell is 1 / scale wide); the worst 1 % (ten pairs) holds them and
     # five ordinary pairs
     pred[:5, 0] += 1.0 / board.scale
-    err = pe.per_pair_errors(pred, target)
+    err = pair_errors(pred, target)
     assert err.shape == (1000,) and err[500] == pytest.approx(1e-6, rel=1e-3)
     s = pe.summary(err, pred, target, board)
     assert s["worst_count"] == 10 and set(range(5)) <= set(s["worst"])
