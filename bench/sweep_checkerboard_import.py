@@ -64,14 +64,14 @@ def score(model, hd, fresh_noise, cfg: Eval2DConfig, nfe: int = 1) -> dict:
     paired = generate(model, hd["x_T"], nfe=nfe)
     m = metrics2d.checkerboard_metrics(fresh, hd["x_0"], swd_projections=cfg.swd_projections, swd_seed=cfg.swd_seed,
                                        eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples, z=cfg.zscore_threshold)
-    err = np.sort(((paired.astype(np.float64) - hd["x_0"].astype(np.float64)) ** 2).sum(axis=1))[::-1]
+    err = np.sort(metrics2d.pair_errors(paired, hd["x_0"]))[::-1]
     top = max(1, len(err) // 100)
     return {"incell": m["in_cell_fraction"], "swd": m["swd"], "outliers": m["outlier_rate"],
             "mse": metrics2d.pair_mse(paired, hd["x_0"]),
             # where the pair MSE comes from: the worst 1 % of the pairs' share of the summed error, the median pair
-            "mse_top1pct_share": float(err[:top].sum() / max(err.sum(), 1e-30)), "mse_median": float(np.median(err) / 2),
+            "mse_top1pct_share": float(err[:top].sum() / max(err.sum(), 1e-30)), "mse_median": float(np.median(err)),
             # the standard error of the pair MSE over the held-out pairs (how much another held-out set could move it)
-            "mse_stderr": float(err.std(ddof=1) / 2 / np.sqrt(len(err)))}
+            "mse_stderr": metrics2d.pair_mse_stderr(paired, hd["x_0"])}
 
 
 def build(c: dict, intervals: int = 1) -> KDM2D:
