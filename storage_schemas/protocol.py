@@ -27,9 +27,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
-from .common import SCHEMA_VERSION, SeedRange, Strict
+from .common import SCHEMA_VERSION, SeedRange, Strict, drop_unset
 
 INCEPTION_ID = "inception-2015-12-05"
 INCEPTION_METRICS = ("FID", "KID", "IS")
@@ -173,9 +173,15 @@ class ImageMetric(Strict):
     name: str
     value: float
     std: Optional[float] = Field(None, description="KID: std over subsets; IS: std over splits")
+    stderr: Optional[float] = Field(None, description="MSE, LPIPS: the standard error of the mean over the paired "
+                                                      "samples (absent in reports written before it existed)")
     subject: str = Field(description="what was evaluated, e.g. 'student', 'teacher', 'test-split'")
     model_version: Optional[str] = None
     protocol: EvalProtocol
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return drop_unset(handler(self), ("stderr",))
 
     @model_validator(mode="after")
     def _name_matches_protocol(self) -> "ImageMetric":

@@ -280,7 +280,9 @@ def test_kdm_evaluate_on_an_image_student(done, tmp_path, capsys):
     m = read_evaluation_manifest(str(tmp_path / "eval"))
     assert m.config.kid_subsets == 5 and m.student_version == f["student"]["version"]
     assert m.summary["mse"] == pytest.approx(f["evaluation"]["mse"])        # same outputs, same seeds
+    assert 0 < m.summary["mse_stderr"] < m.summary["mse"]                   # its standard error over the seeds
     assert f"FD-{f['extractor']['id']} teacher" in out and "ratio" in out and "| MSE | student |" in out
+    assert f"MSE {m.summary['mse']:.4g} ± {m.summary['mse_stderr']:.2g} on" in out
     assert main(args + ["--out", str(tmp_path / "eval")]) == 0
     assert "(already there)" in capsys.readouterr().out
 

@@ -310,8 +310,15 @@ def test_lpips_and_mse_paired_metrics_with_local_backbone(tmp_path, monkeypatch)
     assert [m.name for m in ms] == ["MSE", "LPIPS-alex"]
     assert ms[0].value == pytest.approx(np.mean((s.astype(np.float64) - t) ** 2))
     assert ms[1].value > 0 and ms[1].protocol.feature_extractor.id == "lpips-alex-0.1"
+    # the standard error of each mean over the 6 pairs: MSE from the per-image errors, LPIPS from its values
+    per_image = ((s.astype(np.float64) - t) ** 2).reshape(6, -1).mean(axis=1)
+    assert ms[0].stderr == pytest.approx(per_image.std(ddof=1) / np.sqrt(6))
+    assert 0 < ms[1].stderr < ms[1].value
+    table = im.metrics_markdown(ms)
+    assert f"| MSE | student | {ms[0].value:.4g} ± {ms[0].stderr:.2g} (s.e.) | 6 |" in table
+    assert "stderr" in ms[0].model_dump() and "stderr" not in ms[0].model_copy(update={"stderr": None}).model_dump()
     same = im.paired_metrics(t, t, lpips=metric)
-    assert same[0].value == 0.0 and same[1].value == pytest.approx(0.0, abs=1e-6)
+    assert same[0].value == 0.0 and same[1].value == pytest.approx(0.0, abs=1e-6) and same[0].stderr == 0.0
 
 
 # ----------------------------------------------------------------------------- grids

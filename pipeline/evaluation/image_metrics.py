@@ -602,13 +602,24 @@ def paired_protocol(num_samples: int, seeds: Optional[SeedRange] = None, pairs_v
                         feature_extractor=extractor, pairs_version=pairs_version)
 
 
-def paired_mse(student: Array, teacher: Array) -> float:
-    """Mean over all elements of (student - teacher)^2, in float64."""
+def paired_errors(student: Array, teacher: Array) -> np.ndarray:
+    """Each sample's mean over its elements of (student - teacher)^2, in float64 (N,)."""
     a = student.detach().cpu().numpy() if isinstance(student, torch.Tensor) else np.asarray(student)
     b = teacher.detach().cpu().numpy() if isinstance(teacher, torch.Tensor) else np.asarray(teacher)
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch: student {a.shape} vs teacher {b.shape}")
-    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+
+
+def paired_mse(student: Array, teacher: Array) -> float:
+    """Mean over all elements of (student - teacher)^2, in float64."""
+    return float(paired_errors(student, teacher).mean())
+
+
+def standard_error(values: Array) -> Optional[float]:
+    """std / sqrt(n) of per-sample values (None for fewer than two)."""
+    v = np.asarray(values, np.float64)
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
 
 
 def paired_metrics(student: Array, teacher: Array, *, seeds: Optional[SeedRange] = None,
@@ -620,8 +631,9 @@ def paired_metrics(student: Array, teacher: Array, *, seeds: Optional[SeedRange]
     Both are float images in [-1, 1] (N, C, H, W), row i made from seed ``seeds.start + i``.
     """
     n = len(student)
-    out = [ImageMetric(name="MSE", value=paired_mse(student, teacher), subject=subject, model_version=model_version,
-                       protocol=paired_protocol(n, seeds, pairs_version))]
+    err = paired_errors(student, teacher)
+    out = [ImageMetric(name="MSE", value=float(err.mean()), stderr=standard_error(err), subject=subject,
+                       model_version=model_version, protocol=paired_protocol(n, seeds, pairs_version))]
     if lpips is not None:
         dev = next(lpips.parameters()).device
         vals = []
@@ -631,8 +643,9 @@ def paired_metrics(student: Array, teacher: Array, *, seeds: Optional[SeedRange]
             y = torch.as_tensor(np.asarray(teacher[i:i + batch_size]) if not isinstance(teacher, torch.Tensor)
                                 else teacher[i:i + batch_size]).to(dev)
             vals.append(lpips(x, y).double().cpu())
-        out.append(ImageMetric(name=f"LPIPS-{lpips.net_name}", value=float(torch.cat(vals).mean()), subject=subject,
-                               model_version=model_version,
+        vals = torch.cat(vals).flatten()
+        out.append(ImageMetric(name=f"LPIPS-{lpips.net_name}", value=float(vals.mean()), stderr=standard_error(vals),
+                               subject=subject, model_version=model_version,
                                protocol=paired_protocol(n, seeds, pairs_version, lpips.ref)))
     return out
 
@@ -712,11 +725,12 @@ def read_report(url: str) -> ImageMetricReport:
 
 
 def metrics_markdown(metrics: Iterable[ImageMetric]) -> str:
-    """Markdown table: metric, subject, value (+- std), n, seeds, reference, extractor."""
+    """Markdown table: metric, subject, value (+- std; +- its standard error, s.e.), n, seeds, reference, extractor."""
     rows = ["| metric | subject | value | n | seeds | split | extractor |", "|---|---|---|---|---|---|---|"]
     for m in metrics:
         p = m.protocol
-        val = f"{m.value:.4g}" + (f" ± {m.std:.2g}" if m.std is not None else "")
+        val = (f"{m.value:.4g}" + (f" ± {m.std:.2g}" if m.std is not None else "")
+               + (f" ± {m.stderr:.2g} (s.e.)" if m.stderr is not None else ""))
         fx = f"{p.feature_extractor.id} ({p.feature_extractor.sha256[:8]})" if p.feature_extractor else "-"
         rows.append(f"| {m.name} | {m.subject} | {val} | {p.num_samples} | {p.seeds.text()} | {p.split} | {fx} |")
     return "\n".join(rows)

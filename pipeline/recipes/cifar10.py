@@ -398,11 +398,12 @@ def report_parts(cfg, results: dict) -> dict:
     from pipeline.evaluation import image_metrics
     ev = results["evaluation"]
     report = image_metrics.read_report(ev["report"])
-    rows = [{"metric": m.name, "subject": m.subject, "value": m.value, "std": m.std, "n": m.protocol.num_samples,
-             "seeds": m.protocol.seeds.text(), "split": m.protocol.split} for m in report.metrics]
+    rows = [{"metric": m.name, "subject": m.subject, "value": m.value, "std": m.std, "stderr": m.stderr,
+             "n": m.protocol.num_samples, "seeds": m.protocol.seeds.text(), "split": m.protocol.split}
+            for m in report.metrics]
     rows.append({"metric": f"{ev['metric_names']['fd']} ratio", "subject": "student / teacher",
-                 "value": ev["fd_ratio"], "std": None, "n": ev["num_samples"], "seeds": rows[0]["seeds"],
-                 "split": "train"})
+                 "value": ev["fd_ratio"], "std": None, "stderr": None, "n": ev["num_samples"],
+                 "seeds": rows[0]["seeds"], "split": "train"})
     first = report.metrics[0].protocol
     protocol = (f"Protocol: n = {ev['num_samples']} teacher / one-step student outputs from the held-out seeds "
                 f"{first.seeds.text()} (same noise for both), quantised with EDM's uint8 formula; "
