@@ -7,7 +7,8 @@ in the wrong cell, an error of order one against 1e-5 for a typical pair. This s
 
 * the pair MSE, its standard error over the held-out pairs, the median pair's error;
 * the share of the summed error carried by the worst 1 % of pairs, and the pair MSE without them;
-* how many of the worst 1 % end in another cell of the board than the teacher's x_0 (cell flips);
+* how many of the worst 1 % end in another cell of the board than the teacher's x_0 (cell flips), and for how
+  many the teacher's own x_0 lies off the board's cells;
 * for every two models, the overlap of their worst 1 % (how many pairs both miss);
 
 and a plot (``pair-errors.png``): per model, the held-out x_T (left) and x_0 (right) with the worst 1 % marked,
@@ -38,16 +39,21 @@ from checkerboard_official_model import DrawProtocol, load_any_student, load_off
 
 
 def summary(err: np.ndarray, pred: np.ndarray, target: np.ndarray, board, share: float = 0.01) -> dict:
+    import torch
+    from models.checkerboard import in_cell
     from pipeline.evaluation.metrics2d import cell_index
     k = max(1, int(round(share * len(err))))
     worst = np.argsort(err)[::-1][:k]
     cells = [cell_index(x[worst], board.low, board.high, board.scale) for x in (pred, target)]
     flips = cells[0] != cells[1]
+    teacher_off = ~in_cell(torch.from_numpy(np.ascontiguousarray(target[worst], np.float32)), board.low, board.high,
+                           board.scale).numpy()
     rest = np.ones(len(err), bool)
     rest[worst] = False
     return {"pair_mse": float(err.mean()), "stderr": float(err.std(ddof=1) / np.sqrt(len(err))),
             "median": float(np.median(err)), "worst_share": float(err[worst].sum() / max(err.sum(), 1e-300)),
             "mse_without_worst": float(err[rest].mean()), "worst_cell_flips": int(flips.sum()), "worst_count": k,
+            "worst_teacher_off_cells": int(teacher_off.sum()),
             "worst": [int(i) for i in worst]}
 
 
@@ -60,11 +66,12 @@ def markdown(res: dict) -> str:
     k = next(iter(res["models"].values()))["worst_count"]
     lines = [f"Held-out pairs: n = {res['n']} (`{res['pairs']}`), {res['date']}. Errors per pair averaged over the two "
              f"coordinates; 'worst' = the {k} pairs (1 %) with the largest error.", "",
-             "| model | pair MSE (± stderr) | median pair | worst 1 % share | MSE without the worst 1 % | worst in another cell |",
-             "|---|---|---|---|---|---|"]
+             "| model | pair MSE (± stderr) | median pair | worst 1 % share | MSE without the worst 1 % | worst in another cell "
+             "| worst whose teacher x_0 is off the cells |", "|---|---|---|---|---|---|---|"]
     for name, m in res["models"].items():
         lines.append(f"| {name} | {m['pair_mse']:.3g} ± {m['stderr']:.2g} | {m['median']:.2g} | {m['worst_share']:.1%} | "
-                     f"{m['mse_without_worst']:.3g} | {m['worst_cell_flips']} of {m['worst_count']} |")
+                     f"{m['mse_without_worst']:.3g} | {m['worst_cell_flips']} of {m['worst_count']} | "
+                     f"{m['worst_teacher_off_cells']} of {m['worst_count']} |")
     if res["overlaps"]:
         lines += ["", "Pairs in both models' worst 1 %: " + "; ".join(f"{a}: {v}" for a, v in res["overlaps"].items())]
     return "\n".join(lines)
@@ -82,14 +89,14 @@ def plot(path: Path, proto: DrawProtocol, preds: dict[str, np.ndarray], res: dic
         a, b = axes[row]
         a.scatter(x_T[:, 0], x_T[:, 1], s=0.3, c="0.75", rasterized=True)
         a.scatter(x_T[worst, 0], x_T[worst, 1], s=6, c="tab:red")
-        a.set_title(f"{name}: x_T of the worst 1 %", fontsize=9)
+        a.set_title(f"{name}\nx_T of the worst 1 %", fontsize=9)
         b.scatter(x_0[:, 0], x_0[:, 1], s=0.3, c="0.75", rasterized=True)
         p = preds[name][worst]
         for i, j in enumerate(worst):
             b.plot([x_0[j, 0], p[i, 0]], [x_0[j, 1], p[i, 1]], c="tab:red", lw=0.5)
         b.scatter(p[:, 0], p[:, 1], s=6, c="tab:red", label="model output")
         b.scatter(x_0[worst, 0], x_0[worst, 1], s=6, c="k", label="teacher x_0")
-        b.set_title(f"{name}: teacher x_0 -> output, worst 1 % (pair MSE {res['models'][name]['pair_mse']:.3g})",
+        b.set_title(f"{name} (pair MSE {res['models'][name]['pair_mse']:.3g})\nteacher x_0 -> output, worst 1 %",
                     fontsize=9)
         b.legend(fontsize=7, loc="upper right")
         for ax in (a, b):

@@ -31,6 +31,10 @@ def test_summary_splits_the_worst_pairs_from_the_rest():
     assert s["mse_without_worst"] == pytest.approx(1e-6, rel=1e-3)
     assert s["worst_cell_flips"] == 5                  # the other five of the worst ten stay in their cell
     assert s["stderr"] == pytest.approx(err.std(ddof=1) / np.sqrt(1000))
+    import torch
+    from models.checkerboard import in_cell
+    off = ~in_cell(torch.from_numpy(target[s["worst"]]), board.low, board.high, board.scale).numpy()
+    assert s["worst_teacher_off_cells"] == int(off.sum()) and 0 < off.sum() < 10   # uniform targets: some in gaps
 
 
 def test_overlaps_count_common_worst_pairs():
