@@ -9,7 +9,9 @@ in the wrong cell, an error of order one against 1e-5 for a typical pair. This s
 * the share of the summed error carried by the worst 1 % of pairs, and the pair MSE without them;
 * how many of the worst 1 % end in another cell of the board than the teacher's x_0 (cell flips), and for how
   many the teacher's own x_0 lies off the board's cells;
-* for every two models, the overlap of their worst 1 % (how many pairs both miss);
+* the pair MSE over the pairs whose teacher x_0 lies in a cell (the teacher's own off-cell samples left out);
+* for every two models, the overlap of their worst 1 % (how many pairs both miss) and the pair MSE difference,
+  paired over the same pairs, with its standard error (all pairs; those with the teacher's x_0 in a cell);
 
 and a plot (``pair-errors.png``): per model, the held-out x_T (left) and x_0 (right) with the worst 1 % marked,
 each worst pair's x_0 joined to the model's output.
@@ -46,14 +48,18 @@ def summary(err: np.ndarray, pred: np.ndarray, target: np.ndarray, board, share:
     worst = np.argsort(err)[::-1][:k]
     cells = [cell_index(x[worst], board.low, board.high, board.scale) for x in (pred, target)]
     flips = cells[0] != cells[1]
-    teacher_off = ~in_cell(torch.from_numpy(np.ascontiguousarray(target[worst], np.float32)), board.low, board.high,
-                           board.scale).numpy()
+    on = in_cell(torch.from_numpy(np.ascontiguousarray(target, np.float32)), board.low, board.high, board.scale).numpy()
+    teacher_off = ~on[worst]
     rest = np.ones(len(err), bool)
     rest[worst] = False
     return {"pair_mse": float(err.mean()), "stderr": float(err.std(ddof=1) / np.sqrt(len(err))),
             "median": float(np.median(err)), "worst_share": float(err[worst].sum() / max(err.sum(), 1e-300)),
             "mse_without_worst": float(err[rest].mean()), "worst_cell_flips": int(flips.sum()), "worst_count": k,
             "worst_teacher_off_cells": int(teacher_off.sum()),
+            # the pairs whose teacher x_0 lies in a cell (the teacher's own off-cell samples left out)
+            "mse_teacher_in_cells": float(err[on].mean()),
+            "stderr_teacher_in_cells": float(err[on].std(ddof=1) / np.sqrt(on.sum())),
+            "teacher_in_cells": int(on.sum()),
             "worst": [int(i) for i in worst]}
 
 
@@ -62,18 +68,35 @@ def overlaps(worst: dict[str, list[int]]) -> dict[str, int]:
     return {f"{a} & {b}": len(set(worst[a]) & set(worst[b])) for i, a in enumerate(names) for b in names[i + 1:]}
 
 
+def differences(errors: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, dict]:
+    """Per two models a, b: the pair MSE difference a - b, paired over the same pairs (mean ± standard error), on
+    all pairs and on those where ``mask`` holds (the teacher's x_0 in a cell)."""
+    out, names = {}, list(errors)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = errors[a] - errors[b]
+            out[f"{a} - {b}"] = {w: {"mean": float(v.mean()), "stderr": float(v.std(ddof=1) / np.sqrt(len(v)))}
+                                 for w, v in (("all", d), ("teacher_in_cells", d[mask]))}
+    return out
+
+
 def markdown(res: dict) -> str:
     k = next(iter(res["models"].values()))["worst_count"]
     lines = [f"Held-out pairs: n = {res['n']} (`{res['pairs']}`), {res['date']}. Errors per pair averaged over the two "
              f"coordinates; 'worst' = the {k} pairs (1 %) with the largest error.", "",
              "| model | pair MSE (± stderr) | median pair | worst 1 % share | MSE without the worst 1 % | worst in another cell "
-             "| worst whose teacher x_0 is off the cells |", "|---|---|---|---|---|---|---|"]
+             "| worst whose teacher x_0 is off the cells | pair MSE where the teacher's x_0 is in a cell |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, m in res["models"].items():
         lines.append(f"| {name} | {m['pair_mse']:.3g} ± {m['stderr']:.2g} | {m['median']:.2g} | {m['worst_share']:.1%} | "
                      f"{m['mse_without_worst']:.3g} | {m['worst_cell_flips']} of {m['worst_count']} | "
-                     f"{m['worst_teacher_off_cells']} of {m['worst_count']} |")
+                     f"{m['worst_teacher_off_cells']} of {m['worst_count']} | {m['mse_teacher_in_cells']:.3g} ± "
+                     f"{m['stderr_teacher_in_cells']:.2g} (n = {m['teacher_in_cells']}) |")
     if res["overlaps"]:
         lines += ["", "Pairs in both models' worst 1 %: " + "; ".join(f"{a}: {v}" for a, v in res["overlaps"].items())]
+        lines += ["", "Pair MSE differences, paired over the same pairs (mean ± stderr): " + "; ".join(
+            f"{k}: {v['all']['mean']:+.3g} ± {v['all']['stderr']:.2g} (all), {v['teacher_in_cells']['mean']:+.3g} ± "
+            f"{v['teacher_in_cells']['stderr']:.2g} (teacher x_0 in a cell)" for k, v in res["differences"].items())]
     return "\n".join(lines)
 
 
@@ -131,11 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
             preds[name or label] = generate(model, proto.held_xT)
     if a.official_model:
         preds["official KDM model"] = load_official(a.official_code, a.official_model)(proto.held_xT)
+    from models.checkerboard import in_cell
     from pipeline.evaluation.metrics2d import pair_errors
-    models = {name: summary(pair_errors(p, proto.reference), p, proto.reference, proto.board)
-              for name, p in preds.items()}
+    b = proto.board
+    errors = {name: pair_errors(p, proto.reference) for name, p in preds.items()}
+    models = {name: summary(errors[name], p, proto.reference, b) for name, p in preds.items()}
+    on = in_cell(torch.from_numpy(np.ascontiguousarray(proto.reference, np.float32)), b.low, b.high, b.scale).numpy()
     res = {"pairs": a.pairs, "n": proto.n, "date": datetime.now(timezone.utc).date().isoformat(), "models": models,
-           "overlaps": overlaps({k: v["worst"] for k, v in models.items()})}
+           "overlaps": overlaps({k: v["worst"] for k, v in models.items()}), "differences": differences(errors, on)}
     md = markdown(res)
     write_outputs(a.out, "pair-errors", res, md)
     plot(Path(a.out) / "pair-errors.png", proto, preds, res)

@@ -35,8 +35,18 @@ def test_summary_splits_the_worst_pairs_from_the_rest():
     from models.checkerboard import in_cell
     off = ~in_cell(torch.from_numpy(target[s["worst"]]), board.low, board.high, board.scale).numpy()
     assert s["worst_teacher_off_cells"] == int(off.sum()) and 0 < off.sum() < 10   # uniform targets: some in gaps
+    on = in_cell(torch.from_numpy(target), board.low, board.high, board.scale).numpy()
+    assert s["teacher_in_cells"] == int(on.sum()) and s["mse_teacher_in_cells"] == pytest.approx(err[on].mean())
 
 
 def test_overlaps_count_common_worst_pairs():
     assert pe.overlaps({"a": [1, 2, 3], "b": [3, 4], "c": [1, 3]}) == {"a & b": 1, "a & c": 2, "b & c": 1}
     assert pe.overlaps({"a": [1]}) == {}
+
+
+def test_paired_differences():
+    a, b = np.array([1.0, 2.0, 3.0, 6.0]), np.array([1.0, 1.0, 1.0, 1.0])
+    d = pe.differences({"a": a, "b": b}, np.array([True, True, False, True]))
+    assert d["a - b"]["all"]["mean"] == pytest.approx(2.0)
+    assert d["a - b"]["all"]["stderr"] == pytest.approx(np.std([0, 1, 2, 5], ddof=1) / 2)
+    assert d["a - b"]["teacher_in_cells"]["mean"] == pytest.approx(2.0)      # (0 + 1 + 5) / 3
