@@ -38,27 +38,36 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from checkerboard_official_model import DrawProtocol, load_any_student, load_official, write_outputs  # noqa: E402
+from pipeline.evaluation.paired import pair_errors, standard_error  # noqa: E402
 
 
-def summary(err: np.ndarray, pred: np.ndarray, target: np.ndarray, board, share: float = 0.01) -> dict:
+def in_cells(points: np.ndarray, board) -> np.ndarray:
+    """Whether each point lies in a filled cell of the board."""
     import torch
     from models.checkerboard import in_cell
+    return in_cell(torch.from_numpy(np.ascontiguousarray(points, np.float32)), board.low, board.high,
+                   board.scale).numpy()
+
+
+def summary(err: np.ndarray, pred: np.ndarray, target: np.ndarray, board, share: float = 0.01,
+            on: np.ndarray | None = None) -> dict:
+    """``on``: ``in_cells(target, board)`` when the caller has it already."""
     from pipeline.evaluation.metrics2d import cell_index
     k = max(1, int(round(share * len(err))))
     worst = np.argsort(err)[::-1][:k]
     cells = [cell_index(x[worst], board.low, board.high, board.scale) for x in (pred, target)]
     flips = cells[0] != cells[1]
-    on = in_cell(torch.from_numpy(np.ascontiguousarray(target, np.float32)), board.low, board.high, board.scale).numpy()
+    on = in_cells(target, board) if on is None else on
     teacher_off = ~on[worst]
     rest = np.ones(len(err), bool)
     rest[worst] = False
-    return {"pair_mse": float(err.mean()), "stderr": float(err.std(ddof=1) / np.sqrt(len(err))),
+    return {"pair_mse": float(err.mean()), "stderr": standard_error(err),
             "median": float(np.median(err)), "worst_share": float(err[worst].sum() / max(err.sum(), 1e-300)),
             "mse_without_worst": float(err[rest].mean()), "worst_cell_flips": int(flips.sum()), "worst_count": k,
             "worst_teacher_off_cells": int(teacher_off.sum()),
             # the pairs whose teacher x_0 lies in a cell (the teacher's own off-cell samples left out)
             "mse_teacher_in_cells": float(err[on].mean()),
-            "stderr_teacher_in_cells": float(err[on].std(ddof=1) / np.sqrt(on.sum())),
+            "stderr_teacher_in_cells": standard_error(err[on]),
             "teacher_in_cells": int(on.sum()),
             "worst": [int(i) for i in worst]}
 
@@ -75,7 +84,7 @@ def differences(errors: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, di
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             d = errors[a] - errors[b]
-            out[f"{a} - {b}"] = {w: {"mean": float(v.mean()), "stderr": float(v.std(ddof=1) / np.sqrt(len(v)))}
+            out[f"{a} - {b}"] = {w: {"mean": float(v.mean()), "stderr": standard_error(v)}
                                  for w, v in (("all", d), ("teacher_in_cells", d[mask]))}
     return out
 
@@ -154,12 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
             preds[name or label] = generate(model, proto.held_xT)
     if a.official_model:
         preds["official KDM model"] = load_official(a.official_code, a.official_model)(proto.held_xT)
-    from models.checkerboard import in_cell
-    from pipeline.evaluation.metrics2d import pair_errors
     b = proto.board
     errors = {name: pair_errors(p, proto.reference) for name, p in preds.items()}
-    models = {name: summary(errors[name], p, proto.reference, b) for name, p in preds.items()}
-    on = in_cell(torch.from_numpy(np.ascontiguousarray(proto.reference, np.float32)), b.low, b.high, b.scale).numpy()
+    on = in_cells(proto.reference, b)
+    models = {name: summary(errors[name], p, proto.reference, b, on=on) for name, p in preds.items()}
     res = {"pairs": a.pairs, "n": proto.n, "date": datetime.now(timezone.utc).date().isoformat(), "models": models,
            "overlaps": overlaps({k: v["worst"] for k, v in models.items()}), "differences": differences(errors, on)}
     md = markdown(res)

@@ -21,8 +21,8 @@ PACKAGE_VERSION = "0.1.0"
 
 
 def drop_unset(out: dict, keys: Iterable[str]) -> dict:
-    """``out`` (a model dump; for a ``model_serializer(mode="wrap")`` that keeps
-    versions of records written before those fields existed)) without those of ``keys`` that are None."""
+    """``out`` (a model dump) without those of ``keys`` that are None: for a ``model_serializer(mode="wrap")``
+    that keeps the records (and versions) written before those fields existed."""
     for key in keys:
         if out.get(key, 0) is None:
             out.pop(key)

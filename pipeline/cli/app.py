@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.common import add_command as add
+from pipeline.cli.common import plus_minus
 from pipeline.cli.common import (add_snapshot_options, heldout_count, open_pairs, pairs_dry_run, pairs_generate_config,
                                  pairs_import_config, parse_int_list,
                                  require_local_input, snapshot_steps_option, summary)
@@ -300,7 +301,7 @@ def cmd_evaluate(a) -> None:
     more = [p for p in report.frontier if p.model == "student" and p.nfe > 1]
     summary(f"student in-cell {s.in_cell_fraction:.4f} (teacher {t.in_cell_fraction:.4f}), SWD {s.swd:.4f} "
             f"(teacher {t.swd:.4f}), outliers {s.outlier_rate:.4f} (teacher {t.outlier_rate:.4f}), "
-            f"pair MSE {s.pair_mse:.3g}" + (f" ± {s.pair_mse_stderr:.2g}" if s.pair_mse_stderr is not None else "")
+            f"pair MSE {s.pair_mse:.3g}{plus_minus(s.pair_mse_stderr)}"
             + "".join(f"; at {p.nfe} NFE SWD {p.metrics.swd:.4f}, in-cell {p.metrics.in_cell_fraction:.4f}"
                       for p in more) + f" -> {out}")
 

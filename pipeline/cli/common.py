@@ -13,6 +13,11 @@ def summary(msg: str) -> None:
     print(msg, flush=True)
 
 
+def plus_minus(stderr) -> str:
+    """The text " ± <s.e.>" after a mean with a known standard error ("" for reports written before it existed)."""
+    return f" ± {stderr:.2g}" if stderr is not None else ""
+
+
 def require_local_input(path: str, what: str) -> None:
     """A local input that does not exist fails before torch or Zarr is imported (a fast, clear error)."""
     if "://" not in path and not Path(path).exists():

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli.common import add_command as add, summary
+from pipeline.cli.common import add_command as add, plus_minus, summary
 from pipeline.errors import KDMError
 
 EXAMPLES = "examples:\n  " + __doc__.split("\n\n", 1)[1].strip()
@@ -36,11 +36,6 @@ def load_config(recipe: str, preset: str | None, conditional: bool, sets, base: 
     return stages.resolve_paths(recipes.build_config(data, sets=sets), base)
 
 
-def _se(stderr) -> str:
-    """The text " ± <s.e.>" after a mean with a known standard error ("" for reports written before it existed)."""
-    return f" ± {stderr:.2g}" if stderr is not None else ""
-
-
 def cmd_distill(a) -> None:
     from pipeline import recipes, stages
     cfg = load_config(a.recipe, a.preset, a.cond, list(a.set) + ([f"root={a.root}"] if a.root else []), Path.cwd(),
@@ -60,7 +55,7 @@ def cmd_distill(a) -> None:
     if cfg.recipe == "cifar10":
         summary(f"distilled: student {res['student']['version']}, {ev['metric_names']['fd']} teacher "
                 f"{ev['fd_teacher']:.4g} student {ev['fd_student']:.4g} (ratio {ev['fd_ratio']:.3f}), MSE "
-                f"{ev['mse']:.4g}{_se(ev.get('mse_stderr'))}, report {ev['report']}; dataset: {res['dataset'].get('source', 'source not recorded')}")
+                f"{ev['mse']:.4g}{plus_minus(ev.get('mse_stderr'))}, report {ev['report']}; dataset: {res['dataset'].get('source', 'source not recorded')}")
         if ev.get("notes", {}).get("collapse"):
             print(f"warning: student {ev['notes']['collapse']}", file=sys.stderr)
     else:
@@ -101,7 +96,7 @@ def cmd_evaluate_image(a) -> None:
     print(image_metrics.metrics_markdown(image_metrics.read_report(a.out).metrics))
     s = m.summary
     summary(f"{m.metric_names['fd']} teacher {s['fd_teacher']:.4g} student {s['fd_student']:.4g} (ratio "
-            f"{s['fd_ratio']:.3f}), MSE {s['mse']:.4g}{_se(s.get('mse_stderr'))} on {m.num_samples} held-out seeds -> {a.out}"
+            f"{s['fd_ratio']:.3f}), MSE {s['mse']:.4g}{plus_minus(s.get('mse_stderr'))} on {m.num_samples} held-out seeds -> {a.out}"
             + (" (already there)" if existed else "")
             + f"; dataset: {m.notes.get('dataset_source', 'source not recorded')}")
     if m.notes.get("collapse"):

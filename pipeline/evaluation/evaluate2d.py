@@ -36,9 +36,11 @@ def _metric_set(points: np.ndarray, reference: np.ndarray, cfg: Eval2DConfig, bo
     """The metrics of ``points`` against ``reference``; with ``paired`` (outputs, held-out x_0), the pair MSE
     and its standard error (or ``pair_mse`` as given)."""
     from pipeline.evaluation import metrics2d
+    from pipeline.evaluation.paired import pair_errors, standard_error
     stderr = None
     if paired is not None:
-        pair_mse, stderr = metrics2d.pair_mse(*paired), metrics2d.pair_mse_stderr(*paired)
+        err = pair_errors(*paired)
+        pair_mse, stderr = float(err.mean()), standard_error(err)
     m = metrics2d.checkerboard_metrics(points, reference, swd_projections=cfg.swd_projections, swd_seed=cfg.swd_seed,
                                        eps=cfg.dbscan_eps, min_samples=cfg.dbscan_min_samples,
                                        z=cfg.zscore_threshold, low=board.low, high=board.high, scale=board.scale)

@@ -155,7 +155,8 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
     plots = {"teacher_student": GRID_TEACHER_STUDENT, "student_samples": GRID_STUDENT}
     summary = {"fd_teacher": t_ms[0].value, "fd_student": s_ms[0].value, "fd_ratio": im.ratio(s_ms[0], t_ms[0]),
                "kid_teacher": t_ms[1].value, "kid_student": s_ms[1].value, "mse": p_ms[0].value,
-               "mse_stderr": p_ms[0].stderr, "lpips": p_ms[1].value if len(p_ms) > 1 else None, **im.precision_recall_summary(t_ms + s_ms)}
+               "mse_stderr": p_ms[0].stderr, "lpips": p_ms[1].value if len(p_ms) > 1 else None,
+               **im.precision_recall_summary(t_ms + s_ms)}
     # the frontier: the student at its other NFEs, the teacher's sampler cut short; each FD against the full teacher's
     more: list = []
     points = {("student", 1): summary["fd_ratio"]}

@@ -88,6 +88,7 @@ from storage_schemas.protocol import (INCEPTION_ID, EvalProtocol, ExtractorRef, 
 
 from pipeline.storage import artifacts
 from pipeline.errors import KDMError
+from pipeline.evaluation.paired import pair_errors, standard_error
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = f"https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/{INCEPTION_FILE}"
@@ -602,24 +603,9 @@ def paired_protocol(num_samples: int, seeds: Optional[SeedRange] = None, pairs_v
                         feature_extractor=extractor, pairs_version=pairs_version)
 
 
-def paired_errors(student: Array, teacher: Array) -> np.ndarray:
-    """Each sample's mean over its elements of (student - teacher)^2, in float64 (N,)."""
-    a = student.detach().cpu().numpy() if isinstance(student, torch.Tensor) else np.asarray(student)
-    b = teacher.detach().cpu().numpy() if isinstance(teacher, torch.Tensor) else np.asarray(teacher)
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch: student {a.shape} vs teacher {b.shape}")
-    return ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
-
-
 def paired_mse(student: Array, teacher: Array) -> float:
     """Mean over all elements of (student - teacher)^2, in float64."""
-    return float(paired_errors(student, teacher).mean())
-
-
-def standard_error(values: Array) -> Optional[float]:
-    """std / sqrt(n) of per-sample values (None for fewer than two)."""
-    v = np.asarray(values, np.float64)
-    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
+    return float(pair_errors(student, teacher).mean())
 
 
 def paired_metrics(student: Array, teacher: Array, *, seeds: Optional[SeedRange] = None,
@@ -631,7 +617,7 @@ def paired_metrics(student: Array, teacher: Array, *, seeds: Optional[SeedRange]
     Both are float images in [-1, 1] (N, C, H, W), row i made from seed ``seeds.start + i``.
     """
     n = len(student)
-    err = paired_errors(student, teacher)
+    err = pair_errors(student, teacher)
     out = [ImageMetric(name="MSE", value=float(err.mean()), stderr=standard_error(err), subject=subject,
                        model_version=model_version, protocol=paired_protocol(n, seeds, pairs_version))]
     if lpips is not None:

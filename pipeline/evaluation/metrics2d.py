@@ -17,6 +17,7 @@ floats / ints, numpy arrays, or the path of a written PNG:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 from sklearn.cluster import DBSCAN  # noqa: E402
 
 from models.checkerboard import in_cell  # noqa: E402
+from pipeline.evaluation.paired import pair_errors, standard_error  # noqa: E402,F401  (re-exported)
 
 _SWD_CHUNK = 64  # directions projected at once (bounds memory to N * 64 floats per set)
 # categorical cell colours: tab20 without its two greys (grey marks off-board points), dark shades first
@@ -124,26 +126,14 @@ def outlier_rate(x: np.ndarray, eps: float = 0.15, min_samples: int = 5, z: floa
     return float(mask.mean()) if len(mask) else float("nan")
 
 
-def pair_errors(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Each pair's squared error, averaged over its coordinates (row i of ``pred`` against row i of ``target``)."""
-    pred, target = np.asarray(pred), np.asarray(target)
-    if pred.shape != target.shape:
-        raise ValueError(f"shape mismatch: pred {pred.shape} vs target {target.shape}")
-    diff = pred.astype(np.float64) - target.astype(np.float64)
-    return (diff ** 2).reshape(len(diff), -1).mean(axis=1) if diff.ndim > 1 else diff ** 2
-
-
 def pair_mse(pred: np.ndarray, target: np.ndarray) -> float:
     """Mean over all elements of ``(pred - target) ** 2``."""
     return float(np.mean(pair_errors(pred, target)))
 
 
-def pair_mse_stderr(pred: np.ndarray, target: np.ndarray) -> float:
-    """The standard error of ``pair_mse`` over the pairs: std of the per-pair errors / sqrt(n). On the
-    checkerboard a few pairs whose x_T lie on the teacher's basin boundaries carry most of the pair MSE
-    (RESULTS.md), so two pair MSEs differ meaningfully only by several of these."""
-    err = pair_errors(pred, target)
-    return float(err.std(ddof=1) / np.sqrt(len(err))) if len(err) > 1 else float("nan")
+def pair_mse_stderr(pred: np.ndarray, target: np.ndarray) -> Optional[float]:
+    """The standard error of ``pair_mse`` over the pairs (``paired.standard_error`` of ``pair_errors``)."""
+    return standard_error(pair_errors(pred, target))
 
 
 # ----------------------------------------------------------------------------- plots
