@@ -14,7 +14,8 @@ schedule ('constant' | 'cosine'), warmup, lr_min (fraction of lr at the end of t
 seed, milestones (list of steps at which to score), nfe_train (a multi-step student, e.g. [1, 2]: trained on the
 store's trajectory snapshots as `pipeline/training/train2d.py` trains it and scored at each of its NFEs; needs a
 store imported with `--snapshots`), trajectory_rows (its model.trajectory_rows), traj_out (its
-model.trajectory_output: the output terms of models/multistep.py), with_heldout (train on the
+model.trajectory_output: the output terms of models/multistep.py), anchor_rho (its model.anchor_rho: where the
+m-evaluation samples re-anchor), with_heldout (train on the
 held-out pairs too, as the official checkerboard model was trained on all 50,000 trajectories: the held-out
 scores are then not held out; for a like-for-like comparison with that model only).
 """
@@ -42,7 +43,7 @@ from storage_schemas import Eval2DConfig  # noqa: E402
 DEFAULTS = dict(hidden=128, latent=64, layers=5, latent_noise=0.4, pred=False, fourier=0, fourier_scale=1.0,
                 batch=512, lr=3e-3, schedule="constant", warmup=0, lr_min=0.0, steps=12000, ema=0.999, seed=0,
                 milestones=None, act="swish", nfe_train=None, trajectory_rows=None, with_heldout=False,
-                traj_out=False)
+                traj_out=False, anchor_rho=1.0)
 
 
 def load_protocol(pairs: str, cfg: Eval2DConfig, with_heldout: bool = False):
@@ -76,7 +77,8 @@ def score(model, hd, fresh_noise, cfg: Eval2DConfig, nfe: int = 1) -> dict:
 
 def build(c: dict, intervals: int = 1) -> KDM2D:
     kw = dict(hidden=c["hidden"], latent_dim=c["latent"], encoder_layers=c["layers"], decoder_layers=c["layers"],
-              latent_noise=c["latent_noise"], intervals=intervals, nfe_train=tuple(c["nfe_train"] or (1,)))
+              latent_noise=c["latent_noise"], intervals=intervals, nfe_train=tuple(c["nfe_train"] or (1,)),
+              anchor_rho=c["anchor_rho"])
     if c["fourier"]:
         kw.update(fourier_features=c["fourier"], fourier_scale=c["fourier_scale"])
     model = KDM2D(**kw)
@@ -104,7 +106,7 @@ def run(pairs: str, c: dict, out, save: str | None = None, device: str = "cpu") 
     if c["nfe_train"]:          # as pipeline/training/train2d.py: the anchors of the trained schedules
         intervals = data["x_t"].shape[1] + 1
         traj = torch.cat([x_T[:, None], torch.from_numpy(data["x_t"]).to(device), x_0[:, None]], dim=1)
-        used = sorted({i for s in multistep.segments(intervals, c["nfe_train"]) for i in s})
+        used = sorted({i for s in multistep.segments(intervals, c["nfe_train"], c["anchor_rho"]) for i in s})
         traj = traj[:, used].contiguous()
         nfes = tuple(c["nfe_train"])
     torch.manual_seed(c["seed"])

@@ -55,7 +55,7 @@ class KDM2D(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 256, latent_dim: int = 256, encoder_layers: int = 5,
                  decoder_layers: int = 5, operator: str = "linear", latent_noise: float = 0.4,
                  time_T: float = 1.0, fourier_features: int = 0, fourier_scale: float = 1.0, intervals: int = 1,
-                 nfe_train: tuple[int, ...] = (1,)):
+                 nfe_train: tuple[int, ...] = (1,), anchor_rho: float = 1.0):
         super().__init__()
         self.dim, self.latent_dim, self.latent_noise, self.time_T = dim, latent_dim, latent_noise, time_T
         self.x0_encoder = MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale)
@@ -64,7 +64,7 @@ class KDM2D(nn.Module):
         self.koopman = make_operator(operator, latent_dim)
         set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, latent_dim),
                        lambda: MLPEncoder(dim, hidden, latent_dim, encoder_layers, fourier_features, fourier_scale),
-                       lambda: MLPDecoder(dim, hidden, latent_dim, decoder_layers))
+                       lambda: MLPDecoder(dim, hidden, latent_dim, decoder_layers), anchor_rho)
 
     @classmethod
     def from_config(cls, cfg, intervals: int = 1) -> "KDM2D":
@@ -73,7 +73,7 @@ class KDM2D(nn.Module):
                    encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
                    operator=cfg.operator, latent_noise=cfg.latent_noise, time_T=cfg.time_T,
                    fourier_features=cfg.fourier_features, fourier_scale=cfg.fourier_scale, intervals=intervals,
-                   nfe_train=tuple(cfg.nfe_train or (1,)))
+                   nfe_train=tuple(cfg.nfe_train or (1,)), anchor_rho=cfg.anchor_rho or 1.0)
 
     def forward(self, x0: torch.Tensor, xT: torch.Tensor, decode_push: bool = True,
                 generator: torch.Generator | None = None, *, eps0: torch.Tensor | None = None,

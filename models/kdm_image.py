@@ -95,7 +95,7 @@ class KDMImage(nn.Module):
                  unet: Mapping[str, Any] | None = None, latent_proj_dim: int | None = None,
                  operator: str = "linear", label_dim: int = 0, control: bool = True,
                  latent_noise: float = 0.4, noise_scale: float = 80.0, time_T: float = 1.0, intervals: int = 1,
-                 nfe_train: tuple[int, ...] = (1,)):
+                 nfe_train: tuple[int, ...] = (1,), anchor_rho: float = 1.0):
         super().__init__()
         unet = dict(OFFICIAL_UNET if unet is None else unet)
         self.img_resolution, self.channels, self.label_dim = img_resolution, channels, label_dim
@@ -108,7 +108,7 @@ class KDMImage(nn.Module):
         self.control = nn.Linear(label_dim, self.latent_dim) if label_dim and control else None
         net = (img_resolution, channels, latent_channels, label_dim, unet, latent_proj_dim)
         set_trajectory(self, intervals, nfe_train, lambda: make_operator(operator, self.latent_dim),
-                       lambda: LatentEncoder(*net), lambda: LatentDecoder(*net))
+                       lambda: LatentEncoder(*net), lambda: LatentDecoder(*net), anchor_rho)
 
     @classmethod
     def from_config(cls, cfg, intervals: int = 1) -> "KDMImage":
@@ -125,7 +125,8 @@ class KDMImage(nn.Module):
                    unet=unet, latent_proj_dim=cfg.latent_proj_dim, operator=cfg.operator,
                    label_dim=cfg.label_dim, control=cfg.control, latent_noise=cfg.latent_noise,
                    noise_scale=cfg.noise_scale, time_T=cfg.time_T, intervals=intervals,
-                   nfe_train=tuple(getattr(cfg, "nfe_train", None) or (1,)))
+                   nfe_train=tuple(getattr(cfg, "nfe_train", None) or (1,)),
+                   anchor_rho=getattr(cfg, "anchor_rho", None) or 1.0)
 
     # -- labels -------------------------------------------------------------------------------------
     def prepare_labels(self, labels: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor | None:

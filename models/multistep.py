@@ -14,10 +14,14 @@ Trajectory grid
     flow-matching time t; the student needs only the order.)
 
 Schedules
-    An m-evaluation sample (1 <= m <= n) runs through the anchors a_k = floor(k n / m + 1/2), k = 0..m
-    (a_0 = 0, a_m = n; the anchors of m = 2 are among those of m = 4 when n allows); its segments are
-    (a_k, a_(k+1)). The student is trained for the NFEs ``nfe_train`` (e.g. (1, 2, 4)) and samples with
-    any of them.
+    An m-evaluation sample (1 <= m <= n) runs through the anchors
+        a_k = floor(n (1 - (1 - k / m)^rho) + 1/2),   k = 0..m,
+    kept strictly increasing (a_0 = 0, a_m = n); its segments are (a_k, a_(k+1)). rho = 1 (the default) spaces
+    them evenly, a_k = floor(k n / m + 1/2) (the anchors of m = 2 are among those of m = 4 when n allows); rho > 1
+    (a model config's ``anchor_rho``) moves the inner anchors toward x_0, as EDM's rho moves its steps toward low
+    noise: the first round then goes most of the way and the later ones start from states with little noise left
+    (n = 9, m = 2: a_1 = 5 at rho 1, 7 at rho 2, 8 at rho 3). The student is trained for the NFEs ``nfe_train``
+    (e.g. (1, 2, 4)) and samples with any of them, on the anchors of its own rho.
 
 Observables and latent dynamics
     The one-step model's networks observe the ends: z_0 = E_varphi(x_T, T), z_n = E_phi(x_0, 0), x_0 ~=
@@ -66,6 +70,7 @@ Training (the paper's losses, on every trained segment)
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
@@ -79,6 +84,7 @@ class TrajectoryModel(Protocol):
     latent_noise: float
     intervals: int
     nfe_train: tuple[int, ...]
+    anchor_rho: float
 
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
         """Latent of states x at times tau (B,): the x_T encoder at tau = T, the x_0 encoder at 0, the trajectory
@@ -93,21 +99,30 @@ class TrajectoryModel(Protocol):
 
 # --- the grid ---------------------------------------------------------------------------------------
 
-def anchors(intervals: int, nfe: int) -> list[int]:
-    """Grid indices a_0 = 0 < ... < a_m = n of an m-evaluation sample: a_k = floor(k n / m + 1/2)."""
+def anchors(intervals: int, nfe: int, rho: float = 1.0) -> list[int]:
+    """Grid indices a_0 = 0 < ... < a_m = n of an m-evaluation sample: a_k = floor(n (1 - (1 - k/m)^rho) + 1/2),
+    kept strictly increasing; rho = 1: a_k = floor(k n / m + 1/2), evenly spaced."""
     if intervals < 1:
         raise ValueError(f"a trajectory grid has at least one interval, got {intervals}")
     if not 1 <= nfe <= intervals:
         raise ValueError(f"NFE {nfe} needs 1 <= NFE <= {intervals}, the intervals of the trajectory grid "
                          f"({intervals - 1} stored snapshot{'s' if intervals != 2 else ''} between x_T and x_0)")
-    return [(2 * k * intervals + nfe) // (2 * nfe) for k in range(nfe + 1)]
+    if rho < 1:
+        raise ValueError(f"anchor_rho {rho} must be >= 1 (1: evenly spaced anchors)")
+    if rho == 1:
+        return [(2 * k * intervals + nfe) // (2 * nfe) for k in range(nfe + 1)]
+    out = [0]
+    for k in range(1, nfe):
+        a = math.floor(intervals * (1.0 - (1.0 - k / nfe) ** rho) + 0.5)
+        out.append(min(max(a, out[-1] + 1), intervals - (nfe - k)))
+    return out + [intervals]
 
 
-def segments(intervals: int, nfe_train: Sequence[int]) -> list[tuple[int, int]]:
-    """The (start, end) segments of the schedules of ``nfe_train``, without repeats, ordered."""
+def segments(intervals: int, nfe_train: Sequence[int], rho: float = 1.0) -> list[tuple[int, int]]:
+    """The (start, end) segments of the schedules of ``nfe_train`` (anchors of ``rho``), without repeats, ordered."""
     out = set()
     for m in nfe_train:
-        a = anchors(intervals, m)
+        a = anchors(intervals, m, rho)
         out.update(zip(a[:-1], a[1:]))
     return sorted(out)
 
@@ -129,17 +144,19 @@ def snapshot_scales(axis: str, levels: Sequence[float], sigma_data: float = 0.5)
 
 
 def set_trajectory(model: nn.Module, intervals: int, nfe_train: Sequence[int], make_operator: Callable[[], nn.Module],
-                   make_encoder: Callable[[], nn.Module], make_decoder: Callable[[], nn.Module]) -> None:
-    """Give ``model`` its grid (``intervals``), the NFEs it samples with (``nfe_train``), one operator per trained
+                   make_encoder: Callable[[], nn.Module], make_decoder: Callable[[], nn.Module],
+                   anchor_rho: float = 1.0) -> None:
+    """Give ``model`` its grid (``intervals``), the NFEs it samples with (``nfe_train``) on the anchors of
+    ``anchor_rho`` (``model.anchor_rho``), one operator per trained
     segment other than (0, n) (``segment_ops``) and the trajectory networks (``traj_encoder``, ``traj_decoder``,
     time-conditioned: called as (x, tau) / (z, tau)). A one-step model gets None for all three: its state dict is
     the paper model's. ``model.koopman`` stays the operator of (0, n). Call it after the one-step modules are
     built: their initialisation does not depend on it."""
     nfe_train = tuple(sorted(set(nfe_train) | {1}))      # the one-step map is always trained
     for m in nfe_train:
-        anchors(intervals, m)        # each NFE fits the grid
-    model.intervals, model.nfe_train = intervals, nfe_train
-    extra = [s for s in segments(intervals, nfe_train) if s != (0, intervals)]
+        anchors(intervals, m, anchor_rho)        # each NFE fits the grid
+    model.intervals, model.nfe_train, model.anchor_rho = intervals, nfe_train, float(anchor_rho)
+    extra = [s for s in segments(intervals, nfe_train, anchor_rho) if s != (0, intervals)]
     model.segment_ops = nn.ModuleDict({f"{i}-{j}": make_operator() for i, j in extra}) if extra else None
     model.traj_encoder = make_encoder() if extra else None
     model.traj_decoder = make_decoder() if extra else None
@@ -231,7 +248,7 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     tau = times(n, model.time_T)
     like = states[0]
     lab_aux = None if labels is None else labels[:aux]
-    schedules = [anchors(n, m) for m in model.nfe_train if m > 1]
+    schedules = [anchors(n, m, model.anchor_rho) for m in model.nfe_train if m > 1]
     inner = sorted({a for s in schedules for a in s[1:-1]})
     missing = [i for i in [0, n, *inner] if i not in states]
     if missing:
@@ -323,7 +340,7 @@ def rollout(model: TrajectoryModel, x_T: torch.Tensor, nfe: int, labels=None, ke
     """x_0 from x_T in ``nfe`` network evaluations (one of the model's ``nfe_train``); with ``keep_path`` also
     the list of the decoded states at every anchor after x_T. Deterministic given x_T."""
     check_nfe(model, nfe)
-    a = anchors(model.intervals, nfe)
+    a = anchors(model.intervals, nfe, model.anchor_rho)
     tau = times(model.intervals, model.time_T)
     x, path = x_T, []
     for k in range(nfe):

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs, drop_unset
-from .multistep import MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, nfe_train_problem
+from .multistep import ANCHOR_RHO_DOC, MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, nfe_train_problem
 from .pairs import Snapshots
 
 
@@ -44,6 +44,7 @@ class KDM2DConfig(Strict):
                                 "terms always use the whole batch")
 
     trajectory_output: Optional[bool] = Field(None, description=TRAJECTORY_OUTPUT_DOC)
+    anchor_rho: Optional[float] = Field(None, ge=1, description=ANCHOR_RHO_DOC)
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):        # versions of one-step students stay what they were
@@ -55,7 +56,7 @@ class KDM2DConfig(Strict):
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
         if self.fourier_features == 0 and self.fourier_scale != 1.0:
             raise ValueError("fourier_scale is set but fourier_features is 0 (Fourier features off)")
-        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows, self.trajectory_output)
+        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows, self.trajectory_output, self.anchor_rho)
         if problem:
             raise ValueError(problem)
         return self

@@ -33,6 +33,34 @@ def test_anchors_and_segments():
         ms.anchors(9, 10)
 
 
+def test_anchors_toward_x0():
+    # a_k = floor(n (1 - (1 - k/m)^rho) + 1/2); rho = 1 is the even spacing exactly
+    assert [ms.anchors(9, 2, r) for r in (1, 2, 3)] == [[0, 5, 9], [0, 7, 9], [0, 8, 9]]
+    assert ms.anchors(9, 4, 3) == [0, 5, 7, 8, 9] and ms.anchors(9, 4, 1.0) == ms.anchors(9, 4)
+    assert all(ms.anchors(n, m, 1) == ms.anchors(n, m) for n in range(1, 12) for m in range(1, n + 1))
+    # kept strictly increasing where the formula would stack anchors at the end of the grid
+    assert ms.anchors(3, 3, 7) == [0, 1, 2, 3] and ms.anchors(4, 3, 9) == [0, 2, 3, 4]
+    for n in range(1, 12):
+        for m in range(1, n + 1):
+            for r in (1.5, 2, 3, 7):
+                a = ms.anchors(n, m, r)
+                assert a[0] == 0 and a[-1] == n and len(a) == m + 1 and all(x < y for x, y in zip(a, a[1:]))
+    assert ms.segments(9, (1, 2), 3) == [(0, 8), (0, 9), (8, 9)]
+    with pytest.raises(ValueError, match="anchor_rho 0.5 must be >= 1"):
+        ms.anchors(9, 2, 0.5)
+    torch.manual_seed(0)
+    m = KDM2D(**SMALL, intervals=9, nfe_train=(1, 2), anchor_rho=3).eval()
+    assert sorted(m.segment_ops) == ["0-8", "8-9"] and m.anchor_rho == 3.0
+    x_T = torch.randn(7, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():          # NFE 2 re-anchors at grid index 8 (tau = 1/9)
+        x8 = m.traj_decoder(m.segment_ops["0-8"](m.xT_encoder(x_T, 1.0)), 1 - 8 / 9)
+        by_hand = m.decoder(m.segment_ops["8-9"](m.traj_encoder(x8, 1 - 8 / 9)), 0.0)
+        assert torch.allclose(m.generate(x_T, 2), by_hand, atol=1e-6)
+    cfg = KDM2DConfig(**SMALL, nfe_train=[1, 2], anchor_rho=3)
+    assert KDM2D.from_config(cfg, intervals=9).anchor_rho == 3.0
+    assert KDM2D.from_config(KDM2DConfig(**SMALL, nfe_train=[1, 2]), intervals=9).anchor_rho == 1.0
+
+
 def model2d(intervals=9, nfe_train=(1, 2, 4), seed=0):
     torch.manual_seed(seed)
     return KDM2D(**SMALL, intervals=intervals, nfe_train=nfe_train).eval()
@@ -192,6 +220,12 @@ def test_the_image_student_uses_the_same_pieces():
     assert all(p.requires_grad for p in m.parameters())
     ms.trajectory_losses(ms.trajectory_forward(m, states, labels=yy, generator=torch.Generator().manual_seed(0)))[
         "total"].backward()
+    from storage_schemas.kdm_image import KDMImageConfig
+    late = KDMImage(img_resolution=8, unet=unet, intervals=4, nfe_train=(1, 2), anchor_rho=3)
+    assert sorted(late.segment_ops) == ["0-3", "3-4"] and late.anchor_rho == 3.0
+    assert KDMImageConfig(nfe_train=[1, 2], anchor_rho=3).anchor_rho == 3.0
+    with pytest.raises(ValidationError, match="anchor_rho is a setting of multi-step students"):
+        KDMImageConfig(anchor_rho=3)
 
 
 def test_config_fields_keep_one_step_versions():
@@ -206,6 +240,12 @@ def test_config_fields_keep_one_step_versions():
     assert KDM2DConfig(nfe_train=[1, 2], trajectory_output=True).model_dump()["trajectory_output"] is True
     with pytest.raises(ValidationError, match="trajectory_output is a setting of multi-step students"):
         KDM2DConfig(trajectory_output=True)
+    assert "anchor_rho" not in KDM2DConfig(nfe_train=[1, 2]).model_dump()
+    assert KDM2DConfig(nfe_train=[1, 2], anchor_rho=2).model_dump()["anchor_rho"] == 2.0
+    with pytest.raises(ValidationError, match="anchor_rho is a setting of multi-step students"):
+        KDM2DConfig(anchor_rho=2)
+    with pytest.raises(ValidationError, match="anchor_rho"):
+        KDM2DConfig(nfe_train=[1, 2], anchor_rho=0.5)
 
 
 # --- the 2-D pipeline ---------------------------------------------------------------------------------
@@ -241,6 +281,19 @@ def test_train_samples_and_resamples_at_every_nfe(chain, capsys, tmp_path):
     assert main(["sample", "--student", str(chain["student"]), "--num", "5", "--seed", "0", "--nfe", "3",
                  "--out", str(tmp_path / "x3.npy")]) != 0
     assert "NFE 3" in capsys.readouterr().err and not (tmp_path / "x3.npy").exists()
+
+
+def test_a_student_with_late_anchors_trains_records_and_samples_on_them(chain, tmp_path):
+    out = tmp_path / "late"
+    assert main(["train", "--pairs", str(chain["pairs"]), "--preset", "smoke", "--set", "model.nfe_train=[1,2]",
+                 "--set", "model.anchor_rho=3", "--set", "train.steps=5", "--out", str(out), "-q"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["anchor_rho"] == 3.0
+    from pipeline.evaluation.sample import load_student, sample
+    model, _ = load_student(str(out))
+    assert sorted(model.segment_ops) == ["0-3", "3-4"]      # grid of 4 intervals: the anchor at 3, not 2
+    x2, _ = sample(str(out), num=20, seed=1, nfe=2)
+    assert x2.shape == (20, 2) and np.isfinite(x2).all()
 
 
 def test_a_one_step_store_cannot_train_a_multi_step_student(chain, tmp_path):
