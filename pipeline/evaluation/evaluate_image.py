@@ -212,6 +212,8 @@ def _plot_frontier(points: dict, teacher_nfe: Optional[int], fd_name: str, path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from pipeline.evaluation.metrics2d import log_scale_if_wide
     fig, ax = plt.subplots(figsize=(6, 4))
     for who, style in (("student", dict(color="tab:blue", marker="o")), ("teacher", dict(color="tab:orange",
                                                                                         marker="s"))):
@@ -224,7 +226,7 @@ def _plot_frontier(points: dict, teacher_nfe: Optional[int], fd_name: str, path:
                label="teacher" + (f" ({teacher_nfe} NFE)" if teacher_nfe else ""))
     nfes = sorted({k for _, k in points} | ({teacher_nfe} if teacher_nfe else set()))
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    log_scale_if_wide(ax, [1.0, *points.values()])
     ax.set_xticks(nfes)
     ax.set_xticklabels([str(v) for v in nfes])
     ax.set(xlabel="network evaluations (NFE)", ylabel=f"{fd_name} / the full teacher's", title="quality against NFE")

@@ -153,6 +153,16 @@ def _save(fig, path) -> str:
     return str(path)
 
 
+def log_scale_if_wide(ax, values, ratio: float = 10.0) -> bool:
+    """A log y axis when the positive ``values`` plotted span at least ``ratio`` (a teacher cut short can be 50
+    times its full sampler's SWD), else linear: a log axis over a narrow range only spreads odd tick labels."""
+    pos = [float(v) for v in values if v is not None and float(v) > 0]
+    wide = bool(pos) and max(pos) >= ratio * min(pos)
+    if wide:
+        ax.set_yscale("log")
+    return wide
+
+
 def _scatter(ax, x: np.ndarray, outliers: np.ndarray, colors="tab:blue") -> None:
     ax.scatter(x[~outliers, 0], x[~outliers, 1], s=2, alpha=0.5, c=colors, linewidths=0)
     if outliers.any():
@@ -205,6 +215,9 @@ def plot_frontier(points, teacher, path, teacher_nfe: int | None = None, title: 
               ("in_cell_fraction", "in-cell fraction (higher is better)"),
               ("outlier_rate", "outlier rate (lower is better)"))
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 4))
+    fig.subplots_adjust(wspace=0.3)
+    if title:
+        fig.suptitle(title, y=1.03)
     nfes = sorted({p.nfe for p in points} | ({teacher_nfe} if teacher_nfe else set()))
     for ax, (key, label) in zip(axes, panels):
         for who, style in (("student", dict(color="tab:blue", marker="o")),
@@ -223,12 +236,12 @@ def plot_frontier(points, teacher, path, teacher_nfe: int | None = None, title: 
         ax.set_xticks(nfes)
         ax.set_xticklabels([str(v) for v in nfes])
         ax.set(xlabel="network evaluations (NFE)", title=label)
+        ax.margins(x=0.1, y=0.15)             # room for the value labels above the points
         if key == "swd":
-            ax.set_yscale("log")
+            log_scale_if_wide(ax, [getattr(p.metrics, key) for p in points]
+                              + ([getattr(teacher, key)] if teacher is not None else []))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
     return _save(fig, path)
 
 
