@@ -34,8 +34,7 @@ class Stepper:
         self.model, self.ema = KDM2D.from_config(cfg.model, n), KDM2D.from_config(cfg.model, n)
         self.ema.requires_grad_(False)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
-        used = sorted({i for s in multistep.segments(n, cfg.model.nfe_train or (1,), cfg.model.anchor_rho or 1.0) for i in s})
-        self.used = used if self.multi else [0, intervals]
+        self.used = multistep.trained_indices(self.model) if self.multi else [0, intervals]
         self.traj = traj[:, self.used if self.multi else [0, intervals]].contiguous()
         self.g = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("data", "noise", "traj"))}
 

@@ -127,6 +127,12 @@ def segments(intervals: int, nfe_train: Sequence[int], rho: float = 1.0) -> list
     return sorted(out)
 
 
+def trained_indices(model) -> list[int]:
+    """The grid indices the model's trained schedules pass through (0 and n included), sorted: the states a
+    training batch needs (its own grid, NFEs and anchors)."""
+    return sorted({i for m in model.nfe_train for i in anchors(model.intervals, m, model.anchor_rho)})
+
+
 def times(intervals: int, time_T: float) -> list[float]:
     """tau_i = T (1 - i / n), i = 0..n: the networks' time input at each grid index."""
     return [time_T * (1.0 - i / intervals) for i in range(intervals + 1)]

@@ -51,6 +51,7 @@ def test_anchors_toward_x0():
     torch.manual_seed(0)
     m = KDM2D(**SMALL, intervals=9, nfe_train=(1, 2), anchor_rho=3).eval()
     assert sorted(m.segment_ops) == ["0-8", "8-9"] and m.anchor_rho == 3.0
+    assert ms.trained_indices(m) == [0, 8, 9] and ms.trained_indices(model2d()) == [0, 2, 5, 7, 9]
     x_T = torch.randn(7, 2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():          # NFE 2 re-anchors at grid index 8 (tau = 1/9)
         x8 = m.traj_decoder(m.segment_ops["0-8"](m.xT_encoder(x_T, 1.0)), 1 - 8 / 9)

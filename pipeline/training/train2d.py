@@ -169,7 +169,7 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
     if multi:     # (N, n + 1, D): x_T, the snapshots, x_0
         traj = torch.cat([x_T[:, None], torch.from_numpy(data["x_t"]).to(device), x_0[:, None]], dim=1) \
             if intervals > 1 else torch.stack([x_T, x_0], dim=1)
-        used = sorted({i for s in multistep.segments(intervals, cfg.model.nfe_train, cfg.model.anchor_rho or 1.0) for i in s})
+        used = multistep.trained_indices(model)
         traj = traj[:, used].contiguous()          # the anchors of the trained schedules only
     model.train()
     metrics_path = run / checkpoints.METRICS_FILE
