@@ -86,15 +86,22 @@ class TrajectoryModel(Protocol):
     nfe_train: tuple[int, ...]
     anchor_rho: float
 
-    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
+    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None,
+                     net: Optional[str] = None) -> torch.Tensor:
         """Latent of states x at times tau (B,): the x_T encoder at tau = T, the x_0 encoder at 0, the trajectory
-        encoder between (a multi-step student's)."""
+        encoder between (a multi-step student's); ``net`` ('x_T', 'x_0', 'trajectory') names it without reading
+        tau (``level``)."""
 
-    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None) -> torch.Tensor:
+    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None,
+                     net: Optional[str] = None) -> torch.Tensor:
         """States at times tau (B,) from latents z: the one-step decoder at 0, the trajectory decoder between."""
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         """The latent at grid index j from the latent z at index i < j (the operator of segment (i, j))."""
+
+    def __call__(self, x0: torch.Tensor, xT: torch.Tensor, *, decode_push: bool, generator, eps0, epsT,
+                 spectral: str, **labels) -> "KDMForward":
+        """The one-step training pass (the paper's Alg. 1, the model's ``forward``; ``labels=`` when conditional)."""
 
 
 # --- the grid ---------------------------------------------------------------------------------------
@@ -133,6 +140,16 @@ def trained_indices(model) -> list[int]:
     return sorted({i for m in model.nfe_train for i in anchors(model.intervals, m, model.anchor_rho)})
 
 
+def trajectory_noise_shape(model, batch: int, aux_rows: Optional[int] = None) -> Optional[tuple[int, int]]:
+    """Shape of the latent noise the trajectory terms draw in one training pass over ``batch`` rows (one row per
+    trajectory row and inner anchor, ``trajectory_forward``'s order); None when there are none (no inner anchor)."""
+    inner = trained_indices(model)[1:-1]
+    if not inner:
+        return None
+    aux = batch if aux_rows is None else min(aux_rows, batch)
+    return (len(inner) * aux, model.latent_dim)
+
+
 def times(intervals: int, time_T: float) -> list[float]:
     """tau_i = T (1 - i / n), i = 0..n: the networks' time input at each grid index."""
     return [time_T * (1.0 - i / intervals) for i in range(intervals + 1)]
@@ -168,8 +185,16 @@ def set_trajectory(model: nn.Module, intervals: int, nfe_train: Sequence[int], m
     model.traj_decoder = make_decoder() if extra else None
 
 
-def level(model, tau: torch.Tensor) -> str:
-    """Which networks see states at times ``tau`` (B,): 'x_T' (tau = T), 'x_0' (tau = 0) or 'trajectory'."""
+def level(model, tau: torch.Tensor, net: Optional[str] = None) -> str:
+    """Which networks see states at times ``tau`` (B,): 'x_T' (tau = T), 'x_0' (tau = 0) or 'trajectory'.
+    ``net``, when given, is the answer (checked, not read from tau): the grid's own callers know each state's
+    index (``grid_net``), and reading a device tensor's values would stop the host until the device is there
+    (and cannot be captured in a CUDA graph)."""
+    if net is not None:
+        if net not in ("x_T", "x_0", "trajectory") or (net == "trajectory" and model.traj_encoder is None):
+            raise ValueError(f"no network {net!r} in this student (x_T, x_0"
+                             f"{', trajectory' if model.traj_encoder is not None else ''})")
+        return net
     for name, t in (("x_T", model.time_T), ("x_0", 0.0)):
         if bool((tau == t).all()):
             return name
@@ -177,6 +202,11 @@ def level(model, tau: torch.Tensor) -> str:
         return "trajectory"
     raise ValueError(f"states at times {sorted(set(tau.tolist()))[:4]}: x_T (tau = {model.time_T}), x_0 (tau = 0) "
                      f"and the trajectory between (a multi-step student's) go to different networks; pass them apart")
+
+
+def grid_net(model, i: int) -> str:
+    """The networks of grid index i: 'x_T' (i = 0), 'x_0' (i = n), 'trajectory' between."""
+    return "x_T" if i == 0 else "x_0" if i == model.intervals else "trajectory"
 
 
 def segment_operator(model, i: int, j: int) -> nn.Module:
@@ -239,15 +269,20 @@ class frozen_parameters:
 def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], labels=None,
                        decode_push: bool = True, generator: Optional[torch.Generator] = None,
                        spectral: str = "none", aux_rows: Optional[int] = None,
-                       traj_generator: Optional[torch.Generator] = None, output: bool = False) -> TrajectoryForward:
+                       traj_generator: Optional[torch.Generator] = None, output: bool = False,
+                       eps: Optional[Sequence[torch.Tensor]] = None,
+                       traj_eps: Optional[torch.Tensor] = None) -> TrajectoryForward:
     """One training pass over a batch of trajectories (the module docstring's terms).
 
     ``states`` maps grid index -> (B, *sample_shape): 0 (x_T), n (x_0) and every anchor of the trained
     schedules. ``aux_rows``: the trajectory terms use the first aux_rows rows (None: all). The one-step terms
-    are ``KDM2D.forward``'s computation (latent noise from ``generator``, x_0's then x_T's); the trajectory
+    are the model's own training pass (``forward``: latent noise from ``generator``, x_0's then x_T's); the trajectory
     terms draw theirs from ``traj_generator`` (default: ``generator``). ``output``: also the output terms.
+    ``eps`` (x_0's and x_T's) and ``traj_eps`` (of ``trajectory_noise_shape``): standard normal draws made by the
+    caller, used instead of drawing (the image trainer draws them outside its captured CUDA graph). The pass
+    reads no device value on the host: the networks of each state follow from its grid index.
     """
-    from .kdm2d import KDMForward, add_latent_noise
+    from .kdm2d import add_latent_noise
     n = model.intervals
     batch = states[0].shape[0]
     aux = batch if aux_rows is None else min(aux_rows, batch)
@@ -260,16 +295,11 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     if missing:
         raise ValueError(f"trajectory_forward: grid states {missing} are missing (given {sorted(states)})")
 
-    # one-step terms (the paper's pass, whole batch)
-    z0 = model.encode_state(states[n], _rows(0.0, batch, like), labels)
-    zT = model.encode_state(states[0], _rows(tau[0], batch, like), labels)
-    z0_noisy = add_latent_noise(z0, model.latent_noise, generator=generator)
-    zT_noisy = add_latent_noise(zT, model.latent_noise, generator=generator)
-    z_push = model.advance(zT_noisy, 0, n, labels)
-    x0_rec = model.decode_state(z0_noisy, _rows(0.0, batch, like), labels)
-    x0_push = model.decode_state(z_push, _rows(0.0, batch, like), labels) if decode_push else None
-    spec = model.koopman.spectral_loss(spectral) if spectral != "none" else None
-    one_step = KDMForward(z0, zT, z0_noisy, zT_noisy, z_push, x0_rec, x0_push, spec)
+    # one-step terms: the model's own training pass (the paper's, whole batch)
+    eps0, epsT = (None, None) if eps is None else eps
+    one_step = model(states[n], states[0], decode_push=decode_push, generator=generator, eps0=eps0, epsT=epsT,
+                     spectral=spectral, **({} if labels is None else {"labels": labels}))
+    z0, zT, zT_noisy = one_step.z0, one_step.zT, one_step.zT_noisy
     if not inner:
         return TrajectoryForward(one_step, states[n])
 
@@ -279,8 +309,8 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     noisy = {0: zT_noisy[:aux].detach()}
     z_in = model.encode_state(torch.cat([states[i][:aux] for i in inner]),
                               torch.cat([_rows(tau[i], aux, like) for i in inner]),
-                              None if labels is None else torch.cat([lab_aux] * len(inner)))
-    zn_in = add_latent_noise(z_in, model.latent_noise, generator=traj_generator or generator)
+                              None if labels is None else torch.cat([lab_aux] * len(inner)), net="trajectory")
+    zn_in = add_latent_noise(z_in, model.latent_noise, traj_eps, generator=traj_generator or generator)
     for k, i in enumerate(inner):
         clean[i], noisy[i] = z_in[k * aux:(k + 1) * aux], zn_in[k * aux:(k + 1) * aux]
     teacher = {(i, j): model.advance(noisy[i], i, j, lab_aux)
@@ -290,13 +320,14 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
         z = teacher[(a[0], a[1])]
         for k in range(1, len(a) - 1):
             with torch.no_grad():
-                x = model.decode_state(z, _rows(tau[a[k]], aux, like), lab_aux)
-            z = model.advance(model.encode_state(x, _rows(tau[a[k]], aux, like), lab_aux), a[k], a[k + 1], lab_aux)
+                x = model.decode_state(z, _rows(tau[a[k]], aux, like), lab_aux, net="trajectory")
+            z = model.advance(model.encode_state(x, _rows(tau[a[k]], aux, like), lab_aux, net="trajectory"),
+                              a[k], a[k + 1], lab_aux)
             push.append(z)
             target.append(clean[a[k + 1]])
             ends.append(a[k + 1])
     traj_rec = model.decode_state(zn_in, torch.cat([_rows(tau[i], aux, like) for i in inner]),
-                                  None if labels is None else torch.cat([lab_aux] * len(inner)))
+                                  None if labels is None else torch.cat([lab_aux] * len(inner)), net="trajectory")
     out, out_target = None, None
     if output:               # every push decoded where its segment ends (x_0: through the fixed one-step decoder)
         outs, targets = [], []
@@ -304,7 +335,8 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
             zs = [p for p, e in zip(push, ends) if e == j]
             lab = None if labels is None else torch.cat([lab_aux] * len(zs))
             with frozen_parameters(model) if j == n else contextlib.nullcontext():
-                outs.append(model.decode_state(torch.cat(zs), _rows(tau[j], aux * len(zs), like), lab))
+                outs.append(model.decode_state(torch.cat(zs), _rows(tau[j], aux * len(zs), like), lab,
+                                               net=grid_net(model, j)))
             targets.append(torch.cat([states[j][:aux]] * len(zs)))
         out, out_target = torch.cat(outs), torch.cat(targets)
     return TrajectoryForward(one_step, states[n], torch.cat(push), torch.cat(target), traj_rec,
@@ -350,8 +382,8 @@ def rollout(model: TrajectoryModel, x_T: torch.Tensor, nfe: int, labels=None, ke
     tau = times(model.intervals, model.time_T)
     x, path = x_T, []
     for k in range(nfe):
-        z = model.encode_state(x, _rows(tau[a[k]], x.shape[0], x), labels)
+        z = model.encode_state(x, _rows(tau[a[k]], x.shape[0], x), labels, net=grid_net(model, a[k]))
         z = model.advance(z, a[k], a[k + 1], labels)
-        x = model.decode_state(z, _rows(tau[a[k + 1]], x.shape[0], x), labels)
+        x = model.decode_state(z, _rows(tau[a[k + 1]], x.shape[0], x), labels, net=grid_net(model, a[k + 1]))
         path.append(x)
     return (x, path) if keep_path else x

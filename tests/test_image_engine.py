@@ -378,24 +378,32 @@ def test_cuda_graph_training_is_the_default_on_one_gpu_and_resumes(pairs, tmp_pa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_step_matches_the_eager_device_guarded_step():
+@pytest.mark.parametrize("multi", [False, True], ids=["one-step", "multi-step"])
+def test_cuda_graph_step_matches_the_eager_device_guarded_step(multi):
     """cuda_graphs: 3 eager warm-up steps, capture at the 4th, replays after; a non-finite batch after the
-    capture is skipped on the device. Same losses and weights as the same step run eagerly."""
+    capture is skipped on the device. Same losses and weights as the same step run eagerly; for a multi-step
+    student (late anchors, output terms) the trajectory terms too."""
     cuda = torch.device("cuda")
     unet = TINY.model_copy(update={"dropout": 0.0})
-    mc = model_cfg(res=32, adv_weight=0.01, latent_proj_dim=16, unet=unet)
+    ms = dict(nfe_train=[1, 2], anchor_rho=3, trajectory_rows=2, trajectory_output=True) if multi else {}
+    mc = model_cfg(res=32, adv_weight=0.01, latent_proj_dim=16, unet=unet, **ms)
     tc = train_cfg(device="cuda", precision="bf16", tf32=False)
     xT, x0 = batch(res=32)
+    xt = torch.randn(x0.shape[0], 3, *x0.shape[1:], generator=torch.Generator().manual_seed(1)) if multi else None
     bad = x0.clone()
     bad[0, 0, 0, 0] = float("nan")
     seq = [(xT, x0)] * 5 + [(xT, bad), (xT, x0)]
 
     def run(graphs: bool):
-        tr = ImageTrainer(mc, tc.model_copy(update={"cuda_graphs": graphs}), cuda)
+        tr = ImageTrainer(mc, tc.model_copy(update={"cuda_graphs": graphs}), cuda,
+                          **(dict(intervals=4, snapshot_scales=[0.1, 0.5, 1.0]) if multi else {}))
+        assert tr.multi is multi
         out = []
         for i, (a, b) in enumerate(seq):
-            assert tr.train_step(a, b) is (graphs or i != 5)    # eager steps report the skip
+            assert tr.train_step(a, b, None, xt) is (graphs or i != 5)    # eager steps report the skip
             out.append(tr.pop_metrics())
+        if multi:
+            assert {"traj_lat", "traj_rec", "traj_out"} <= set(out[-1])
         return tr, out
 
     eager, m_eager = run(False)
@@ -501,6 +509,26 @@ def test_adversarial_term_follows_its_schedule_in_training(tmp_path):
         assert a.train_step(xT, x0) and b.train_step(xT, x0)
     sa, sb = snapshot(a.model), snapshot(b.model)
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+def test_a_multi_step_image_students_one_step_networks_train_as_the_one_step_student(tmp_path):
+    """Same initialisation, batches, latent noise (drawn before the step, x_0's and x_T's from the same stream)
+    and updates: after training, a multi-step image student's one-step networks are the one-step student's, to
+    the bit, and its trajectory networks have trained."""
+    store = write_synthetic_store(str(tmp_path / "p"), 16, (3, 8, 8), chunk_size=8, snapshots=3)
+    unet = TINY.model_copy(update={"dropout": 0.0})
+    one, multi = model_cfg(res=8, unet=unet), model_cfg(res=8, unet=unet, nfe_train=[1, 2], anchor_rho=3,
+                                                         trajectory_rows=2, trajectory_output=True)
+    tc = train_cfg(steps=4, checkpoint_every=4)
+    train_image_student(store.url, one, tc, str(tmp_path / "one"), progress=False)
+    train_image_student(store.url, multi, tc, str(tmp_path / "multi"), progress=False)
+    a, b = load_file(str(tmp_path / "one" / "student.safetensors")), load_file(str(tmp_path / "multi" /
+                                                                                 "student.safetensors"))
+    assert set(a) < set(b) and sorted({k.split(".")[1] for k in b if k.startswith("segment_ops")}) == ["0-3", "3-4"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh = ImageTrainer(multi, tc, CPU, intervals=4)
+    init = {k: v for k, v in fresh.ema.state_dict().items() if k.startswith(("traj_", "segment_ops"))}
+    assert any(not torch.equal(v, b[k]) for k, v in init.items())
 
 
 def test_a_multi_step_image_student_trains_on_snapshots_and_samples_at_every_nfe(tmp_path):

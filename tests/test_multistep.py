@@ -229,6 +229,49 @@ def test_the_image_student_uses_the_same_pieces():
         KDMImageConfig(anchor_rho=3)
 
 
+@pytest.mark.parametrize("image", [False, True], ids=["2d", "image"])
+def test_the_training_pass_and_rollout_name_their_networks_and_take_given_noise(image, monkeypatch):
+    """Every network call of the training pass and the sampler names its network from the grid index (no
+    device value read on the host, so the pass can be captured as a CUDA graph), and noise drawn by the caller
+    in the pass's order gives the pass's own draws exactly."""
+    import models.kdm2d as kdm2d
+    import models.kdm_image as kdm_image
+    if image:
+        unet = dict(OFFICIAL_UNET, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
+                    dropout=0.0)
+        torch.manual_seed(0)
+        m, shape = KDMImage(img_resolution=8, unet=unet, intervals=4, nfe_train=(1, 2, 4), anchor_rho=2), (3, 8, 8)
+    else:
+        torch.manual_seed(0)
+        m, shape = KDM2D(**SMALL, intervals=4, nfe_train=(1, 2, 4)), (2,)
+    module = kdm_image if image else kdm2d
+    real, calls = module.level, []
+
+    def named_only(model, tau, net=None):
+        assert net is not None, "a network chosen by reading tau"
+        calls.append(net)
+        return real(model, tau, net)
+    monkeypatch.setattr(module, "level", named_only)
+    states = {i: torch.randn(5, *shape) for i in range(5)}
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    drawn = ms.trajectory_forward(m, states, generator=ga, traj_generator=gb, aux_rows=2, output=True)
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    eps = (torch.randn(5, m.latent_dim, generator=ga), torch.randn(5, m.latent_dim, generator=ga))
+    assert ms.trajectory_noise_shape(m, 5, 2) == (2 * 3, m.latent_dim)     # inner anchors of NFE 2 and 4: 3
+    given = ms.trajectory_forward(m, states, aux_rows=2, output=True, eps=eps,
+                                  traj_eps=torch.randn(ms.trajectory_noise_shape(m, 5, 2), generator=gb))
+    for a, b in zip(drawn, given):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b)
+    assert torch.equal(drawn.one_step.x0_push, given.one_step.x0_push)
+    for nfe in (1, 2, 4):
+        assert ms.rollout(m.eval(), states[0], nfe).shape == (5, *shape)
+    assert set(calls) == {"x_T", "x_0", "trajectory"}
+    assert ms.trajectory_noise_shape(KDM2D(**SMALL), 5) is None
+    with pytest.raises(ValueError, match="no network 'trajectory' in this student"):
+        real(KDM2D(**SMALL), torch.zeros(2), "trajectory")
+
+
 def test_config_fields_keep_one_step_versions():
     assert "nfe_train" not in KDM2DConfig().model_dump() and "trajectory_rows" not in KDM2DConfig().model_dump()
     assert KDM2DConfig(nfe_train=[1, 2], trajectory_rows=64).model_dump()["nfe_train"] == (1, 2)

@@ -37,8 +37,10 @@ Multi-step students (``model.nfe_train``, a pair store with trajectory snapshots
 snapshots (x_t), brought to unit scale (EDM's c_in(sigma), ``models.multistep.snapshot_scales``), and the
 step's generator terms come from ``models.multistep.trajectory_forward`` (the one-step terms as above, plus
 the trajectory terms: MSE of the latent pushes and of the reconstructions at the anchors);
-they train in one process, eagerly (no CUDA graph, no torchrun), with the trajectory terms' latent noise
-from a generator of their own.
+they train in one process (no torchrun), as one CUDA graph like the one-step step (``cuda_graphs``), with the
+trajectory terms' latent noise from a generator of their own. Both noises are drawn before the step, as the
+one-step student's (its x_0 and x_T noise from the same stream in the same order), so a multi-step student's
+one-step networks train as the one-step student's.
 
 Processes: one code path for 1 or N GPUs. Under ``torchrun`` (WORLD_SIZE > 1) each process takes
 ``batch_size / N`` pairs of every step (rank r takes every N-th batch of the shared sample order), the
@@ -82,7 +84,7 @@ from torch import nn
 from models.discriminator import Discriminator, discriminator_loss, generator_adversarial_loss
 from models.distances import DistanceUnavailable, make_distance
 from models.kdm_image import KDMImage
-from models.multistep import snapshot_scales
+from models.multistep import snapshot_scales, trained_indices, trajectory_noise_shape
 from storage_schemas import code_version, stable_hash, utc_now
 from storage_schemas.kdm_image import (ImageStudentManifest,
                                        ImageTrainConfig, KDMImageConfig, distance_label)
@@ -185,9 +187,8 @@ class ImageTrainer:
         self.dist = dist_info or DistInfo()
         self.multi = model_cfg.nfe_train is not None and intervals > 1      # trained on trajectory snapshots
         self.snapshot_scales = list(snapshot_scales or [1.0] * (intervals - 1))
-        if self.multi and (self.dist.enabled or tc.cuda_graphs):
-            raise KDMError("a multi-step student (model.nfe_train) trains in one process without CUDA graphs: run "
-                           "it without torchrun and with train.cuda_graphs unset or false")
+        if self.multi and self.dist.enabled:
+            raise KDMError("a multi-step student (model.nfe_train) trains in one process: run it without torchrun")
         self.amp = tc.precision == "bf16"
         self.cuda = device.type == "cuda"
         self.channels_last = tc.channels_last
@@ -242,11 +243,10 @@ class ImageTrainer:
             for unet in (self.model.x0_encoder.unet, self.model.xT_encoder.unet, self.model.decoder.unet):
                 unet.compile()
 
-        graphs_possible = self.cuda and not self.dist.enabled and not self.multi
+        graphs_possible = self.cuda and not self.dist.enabled
         if tc.cuda_graphs and not graphs_possible:
-            raise KDMError("cuda_graphs=True needs one CUDA device, one process (no torchrun) and a one-step "
-                           f"student; got device {device}, {self.dist.world_size} process(es)"
-                           + (", a multi-step student" if self.multi else ""))
+            raise KDMError("cuda_graphs=True needs one CUDA device and one process (no torchrun); got device "
+                           f"{device}, {self.dist.world_size} process(es)")
         # The whole step as one CUDA graph: asked for, or by default wherever it is possible. With compile,
         # only when asked (cuda_graphs=True): the compiled U-Nets (inductor's default mode, no graphs of its
         # own) run eagerly in the warm-up steps, where they compile, and are captured with the rest.
@@ -336,19 +336,34 @@ class ImageTrainer:
         a sync: skips show in ``nonfinite_steps``."""
         x0, xT, y = self._prepare(x_T, x_0, label)
         self.steps_run += 1
+        states = None
         if self.multi:
             if x_t is None:
                 raise KDMError("a multi-step student's batches carry the trajectory snapshots (x_t)")
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             xt = x_t.to(device=self.device, non_blocking=True)
             states = {0: xT, self.model.intervals: x0}
-            for i in range(1, self.model.intervals):     # at unit scale, as the trajectory networks work
+            for i in trained_indices(self.model)[1:-1]:    # at unit scale, as the trajectory networks work
                 states[i] = (xt[:, i - 1] * self.snapshot_scales[i - 1]).contiguous(memory_format=fmt)
-            return bool(self._step(x0, xT, y, None, states))
         if self.cuda_graphs:
-            return self._graph_step(x0, xT, y)
-        eps = torch.randn((2, x0.shape[0], self.model.latent_dim), generator=self.noise_gen, device=self.device)
-        return bool(self._step(x0, xT, y, eps))
+            return self._graph_step(x0, xT, y, states)
+        return bool(self._step(x0, xT, y, *self._noise(x0.shape[0]), states=states))
+
+    def _noise_shapes(self, batch: int) -> tuple[tuple, Optional[tuple]]:
+        """Shapes of a step's latent noise: x_0's and x_T's (2, B, latent_dim) and, for a multi-step student, the
+        trajectory terms' (``models.multistep.trajectory_noise_shape``; None without)."""
+        traj = trajectory_noise_shape(self.model, batch, self.model_cfg.trajectory_rows) if self.multi else None
+        return (2, batch, self.model.latent_dim), traj
+
+    def _noise(self, batch: int, out: Optional[tuple] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The step's latent noise, drawn before it: x_0's and x_T's from the noise stream, the trajectory terms'
+        from their own stream; into the tensors ``out`` when given (a captured step's static buffers)."""
+        eps_out, traj_out = out if out is not None else (None, None)
+        eps_shape, traj_shape = self._noise_shapes(batch)
+        eps = torch.randn(eps_shape, generator=self.noise_gen, device=self.device, out=eps_out)
+        traj = None if traj_shape is None else torch.randn(traj_shape, generator=self.traj_gen, device=self.device,
+                                                           out=traj_out)
+        return eps, traj
 
     def _agree(self, ok: torch.Tensor) -> torch.Tensor:
         """The guard flag agreed across ranks (all finite on every rank), without a host sync."""
@@ -358,11 +373,12 @@ class ImageTrainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return flag > 0
 
-    def _step(self, x0, xT, y, eps, states: Optional[dict] = None) -> torch.Tensor:
+    def _step(self, x0, xT, y, eps, traj_eps=None, states: Optional[dict] = None) -> torch.Tensor:
         """The step; returns the guard flag (a device bool). The finite checks are device flags: a failed
         check skips the Adam steps (fused Adam's found_inf) and the EMA, keeps the metric sums, restores D's
         BatchNorm statistics and counts the step as skipped, all without a host sync (so the step can be
-        captured as a CUDA graph). ``states``: the grid states of a multi-step student's batch (eps unused)."""
+        captured as a CUDA graph). ``states``: the grid states of a multi-step student's batch, ``traj_eps`` the
+        noise of its trajectory terms."""
         mc = self.model_cfg
         extra = {}
         with self._autocast():
@@ -370,9 +386,9 @@ class ImageTrainer:
                 out = self.forward_module(x0, xT, y, eps0=eps[0], epsT=eps[1], spectral=mc.spectral_loss)
             else:
                 from models.multistep import trajectory_forward, trajectory_terms
-                traj = trajectory_forward(self.model, states, y, generator=self.noise_gen, spectral=mc.spectral_loss,
-                                          aux_rows=mc.trajectory_rows, traj_generator=self.traj_gen,
-                                          output=bool(mc.trajectory_output))
+                traj = trajectory_forward(self.model, states, y, spectral=mc.spectral_loss,
+                                          aux_rows=mc.trajectory_rows, output=bool(mc.trajectory_output),
+                                          eps=(eps[0], eps[1]), traj_eps=traj_eps)
                 out = traj.one_step
                 # MSE at unit scale (the anchors' states are noisy images), the sampler's outputs included
                 extra = trajectory_terms(traj)
@@ -445,35 +461,45 @@ class ImageTrainer:
     # -- cuda_graphs: the step captured once, replayed -------------------------------------------------
     GRAPH_WARMUP_STEPS = 3
 
-    def _graph_step(self, x0, xT, y) -> bool:
+    def _graph_step(self, x0, xT, y, states: Optional[dict] = None) -> bool:
         """``_step`` on static input buffers: run eagerly on a side stream for the first GRAPH_WARMUP_STEPS
         steps (cuDNN autotuning, optimizer state), then captured once and replayed. A batch of another
-        shape (a short last batch) runs eagerly."""
-        eps_shape = (2, x0.shape[0], self.model.latent_dim)
+        shape (a short last batch) runs eagerly. ``states``: a multi-step student's grid states (its x_T and
+        x_0 are ``xT`` and ``x0``)."""
+        n = self.model.intervals
         if self._static is not None and self._static[0].shape != x0.shape:
-            self._step(x0, xT, y, torch.randn(eps_shape, generator=self.noise_gen, device=self.device))
+            self._step(x0, xT, y, *self._noise(x0.shape[0]), states=states)
             return True
         if self._static is None:
+            eps_shape, traj_shape = self._noise_shapes(x0.shape[0])
             self._static = (x0.clone(), xT.clone(), None if y is None else y.clone(),
-                            torch.empty(eps_shape, device=self.device))
-        s_x0, s_xT, s_y, s_eps = self._static
+                            torch.empty(eps_shape, device=self.device),
+                            None if traj_shape is None else torch.empty(traj_shape, device=self.device),
+                            None if states is None else {i: s.clone() for i, s in states.items() if i not in (0, n)})
+        s_x0, s_xT, s_y, s_eps, s_traj, s_inner = self._static
         s_x0.copy_(x0)
         s_xT.copy_(xT)
         if s_y is not None:
             s_y.copy_(y)
-        torch.randn(eps_shape, generator=self.noise_gen, device=self.device, out=s_eps)
+        s_states = None
+        if s_inner is not None:
+            for i, buf in s_inner.items():
+                buf.copy_(states[i])
+            s_states = {0: s_xT, n: s_x0, **s_inner}
+        self._noise(x0.shape[0], out=(s_eps, s_traj))
+        args = (s_x0, s_xT, s_y, s_eps, s_traj)
         if self._graph is None and self._warm_steps < self.GRAPH_WARMUP_STEPS:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._step(s_x0, s_xT, s_y, s_eps)
+                self._step(*args, states=s_states)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self._warm_steps += 1
             return True
         if self._graph is None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):       # records only: the step runs at the replay below
-                self._step(s_x0, s_xT, s_y, s_eps)
+                self._step(*args, states=s_states)
             self._graph = graph
         self._graph.replay()
         return True

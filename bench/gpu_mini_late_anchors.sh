@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU lease, one unconditional `mini` root (teacher snapshots after Heun steps 5, 9 and 14 of 18 kept in the
+# pairs; a one-step student reads x_T and x_0 only, so its rows are the plain preset's):
+#   1. the one-step `mini` student at 4,000 steps (issue 23's quality-vs-steps curve past 3,000);
+#   2. the late-anchor multi-step student (NFE 1 and 2, anchor_rho 3, output terms, 64 trajectory rows) for
+#      MULTI_STEPS steps, evaluated at every NFE beside the teacher cut short (bench/multistep_frontier_mini.sh);
+#   3. a one-step student trained for about the multi-step student's time (seconds per step from row 1).
+#   bash bench/gpu_mini_late_anchors.sh [ROOT] [MULTI_STEPS]
+set -euo pipefail
+ROOT=${1:-/tmp/k/u}
+MULTI_STEPS=${2:-1000}
+ARCHIVE=${KDM_DATA_DIR:-.data}/cifar10-jpeg.tar.gz
+python3 bench/student_steps.py --root "$ROOT" --preset mini --set "pairs.sampler.snapshot_steps=[5,9,14]" \
+  --set "dataset.archive=$ARCHIVE" --steps 4000 --out docs/bench/student-steps-uncond --quiet
+SEC=$(python3 -c "
+import json
+rows = [json.loads(l) for l in open('docs/bench/student-steps-uncond/steps.jsonl')]
+r = [r for r in rows if r['variant'] == 'preset' and r['steps'] == 4000][-1]
+print(r['train_seconds'] / 4000)")
+echo "one-step seconds per step on this GPU: $SEC"
+VARIANT="late:model.nfe_train=[1,2],model.anchor_rho=3,model.trajectory_output=true,model.trajectory_rows=64" \
+  SEC_PER_STEP=$SEC bash bench/multistep_frontier_mini.sh "$ROOT" docs/bench/multistep-mini-late "$MULTI_STEPS"
