@@ -18,5 +18,13 @@ rows = [json.loads(l) for l in open('docs/bench/student-steps-uncond/steps.jsonl
 r = [r for r in rows if r['variant'] == 'preset' and r['steps'] == 4000][-1]
 print(r['train_seconds'] / 4000)")
 echo "one-step seconds per step on this GPU: $SEC"
-VARIANT="late:model.nfe_train=[1,2],model.anchor_rho=3,model.trajectory_output=true,model.trajectory_rows=64" \
-  SEC_PER_STEP=$SEC bash bench/multistep_frontier_mini.sh "$ROOT" docs/bench/multistep-mini-late "$MULTI_STEPS"
+DEST=docs/bench/multistep-mini-late
+export VARIANT="late:model.nfe_train=[1,2],model.anchor_rho=3,model.trajectory_output=true,model.trajectory_rows=64"
+SAME_TIME=0 bash bench/multistep_frontier_mini.sh "$ROOT" "$DEST" "$MULTI_STEPS"
+python3 -c "
+import json, shutil
+r = [json.loads(l) for l in open('$DEST/steps.jsonl') if json.loads(l)['variant'] == 'late'][-1]
+for src, dst in (('evaluation', 'frontier.png'), ('evaluation', 'metrics.json'), ('evaluation', 'manifest.json'),
+                 ('student', 'manifest.json')):
+    shutil.copy(r[src] + '/' + dst, '$DEST/' + (dst if dst != 'manifest.json' else src + '-manifest.json'))"
+SEC_PER_STEP=$SEC bash bench/multistep_frontier_mini.sh "$ROOT" "$DEST" "$MULTI_STEPS"
