@@ -237,9 +237,9 @@ def test_value_axes_go_logarithmic_only_over_a_wide_range():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluation import metrics2d
+    from pipeline.evaluation.frontier_plot import log_scale_if_wide
     fig, (a, b, c) = plt.subplots(1, 3)
-    assert metrics2d.log_scale_if_wide(a, [0.0448, 0.0449, 0.0436]) is False and a.get_yscale() == "linear"
-    assert metrics2d.log_scale_if_wide(b, [1.99, 0.0689, 0.0443]) is True and b.get_yscale() == "log"
-    assert metrics2d.log_scale_if_wide(c, [0.0, None, -1.0]) is False and c.get_yscale() == "linear"
+    assert log_scale_if_wide(a, [0.0448, 0.0449, 0.0436]) is False and a.get_yscale() == "linear"
+    assert log_scale_if_wide(b, [1.99, 0.0689, 0.0443]) is True and b.get_yscale() == "log"
+    assert log_scale_if_wide(c, [0.0, None, -1.0]) is False and c.get_yscale() == "linear"
     plt.close(fig)

@@ -209,28 +209,6 @@ def evaluate_image(out: str, dataset_uri: str, extractor_uri: str, pairs_uri: st
 
 def _plot_frontier(points: dict, teacher_nfe: Optional[int], fd_name: str, path: Path) -> None:
     """FD / the full teacher's FD against NFE: the student at each NFE, the teacher's sampler cut short."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.evaluation.metrics2d import log_scale_if_wide
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for who, style in (("student", dict(color="tab:blue", marker="o")), ("teacher", dict(color="tab:orange",
-                                                                                        marker="s"))):
-        pts = sorted((k, v) for (w, k), v in points.items() if w == who)
-        if pts:
-            ax.plot(*zip(*pts), label=who + (" (EDM Heun cut short)" if who == "teacher" else ""), **style)
-            for x, y in pts:
-                ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1,
-               label="teacher" + (f" ({teacher_nfe} NFE)" if teacher_nfe else ""))
-    nfes = sorted({k for _, k in points} | ({teacher_nfe} if teacher_nfe else set()))
-    ax.set_xscale("log", base=2)
-    log_scale_if_wide(ax, [1.0, *points.values()])
-    ax.set_xticks(nfes)
-    ax.set_xticklabels([str(v) for v in nfes])
-    ax.set(xlabel="network evaluations (NFE)", ylabel=f"{fd_name} / the full teacher's", title="quality against NFE")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    from pipeline.evaluation.frontier_plot import FrontierPanel, plot_frontier
+    plot_frontier([FrontierPanel("quality against NFE", points, floor=1.0, ylabel=f"{fd_name} / the full teacher's")],
+                  path, teacher_nfe, teacher_label="teacher (EDM Heun cut short)")

@@ -153,16 +153,6 @@ def _save(fig, path) -> str:
     return str(path)
 
 
-def log_scale_if_wide(ax, values, ratio: float = 10.0) -> bool:
-    """A log y axis when the positive ``values`` plotted span at least ``ratio`` (a teacher cut short can be 50
-    times its full sampler's SWD), else linear: a log axis over a narrow range only spreads odd tick labels."""
-    pos = [float(v) for v in values if v is not None and float(v) > 0]
-    wide = bool(pos) and max(pos) >= ratio * min(pos)
-    if wide:
-        ax.set_yscale("log")
-    return wide
-
-
 def _scatter(ax, x: np.ndarray, outliers: np.ndarray, colors="tab:blue") -> None:
     ax.scatter(x[~outliers, 0], x[~outliers, 1], s=2, alpha=0.5, c=colors, linewidths=0)
     if outliers.any():
@@ -207,42 +197,19 @@ def plot_noise_structure(x_T: np.ndarray, x_0: np.ndarray, path, title: str = ""
 
 
 def plot_frontier(points, teacher, path, teacher_nfe: int | None = None, title: str = "") -> str:
-    """Quality against NFE: SWD, in-cell fraction and outlier rate (one panel each, NFE on a log2 axis) of the
+    """Quality against NFE: SWD, in-cell fraction and outlier rate (one panel each, ``frontier_plot``) of the
     student at each NFE and of the teacher's sampler cut short (``points``: objects with ``model``, ``nfe`` and
     ``metrics`` = a MetricSet, e.g. storage_schemas FrontierPoint), with the full teacher's x_0 (``teacher``,
-    a MetricSet) as a dashed floor line (at ``teacher_nfe`` as a marker when known)."""
-    panels = (("swd", "SWD to the held-out reference (lower is better)"),
-              ("in_cell_fraction", "in-cell fraction (higher is better)"),
-              ("outlier_rate", "outlier rate (lower is better)"))
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4))
-    fig.subplots_adjust(wspace=0.3)
-    if title:
-        fig.suptitle(title, y=1.03)
-    nfes = sorted({p.nfe for p in points} | ({teacher_nfe} if teacher_nfe else set()))
-    for ax, (key, label) in zip(axes, panels):
-        for who, style in (("student", dict(color="tab:blue", marker="o")),
-                           ("teacher", dict(color="tab:orange", marker="s"))):
-            pts = sorted((p.nfe, getattr(p.metrics, key)) for p in points if p.model == who)
-            if pts:
-                ax.plot(*zip(*pts), label=f"{who}" + (" (sampler cut short)" if who == "teacher" else ""), **style)
-                for x, y in pts:
-                    ax.annotate(f"{y:.4g}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-        if teacher is not None:
-            ax.axhline(getattr(teacher, key), color="grey", linestyle="--", linewidth=1,
-                       label="teacher x_0" + (f" ({teacher_nfe} NFE)" if teacher_nfe else ""))
-            if teacher_nfe:
-                ax.plot([teacher_nfe], [getattr(teacher, key)], color="grey", marker="*", markersize=9)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(nfes)
-        ax.set_xticklabels([str(v) for v in nfes])
-        ax.set(xlabel="network evaluations (NFE)", title=label)
-        ax.margins(x=0.1, y=0.15)             # room for the value labels above the points
-        if key == "swd":
-            log_scale_if_wide(ax, [getattr(p.metrics, key) for p in points]
-                              + ([getattr(teacher, key)] if teacher is not None else []))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    a MetricSet) as a dashed floor line (at ``teacher_nfe`` as a marker when known); SWD on a log axis when
+    its values span 10x."""
+    from pipeline.evaluation.frontier_plot import FrontierPanel
+    from pipeline.evaluation.frontier_plot import plot_frontier as draw
+    panels = [FrontierPanel(label, {(p.model, p.nfe): getattr(p.metrics, key) for p in points},
+                            None if teacher is None else getattr(teacher, key), log=key == "swd")
+              for key, label in (("swd", "SWD to the held-out reference (lower is better)"),
+                                 ("in_cell_fraction", "in-cell fraction (higher is better)"),
+                                 ("outlier_rate", "outlier rate (lower is better)"))]
+    return draw(panels, path, teacher_nfe, title, floor_label="teacher x_0")
 
 
 # ----------------------------------------------------------------------------- summary
