@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # One GPU lease, one unconditional `mini` root (teacher snapshots after Heun steps 5, 9 and 14 of 18 kept in the
 # pairs; a one-step student reads x_T and x_0 only, so its rows are the plain preset's):
-#   1. the one-step `mini` student at 4,000 steps (issue 23's quality-vs-steps curve past 3,000);
+#   1. the one-step `mini` student at FIRST_STEPS (default 1,000) steps: the same-root one-step row, and the
+#      one-step seconds per step on this GPU;
 #   2. the late-anchor multi-step student (NFE 1 and 2, anchor_rho 3, output terms, 64 trajectory rows) for
 #      MULTI_STEPS steps, evaluated at every NFE beside the teacher cut short (bench/multistep_frontier_mini.sh);
-#   3. a one-step student trained for about the multi-step student's time (seconds per step from row 1).
-#   bash bench/gpu_mini_late_anchors.sh [ROOT] [MULTI_STEPS]
+#   3. a one-step student trained for about the multi-step student's time;
+#   4. the one-step student at 4,000 steps (issue 23's quality-vs-steps curve past 3,000), if the lease lasts.
+#   bash bench/gpu_mini_late_anchors.sh [ROOT] [MULTI_STEPS] [FIRST_STEPS]
 set -euo pipefail
 ROOT=${1:-/tmp/k/u}
 MULTI_STEPS=${2:-1000}
+FIRST=${3:-1000}
 ARCHIVE=${KDM_DATA_DIR:-.data}/cifar10-jpeg.tar.gz
-python3 bench/student_steps.py --root "$ROOT" --preset mini --set "pairs.sampler.snapshot_steps=[5,9,14]" \
-  --set "dataset.archive=$ARCHIVE" --steps 4000 --out docs/bench/student-steps-uncond --quiet
+DEST=docs/bench/multistep-mini-late
+ONE=(--root "$ROOT" --preset mini --set "pairs.sampler.snapshot_steps=[5,9,14]" --set "dataset.archive=$ARCHIVE"
+     --quiet)
+python3 bench/student_steps.py "${ONE[@]}" --steps "$FIRST" --out "$DEST" --variant one-step
 SEC=$(python3 -c "
 import json
-rows = [json.loads(l) for l in open('docs/bench/student-steps-uncond/steps.jsonl')]
-r = [r for r in rows if r['variant'] == 'preset' and r['steps'] == 4000][-1]
-print(r['train_seconds'] / 4000)")
+rows = [json.loads(l) for l in open('$DEST/steps.jsonl')]
+r = [r for r in rows if r['variant'] == 'one-step' and r['steps'] == $FIRST][-1]
+print(r['train_seconds'] / $FIRST)")
 echo "one-step seconds per step on this GPU: $SEC"
-DEST=docs/bench/multistep-mini-late
 export VARIANT="late:model.nfe_train=[1,2],model.anchor_rho=3,model.trajectory_output=true,model.trajectory_rows=64"
 SAME_TIME=0 bash bench/multistep_frontier_mini.sh "$ROOT" "$DEST" "$MULTI_STEPS"
 python3 -c "
@@ -26,5 +30,7 @@ import json, shutil
 r = [json.loads(l) for l in open('$DEST/steps.jsonl') if json.loads(l)['variant'] == 'late'][-1]
 for src, dst in (('evaluation', 'frontier.png'), ('evaluation', 'metrics.json'), ('evaluation', 'manifest.json'),
                  ('student', 'manifest.json')):
-    shutil.copy(r[src] + '/' + dst, '$DEST/' + (dst if dst != 'manifest.json' else src + '-manifest.json'))" || echo "the evaluation's files were not copied (above)"
+    shutil.copy(r[src] + '/' + dst, '$DEST/' + (dst if dst != 'manifest.json' else src + '-manifest.json'))" \
+  || echo "the evaluation's files were not copied (above)"
 SEC_PER_STEP=$SEC bash bench/multistep_frontier_mini.sh "$ROOT" "$DEST" "$MULTI_STEPS"
+python3 bench/student_steps.py "${ONE[@]}" --steps 4000 --out docs/bench/student-steps-uncond
