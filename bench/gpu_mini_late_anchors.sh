@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU lease, one unconditional `mini` root (teacher snapshots after Heun steps 5, 9 and 14 of 18 kept in the
 # pairs; a one-step student reads x_T and x_0 only, so its rows are the plain preset's):
-#   1. the one-step `mini` student at FIRST_STEPS (default 1,000) steps: the same-root one-step row, and the
-#      one-step seconds per step on this GPU;
+#   1. the one-step `mini` student at FIRST_STEPS (default 1,000; 0: skipped, SEC_PER_STEP or one H100's 401 / 3000
+#      instead) steps: the same-root one-step row, and the one-step seconds per step on this GPU;
 #   2. the late-anchor multi-step student (NFE 1 and 2, anchor_rho 3, output terms, 64 trajectory rows) for
 #      MULTI_STEPS steps, evaluated at every NFE beside the teacher cut short (bench/multistep_frontier_mini.sh);
 #   3. a one-step student trained for about the multi-step student's time;
@@ -16,13 +16,16 @@ ARCHIVE=${KDM_DATA_DIR:-.data}/cifar10-jpeg.tar.gz
 DEST=docs/bench/multistep-mini-late
 ONE=(--root "$ROOT" --preset mini --set "pairs.sampler.snapshot_steps=[5,9,14]" --set "dataset.archive=$ARCHIVE"
      --quiet)
-python3 bench/student_steps.py "${ONE[@]}" --steps "$FIRST" --out "$DEST" --variant one-step
-SEC=$(python3 -c "
+SEC=${SEC_PER_STEP:-$(python3 -c "print(401 / 3000)")}
+if [ "$FIRST" != 0 ]; then
+  python3 bench/student_steps.py "${ONE[@]}" --steps "$FIRST" --out "$DEST" --variant one-step
+  SEC=$(python3 -c "
 import json
 rows = [json.loads(l) for l in open('$DEST/steps.jsonl')]
 r = [r for r in rows if r['variant'] == 'one-step' and r['steps'] == $FIRST][-1]
 print(r['train_seconds'] / $FIRST)")
-echo "one-step seconds per step on this GPU: $SEC"
+fi
+echo "one-step seconds per step: $SEC"
 export VARIANT="late:model.nfe_train=[1,2],model.anchor_rho=3,model.trajectory_output=true,model.trajectory_rows=64"
 SAME_TIME=0 bash bench/multistep_frontier_mini.sh "$ROOT" "$DEST" "$MULTI_STEPS"
 python3 -c "
