@@ -159,9 +159,10 @@ class ImageTrainConfig(Strict):
     cuda_graphs: Optional[bool] = Field(
         None, description="capture the whole training step (forward, backward, both optimizer steps, EMA) as "
                           "one CUDA graph after 3 eager warm-up steps; the non-finite guard then runs on the "
-                          "GPU (no host sync). One GPU, one process, a one-step student. None (default): on "
-                          "exactly then, with compile off; True with compile=True captures the compiled U-Nets "
-                          "(a speed variant, bench/bench_kdm_image.py graphs-compile)")
+                          "GPU (no host sync). One GPU, one process. None (default): on exactly then, with "
+                          "compile off, for a one-step student; a multi-step student's captured step only when "
+                          "True; True with compile=True captures the compiled U-Nets (a speed variant, "
+                          "bench/bench_kdm_image.py graphs-compile)")
     buffer_chunks: int = Field(8, ge=1, description="pair-store chunks read and shuffled together")
     read_threads: int = Field(8, ge=1, description="threads reading pair-store chunks")
     vgg16_weights: Optional[str] = Field(

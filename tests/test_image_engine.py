@@ -347,6 +347,13 @@ def test_cuda_graphs_default_to_one_eager_cpu_process():
     tr = ImageTrainer(model_cfg(), train_cfg(), CPU)
     assert train_cfg().cuda_graphs is None and tr.cuda_graphs is False
     assert ImageTrainer(model_cfg(), train_cfg(cuda_graphs=False), CPU).cuda_graphs is False
+    # a multi-step student's captured step is opt-in: torchrun is the one refusal
+    multi = ImageTrainer(model_cfg(nfe_train=[1, 2]), train_cfg(), CPU, intervals=4)
+    assert multi.multi and multi.cuda_graphs is False
+    from pipeline.training.image_train import DistInfo
+    with pytest.raises(KDMError, match="trains in one process: run it without torchrun"):
+        ImageTrainer(model_cfg(nfe_train=[1, 2]), train_cfg(), CPU, intervals=4,
+                     dist_info=DistInfo(rank=0, world_size=2, local_rank=0))
 
 
 @pytest.mark.gpu

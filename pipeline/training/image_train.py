@@ -37,8 +37,8 @@ Multi-step students (``model.nfe_train``, a pair store with trajectory snapshots
 snapshots (x_t), brought to unit scale (EDM's c_in(sigma), ``models.multistep.snapshot_scales``), and the
 step's generator terms come from ``models.multistep.trajectory_forward`` (the one-step terms as above, plus
 the trajectory terms: MSE of the latent pushes and of the reconstructions at the anchors);
-they train in one process (no torchrun), as one CUDA graph like the one-step step (``cuda_graphs``), with the
-trajectory terms' latent noise from a generator of their own. Both noises are drawn before the step, as the
+they train in one process (no torchrun), eagerly by default or, with ``cuda_graphs=True``, as one CUDA graph like
+the one-step step (its GPU check is pending), with the trajectory terms' latent noise from a generator of their own. Both noises are drawn before the step, as the
 one-step student's (its x_0 and x_T noise from the same stream in the same order), so a multi-step student's
 one-step networks train as the one-step student's.
 
@@ -249,8 +249,11 @@ class ImageTrainer:
                            f"{device}, {self.dist.world_size} process(es)")
         # The whole step as one CUDA graph: asked for, or by default wherever it is possible. With compile,
         # only when asked (cuda_graphs=True): the compiled U-Nets (inductor's default mode, no graphs of its
-        # own) run eagerly in the warm-up steps, where they compile, and are captured with the rest.
-        self.cuda_graphs = (graphs_possible and not tc.compile) if tc.cuda_graphs is None else tc.cuda_graphs
+        # own) run eagerly in the warm-up steps, where they compile, and are captured with the rest. A multi-step
+        # student's captured step is opt-in too (cuda_graphs=True) until a GPU run has checked it against the
+        # eager step (tests/test_image_engine.py, the GPU test of both): by default it trains eagerly.
+        self.cuda_graphs = (graphs_possible and not tc.compile and not self.multi) if tc.cuda_graphs is None \
+            else tc.cuda_graphs
         # Fused Adam (CPU and CUDA): the non-finite guard skips its steps on the device through found_inf.
         opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=True,
                       capturable=self.cuda_graphs)
