@@ -26,7 +26,7 @@ r = [r for r in rows if r['variant'] == 'one-step' and r['steps'] == $FIRST][-1]
 print(r['train_seconds'] / $FIRST)")
 fi
 echo "one-step seconds per step: $SEC"
-export VARIANT="late:model.nfe_train=[1,2],model.anchor_rho=3,model.trajectory_output=true,model.trajectory_rows=64"
+export VARIANT="late:model.nfe_train=[1,2],model.anchor_rho=3,model.trajectory_output=true,model.trajectory_rows=64,train.cuda_graphs=true"
 SAME_TIME=0 bash bench/multistep_frontier_mini.sh "$ROOT" "$DEST" "$MULTI_STEPS"
 python3 -c "
 import json, shutil

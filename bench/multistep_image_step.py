@@ -2,10 +2,11 @@
 
 The `mini` student of the cifar10 recipe (distance pseudo-Huber here: the step's cost of the distance is the same for
 both), trained on a synthetic pair store with K trajectory snapshots: the one-step student on the engine's default
-path (a CUDA graph on one GPU) and the multi-step student (``nfe_train``, eager: no CUDA graph yet), each for
-``--steps`` timed steps after warm-up; then one batch of samples at each NFE. Prints and writes one JSON record.
+path (a CUDA graph on one GPU) and the multi-step student (``nfe_train``, anchors of ``--rho``) eagerly (its default)
+and, on a GPU, as a captured CUDA graph (``train.cuda_graphs=True``), each for ``--steps`` timed steps after warm-up;
+then one batch of samples at each NFE. Prints and writes one JSON record.
 
-    python bench/multistep_image_step.py [--device cuda] [--steps 50] [--batch 256] [--out RESULT.json]
+    python bench/multistep_image_step.py [--device cuda] [--steps 50] [--batch 256] [--nfe 1,2 --rho 3] [--out R.json]
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def main() -> None:
     p.add_argument("--snapshots", type=int, default=3)
     p.add_argument("--nfe", default="1,2,4")
     p.add_argument("--rows", type=int, default=64, help="model.trajectory_rows")
+    p.add_argument("--rho", type=float, default=1.0, help="model.anchor_rho")
+    p.add_argument("--output", action="store_true", help="model.trajectory_output")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     from pipeline.training.image_data import write_synthetic_store
@@ -43,7 +46,8 @@ def main() -> None:
     if dev.type == "cpu":
         tc = tc.model_copy(update={"precision": "fp32", "cuda_graphs": None})
     record = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "batch": a.batch,
-              "snapshots": a.snapshots, "nfe_train": list(nfe), "trajectory_rows": a.rows, "steps": a.steps}
+              "snapshots": a.snapshots, "nfe_train": list(nfe), "trajectory_rows": a.rows, "anchor_rho": a.rho,
+              "trajectory_output": a.output, "steps": a.steps}
     with tempfile.TemporaryDirectory() as d:
         store = write_synthetic_store(str(Path(d) / "p"), 4 * a.batch, (3, 32, 32), chunk_size=a.batch,
                                       snapshots=a.snapshots)
@@ -51,10 +55,14 @@ def main() -> None:
         x = {k: torch.from_numpy(v) for k, v in data.items() if k in ("x_T", "x_0", "x_t")}
         from models.multistep import snapshot_scales
         scales = snapshot_scales(store.manifest.snapshots.axis, store.manifest.snapshots.levels)
-        for name, cfg, n in (("one_step", base, 1),
-                             ("multi_step", base.model_copy(update={"nfe_train": nfe, "trajectory_rows": a.rows}),
-                              a.snapshots + 1)):
-            tr = ImageTrainer(cfg, tc, dev, intervals=n, snapshot_scales=scales if n > 1 else None)
+        multi = base.model_copy(update={"nfe_train": nfe, "trajectory_rows": a.rows,
+                                        "anchor_rho": a.rho if a.rho != 1 else None,
+                                        "trajectory_output": a.output or None})
+        runs = [("one_step", base, 1, tc), ("multi_step", multi, a.snapshots + 1, tc)]
+        if dev.type == "cuda":
+            runs.append(("multi_step_graph", multi, a.snapshots + 1, tc.model_copy(update={"cuda_graphs": True})))
+        for name, cfg, n, run_tc in runs:
+            tr = ImageTrainer(cfg, run_tc, dev, intervals=n, snapshot_scales=scales if n > 1 else None)
             for i in range(a.warmup + a.steps):
                 if i == a.warmup:
                     if dev.type == "cuda":
@@ -67,7 +75,7 @@ def main() -> None:
             record[f"{name}_ms_per_step"] = round(1000 * (time.perf_counter() - t0) / a.steps, 2)
             record[f"{name}_losses"] = {k: round(v, 5) for k, v in tr.pop_metrics().items()}
             record[f"{name}_cuda_graphs"] = bool(tr.cuda_graphs)
-            if tr.multi:
+            if name == "multi_step":
                 model = tr.ema.eval()
                 xT = x["x_T"][:a.batch].to(dev)
                 for m in nfe:
@@ -82,7 +90,9 @@ def main() -> None:
                     record[f"sample_nfe{m}_images_per_s"] = round(a.batch / (time.perf_counter() - t0), 1)
                     record[f"sample_nfe{m}_finite"] = bool(torch.isfinite(out.float()).all())
             del tr
-    record["step_ratio"] = round(record["multi_step_ms_per_step"] / record["one_step_ms_per_step"], 3)
+    for name in ("multi_step", "multi_step_graph"):
+        if f"{name}_ms_per_step" in record:
+            record[f"{name}_ratio"] = round(record[f"{name}_ms_per_step"] / record["one_step_ms_per_step"], 3)
     print(json.dumps(record))
     if a.out:
         Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
