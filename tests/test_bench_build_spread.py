@@ -23,7 +23,8 @@ def test_spread_over_builds(tmp_path):
     files = []
     for seed, mse, outl in ((0, 4e-4, 0.004), (1, 6e-4, 0.006), (2, 5e-4, 0.005)):
         f = tmp_path / f"s{seed}.jsonl"
-        f.write_text(json.dumps(row(seed, 16000, 9e-4)) + "\n" + json.dumps(row(seed, 24000, mse, outliers=outl)) + "\n")
+        rows = (row(seed, 16000, 9e-4), row(seed, 24000, mse, outliers=outl))
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files.append(str(f))
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(REPO / "bench" / "checkerboard_build_spread.py"), "--out", str(out), *files],
