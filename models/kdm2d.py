@@ -102,17 +102,14 @@ class KDM2D(nn.Module):
         return rollout(self, xT, nfe)
 
     # -- the pieces models.multistep uses -------------------------------------------------------------
-    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None,
-                     net: str | None = None) -> torch.Tensor:
+    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between."""
-        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder,
-               "trajectory": self.traj_encoder}[level(self, tau, net)]
+        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder, "trajectory": self.traj_encoder}[level(self, net)]
         return enc(x, tau)
 
-    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None,
-                     net: str | None = None) -> torch.Tensor:
+    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """D_psi(z, 0) at x_0, the trajectory decoder D_traj(z, tau) between."""
-        return (self.decoder if level(self, tau, net) == "x_0" else self.traj_decoder)(z, tau)
+        return (self.decoder if level(self, net) == "x_0" else self.traj_decoder)(z, tau)
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         return segment_operator(self, i, j)(z)

@@ -193,17 +193,14 @@ class KDMImage(nn.Module):
         return rollout(self, xT, nfe, y)
 
     # -- the pieces models.multistep uses (labels already prepared) -------------------------------------
-    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None,
-                     net: str | None = None) -> torch.Tensor:
+    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between (noise label tau)."""
-        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder,
-               "trajectory": self.traj_encoder}[level(self, tau, net)]
+        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder, "trajectory": self.traj_encoder}[level(self, net)]
         return enc(x, tau, labels)
 
-    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None,
-                     net: str | None = None) -> torch.Tensor:
+    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """D_psi(z, 0) at x_0, the trajectory decoder D_traj(z, tau) between."""
-        return (self.decoder if level(self, tau, net) == "x_0" else self.traj_decoder)(z, tau, labels)
+        return (self.decoder if level(self, net) == "x_0" else self.traj_decoder)(z, tau, labels)
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         """The operator of grid segment (i, j), plus the control term C_mu(y) when conditional."""

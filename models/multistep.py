@@ -86,15 +86,13 @@ class TrajectoryModel(Protocol):
     nfe_train: tuple[int, ...]
     anchor_rho: float
 
-    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None,
-                     net: Optional[str] = None) -> torch.Tensor:
-        """Latent of states x at times tau (B,): the x_T encoder at tau = T, the x_0 encoder at 0, the trajectory
-        encoder between (a multi-step student's); ``net`` ('x_T', 'x_0', 'trajectory') names it without reading
-        tau (``level``)."""
+    def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
+        """Latent of states x at times tau (B,) by the networks ``net`` (``level``; ``grid_net`` of the states' grid
+        index): the x_T encoder ('x_T', tau = T), the x_0 encoder ('x_0', 0), the trajectory encoder between
+        ('trajectory', a multi-step student's)."""
 
-    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None,
-                     net: Optional[str] = None) -> torch.Tensor:
-        """States at times tau (B,) from latents z: the one-step decoder at 0, the trajectory decoder between."""
+    def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
+        """States at times tau (B,) from latents z: the one-step decoder ('x_0'), the trajectory decoder between."""
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         """The latent at grid index j from the latent z at index i < j (the operator of segment (i, j))."""
@@ -185,23 +183,14 @@ def set_trajectory(model: nn.Module, intervals: int, nfe_train: Sequence[int], m
     model.traj_decoder = make_decoder() if extra else None
 
 
-def level(model, tau: torch.Tensor, net: Optional[str] = None) -> str:
-    """Which networks see states at times ``tau`` (B,): 'x_T' (tau = T), 'x_0' (tau = 0) or 'trajectory'.
-    ``net``, when given, is the answer (checked, not read from tau): the grid's own callers know each state's
-    index (``grid_net``), and reading a device tensor's values would stop the host until the device is there
-    (and cannot be captured in a CUDA graph)."""
-    if net is not None:
-        if net not in ("x_T", "x_0", "trajectory") or (net == "trajectory" and model.traj_encoder is None):
-            raise ValueError(f"no network {net!r} in this student (x_T, x_0"
-                             f"{', trajectory' if model.traj_encoder is not None else ''})")
-        return net
-    for name, t in (("x_T", model.time_T), ("x_0", 0.0)):
-        if bool((tau == t).all()):
-            return name
-    if bool(((tau > 0) & (tau < model.time_T)).all()) and model.traj_encoder is not None:
-        return "trajectory"
-    raise ValueError(f"states at times {sorted(set(tau.tolist()))[:4]}: x_T (tau = {model.time_T}), x_0 (tau = 0) "
-                     f"and the trajectory between (a multi-step student's) go to different networks; pass them apart")
+def level(model, net: str) -> str:
+    """``net`` checked against the model's networks: 'x_T', 'x_0' or 'trajectory' (a multi-step student's). The
+    callers name it from the states' grid index (``grid_net``) rather than reading their times tau: reading a device
+    tensor's values stops the host until the device is there, and cannot be captured in a CUDA graph."""
+    if net not in ("x_T", "x_0", "trajectory") or (net == "trajectory" and model.traj_encoder is None):
+        raise ValueError(f"no network {net!r} in this student (x_T, x_0"
+                         f"{', trajectory' if model.traj_encoder is not None else ''})")
+    return net
 
 
 def grid_net(model, i: int) -> str:
@@ -290,7 +279,7 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     like = states[0]
     lab_aux = None if labels is None else labels[:aux]
     schedules = [anchors(n, m, model.anchor_rho) for m in model.nfe_train if m > 1]
-    inner = sorted({a for s in schedules for a in s[1:-1]})
+    inner = trained_indices(model)[1:-1]
     missing = [i for i in [0, n, *inner] if i not in states]
     if missing:
         raise ValueError(f"trajectory_forward: grid states {missing} are missing (given {sorted(states)})")

@@ -247,10 +247,10 @@ def test_the_training_pass_and_rollout_name_their_networks_and_take_given_noise(
     module = kdm_image if image else kdm2d
     real, calls = module.level, []
 
-    def named_only(model, tau, net=None):
+    def named_only(model, net):
         assert net is not None, "a network chosen by reading tau"
         calls.append(net)
-        return real(model, tau, net)
+        return real(model, net)
     monkeypatch.setattr(module, "level", named_only)
     states = {i: torch.randn(5, *shape) for i in range(5)}
     ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
@@ -269,7 +269,7 @@ def test_the_training_pass_and_rollout_name_their_networks_and_take_given_noise(
     assert set(calls) == {"x_T", "x_0", "trajectory"}
     assert ms.trajectory_noise_shape(KDM2D(**SMALL), 5) is None
     with pytest.raises(ValueError, match="no network 'trajectory' in this student"):
-        real(KDM2D(**SMALL), torch.zeros(2), "trajectory")
+        real(KDM2D(**SMALL), "trajectory")
 
 
 def test_config_fields_keep_one_step_versions():

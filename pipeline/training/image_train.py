@@ -38,9 +38,9 @@ snapshots (x_t), brought to unit scale (EDM's c_in(sigma), ``models.multistep.sn
 step's generator terms come from ``models.multistep.trajectory_forward`` (the one-step terms as above, plus
 the trajectory terms: MSE of the latent pushes and of the reconstructions at the anchors);
 they train in one process (no torchrun), eagerly by default or, with ``cuda_graphs=True``, as one CUDA graph like
-the one-step step (its GPU check is pending), with the trajectory terms' latent noise from a generator of their own. Both noises are drawn before the step, as the
-one-step student's (its x_0 and x_T noise from the same stream in the same order), so a multi-step student's
-one-step networks train as the one-step student's.
+the one-step step (its GPU check is pending), with the trajectory terms' latent noise from a generator of their
+own. Both noises are drawn before the step, x_0's and x_T's as the one-step student's (same stream, same order),
+so a multi-step student's one-step networks train as the one-step student's.
 
 Processes: one code path for 1 or N GPUs. Under ``torchrun`` (WORLD_SIZE > 1) each process takes
 ``batch_size / N`` pairs of every step (rank r takes every N-th batch of the shared sample order), the
@@ -187,6 +187,7 @@ class ImageTrainer:
         self.dist = dist_info or DistInfo()
         self.multi = model_cfg.nfe_train is not None and intervals > 1      # trained on trajectory snapshots
         self.snapshot_scales = list(snapshot_scales or [1.0] * (intervals - 1))
+        self.inner: list[int] = []          # the grid indices between x_T and x_0 a multi-step batch needs
         if self.multi and self.dist.enabled:
             raise KDMError("a multi-step student (model.nfe_train) trains in one process: run it without torchrun")
         self.amp = tc.precision == "bf16"
@@ -202,6 +203,8 @@ class ImageTrainer:
         self.disc = (Discriminator(model_cfg.channels).to(device=device, memory_format=fmt)
                      if model_cfg.adv_weight > 0 else None)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.multi:
+            self.inner = trained_indices(self.model)[1:-1]
         self.distance_net: Optional[PerceptualNetRef] = None
         own = None
         if model_cfg.distance == "lpips-own" and perceptual is not None:
@@ -346,24 +349,20 @@ class ImageTrainer:
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             xt = x_t.to(device=self.device, non_blocking=True)
             states = {0: xT, self.model.intervals: x0}
-            for i in trained_indices(self.model)[1:-1]:    # at unit scale, as the trajectory networks work
+            for i in self.inner:                         # at unit scale, as the trajectory networks work
                 states[i] = (xt[:, i - 1] * self.snapshot_scales[i - 1]).contiguous(memory_format=fmt)
         if self.cuda_graphs:
             return self._graph_step(x0, xT, y, states)
         return bool(self._step(x0, xT, y, *self._noise(x0.shape[0]), states=states))
 
-    def _noise_shapes(self, batch: int) -> tuple[tuple, Optional[tuple]]:
-        """Shapes of a step's latent noise: x_0's and x_T's (2, B, latent_dim) and, for a multi-step student, the
-        trajectory terms' (``models.multistep.trajectory_noise_shape``; None without)."""
-        traj = trajectory_noise_shape(self.model, batch, self.model_cfg.trajectory_rows) if self.multi else None
-        return (2, batch, self.model.latent_dim), traj
-
     def _noise(self, batch: int, out: Optional[tuple] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The step's latent noise, drawn before it: x_0's and x_T's from the noise stream, the trajectory terms'
-        from their own stream; into the tensors ``out`` when given (a captured step's static buffers)."""
+        """The step's latent noise, drawn before it: x_0's and x_T's (2, B, latent_dim) from the noise stream, a
+        multi-step student's trajectory terms' (``models.multistep.trajectory_noise_shape``) from their own
+        stream; into the tensors ``out`` when given (a captured step's static buffers)."""
         eps_out, traj_out = out if out is not None else (None, None)
-        eps_shape, traj_shape = self._noise_shapes(batch)
-        eps = torch.randn(eps_shape, generator=self.noise_gen, device=self.device, out=eps_out)
+        traj_shape = trajectory_noise_shape(self.model, batch, self.model_cfg.trajectory_rows) if self.multi else None
+        eps = torch.randn((2, batch, self.model.latent_dim), generator=self.noise_gen, device=self.device,
+                          out=eps_out)
         traj = None if traj_shape is None else torch.randn(traj_shape, generator=self.traj_gen, device=self.device,
                                                            out=traj_out)
         return eps, traj
@@ -391,7 +390,7 @@ class ImageTrainer:
                 from models.multistep import trajectory_forward, trajectory_terms
                 traj = trajectory_forward(self.model, states, y, spectral=mc.spectral_loss,
                                           aux_rows=mc.trajectory_rows, output=bool(mc.trajectory_output),
-                                          eps=(eps[0], eps[1]), traj_eps=traj_eps)
+                                          eps=eps, traj_eps=traj_eps)
                 out = traj.one_step
                 # MSE at unit scale (the anchors' states are noisy images), the sampler's outputs included
                 extra = trajectory_terms(traj)
@@ -473,23 +472,20 @@ class ImageTrainer:
         if self._static is not None and self._static[0].shape != x0.shape:
             self._step(x0, xT, y, *self._noise(x0.shape[0]), states=states)
             return True
-        if self._static is None:
-            eps_shape, traj_shape = self._noise_shapes(x0.shape[0])
-            self._static = (x0.clone(), xT.clone(), None if y is None else y.clone(),
-                            torch.empty(eps_shape, device=self.device),
-                            None if traj_shape is None else torch.empty(traj_shape, device=self.device),
-                            None if states is None else {i: s.clone() for i, s in states.items() if i not in (0, n)})
+        fresh = self._static is None
+        if fresh:                       # the first step's inputs and noise become the static buffers
+            self._static = (x0.clone(), xT.clone(), None if y is None else y.clone(), *self._noise(x0.shape[0]),
+                            None if states is None else {i: states[i].clone() for i in self.inner})
         s_x0, s_xT, s_y, s_eps, s_traj, s_inner = self._static
-        s_x0.copy_(x0)
-        s_xT.copy_(xT)
-        if s_y is not None:
-            s_y.copy_(y)
-        s_states = None
-        if s_inner is not None:
-            for i, buf in s_inner.items():
+        if not fresh:
+            s_x0.copy_(x0)
+            s_xT.copy_(xT)
+            if s_y is not None:
+                s_y.copy_(y)
+            for i, buf in (s_inner or {}).items():
                 buf.copy_(states[i])
-            s_states = {0: s_xT, n: s_x0, **s_inner}
-        self._noise(x0.shape[0], out=(s_eps, s_traj))
+            self._noise(x0.shape[0], out=(s_eps, s_traj))
+        s_states = None if s_inner is None else {0: s_xT, n: s_x0, **s_inner}
         args = (s_x0, s_xT, s_y, s_eps, s_traj)
         if self._graph is None and self._warm_steps < self.GRAPH_WARMUP_STEPS:
             side = torch.cuda.Stream(self.device)
