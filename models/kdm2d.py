@@ -17,7 +17,7 @@ from torch import nn
 
 from .koopman import make_operator
 from .mlp2d import MLPDecoder, MLPEncoder
-from .multistep import level, rollout, segment_operator, set_trajectory
+from .multistep import decoder_of, encoder_of, rollout, segment_operator, set_trajectory
 
 
 class KDMForward(NamedTuple):
@@ -104,12 +104,11 @@ class KDM2D(nn.Module):
     # -- the pieces models.multistep uses -------------------------------------------------------------
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between."""
-        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder, "trajectory": self.traj_encoder}[level(self, net)]
-        return enc(x, tau)
+        return encoder_of(self, net)(x, tau)
 
     def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """D_psi(z, 0) at x_0, the trajectory decoder D_traj(z, tau) between."""
-        return (self.decoder if level(self, net) == "x_0" else self.traj_decoder)(z, tau)
+        return decoder_of(self, net)(z, tau)
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         return segment_operator(self, i, j)(z)

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from .kdm2d import KDMForward, add_latent_noise
 from .koopman import make_operator
-from .multistep import level, rollout, segment_operator, set_trajectory
+from .multistep import decoder_of, encoder_of, rollout, segment_operator, set_trajectory
 from .songunet import Linear, SongUNet
 
 # SongUNet settings shared by the three networks of every official image config (notes Sec. 1.1).
@@ -195,12 +195,11 @@ class KDMImage(nn.Module):
     # -- the pieces models.multistep uses (labels already prepared) -------------------------------------
     def encode_state(self, x: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """E_varphi(x_T, T), E_phi(x_0, 0), or the trajectory encoder's E_traj(s, tau) between (noise label tau)."""
-        enc = {"x_T": self.xT_encoder, "x_0": self.x0_encoder, "trajectory": self.traj_encoder}[level(self, net)]
-        return enc(x, tau, labels)
+        return encoder_of(self, net)(x, tau, labels)
 
     def decode_state(self, z: torch.Tensor, tau: torch.Tensor, labels=None, *, net: str) -> torch.Tensor:
         """D_psi(z, 0) at x_0, the trajectory decoder D_traj(z, tau) between."""
-        return (self.decoder if level(self, net) == "x_0" else self.traj_decoder)(z, tau, labels)
+        return decoder_of(self, net)(z, tau, labels)
 
     def advance(self, z: torch.Tensor, i: int, j: int, labels=None) -> torch.Tensor:
         """The operator of grid segment (i, j), plus the control term C_mu(y) when conditional."""

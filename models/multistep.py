@@ -193,6 +193,19 @@ def level(model, net: str) -> str:
     return net
 
 
+def encoder_of(model, net: str) -> nn.Module:
+    """The encoder of ``net`` (``level``): E_varphi ('x_T'), E_phi ('x_0'), E_traj ('trajectory')."""
+    return {"x_T": model.xT_encoder, "x_0": model.x0_encoder, "trajectory": model.traj_encoder}[level(model, net)]
+
+
+def decoder_of(model, net: str) -> nn.Module:
+    """The decoder of ``net`` (``level``): D_psi ('x_0'), D_traj ('trajectory'). No state is decoded at x_T: the
+    samplers start there."""
+    if level(model, net) == "x_T":
+        raise ValueError("no decoder at x_T: a student decodes at x_0 and, with trajectory networks, between")
+    return model.decoder if net == "x_0" else model.traj_decoder
+
+
 def grid_net(model, i: int) -> str:
     """The networks of grid index i: 'x_T' (i = 0), 'x_0' (i = n), 'trajectory' between."""
     return "x_T" if i == 0 else "x_0" if i == model.intervals else "trajectory"
@@ -303,7 +316,7 @@ def trajectory_forward(model: TrajectoryModel, states: dict[int, torch.Tensor], 
     for k, i in enumerate(inner):
         clean[i], noisy[i] = z_in[k * aux:(k + 1) * aux], zn_in[k * aux:(k + 1) * aux]
     teacher = {(i, j): model.advance(noisy[i], i, j, lab_aux)
-               for i, j in sorted({s for a in schedules for s in zip(a[:-1], a[1:])})}
+               for i, j in segments(n, [m for m in model.nfe_train if m > 1], model.anchor_rho)}
     push, target, ends = list(teacher.values()), [clean[j] for _, j in teacher], [j for _, j in teacher]
     for a in schedules:      # the later rounds from the student's own decoded predictions
         z = teacher[(a[0], a[1])]

@@ -234,8 +234,6 @@ def test_the_training_pass_and_rollout_name_their_networks_and_take_given_noise(
     """Every network call of the training pass and the sampler names its network from the grid index (no
     device value read on the host, so the pass can be captured as a CUDA graph), and noise drawn by the caller
     in the pass's order gives the pass's own draws exactly."""
-    import models.kdm2d as kdm2d
-    import models.kdm_image as kdm_image
     if image:
         unet = dict(OFFICIAL_UNET, model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
                     dropout=0.0)
@@ -244,14 +242,13 @@ def test_the_training_pass_and_rollout_name_their_networks_and_take_given_noise(
     else:
         torch.manual_seed(0)
         m, shape = KDM2D(**SMALL, intervals=4, nfe_train=(1, 2, 4)), (2,)
-    module = kdm_image if image else kdm2d
-    real, calls = module.level, []
+    real, calls = ms.level, []
 
     def named_only(model, net):
         assert net is not None, "a network chosen by reading tau"
         calls.append(net)
         return real(model, net)
-    monkeypatch.setattr(module, "level", named_only)
+    monkeypatch.setattr(ms, "level", named_only)
     states = {i: torch.randn(5, *shape) for i in range(5)}
     ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
     drawn = ms.trajectory_forward(m, states, generator=ga, traj_generator=gb, aux_rows=2, output=True)
@@ -270,6 +267,9 @@ def test_the_training_pass_and_rollout_name_their_networks_and_take_given_noise(
     assert ms.trajectory_noise_shape(KDM2D(**SMALL), 5) is None
     with pytest.raises(ValueError, match="no network 'trajectory' in this student"):
         real(KDM2D(**SMALL), "trajectory")
+    assert ms.decoder_of(m, "trajectory") is m.traj_decoder and ms.encoder_of(m, "x_T") is m.xT_encoder
+    with pytest.raises(ValueError, match="no decoder at x_T"):
+        m.decode_state(states[0], torch.full((5,), m.time_T), net="x_T")
 
 
 def test_config_fields_keep_one_step_versions():
