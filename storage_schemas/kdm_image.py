@@ -19,7 +19,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs, drop_unset
-from .multistep import ANCHOR_RHO_DOC, MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, nfe_train_problem
+from .multistep import (ANCHOR_RHO_DOC, MULTISTEP_FIELDS, TRAJECTORY_EVERY_DOC, TRAJECTORY_OUTPUT_DOC,
+                        MultiStepRun, nfe_train_problem)
 from .pairs import Snapshots
 from .perceptual import PerceptualNetRef
 
@@ -87,6 +88,7 @@ class KDMImageConfig(Strict):
 
     trajectory_output: Optional[bool] = Field(None, description=TRAJECTORY_OUTPUT_DOC)
     anchor_rho: Optional[float] = Field(None, ge=1, description=ANCHOR_RHO_DOC)
+    trajectory_every: Optional[int] = Field(None, ge=1, description=TRAJECTORY_EVERY_DOC)
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):        # versions of one-step students stay what they were
@@ -102,7 +104,7 @@ class KDMImageConfig(Strict):
                              f"adversarial weight would never reach adv_weight within train.steps")
         if self.spectral_loss != "none" and self.operator != "factorized":
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
-        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows, self.trajectory_output, self.anchor_rho)
+        problem = nfe_train_problem(self)
         if problem:
             raise ValueError(problem)
         levels = len(self.unet.channel_mult)

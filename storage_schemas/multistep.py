@@ -23,25 +23,33 @@ def nfe_list_problem(name: str, v: Optional[Iterable[int]], first: Optional[int]
 
 
 # The multi-step fields of a student model config (left out of its dump when unset: one-step versions stay).
-MULTISTEP_FIELDS = ("nfe_train", "trajectory_rows", "trajectory_output", "anchor_rho")
+MULTISTEP_FIELDS = ("nfe_train", "trajectory_rows", "trajectory_output", "anchor_rho", "trajectory_every")
 TRAJECTORY_OUTPUT_DOC = ("multi-step student: also train every segment's decoded push against the teacher state "
                          "where it ends (segments that end at x_0 through the one-step decoder as a fixed "
                          "function; models.multistep); None or false: off")
 ANCHOR_RHO_DOC = ("multi-step student: where its m-evaluation samples re-anchor, a_k = floor(n (1 - (1 - k/m)^rho) "
                   "+ 1/2) on the grid of n intervals (models.multistep); None or 1: evenly spaced, > 1: toward x_0 "
                   "(n = 9, m = 2: the anchor at 5 for rho 1, 7 for 2, 8 for 3)")
+TRAJECTORY_EVERY_DOC = ("multi-step student: the trajectory terms train on every k-th step only (steps 0, k, 2k, ...); "
+                        "the other steps are the one-step student's, so the one-step networks train exactly as "
+                        "the one-step student's and a step costs about 1 + (c - 1) / k of its (c: the cost of a "
+                        "step with the terms); None or 1: every step")
 
 
-def nfe_train_problem(nfe_train: Optional[Iterable[int]], trajectory_rows: Optional[int],
-                      trajectory_output: Optional[bool] = None, anchor_rho: Optional[float] = None) -> Optional[str]:
-    """The checks of a student model config's ``nfe_train`` (1 is always trained), ``trajectory_rows``,
-    ``trajectory_output`` and ``anchor_rho``."""
-    problem = nfe_list_problem("nfe_train", nfe_train, first=1)
+def trains_trajectory(trajectory_every: Optional[int], step: int) -> bool:
+    """Whether (0-based) ``step`` of a multi-step student trains its trajectory terms (``trajectory_every``)."""
+    return step % (trajectory_every or 1) == 0
+
+
+def nfe_train_problem(cfg) -> Optional[str]:
+    """The checks of a student model config's multi-step fields: ``nfe_train`` (1 is always trained), and the
+    settings of multi-step students (``trajectory_rows``, ``trajectory_output``, ``anchor_rho``,
+    ``trajectory_every``), which need it."""
+    problem = nfe_list_problem("nfe_train", cfg.nfe_train, first=1)
     if problem:
         return problem + " (the one-step map is always trained)"
-    for name, value in (("trajectory_rows", trajectory_rows), ("trajectory_output", trajectory_output),
-                        ("anchor_rho", anchor_rho)):
-        if value is not None and nfe_train is None:
+    for name in MULTISTEP_FIELDS[1:]:
+        if getattr(cfg, name) is not None and cfg.nfe_train is None:
             return f"{name} is a setting of multi-step students (set nfe_train)"
     return None
 

@@ -11,7 +11,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_serializer, model_validator
 
 from .common import SCHEMA_VERSION, Strict, VersionInputs, drop_unset
-from .multistep import ANCHOR_RHO_DOC, MULTISTEP_FIELDS, TRAJECTORY_OUTPUT_DOC, MultiStepRun, nfe_train_problem
+from .multistep import (ANCHOR_RHO_DOC, MULTISTEP_FIELDS, TRAJECTORY_EVERY_DOC, TRAJECTORY_OUTPUT_DOC,
+                        MultiStepRun, nfe_train_problem)
 from .pairs import Snapshots
 
 
@@ -45,6 +46,7 @@ class KDM2DConfig(Strict):
 
     trajectory_output: Optional[bool] = Field(None, description=TRAJECTORY_OUTPUT_DOC)
     anchor_rho: Optional[float] = Field(None, ge=1, description=ANCHOR_RHO_DOC)
+    trajectory_every: Optional[int] = Field(None, ge=1, description=TRAJECTORY_EVERY_DOC)
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):        # versions of one-step students stay what they were
@@ -56,7 +58,7 @@ class KDM2DConfig(Strict):
             raise ValueError("spectral_loss requires operator='factorized' (KDM-F)")
         if self.fourier_features == 0 and self.fourier_scale != 1.0:
             raise ValueError("fourier_scale is set but fourier_features is 0 (Fourier features off)")
-        problem = nfe_train_problem(self.nfe_train, self.trajectory_rows, self.trajectory_output, self.anchor_rho)
+        problem = nfe_train_problem(self)
         if problem:
             raise ValueError(problem)
         return self

@@ -521,7 +521,8 @@ def test_adversarial_term_follows_its_schedule_in_training(tmp_path):
 def test_a_multi_step_image_students_one_step_networks_train_as_the_one_step_student(tmp_path):
     """Same initialisation, batches, latent noise (drawn before the step, x_0's and x_T's from the same stream)
     and updates: after training, a multi-step image student's one-step networks are the one-step student's, to
-    the bit, and its trajectory networks have trained."""
+    the bit, and its trajectory networks have trained; with the trajectory terms on every other step only
+    (``trajectory_every``) too, which logs them in the intervals that trained them."""
     store = write_synthetic_store(str(tmp_path / "p"), 16, (3, 8, 8), chunk_size=8, snapshots=3)
     unet = TINY.model_copy(update={"dropout": 0.0})
     one, multi = model_cfg(res=8, unet=unet), model_cfg(res=8, unet=unet, nfe_train=[1, 2], anchor_rho=3,
@@ -536,6 +537,15 @@ def test_a_multi_step_image_students_one_step_networks_train_as_the_one_step_stu
     fresh = ImageTrainer(multi, tc, CPU, intervals=4)
     init = {k: v for k, v in fresh.ema.state_dict().items() if k.startswith(("traj_", "segment_ops"))}
     assert any(not torch.equal(v, b[k]) for k, v in init.items())
+    sparse, logs = multi.model_copy(update={"trajectory_every": 2}), []
+    train_image_student(store.url, sparse, tc.model_copy(update={"log_every": 1}), str(tmp_path / "sparse"),
+                        progress=False, on_log=logs.append)
+    c = load_file(str(tmp_path / "sparse" / "student.safetensors"))
+    assert set(c) == set(b) and all(torch.equal(a[k], c[k]) for k in a)
+    assert any(not torch.equal(b[k], c[k]) for k in init) and any(not torch.equal(v, c[k]) for k, v in init.items())
+    assert [("loss_traj_lat" in r, "loss_traj_out" in r) for r in logs] == [(True, True), (False, False)] * 2
+    assert all(r["loss_total"] == pytest.approx(r["loss_rec"] + r["loss_lat"] + r["loss_pred"]
+                                                + r.get("loss_traj_out", 0.0), rel=1e-4) for r in logs)
 
 
 def test_a_multi_step_image_student_trains_on_snapshots_and_samples_at_every_nfe(tmp_path):

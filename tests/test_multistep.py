@@ -171,7 +171,8 @@ def test_the_output_terms_train_what_the_sampler_outputs():
 
 def test_the_one_step_networks_train_as_the_one_step_student(tmp_path):
     """Same initialisation, batches, noise and updates: after training, a multi-step student's one-step map is
-    the one-step student's, to the bit."""
+    the one-step student's, to the bit, also when the trajectory terms train on every third step only
+    (``trajectory_every``), where the trajectory networks end elsewhere."""
     from pipeline import presets
     from pipeline.pairs import importer
     from pipeline.training.train2d import train_student
@@ -184,12 +185,17 @@ def test_the_one_step_networks_train_as_the_one_step_student(tmp_path):
     one = presets.load("student", "smoke", sets=["train.steps=12"])
     multi = presets.load("student", "smoke", sets=["train.steps=12", "model.nfe_train=[1,2,4]",
                                                    "model.trajectory_rows=32"])
-    train_student(str(tmp_path / "p"), one, str(tmp_path / "one"), progress=False)
-    train_student(str(tmp_path / "p"), multi, str(tmp_path / "multi"), progress=False)
-    a, b = load_file(str(tmp_path / "one" / "student.safetensors")), load_file(str(tmp_path / "multi" /
-                                                                                 "student.safetensors"))
-    assert set(a) < set(b) and any(k.startswith("traj_encoder") for k in b)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    sparse = presets.load("student", "smoke", sets=["train.steps=12", "model.nfe_train=[1,2,4]",
+                                                    "model.trajectory_rows=32", "model.trajectory_every=3"])
+    weights = {}
+    for name, cfg in (("one", one), ("multi", multi), ("sparse", sparse)):
+        train_student(str(tmp_path / "p"), cfg, str(tmp_path / name), progress=False)
+        weights[name] = load_file(str(tmp_path / name / "student.safetensors"))
+    a, b, c = weights["one"], weights["multi"], weights["sparse"]
+    assert set(a) < set(b) and any(k.startswith("traj_encoder") for k in b) and set(c) == set(b)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    traj = [k for k in b if k not in a]
+    assert all(torch.isfinite(c[k]).all() for k in traj) and any(not torch.equal(b[k], c[k]) for k in traj)
 
 
 def test_the_image_student_uses_the_same_pieces():
@@ -290,6 +296,15 @@ def test_config_fields_keep_one_step_versions():
         KDM2DConfig(anchor_rho=2)
     with pytest.raises(ValidationError, match="anchor_rho"):
         KDM2DConfig(nfe_train=[1, 2], anchor_rho=0.5)
+    assert "trajectory_every" not in KDM2DConfig(nfe_train=[1, 2]).model_dump()
+    assert KDM2DConfig(nfe_train=[1, 2], trajectory_every=4).model_dump()["trajectory_every"] == 4
+    with pytest.raises(ValidationError, match="trajectory_every is a setting of multi-step students"):
+        KDM2DConfig(trajectory_every=4)
+    with pytest.raises(ValidationError, match="trajectory_every"):
+        KDM2DConfig(nfe_train=[1, 2], trajectory_every=0)
+    from storage_schemas.multistep import trains_trajectory
+    assert [s for s in range(9) if trains_trajectory(4, s)] == [0, 4, 8]
+    assert all(trains_trajectory(None, s) and trains_trajectory(1, s) for s in range(5))
 
 
 # --- the 2-D pipeline ---------------------------------------------------------------------------------

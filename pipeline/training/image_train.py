@@ -88,6 +88,7 @@ from models.multistep import snapshot_scales, trained_indices, trajectory_noise_
 from storage_schemas import code_version, stable_hash, utc_now
 from storage_schemas.kdm_image import (ImageStudentManifest,
                                        ImageTrainConfig, KDMImageConfig, distance_label)
+from storage_schemas.multistep import trains_trajectory
 from storage_schemas.perceptual import PerceptualNetRef
 
 from pipeline.storage import artifacts
@@ -257,6 +258,9 @@ class ImageTrainer:
         # eager step (tests/test_image_engine.py, the GPU test of both): by default it trains eagerly.
         self.cuda_graphs = (graphs_possible and not tc.compile and not self.multi) if tc.cuda_graphs is None \
             else tc.cuda_graphs
+        if self.cuda_graphs and (model_cfg.trajectory_every or 1) > 1:
+            raise KDMError(f"model.trajectory_every = {model_cfg.trajectory_every} alternates two kinds of step, "
+                           f"which train eagerly: leave train.cuda_graphs unset (or false), or trajectory_every unset")
         # Fused Adam (CPU and CUDA): the non-finite guard skips its steps on the device through found_inf.
         opt_kw = dict(betas=tuple(tc.betas), eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=True,
                       capturable=self.cuda_graphs)
@@ -288,6 +292,7 @@ class ImageTrainer:
         self._static: Optional[tuple] = None                      # ... and its input buffers
         self._warm_steps = 0
         self.steps_run = 0                                        # train_step calls of this trainer
+        self._trajectory_now = self.multi                         # set_step: this step trains the trajectory terms
 
     @property
     def steady(self) -> bool:
@@ -327,7 +332,9 @@ class ImageTrainer:
         return x0, xT, y
 
     def set_step(self, step: int) -> None:
-        """Schedule of the step about to run (0-based): the adversarial weight (``adv_start``/``adv_rampup``)."""
+        """Schedule of the step about to run (0-based): the adversarial weight (``adv_start``/``adv_rampup``), and
+        whether a multi-step student's trajectory terms train in it (``trajectory_every``)."""
+        self._trajectory_now = self.multi and trains_trajectory(self.model_cfg.trajectory_every, step)
         if self.disc is None:
             return
         w = float(self.model_cfg.adv_weight_at(step, self.cfg.steps))
@@ -337,13 +344,14 @@ class ImageTrainer:
 
     def train_step(self, x_T: torch.Tensor, x_0: torch.Tensor, label: Optional[torch.Tensor] = None,
                    x_t: Optional[torch.Tensor] = None) -> bool:
-        """One optimisation step on a batch (``x_t``: its trajectory snapshots, multi-step students); returns
+        """One optimisation step on a batch (``x_t``: its trajectory snapshots, multi-step students; not read in the
+        steps ``trajectory_every`` leaves to the one-step terms); returns
         False when the non-finite guard skipped it (one host sync). With ``cuda_graphs`` it returns True without
         a sync: skips show in ``nonfinite_steps``."""
         x0, xT, y = self._prepare(x_T, x_0, label)
         self.steps_run += 1
         states = None
-        if self.multi:
+        if self._trajectory_now:
             if x_t is None:
                 raise KDMError("a multi-step student's batches carry the trajectory snapshots (x_t)")
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -353,14 +361,17 @@ class ImageTrainer:
                 states[i] = (xt[:, i - 1] * self.snapshot_scales[i - 1]).contiguous(memory_format=fmt)
         if self.cuda_graphs:
             return self._graph_step(x0, xT, y, states)
-        return bool(self._step(x0, xT, y, *self._noise(x0.shape[0]), states=states))
+        return bool(self._step(x0, xT, y, *self._noise(x0.shape[0], trajectory=states is not None), states=states))
 
-    def _noise(self, batch: int, out: Optional[tuple] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _noise(self, batch: int, out: Optional[tuple] = None,
+               trajectory: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The step's latent noise, drawn before it: x_0's and x_T's (2, B, latent_dim) from the noise stream, a
-        multi-step student's trajectory terms' (``models.multistep.trajectory_noise_shape``) from their own
-        stream; into the tensors ``out`` when given (a captured step's static buffers)."""
+        multi-step student's trajectory terms' (``models.multistep.trajectory_noise_shape``; ``trajectory``: the
+        step trains them) from their own stream; into the tensors ``out`` when given (a captured step's static
+        buffers)."""
         eps_out, traj_out = out if out is not None else (None, None)
-        traj_shape = trajectory_noise_shape(self.model, batch, self.model_cfg.trajectory_rows) if self.multi else None
+        traj_shape = trajectory_noise_shape(self.model, batch, self.model_cfg.trajectory_rows) \
+            if self.multi and trajectory else None
         eps = torch.randn((2, batch, self.model.latent_dim), generator=self.noise_gen, device=self.device,
                           out=eps_out)
         traj = None if traj_shape is None else torch.randn(traj_shape, generator=self.traj_gen, device=self.device,
@@ -452,10 +463,10 @@ class ImageTrainer:
         okf = ok.to(torch.float32)
         self.ema_update(weight=okf * (1.0 - self.cfg.ema_decay))
         terms.update(total=total, grad_norm=gnorm)
-        for k, v in terms.items():
+        for k, v in terms.items():     # (sum, finite steps) per term: some terms train in some steps only
             if k not in self._sums:
-                self._sums[k] = torch.zeros((), device=self.device)
-            self._sums[k].add_(torch.where(ok, v.detach().float(), 0.0))
+                self._sums[k] = torch.zeros(2, device=self.device)
+            self._sums[k].add_(torch.stack((torch.where(ok, v.detach().float(), 0.0), okf)))
         self._count.add_(okf)
         self._skipped.add_(1.0 - okf)
         return ok
@@ -512,19 +523,19 @@ class ImageTrainer:
         torch._foreach_add_(self.ema_params, diff)
 
     def pop_metrics(self) -> dict[str, float]:
-        """Means of the loss terms over the finite steps since the last call and over the ranks (one sync;
-        collective under DDP). The sums are zeroed in place (a captured graph keeps adding into them)."""
+        """Means of the loss terms over the finite steps since the last call that computed them, and over the
+        ranks (one sync; collective under DDP). The sums are zeroed in place (a captured graph keeps adding into
+        them)."""
         count = float(self._count.item())
         if not count:           # the same on every rank (the guard flags are agreed)
             return {}
         keys = list(self._sums)
-        vals = torch.stack([self._sums[k] for k in keys]) / count
+        vals = torch.stack([self._sums[k] for k in keys])
         if self.dist.enabled:
             dist.all_reduce(vals)
-            vals = vals / self.dist.world_size
         torch._foreach_zero_(list(self._sums.values()))
         self._count.zero_()
-        return dict(zip(keys, vals.tolist()))
+        return {k: s / n for k, (s, n) in zip(keys, vals.tolist()) if n}
 
     # -- state --------------------------------------------------------------------------------------
     def rng_state(self) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ Run directory (``--out RUN``):
 A killed run restarted with the same command resumes from its newest checkpoint and ends with the same
 weights as an uninterrupted run (same device and thread count). With ``model.nfe_train`` the student is
 multi-step (``models.multistep``): each batch is whole trajectories (x_T, the anchors' snapshots x_t, x_0)
-and the loss is ``models.multistep.trajectory_forward``'s. At a remote URL (``s3://...``) the run
+and the loss is ``models.multistep.trajectory_forward``'s (with ``model.trajectory_every`` = k on every k-th step
+only; the other steps are the one-step student's). At a remote URL (``s3://...``) the run
 trains in a local temporary directory mirrored to ``<url>.partial`` (pipeline.storage.run_mirror) and resumes
 from the checkpoints stored there.
 """
@@ -29,6 +30,7 @@ from models.kdm2d import KDM2D
 from models.losses import kdm_losses
 from storage_schemas import (StudentManifest, StudentRunConfig, code_version,
                              utc_now)
+from storage_schemas.multistep import trains_trajectory
 
 from pipeline.storage import artifacts
 from pipeline.storage.manifests import read_student_manifest  # noqa: F401 (re-exported)
@@ -185,7 +187,7 @@ def _train_run(run: Path, out: str, store: PairStore, pairs_url: str, cfg: Stude
             logging_step = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps
             # Without L_pred the pushed latent is decoded only when L_pred is logged (no RNG is used
             # by the decoder, so the run is the same either way).
-            if multi:
+            if multi and trains_trajectory(cfg.model.trajectory_every, step):
                 batch = traj[idx]
                 fwd = multistep.trajectory_forward(model, {i: batch[:, k] for k, i in enumerate(used)},
                                                    decode_push=cfg.model.use_pred_loss or logging_step,
