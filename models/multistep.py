@@ -66,6 +66,10 @@ Training (the paper's losses, on every trained segment)
     taken as a fixed function (its parameters get no gradient from this term): what the m-evaluation sampler
     outputs is then trained on directly, through the trajectory networks and the segment operators, and NFE = 1
     is still the one-step student's.
+
+    The trainers may run the trajectory terms on every k-th step only (a model config's ``trajectory_every``):
+    the other steps are the one-step pass alone, so the one-step networks still train exactly as the one-step
+    student's, and the extra cost of the trajectory terms is divided by k.
 """
 from __future__ import annotations
 

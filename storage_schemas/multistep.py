@@ -30,15 +30,18 @@ TRAJECTORY_OUTPUT_DOC = ("multi-step student: also train every segment's decoded
 ANCHOR_RHO_DOC = ("multi-step student: where its m-evaluation samples re-anchor, a_k = floor(n (1 - (1 - k/m)^rho) "
                   "+ 1/2) on the grid of n intervals (models.multistep); None or 1: evenly spaced, > 1: toward x_0 "
                   "(n = 9, m = 2: the anchor at 5 for rho 1, 7 for 2, 8 for 3)")
-TRAJECTORY_EVERY_DOC = ("multi-step student: the trajectory terms train on every k-th step only (steps 0, k, 2k, ...); "
+TRAJECTORY_EVERY_DOC = ("multi-step student: the trajectory terms train on every k-th step only (the last of every "
+                        "k: 0-based steps k - 1, 2k - 1, ..., so a log interval or run of a multiple of k steps ends "
+                        "with one); "
                         "the other steps are the one-step student's, so the one-step networks train exactly as "
                         "the one-step student's and a step costs about 1 + (c - 1) / k of its (c: the cost of a "
                         "step with the terms); None or 1: every step")
 
 
 def trains_trajectory(trajectory_every: Optional[int], step: int) -> bool:
-    """Whether (0-based) ``step`` of a multi-step student trains its trajectory terms (``trajectory_every``)."""
-    return step % (trajectory_every or 1) == 0
+    """Whether (0-based) ``step`` of a multi-step student trains its trajectory terms (``trajectory_every`` = k:
+    the last step of every k)."""
+    return (step + 1) % (trajectory_every or 1) == 0
 
 
 def nfe_train_problem(cfg) -> Optional[str]:

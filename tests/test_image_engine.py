@@ -543,7 +543,7 @@ def test_a_multi_step_image_students_one_step_networks_train_as_the_one_step_stu
     c = load_file(str(tmp_path / "sparse" / "student.safetensors"))
     assert set(c) == set(b) and all(torch.equal(a[k], c[k]) for k in a)
     assert any(not torch.equal(b[k], c[k]) for k in init) and any(not torch.equal(v, c[k]) for k, v in init.items())
-    assert [("loss_traj_lat" in r, "loss_traj_out" in r) for r in logs] == [(True, True), (False, False)] * 2
+    assert [("loss_traj_lat" in r, "loss_traj_out" in r) for r in logs] == [(False, False), (True, True)] * 2
     assert all(r["loss_total"] == pytest.approx(r["loss_rec"] + r["loss_lat"] + r["loss_pred"]
                                                 + r.get("loss_traj_out", 0.0), rel=1e-4) for r in logs)
 

@@ -303,7 +303,7 @@ def test_config_fields_keep_one_step_versions():
     with pytest.raises(ValidationError, match="trajectory_every"):
         KDM2DConfig(nfe_train=[1, 2], trajectory_every=0)
     from storage_schemas.multistep import trains_trajectory
-    assert [s for s in range(9) if trains_trajectory(4, s)] == [0, 4, 8]
+    assert [s for s in range(9) if trains_trajectory(4, s)] == [3, 7]
     assert all(trains_trajectory(None, s) and trains_trajectory(1, s) for s in range(5))
 
 
