@@ -6,7 +6,10 @@ shared machine's changing load hits both alike; prints one JSON line with ms per
 The data are random trajectories of the official grid (8 snapshots); the step's cost does not depend on them.
 
     python bench/multistep_step_cost.py [--one checkerboard-import] [--multi checkerboard-import-multistep] \
-        [--blocks 6] [--steps 40] [--threads 1]
+        [--blocks 6] [--steps 40] [--threads 1] [--set model.trajectory_every=4]
+
+``--set`` changes the multi-step preset (``model.trajectory_every`` = k: the trajectory terms on the last step of
+every k, as the trainers run them; keep ``--steps`` a multiple of k).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from models import multistep  # noqa: E402
 from models.kdm2d import KDM2D  # noqa: E402
 from models.losses import kdm_losses  # noqa: E402
 from pipeline import presets  # noqa: E402
+from storage_schemas.multistep import trains_trajectory  # noqa: E402
 
 
 class Stepper:
@@ -37,22 +41,25 @@ class Stepper:
         self.used = multistep.trained_indices(self.model) if self.multi else [0, intervals]
         self.traj = traj[:, self.used if self.multi else [0, intervals]].contiguous()
         self.g = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("data", "noise", "traj"))}
+        self.steps = 0
 
     def step(self) -> None:
         b = self.traj[torch.randint(0, len(self.traj), (self.cfg.train.batch_size,), generator=self.g["data"])]
-        if self.multi:
+        if self.multi and trains_trajectory(self.cfg.model.trajectory_every, self.steps):
             fwd = multistep.trajectory_forward(self.model, {i: b[:, k] for k, i in enumerate(self.used)},
                                                decode_push=False, generator=self.g["noise"],
                                                aux_rows=self.cfg.model.trajectory_rows, traj_generator=self.g["traj"])
             loss = multistep.trajectory_losses(fwd, use_pred_loss=False)["total"]
         else:
-            out = self.model(b[:, 1], b[:, 0], decode_push=False, generator=self.g["noise"])
-            loss = kdm_losses(b[:, 1], out, use_pred_loss=False)["total"]
+            x0, xT = b[:, len(self.used) - 1 if self.multi else 1], b[:, 0]
+            out = self.model(x0, xT, decode_push=False, generator=self.g["noise"])
+            loss = kdm_losses(x0, out, use_pred_loss=False)["total"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 0.001)
+        self.steps += 1
 
 
 def main() -> None:
@@ -62,11 +69,13 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=6)
     p.add_argument("--steps", type=int, default=40, help="steps per block")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a change of the --multi preset")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     intervals = 9
     traj = torch.randn(40_000, intervals + 1, 2, generator=torch.Generator().manual_seed(0))
-    runs = {name: Stepper(presets.load("student", name), intervals, traj) for name in (a.one, a.multi)}
+    runs = {name: Stepper(presets.load("student", name, sets=a.set if name == a.multi else []), intervals, traj)
+            for name in (a.one, a.multi)}
     for s in runs.values():          # warm-up
         for _ in range(5):
             s.step()
@@ -79,7 +88,8 @@ def main() -> None:
             secs[name] += time.perf_counter() - t0
     ms = {name: 1000 * t / (a.blocks * a.steps) for name, t in secs.items()}
     print(json.dumps({"ms_per_step": {k: round(v, 2) for k, v in ms.items()},
-                      "ratio": round(ms[a.multi] / ms[a.one], 3), "steps": a.blocks * a.steps, "threads": a.threads}))
+                      "ratio": round(ms[a.multi] / ms[a.one], 3), "steps": a.blocks * a.steps, "threads": a.threads,
+                      "multi_sets": a.set}))
 
 
 if __name__ == "__main__":
