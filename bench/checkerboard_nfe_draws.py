@@ -7,7 +7,8 @@ this scores every NFE of one student on the same x_T in each draw (draw 0 = the 
 1,000,000 + [0, n), then the next disjoint ranges), so that the difference NFE m - NFE 1 is paired and its
 standard error small. With --teacher, the teacher's ODE solver cut short to --teacher-nfe is scored the same way;
 with --other, another student's one-step map too, and every NFE of the student is paired against it as well (e.g.
-a one-step student trained for the same time).
+a one-step student trained for the same time). The held-out pair MSE's differences are paired over the
+held-out pairs (mean ± standard error).
 
     python bench/checkerboard_nfe_draws.py --pairs ROOT/pairs/filtered-... --student ROOT/students/kdm-... \\
         [--teacher ROOT/teachers/fm-... --teacher-nfe 1,2,4,8] [--other ROOT/students/kdm-...] [--draws 10] \\
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     torch.set_num_threads(1)
-    from pipeline.evaluation import metrics2d
+    from pipeline.evaluation.paired import pair_errors, standard_error
     from pipeline.evaluation.sample import generate, load_student
 
     p = DrawProtocol(a.pairs)
@@ -75,17 +76,24 @@ def main(argv: list[str] | None = None) -> int:
             m = p.metrics(fn(x_T))
             for k in METRICS:
                 rows[name][k].append(m[k])
+    errors = {name: pair_errors(fn(held_xT), reference) for name, fn in samplers.items()}
+
+    def difference(name: str, base: str) -> dict:
+        """Paired differences name - base: the metrics over the draws, the pair MSE over the held-out pairs."""
+        d = {k: paired(rows[name][k], rows[base][k]) for k in METRICS}
+        diff = errors[name] - errors[base]
+        d["pair_mse"] = {"mean": float(diff.mean()), "stderr": standard_error(diff)}
+        return d
     one = "student 1 NFE"
-    differences = {name: {k: paired(rows[name][k], rows[one][k]) for k in METRICS}
-                   for name in samplers if name.startswith("student") and name != one}
+    differences = {name: difference(name, one) for name in samplers if name.startswith("student") and name != one}
     if other:
         for name in [s for s in samplers if s.startswith("student")]:
-            differences[f"{name} - other"] = {k: paired(rows[name][k], rows[other][k]) for k in METRICS}
+            differences[f"{name} - other"] = difference(name, other)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "protocol": p.cfg.model_dump(),
               "n": n, "draws": a.draws, "pairs": a.pairs, "pairs_version": store.version, "student": a.student,
               "student_version": manifest.version, "teacher": a.teacher, "other": a.other,
               "rows": {name: {k: summarise(v) for k, v in d.items()} for name, d in rows.items()},
-              "pair_mse": {name: metrics2d.pair_mse(fn(held_xT), reference) for name, fn in samplers.items()},
+              "pair_mse": {name: float(e.mean()) for name, e in errors.items()},
               "paired_difference_minus_1_nfe": differences}
     md = table(result)
     print(md)
@@ -103,9 +111,11 @@ def table(result: dict) -> str:
                      f"{cell(r['outlier_rate'], '.4f')} | {result['pair_mse'][name]:.3g} |")
     for name, d in result["paired_difference_minus_1_nfe"].items():
         what = name if name.endswith(" - other") else f"{name} - student 1 NFE"
+        mse = d.get("pair_mse")     # records written before the paired pair MSE have none
         lines.append(f"| {what}, paired (mean ± stderr) | {d['in_cell_fraction']['mean']:+.4f} ± "
-                     f"{d['in_cell_fraction']['stderr']:.4f} | {d['swd']['mean']:+.4f} ± {d['swd']['stderr']:.4f} | "
-                     f"{d['outlier_rate']['mean']:+.4f} ± {d['outlier_rate']['stderr']:.4f} | - |")
+                     f"{d['in_cell_fraction']['stderr']:.4f} | {d['swd']['mean']:+.5f} ± {d['swd']['stderr']:.5f} | "
+                     f"{d['outlier_rate']['mean']:+.4f} ± {d['outlier_rate']['stderr']:.4f} | "
+                     + (f"{mse['mean']:+.2e} ± {mse['stderr']:.1e} |" if mse else "- |"))
     return "\n".join(lines)
 
 
