@@ -286,22 +286,16 @@ def test_config_fields_keep_one_step_versions():
             KDM2DConfig(nfe_train=bad)
     with pytest.raises(ValidationError, match="trajectory_rows"):
         KDM2DConfig(trajectory_rows=64)
-    assert "trajectory_output" not in KDM2DConfig(nfe_train=[1, 2]).model_dump()
-    assert KDM2DConfig(nfe_train=[1, 2], trajectory_output=True).model_dump()["trajectory_output"] is True
-    with pytest.raises(ValidationError, match="trajectory_output is a setting of multi-step students"):
-        KDM2DConfig(trajectory_output=True)
-    assert "anchor_rho" not in KDM2DConfig(nfe_train=[1, 2]).model_dump()
-    assert KDM2DConfig(nfe_train=[1, 2], anchor_rho=2).model_dump()["anchor_rho"] == 2.0
-    with pytest.raises(ValidationError, match="anchor_rho is a setting of multi-step students"):
-        KDM2DConfig(anchor_rho=2)
-    with pytest.raises(ValidationError, match="anchor_rho"):
-        KDM2DConfig(nfe_train=[1, 2], anchor_rho=0.5)
-    assert "trajectory_every" not in KDM2DConfig(nfe_train=[1, 2]).model_dump()
-    assert KDM2DConfig(nfe_train=[1, 2], trajectory_every=4).model_dump()["trajectory_every"] == 4
-    with pytest.raises(ValidationError, match="trajectory_every is a setting of multi-step students"):
-        KDM2DConfig(trajectory_every=4)
-    with pytest.raises(ValidationError, match="trajectory_every"):
-        KDM2DConfig(nfe_train=[1, 2], trajectory_every=0)
+    # each multi-step setting: left out of the dump while unset, kept when set, refused without nfe_train
+    for name, value, kept, bad in (("trajectory_output", True, True, None), ("anchor_rho", 2, 2.0, 0.5),
+                                   ("trajectory_every", 4, 4, 0)):
+        assert name not in KDM2DConfig(nfe_train=[1, 2]).model_dump()
+        assert KDM2DConfig(nfe_train=[1, 2], **{name: value}).model_dump()[name] == kept
+        with pytest.raises(ValidationError, match=f"{name} is a setting of multi-step students"):
+            KDM2DConfig(**{name: value})
+        if bad is not None:
+            with pytest.raises(ValidationError, match=name):
+                KDM2DConfig(nfe_train=[1, 2], **{name: bad})
     from storage_schemas.multistep import trains_trajectory
     assert [s for s in range(9) if trains_trajectory(4, s)] == [3, 7]
     assert all(trains_trajectory(None, s) and trains_trajectory(1, s) for s in range(5))
