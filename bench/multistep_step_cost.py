@@ -39,7 +39,7 @@ class Stepper:
         self.ema.requires_grad_(False)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         self.used = multistep.trained_indices(self.model) if self.multi else [0, intervals]
-        self.traj = traj[:, self.used if self.multi else [0, intervals]].contiguous()
+        self.traj = traj[:, self.used].contiguous()
         self.g = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("data", "noise", "traj"))}
         self.steps = 0
 
@@ -51,7 +51,7 @@ class Stepper:
                                                aux_rows=self.cfg.model.trajectory_rows, traj_generator=self.g["traj"])
             loss = multistep.trajectory_losses(fwd, use_pred_loss=False)["total"]
         else:
-            x0, xT = b[:, len(self.used) - 1 if self.multi else 1], b[:, 0]
+            x0, xT = b[:, -1], b[:, 0]          # the batch's grid columns run from x_T to x_0
             out = self.model(x0, xT, decode_push=False, generator=self.g["noise"])
             loss = kdm_losses(x0, out, use_pred_loss=False)["total"]
         self.opt.zero_grad(set_to_none=True)

@@ -51,7 +51,7 @@ def nfe_train_problem(cfg) -> Optional[str]:
     problem = nfe_list_problem("nfe_train", cfg.nfe_train, first=1)
     if problem:
         return problem + " (the one-step map is always trained)"
-    for name in MULTISTEP_FIELDS[1:]:
+    for name in (f for f in MULTISTEP_FIELDS if f != "nfe_train"):
         if getattr(cfg, name) is not None and cfg.nfe_train is None:
             return f"{name} is a setting of multi-step students (set nfe_train)"
     return None
